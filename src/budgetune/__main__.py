@@ -1,0 +1,3 @@
+from budgetune.cli import main
+
+raise SystemExit(main())

