@@ -104,15 +104,19 @@ def recover_dir(path: str | os.PathLike) -> None:
         os.replace(old, path)
 
 
-def guard_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool) -> Path:
-    """Refuse to write into a folder that holds a run unless --overwrite_output_dir or resuming."""
+def guard_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool, clear: bool = True) -> Path:
+    """Refuse to write into a folder that holds a run unless --overwrite_output_dir or resuming.
+
+    clear=False only checks (and creates the folder): the old run's files are removed by a later call, once the
+    inputs have loaded, so a command that fails on its inputs leaves the old run as it was.
+    """
     out = Path(output_dir)
     holds_run = out.is_dir() and any((out / f).exists() for f in ("metrics.jsonl", "config.yaml", "adapter"))
     if holds_run and not (overwrite or resuming):
         raise RunFolderError(
             f"{out} already holds a run; pass --overwrite_output_dir to replace it, "
             f"--resume_from_checkpoint auto to continue it, or choose another --output_dir")
-    if holds_run and overwrite and not resuming:
+    if holds_run and overwrite and not resuming and clear:
         for name in ("metrics.jsonl", "budget.json", "evaluation.json", "evaluation.txt", "checkpoints", "plots"):
             p = out / name
             if p.is_dir():

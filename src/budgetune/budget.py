@@ -152,6 +152,12 @@ def count_trainable(peft_model, budget: int | None = None) -> Breakdown:
 @contextlib.contextmanager
 def _no_init():
     """Skip torch.nn.init while building meta models: random init is a third of the counting time and moot on meta."""
+    # transformers (and peft) record torch.nn.init's functions when first imported: import them before the patch,
+    # or every later model (a real head, non-persistent buffers) would keep the no-ops and start uninitialised.
+    with contextlib.suppress(ImportError):
+        import peft  # noqa: F401
+        import transformers.initialization  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
     names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
     saved = {n: getattr(torch.nn.init, n) for n in names}
     for n in names:
@@ -167,13 +173,13 @@ _META: dict[tuple, object] = {}
 _COUNTS: dict[str, Breakdown] = {}
 
 
-def _meta_base(cfg: Config, num_labels: int):
-    """A fresh copy of the cached meta model (copying is cheaper than rebuilding)."""
+def _meta_base(cfg: Config, num_labels: int, fresh: bool = True):
+    """The cached meta model; fresh: a copy to wrap (copying is cheaper than rebuilding), else read it only."""
     key = (cfg.model.model_name_or_path, cfg.model.revision, num_labels)
     if key not in _META:
         with _no_init():
             _META[key] = methods.meta_model(cfg, num_labels)
-    return copy.deepcopy(_META[key])
+    return copy.deepcopy(_META[key]) if fresh else _META[key]
 
 
 def _total_step(cfg: Config) -> int:
@@ -209,7 +215,7 @@ def _with(cfg: Config, method: str | None = None, rank: int | None = None, targe
 
 def _rank_cap(cfg: Config, num_labels: int) -> int:
     # A rank above the hidden size adds no expressiveness to a low-rank update of these layers.
-    hidden = int(getattr(_meta_base(cfg, num_labels).config, "hidden_size", 1024))
+    hidden = int(getattr(_meta_base(cfg, num_labels, False).config, "hidden_size", 1024))
     return NONLINEAR_RANK_CAP if cfg.method.method == "lokr" else hidden
 
 
@@ -220,34 +226,35 @@ def _lowest(cfg: Config) -> int:
 
 def _largest_rank(cfg: Config, num_labels: int, budget: int) -> tuple[int, Breakdown] | None:
     """The largest rank of cfg's method that fits; None if the lowest rank does not."""
-    lo = _lowest(cfg)
+    lo, head = _lowest(cfg), cfg.model.head
     cap = max(lo, _rank_cap(cfg, num_labels))
 
-    def count(r: int) -> Breakdown:
-        return config_breakdown(_with(cfg, rank=r), num_labels)
+    def count(r: int, h: str = "default") -> int:
+        # Extrapolation uses the default head for every head choice, so plan() shares these counts across heads.
+        return config_breakdown(_with(cfg, rank=r, head=h), num_labels).total_trainable
 
-    first = count(lo)
-    if first.total_trainable > budget:
+    offset = count(lo, head) - count(lo)  # what this head costs beyond the default head
+    if count(lo) + offset > budget:
         return None
-    if lo == cap:
-        return lo, first
-    slope = count(lo + 1).total_trainable - first.total_trainable
-    if slope > 0:
-        r = min(cap, lo + (budget - first.total_trainable) // slope)
-        got = count(r)
-        if got.total_trainable == first.total_trainable + slope * (r - lo):  # affine: r is the largest that fits
-            return r, got
-    # Not affine (LoKr): bisection, assuming more rank never costs less, then verified by a real count.
-    good, bad = lo, cap + 1
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        good, bad = (mid, bad) if count(mid).total_trainable <= budget else (good, mid)
-    best = count(good)
-    low, high = lo, good  # higher ranks that cost the same (saturated) are pointless: take the smallest
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if count(mid).total_trainable == best.total_trainable else (mid + 1, high)
-    return low, count(low)
+    if lo < cap and (slope := count(lo + 1) - count(lo)) > 0:
+        r = min(cap, lo + (budget - count(lo) - offset) // slope)
+        if count(r, head) == count(lo) + offset + slope * (r - lo):  # affine: r is the largest that fits
+            return r, config_breakdown(_with(cfg, rank=r, head=head), num_labels)
+    # Not affine (LoKr): bisection, assuming more rank never costs less, verified below by a real count.
+    for cost in (lambda r: count(r) + offset, lambda r: count(r, head)):
+        good, bad = lo, cap + 1
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if cost(mid) <= budget else (good, mid)
+        low, high = lo, good  # higher ranks that cost the same (saturated) are pointless: take the smallest
+        if good > lo and cost(good - 1) < cost(good):
+            low = high = good
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if cost(mid) == cost(good) else (mid + 1, high)
+        if count(low, head) <= budget:
+            return low, config_breakdown(_with(cfg, rank=low, head=head), num_labels)
+    return None
 
 
 def resolve_auto_rank(cfg: Config, num_labels: int) -> tuple[Config, str]:
@@ -272,7 +279,7 @@ def resolve_auto_rank(cfg: Config, num_labels: int) -> tuple[Config, str]:
 
 def _target_sets(cfg: Config, num_labels: int) -> list:
     """Configured targets, query+value, query+key+value and all-linear, deduplicated."""
-    model_type = _meta_base(cfg, num_labels).config.model_type
+    model_type = _meta_base(cfg, num_labels, False).config.model_type
     qv = methods.QV_TARGETS.get(model_type, ["query", "value"])
     qkv = methods.QKV_TARGETS.get(model_type, ["query", "key", "value"])
     out: list = []
@@ -284,7 +291,7 @@ def _target_sets(cfg: Config, num_labels: int) -> list:
 
 def _heads(cfg: Config, num_labels: int) -> list[str]:
     """Head choices that differ on this model (linear only replaces a dense+out_proj head)."""
-    model = _meta_base(cfg, num_labels)
+    model = _meta_base(cfg, num_labels, False)
     heads = ["default"]
     if hasattr(getattr(model, "classifier", None), "out_proj"):
         heads.append("linear")

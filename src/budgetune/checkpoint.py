@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -21,6 +22,9 @@ RESUME_MAY_DIFFER = {("output", "output_dir"), ("output", "overwrite_output_dir"
                      ("train", "logging_steps"), ("train", "per_device_eval_batch_size"), ("data", "cache_dir")}
 
 
+_STEP = re.compile(r"step-\d+")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the folder and what differs."""
 
@@ -31,7 +35,10 @@ def find(spec: str, output_dir: str | Path) -> Path | None:
     recover_dir(base)
     if (base / "state.pt").is_file():
         return base
-    ckpts = sorted((base / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in (base / "checkpoints").glob(".step-*.old"):  # a crash between atomic_dir's two renames
+        recover_dir(old.with_name(old.name[1:-4]))
+    ckpts = sorted((c for c in (base / "checkpoints").glob("step-*") if _STEP.fullmatch(c.name)),
+                   key=lambda p: int(p.name.split("-")[1]))
     ckpts = [c for c in ckpts if (c / "state.pt").is_file()]
     if ckpts:
         return ckpts[-1]
@@ -70,39 +77,71 @@ def restore_allocator(peft_model, state: dict[str, Any] | None) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) generator states, as plain lists and tensors (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(folder: Path, *, model, optimizer, scheduler, scaler, progress: dict, config: dict, keep: int) -> Path:
-    """Write checkpoint `folder` atomically, then prune older checkpoints beyond `keep`."""
+def save(folder: Path, *, model, optimizer, scheduler, scaler, progress: dict, config: dict, keep: int,
+         best: dict | None = None) -> Path:
+    """Write checkpoint `folder` atomically, then prune older checkpoints beyond `keep` (at least this one stays).
+
+    `best` is the best step's trainable state, rank pattern and metrics so far, so that a resume from this
+    checkpoint continues with the best it had, whatever later steps of the interrupted run wrote to best_state.pt.
+    """
     payload = {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-               "rng": rng_state(), "progress": progress, "allocator": allocator_state(model), "config": config}
+               "rng": rng_state(), "progress": progress, "allocator": allocator_state(model), "config": config,
+               "best": best}
+    folder = Path(folder)
+    for stale in folder.parent.glob(".step-*.tmp"):  # left by a run killed while saving; never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(folder) as tmp:
         torch.save(payload, tmp / "state.pt")
         (tmp / "progress.json").write_text(json.dumps(progress, indent=2) + "\n")
-    ckpts = sorted(folder.parent.glob("step-*"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
-    for old in ckpts[: max(0, len(ckpts) - keep)]:
+    ckpts = sorted((c for c in folder.parent.glob("step-*") if _STEP.fullmatch(c.name)),
+                   key=lambda p: int(p.name.split("-")[1]))
+    step = int(folder.name.split("-")[1]) if _STEP.fullmatch(folder.name) else None
+    for later in [c for c in ckpts if step is not None and int(c.name.split("-")[1]) > step]:
+        shutil.rmtree(later, ignore_errors=True)  # from an abandoned continuation (a resume from an older one)
+    ckpts = [c for c in ckpts if c != folder and (step is None or int(c.name.split("-")[1]) < step)]
+    for old in ckpts[: max(0, len(ckpts) + 1 - max(1, keep))]:
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
 def load(folder: Path) -> dict[str, Any]:
+    """Read state.pt with torch's weights-only unpickler: a file that asks to import or call anything is refused."""
+    path = Path(folder) / "state.pt"
     try:
-        return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses globals outside tensors and plain containers
+        first = str(e).strip().splitlines()
+        detail = next((line for line in first if "GLOBAL" in line or "global" in line), first[0] if first else "")
+        raise CheckpointError(f"{path}: refusing to load: it is not a plain budgetune checkpoint (it asks for "
+                              f"code or objects that a checkpoint never holds: {detail.strip()[:300]})") from None
     except Exception as e:  # a torn or foreign file: say which
-        raise CheckpointError(f"{folder}/state.pt: cannot be read ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    missing = [k for k in _KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a budgetune checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "progress", "allocator", "config")
 
 
 def check_compatible(saved: dict, current: dict, folder: Path) -> None:

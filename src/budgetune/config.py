@@ -153,7 +153,7 @@ class MethodConfig:
 
 @dataclass
 class BudgetConfig:
-    max_trainable_params: int | None = 1_000_000
+    max_trainable_params: int | str | None = 1_000_000  # a str ('1M', '250k') becomes an int in __post_init__
     """Hard cap on trainable parameters (adapters + head + anything unfrozen); null switches the gate off."""
 
     def __post_init__(self):

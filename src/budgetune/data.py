@@ -456,6 +456,38 @@ class SortedBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield self.order[i:i + self.batch_size].tolist()
 
 
+class GlobalBatchSplitter(torch.utils.data.Sampler[list[int]]):
+    """Split each global batch of `batch_sampler` into `num_processes` per-device parts, yielded in turn.
+
+    accelerate shards a batch sampler by giving process i every num_processes-th batch, so process i trains on part
+    i of every global batch: N processes x per-device B form exactly the batches of one process with batch N x B
+    (same seed), whatever the sampler (length-grouped or random). `batch_size` is None so that accelerate neither
+    drops nor recycles batches (the parts of a short last batch differ by at most one row); a global batch with
+    fewer rows than processes (an epoch's tail of at most num_processes - 1 rows) is dropped.
+    """
+
+    batch_size = None
+    drop_last = False
+
+    def __init__(self, batch_sampler, num_processes: int, n_rows: int, global_batch_size: int):
+        self.batch_sampler, self.num_processes = batch_sampler, num_processes
+        tail = n_rows % global_batch_size
+        self._dropped = int(0 < tail < num_processes and not getattr(batch_sampler, "drop_last", False))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return (len(self.batch_sampler) - self._dropped) * self.num_processes
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.batch_sampler:
+            if len(b) < self.num_processes:
+                continue
+            for part in np.array_split(np.asarray(b, dtype=np.int64), self.num_processes):
+                yield part.tolist()
+
+
 def make_collator(tokenizer, pad_to_multiple_of: int | None) -> Callable[[list[dict]], dict]:
     """Pad per batch; `idx` is kept as a tensor (it bypasses tokenizer.pad) and `length` is dropped."""
     from transformers import DataCollatorWithPadding

@@ -9,6 +9,27 @@ from torch.utils.data import DataLoader
 from budgetune import data as data_lib
 
 
+def make_accelerator(**kwargs):
+    """An Accelerator that joins the launcher's process group on CPU-only machines too.
+
+    Under torchrun, accelerate only forms a (gloo) group on CPU when asked for cpu=True; without it every process
+    would silently run alone on all the data. A launch of several processes that did not form a group is an error.
+    """
+    import os
+
+    from accelerate import Accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and "cpu" not in kwargs:
+        dev = getattr(torch, "accelerator", None)
+        kwargs["cpu"] = not (dev.is_available() if dev is not None else torch.cuda.is_available())
+    accelerator = Accelerator(**kwargs)
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes (WORLD_SIZE) but accelerate formed a group of "
+                           f"{accelerator.num_processes}; check the launcher and `accelerate config`")
+    return accelerator
+
+
 def inference_loader(dataset, tokenizer, batch_size: int, pad_to_multiple_of: int | None, num_workers: int = 0,
                      pin_memory: bool = False) -> DataLoader:
     """Length-sorted batches (least padding); the `idx` column puts outputs back in input order."""
@@ -29,7 +50,7 @@ def predict_logits(model, loader, accelerator, n_rows: int, desc: str = "eval") 
     was_training = model.training
     model.eval()
     out, seen = None, np.zeros(n_rows, dtype=bool)
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
         idx = batch.pop("idx")
         batch.pop("labels", None)
         logits = model(**batch).logits.float()
@@ -37,9 +58,13 @@ def predict_logits(model, loader, accelerator, n_rows: int, desc: str = "eval") 
             idx = accelerator.gather(accelerator.pad_across_processes(idx, dim=0, pad_index=-1))
             logits = accelerator.gather(accelerator.pad_across_processes(logits, dim=0))
         idx, logits = idx.cpu().numpy(), logits.cpu().numpy()
-        keep = idx >= 0
         if out is None:
             out = np.zeros((n_rows, logits.shape[-1]), dtype=np.float32)
+        # The first copy of a row wins: accelerate's even_batches recycles early rows at the end, in other
+        # batches (other padding), so a later copy could differ in the last bits from the single-process value.
+        keep = np.flatnonzero(idx >= 0)
+        keep = keep[np.unique(idx[keep], return_index=True)[1]]
+        keep = keep[~seen[idx[keep]]]
         out[idx[keep]] = logits[keep]
         seen[idx[keep]] = True
     if was_training:

@@ -13,6 +13,7 @@ from budgetune.evaluate import (
     classification_metrics,
     cross_entropy,
     inference_loader,
+    make_accelerator,
     metrics_text,
     predict_logits,
 )
@@ -49,14 +50,14 @@ def load_model(run_or_adapter: str | Path):
 
 
 def _logits(run: str | Path, table: data_lib.TextTable, batch_size: int, cache_dir: str | None):
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     model, tokenizer, info = load_model(run)
     with accelerator.main_process_first():
         ds = data_lib.tokenize(table, tokenizer, info["max_seq_length"], cache_dir)
     pad = 8 if accelerator.device.type == "cuda" else None
-    model, loader = accelerator.prepare(model, inference_loader(ds, tokenizer, batch_size, pad))
+    # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    loader = accelerator.prepare(inference_loader(ds, tokenizer, batch_size, pad))
     return predict_logits(model, loader, accelerator, len(ds), desc="predict"), info, accelerator
 
 

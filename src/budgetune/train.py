@@ -20,6 +20,7 @@ from budgetune.evaluate import (
     classification_metrics,
     cross_entropy,
     inference_loader,
+    make_accelerator,
     metrics_text,
     predict_logits,
 )
@@ -90,7 +91,6 @@ def steps_per_epoch(n_batches_per_process: int, accumulation: int) -> int:
 
 def train(cfg: Config) -> dict:
     """Train cfg's adapter; returns the best validation metrics. Writes everything into cfg.output.output_dir."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -99,9 +99,9 @@ def train(cfg: Config) -> dict:
     resume = checkpoint.find(t.resume_from_checkpoint, out) if t.resume_from_checkpoint else None
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    accelerator = Accelerator(mixed_precision=mixed_precision(t.mixed_precision),
-                              gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              log_with=cfg.output.report_to or None, project_dir=str(out))
+    accelerator = make_accelerator(mixed_precision=mixed_precision(t.mixed_precision),
+                                   gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                   log_with=cfg.output.report_to or None, project_dir=str(out))
     main = accelerator.is_main_process
     say = accelerator.print
 
@@ -111,7 +111,7 @@ def train(cfg: Config) -> dict:
         cfg, note = budget.resolve_auto_rank(cfg, len(known_labels))
         expected = budget.check_budget(cfg, len(known_labels))
     if main:
-        artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resume is not None)
+        artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resume is not None, clear=False)
     accelerator.wait_for_everyone()
 
     splits = load_splits(cfg)
@@ -121,9 +121,10 @@ def train(cfg: Config) -> dict:
         expected = budget.check_budget(cfg, len(names))
     if note:
         say(note)
-    if main:
-        save_yaml(cfg, out / "config.yaml", header=f"# resolved configuration of this run\n# budgetune train "
-                  f"--config {out / 'config.yaml'}\n")
+    state = None
+    if resume is not None:  # a checkpoint of another configuration is refused before anything is written
+        state = checkpoint.load(resume)
+        checkpoint.check_compatible(state["config"], cfg.to_dict(), resume)
 
     model_path = methods.resolve_model_path(cfg.model.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=cfg.model.revision)
@@ -133,12 +134,21 @@ def train(cfg: Config) -> dict:
     on_gpu = accelerator.device.type == "cuda"
     pad_multiple = 8 if on_gpu else None  # tensor cores want multiples of 8; on CPU it is only padding
     lengths = train_ds["length"]
-    if cfg.data.group_by_length:
-        sampler = data_lib.LengthGroupedBatchSampler(lengths, t.per_device_train_batch_size, t.seed)
-    else:
-        sampler = data_lib.RandomBatchSampler(lengths, t.per_device_train_batch_size, t.seed)
+    # Batch size is per device. The sampler forms the global batches (per-device x processes) of one process with
+    # that batch, and each is split into per-device parts; accelerate hands process i part i. So N processes x B
+    # train on exactly the batches of 1 process x N*B (docs/multi_gpu.md), and every process yields as many batches.
+    world = accelerator.num_processes
+    global_batch = t.per_device_train_batch_size * world
+    # Without grouping, a mega-batch is one batch: the same seeded shuffle, no sorting across batches.
+    sampler = data_lib.LengthGroupedBatchSampler(lengths, global_batch, t.seed,
+                                                 mega_batch_mult=50 if cfg.data.group_by_length else 1)
+    if world > 1:
+        sampler = data_lib.GlobalBatchSplitter(sampler, world, len(lengths), global_batch)
+    # Its own generator: starting an epoch's iterator draws a seed, which must not come from the global RNG that
+    # dropout uses, or a run resumed mid-epoch (one draw more than the original) would drop out other units.
     train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=data_lib.make_collator(tokenizer, pad_multiple),
-                              num_workers=t.dataloader_num_workers, pin_memory=on_gpu)
+                              num_workers=t.dataloader_num_workers, pin_memory=on_gpu,
+                              generator=torch.Generator().manual_seed(t.seed))
     val_loader = inference_loader(val_ds, tokenizer, t.per_device_eval_batch_size, pad_multiple,
                                   t.dataloader_num_workers, on_gpu)
 
@@ -151,7 +161,10 @@ def train(cfg: Config) -> dict:
     model, missing = methods.load_base(cfg, names)
     model = methods.wrap(cfg, model, total_steps, missing)
     live = budget.check_live(model, cfg, expected)
-    if main:
+    if main:  # inputs, weights and checkpoint have loaded: only now is an old run (--overwrite_output_dir) replaced
+        artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resume is not None)
+        save_yaml(cfg, out / "config.yaml", header=f"# resolved configuration of this run\n# budgetune train "
+                  f"--config {out / 'config.yaml'}\n")
         artifacts.atomic_write_json(out / "budget.json", live.to_dict())
         say(live.table())
     is_adalora = cfg.method.method == "adalora"
@@ -180,8 +193,6 @@ def train(cfg: Config) -> dict:
                 "samples": 0, "elapsed": 0.0}
     best_state, best_pattern, best_metrics = None, None, None
     if resume is not None:
-        state = checkpoint.load(resume)
-        checkpoint.check_compatible(state["config"], cfg.to_dict(), resume)
         checkpoint.restore_model(inner, state["model"])
         optimizer.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -190,9 +201,10 @@ def train(cfg: Config) -> dict:
         checkpoint.restore_allocator(inner, state["allocator"])
         checkpoint.restore_rng(state["rng"])
         progress = state["progress"]
-        best = out / BEST_STATE
-        if best.exists():
-            saved = torch.load(best, map_location="cpu")
+        saved = state.get("best")  # the best as of that checkpoint: best_state.pt may come from later steps
+        if saved is None and (out / BEST_STATE).exists():
+            saved = torch.load(out / BEST_STATE, map_location="cpu")
+        if saved is not None and saved.get("model") is not None:
             best_state, best_pattern, best_metrics = saved["model"], saved["rank_pattern"], saved["metrics"]
         log.truncate_after(progress["step"])
         say(f"resumed from {resume} at step {progress['step']} (epoch {progress['epoch']}, "
@@ -212,7 +224,8 @@ def train(cfg: Config) -> dict:
         if main:
             checkpoint.save(folder, model=inner, optimizer=optimizer.optimizer, scheduler=scheduler,
                             scaler=accelerator.scaler, progress=dict(progress), config=cfg.to_dict(),
-                            keep=t.save_total_limit)
+                            keep=t.save_total_limit,
+                            best={"model": best_state, "rank_pattern": best_pattern, "metrics": best_metrics})
         accelerator.wait_for_everyone()
         return folder
 
@@ -248,12 +261,17 @@ def train(cfg: Config) -> dict:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", disable=not accelerator.is_main_process)
     model.train()
     stop = progress["step"] >= total_steps
     window_loss, window_n, t0, samples0 = 0.0, 0, time.perf_counter(), progress["samples"]
     try:
         while not stop and progress["epoch"] < num_epochs:
+            # accelerate's loader re-sets the sampler's epoch from its own counter, which a `break` at the end of an
+            # epoch never advances and skip_first_batches does not pass on: set both, so each epoch (resumed too) has
+            # its own order.
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(progress["epoch"])
             sampler.set_epoch(progress["epoch"])
             loader = train_loader
             if progress["batches_done"]:
@@ -307,6 +325,9 @@ def train(cfg: Config) -> dict:
                     stop = True
                 if do_eval or (t.save_steps and s % t.save_steps == 0):
                     save_checkpoint()
+                if world > 1:  # a signal reaches processes at different steps: all stop at the same one
+                    flag = torch.tensor([stop_signal["sig"] or 0], device=accelerator.device)
+                    stop_signal["sig"] = int(accelerator.gather(flag).max()) or None
                 if stop_signal["sig"] is not None:
                     folder = save_checkpoint()
                     raise Interrupted(f"stopped by signal {stop_signal['sig']} at step {s}; checkpoint: {folder}. "
@@ -324,6 +345,11 @@ def train(cfg: Config) -> dict:
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
+    dump_dir = os.environ.get("BUDGETUNE_DUMP_RANK_STATE")  # debug/tests: every process's own final state
+    if dump_dir:
+        dumped = {"last": checkpoint.trainable_state(inner), "last_rank_pattern": methods.rank_pattern_masks(inner),
+                  "progress": dict(progress), "num_processes": world, "total_steps": total_steps,
+                  "per_epoch": per_epoch, "batches_per_epoch": len(train_loader)}
     # Finish with the best adapter in the model: final evaluation files describe what was saved.
     if best_state is not None:
         checkpoint.restore_model(inner, best_state)
@@ -336,7 +362,8 @@ def train(cfg: Config) -> dict:
         artifacts.atomic_write_json(out / "evaluation.json", {"split": "validation", **final})
         artifacts.atomic_write_text(out / "evaluation.txt", metrics_text(final, "validation (best adapter)"))
     if splits.test is not None:
-        test_ds = data_lib.tokenize(splits.test, tokenizer, cfg.data.max_seq_length, cache_dir(cfg))
+        with accelerator.main_process_first():
+            test_ds = data_lib.tokenize(splits.test, tokenizer, cfg.data.max_seq_length, cache_dir(cfg))
         test_loader = accelerator.prepare(inference_loader(test_ds, tokenizer, t.per_device_eval_batch_size,
                                                            pad_multiple))
         tl = predict_logits(model, test_loader, accelerator, len(test_ds), desc="test")
@@ -354,6 +381,11 @@ def train(cfg: Config) -> dict:
             plot_run(out)
         except Exception as e:  # plots are a convenience: never lose a finished run over them
             print(f"warning: plots failed: {e}", file=sys.stderr)
+    if dump_dir:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({**dumped, "final": checkpoint.trainable_state(inner),
+                    "final_rank_pattern": methods.rank_pattern_masks(inner), "validation": final},
+                   Path(dump_dir) / f"rank{accelerator.process_index}.pt")
     accelerator.end_training()
     say(f"best validation {t.metric_for_best_model} {progress['best_metric']:.4f} at step {progress['best_step']}; "
         f"adapter: {out / 'adapter'}")

@@ -1,0 +1,485 @@
+"""Speed: the seed's pipeline against budgetune's, side by side in one process, same model, same AG News texts.
+
+    python bench/speed.py                                  # packaged MiniLM on CPU; a few minutes on 2 cores
+    python bench/speed.py --train-steps 20 --warmup-steps 3 --infer-texts 1024 --repeats 3
+    python bench/speed.py --device cuda --model /path/to/roberta-base
+
+seed       transformers' Trainer (batch 32, fp32, random sampler, no eval, no saving) on peft's AdaLoRA model
+           (init_r 8, target_r 4, alpha 16, dropout 0.1, query+value), texts padded to max_length; inference:
+           batches of 64 tokenized and padded to max_length in the loop, torch.no_grad, argmax.
+budgetune  budgetune.train.train(cfg) itself (AdaLoRA with the same numbers; dynamic padding, length-grouped
+           batches, SDPA, accelerate's mixed precision: bf16 on a GPU, fp32 on CPU); inference: predict's path,
+           data.tokenize + inference_loader (batch 128, length-sorted) + predict_logits.
+
+Training throughput is timed by a forward pre-hook on the model: from the start of training step W+1 to the start
+of step W+N+1 (W warmup steps, N measured steps), so model loading, tokenization, evaluation and checkpoints are
+outside the window, and both pipelines are stopped there. Inference is timed from the texts to the predicted
+labels, tokenization included, for both. The pipelines alternate --repeats times; medians and their ratio are
+reported, with the padding overhead (padded / real tokens) and a floor: the FLOPs the real tokens need divided by
+the matmul rate measured on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ag_news" / "train.csv"
+PACKAGED = "packaged:all-MiniLM-L6-v2"
+
+
+class StopBench(Exception):
+    """Raised by the timing hook once the measured window is over: the pipeline stops right there."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-steps", type=int, default=2, help="measured training steps of batch 32 (default 2)")
+    p.add_argument("--warmup-steps", type=int, default=1, help="training steps before the window (default 1)")
+    p.add_argument("--infer-texts", type=int, default=512, help="texts budgetune classifies per run (default 512)")
+    p.add_argument("--seed-infer-texts", type=int, default=128,
+                   help="the first K of those the seed classifies (default 128; 0: all): every text costs the seed "
+                        "the same, being padded to max_length, so fewer texts time it as well")
+    p.add_argument("--repeats", type=int, default=3, help="times the two pipelines alternate (default 3)")
+    p.add_argument("--model", default=PACKAGED, help="model folder (default: the packaged MiniLM)")
+    p.add_argument("--max-seq-length", type=int, default=256, help="truncation; the seed pads to it (default 256)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="AG News CSV (label,text)")
+    p.add_argument("--pool", type=int, default=4000,
+                   help="training rows both pipelines sample from (default 4000: several length-grouping "
+                        "mega-batches of 1600, as in a real run)")
+    p.add_argument("--mm-size", type=int, default=None, help="matrix size for the matmul rate (2048 CPU, 8192 GPU)")
+    p.add_argument("--only", choices=["seed", "budgetune"], help="run one pipeline (for profiling)")
+    a = p.parse_args(argv)
+    if a.train_steps < 1 or a.warmup_steps < 0 or a.infer_texts < 1 or a.repeats < 1:
+        p.error("--train-steps, --infer-texts and --repeats must be >= 1, --warmup-steps >= 0")
+    return a
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing and token counting
+
+
+class StepTimer:
+    """A forward pre-hook: timestamps of training forwards W+1 .. W+N+1, and the batches of the window."""
+
+    def __init__(self, warmup: int, steps: int, device):
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.calls, self.stamps, self.masks, self.padded, self.rows = 0, [], [], 0, 0
+
+    def __call__(self, module, args, kwargs):
+        if not module.training:
+            return None
+        import torch
+
+        self.calls += 1
+        k = self.calls - self.warmup  # 1 = first measured step
+        if 1 <= k <= self.steps + 1:
+            if self.device.type == "cuda" and k in (1, self.steps + 1):
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+        if k == self.steps + 1:
+            raise StopBench
+        if 1 <= k <= self.steps:
+            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+            self.padded += ids.numel()
+            self.rows += ids.shape[0]
+            self.masks.append(mask)
+        return None
+
+    def result(self) -> dict:
+        if len(self.stamps) != self.steps + 1:
+            raise RuntimeError(f"the training loop ended after {self.calls} forwards, before the measured window")
+        seconds = self.stamps[-1] - self.stamps[0]
+        real = sum(int(m.sum()) for m in self.masks)
+        return {"seconds": seconds, "samples": self.rows, "padded": self.padded, "real": real,
+                "step_s": [b - a for a, b in zip(self.stamps, self.stamps[1:])],
+                "lengths": [int(x) for m in self.masks for x in m.sum(-1).tolist()]}
+
+
+class TokenCounter:
+    """A forward pre-hook for inference: padded tokens and attention masks of every batch."""
+
+    def __init__(self):
+        self.padded, self.masks = 0, []
+
+    def __call__(self, module, args, kwargs):
+        self.padded += kwargs["input_ids"].numel()
+        self.masks.append(kwargs["attention_mask"])
+
+    def result(self, seconds: float) -> dict:
+        lengths = [int(x) for m in self.masks for x in m.sum(-1).tolist()]
+        return {"seconds": seconds, "padded": self.padded, "real": sum(lengths), "lengths": lengths}
+
+
+def matmul_rate(device, dtype, n: int, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n matmul over `reps` tries (after two untimed ones)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_shape(model) -> dict:
+    """Non-embedding parameters (encoder + head + adapters), hidden size and layers, for the FLOP count."""
+    import torch
+
+    total = sum(p.numel() for p in model.parameters())
+    emb = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    cfg = model.config
+    return {"non_embedding": total - emb, "hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers}
+
+
+def forward_flops(lengths, shape: dict) -> float:
+    """Forward FLOPs of sequences of these real lengths: 2*N per token + attention 4*n^2*d per layer."""
+    n_ne, d, layers = shape["non_embedding"], shape["hidden"], shape["layers"]
+    return float(sum(2 * n_ne * n + 4 * n * n * d * layers for n in lengths))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two pipelines
+
+
+def reset_accelerate() -> None:
+    """The Trainer (fp32) and budgetune (bf16 on GPU) each build an Accelerator; its state is a singleton."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def adalora_config(total_step: int, tinit: int, tfinal: int):
+    from peft import AdaLoraConfig, TaskType
+
+    return AdaLoraConfig(task_type=TaskType.SEQ_CLS, init_r=8, target_r=4, lora_alpha=16, lora_dropout=0.1,
+                         target_modules=["query", "value"], tinit=tinit, tfinal=tfinal, deltaT=10,
+                         total_step=total_step)
+
+
+def seed_model(model_path: str, n_labels: int, total_step: int, tinit: int, tfinal: int):
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=n_labels)
+    return get_peft_model(base, adalora_config(total_step, tinit, tfinal))
+
+
+def seed_train(a, model_path, tokenizer, train_ds, n_labels, device, workdir) -> dict:
+    """transformers' Trainer as the seed ran it: max_length padding, random sampler, fp32, no eval, no saving."""
+    from transformers import Trainer, TrainingArguments
+
+    reset_accelerate()
+    total = a.warmup_steps + a.train_steps + 1
+    model = seed_model(model_path, n_labels, total, 0, 1)
+    timer = StepTimer(a.warmup_steps, a.train_steps, device)
+    handle = model.register_forward_pre_hook(timer, with_kwargs=True)
+    args = TrainingArguments(output_dir=str(workdir / "seed"), per_device_train_batch_size=32, max_steps=total,
+                             learning_rate=2e-4, eval_strategy="no", save_strategy="no", report_to="none",
+                             seed=42, use_cpu=device.type == "cpu", dataloader_pin_memory=device.type == "cuda",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds)
+    try:
+        trainer.train()
+    except StopBench:
+        pass
+    handle.remove()
+    return timer.result()
+
+
+def seed_infer(model, tokenizer, texts, max_len, device) -> tuple[float, object, TokenCounter]:
+    """The seed's loop: batches of 64 padded to max_length, torch.no_grad, argmax."""
+    import torch
+
+    counter = TokenCounter()
+    handle = model.register_forward_pre_hook(counter, with_kwargs=True)
+    model.eval()
+    t0 = time.perf_counter()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 64):
+            enc = tokenizer(texts[i:i + 64], padding="max_length", truncation=True, max_length=max_len,
+                            return_tensors="pt").to(device)
+            preds.append(model(**enc).logits.argmax(-1).cpu())
+    preds = torch.cat(preds).numpy()
+    seconds = time.perf_counter() - t0
+    handle.remove()
+    return seconds, preds, counter
+
+
+def budgetune_cfg(a, data_csv: Path, out: Path, cache: Path, max_steps: int):
+    from budgetune.config import build_config
+    from budgetune.data import AG_NEWS_LABELS
+
+    return build_config({
+        "model": {"model_name_or_path": a.model},
+        "data": {"dataset_name": str(data_csv), "label_names": AG_NEWS_LABELS, "max_seq_length": a.max_seq_length,
+                 "validation_split_percentage": 1, "cache_dir": str(cache)},
+        "method": {"method": "adalora", "rank": 8, "target_r": 4, "lora_alpha": 16, "lora_dropout": 0.1,
+                   "target_modules": ["query", "value"], "tinit": 0, "tfinal": 1, "deltaT": 10},
+        "budget": {"max_trainable_params": None},
+        "train": {"per_device_train_batch_size": 32, "max_steps": max_steps, "learning_rate": 2e-4,
+                  "weight_decay": 0.0, "warmup_ratio": 0.0, "seed": 42},
+        "output": {"output_dir": str(out), "overwrite_output_dir": True},
+    }, "bench")
+
+
+def budgetune_train(a, data_csv, workdir, device, run: int) -> dict:
+    """budgetune.train.train(cfg) itself; a hook on the model methods.wrap returns times the loop and stops it."""
+    from budgetune import methods
+    from budgetune import train as train_lib
+
+    reset_accelerate()
+    timer = StepTimer(a.warmup_steps, a.train_steps, device)
+    cfg = budgetune_cfg(a, data_csv, workdir / f"budgetune-{run}", workdir / "cache",
+                        a.warmup_steps + a.train_steps + 1)
+    real_wrap = methods.wrap
+
+    def wrap_and_time(*args, **kwargs):
+        model = real_wrap(*args, **kwargs)
+        model.register_forward_pre_hook(timer, with_kwargs=True)
+        return model
+
+    methods.wrap = wrap_and_time
+    try:
+        train_lib.train(cfg)
+    except StopBench:
+        pass
+    finally:
+        methods.wrap = real_wrap
+    return timer.result()
+
+
+def budgetune_infer(template, tokenizer, texts, max_len, device) -> tuple[float, object, TokenCounter]:
+    """predict's path: data.tokenize + inference_loader (batch 128, length-sorted) + predict_logits."""
+    from accelerate import Accelerator
+
+    from budgetune import data as data_lib
+    from budgetune.evaluate import inference_loader, predict_logits
+    from budgetune.train import mixed_precision
+
+    reset_accelerate()
+    accelerator = Accelerator(mixed_precision=mixed_precision("auto"), cpu=device.type == "cpu")
+    model = accelerator.prepare_model(copy.deepcopy(template), evaluation_mode=True)  # = loading: not timed
+    counter = TokenCounter()
+    model.register_forward_pre_hook(counter, with_kwargs=True)
+    on_gpu = device.type == "cuda"
+    t0 = time.perf_counter()
+    ds = data_lib.tokenize(data_lib.TextTable(list(texts), None, None, "bench"), tokenizer, max_len, None)
+    loader = accelerator.prepare_data_loader(inference_loader(ds, tokenizer, 128, 8 if on_gpu else None, 0, on_gpu))
+    preds = predict_logits(model, loader, accelerator, len(ds), desc="predict").argmax(-1)
+    seconds = time.perf_counter() - t0
+    return seconds, preds, counter
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch touches CUDA: accelerate and Trainer stay on CPU
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(k, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    data_path = Path(a.data)
+    if not data_path.is_file():
+        print(f"skipped: {data_path} not found (AG News train.csv with columns label,text comes from "
+              "../shared/data/ag_news; pass --data FILE)")
+        return 0
+
+    import datasets
+    import numpy as np
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from budgetune import data as data_lib
+    from budgetune import methods
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    model_path = methods.resolve_model_path(a.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    table = data_lib.load_table(str(data_path))
+    names = table.label_names or data_lib.AG_NEWS_LABELS
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(table.texts))
+    need_train = (a.warmup_steps + a.train_steps + 1) * 32 * 2
+    n_pool = min(max(a.pool, need_train), len(order) - a.infer_texts)
+    if n_pool < need_train or a.infer_texts > len(order) // 2:
+        print(f"error: {data_path} has {len(order)} rows: too few for these sizes", file=sys.stderr)
+        return 2
+    pool = [int(i) for i in order[:n_pool]]
+    infer_idx = [int(i) for i in order[n_pool:n_pool + a.infer_texts]]
+    infer_texts = [table.texts[i] for i in infer_idx]
+
+    work = Path(tempfile.mkdtemp(prefix="budgetune-speed-"))
+    import csv
+
+    data_csv = work / "train.csv"
+    with open(data_csv, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text"])
+        w.writerows((table.labels[i], table.texts[i]) for i in pool)
+
+    # The seed tokenized everything up front, padded to max_length.
+    seed_ds = datasets.Dataset.from_dict({"text": [table.texts[i] for i in pool],
+                                          "labels": [table.labels[i] for i in pool]})
+    seed_ds = seed_ds.map(lambda b: tokenizer(b["text"], padding="max_length", truncation=True,
+                                              max_length=a.max_seq_length),
+                          batched=True, remove_columns=["text"])
+
+    # Inference models: the same weights in both, so the predictions can be compared.
+    torch.manual_seed(0)
+    total = a.warmup_steps + a.train_steps + 1
+    seed_inf = seed_model(model_path, len(names), total, 0, 1).to(device).eval()
+    cfg = budgetune_cfg(a, data_csv, work / "unused", work / "cache", total)
+    base, missing = methods.load_base(cfg, names)
+    bt_inf = methods.wrap(cfg, base, total, missing)
+    got = bt_inf.load_state_dict(seed_inf.state_dict(), strict=False)
+    same_weights = not got.missing_keys and not got.unexpected_keys
+    bt_inf.eval()
+    shape = model_shape(seed_inf)
+
+    mm_n = a.mm_size or (8192 if device.type == "cuda" else 2048)
+    bt_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    print(f"model {a.model} ({shape['non_embedding'] / 1e6:.1f}M non-embedding parameters, hidden {shape['hidden']}, "
+          f"{shape['layers']} layers) on {device} ({torch.get_num_threads()} threads); torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; training pool {n_pool} rows, inference {a.infer_texts} texts; "
+          f"budgetune precision {'bf16' if bt_dtype == torch.bfloat16 else 'fp32'}, seed fp32", flush=True)
+
+    # untimed warmup of both inference paths (lazy initialisation of kernels and thread pools)
+    seed_infer(seed_inf, tokenizer, infer_texts[:16], a.max_seq_length, device)
+    budgetune_infer(bt_inf, tokenizer, infer_texts[:16], a.max_seq_length, device)
+    n_seed_inf = min(a.seed_infer_texts or a.infer_texts, a.infer_texts)
+
+    R: dict[str, list] = {k: [] for k in ("seed_train", "bt_train", "seed_inf", "bt_inf", "rate32", "rate_bt")}
+    agree = None
+    for r in range(a.repeats):
+        R["rate32"].append(matmul_rate(device, torch.float32, mm_n))
+        R["rate_bt"].append(R["rate32"][-1] if bt_dtype == torch.float32 else matmul_rate(device, bt_dtype, mm_n))
+        first, second = ("seed", "budgetune") if r % 2 == 0 else ("budgetune", "seed")
+        for which in (first, second):
+            if a.only and which != a.only:
+                continue
+            if which == "seed":
+                R["seed_train"].append(seed_train(a, model_path, tokenizer, seed_ds, len(names), device, work))
+                s, seed_preds, cnt = seed_infer(seed_inf, tokenizer, infer_texts[:n_seed_inf], a.max_seq_length,
+                                                device)
+                R["seed_inf"].append(cnt.result(s))
+            else:
+                R["bt_train"].append(budgetune_train(a, data_csv, work, device, r))
+                s, bt_preds, cnt = budgetune_infer(bt_inf, tokenizer, infer_texts, a.max_seq_length, device)
+                R["bt_inf"].append(cnt.result(s))
+        if not a.only and same_weights:
+            agree = float((np.asarray(seed_preds) == np.asarray(bt_preds)[:n_seed_inf]).mean())
+        line = [f"repeat {r + 1}/{a.repeats}: matmul {R['rate32'][-1] / 1e9:.1f} GFLOP/s"]
+        for key, label in (("seed_train", "seed train"), ("bt_train", "budgetune train")):
+            if R[key]:
+                x = R[key][-1]
+                line.append(f"{label} {x['samples'] / x['seconds']:.2f}/s")
+        for key, label in (("seed_inf", "seed infer"), ("bt_inf", "budgetune infer")):
+            if R[key]:
+                line.append(f"{label} {len(R[key][-1]['lengths']) / R[key][-1]['seconds']:.1f}/s")
+        print(", ".join(line), flush=True)
+
+    report(a, R, shape, agree, same_weights, bt_dtype == torch.bfloat16, mm_n, device)
+    return 0
+
+
+def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
+    rate32, rate_bt = med(R["rate32"]), med(R["rate_bt"])
+    rows = []  # (pipeline, task, samples/s, padded/real, floor samples/s)
+
+    def train_row(name, runs, rate):
+        if not runs:
+            return
+        sps = med([x["samples"] / x["seconds"] for x in runs])
+        x = runs[0]  # the same batches every repeat (fixed seeds)
+        floor = x["samples"] / (2 * forward_flops(x["lengths"], shape) / rate)
+        rows.append((name, "train", sps, x["padded"] / x["real"], floor))
+
+    def infer_row(name, runs, rate, lengths):
+        if not runs:
+            return
+        sps = med([len(x["lengths"]) / x["seconds"] for x in runs])
+        floor = len(lengths) / (forward_flops(lengths, shape) / rate)
+        rows.append((name, "infer", sps, runs[0]["padded"] / runs[0]["real"], floor))
+
+    train_row("seed", R["seed_train"], rate32)
+    train_row("budgetune", R["bt_train"], rate_bt)
+    for name, key, rate in (("seed", "seed_inf", rate32), ("budgetune", "bt_inf", rate_bt)):
+        runs = R[key]
+        if runs:
+            infer_row(name, runs, rate, runs[0]["lengths"])
+
+    print()
+    print(f"matmul rate (best of 5 {mm_n}x{mm_n} torch.mm, median over repeats): fp32 {rate32 / 1e9:.1f} GFLOP/s"
+          + (f", bf16 {rate_bt / 1e9:.1f} GFLOP/s" if bf16 else ""))
+    print("floor = FLOPs of the real (unpadded) tokens / that rate; forward FLOPs per text of n tokens = "
+          f"2*N*n + 4*n^2*d*L (N = {shape['non_embedding'] / 1e6:.2f}M non-embedding parameters, d = "
+          f"{shape['hidden']}, L = {shape['layers']}); training = 2 x forward (the frozen base needs the "
+          "activations' gradients, about one forward, but no weight gradients; the adapters' are negligible)")
+    if R["seed_inf"] and R["bt_inf"]:
+        print(f"inference: budgetune classified {len(R['bt_inf'][0]['lengths'])} texts per run, the seed the first "
+              f"{len(R['seed_inf'][0]['lengths'])} of them (its cost per text is the same for every text)")
+    if agree is not None:
+        print(f"inference predictions of the two pipelines agree on {agree:.2%} of the texts (same weights)")
+    elif not same_weights:
+        print("note: the two inference models' parameter names differ; predictions were not compared")
+    for name, key in (("seed", "seed_train"), ("budgetune", "bt_train")):
+        if R[key]:
+            steps = R[key][0]["step_s"]
+            print(f"{name} train: {len(steps)} steps of {R[key][0]['samples'] // len(steps)} rows per repeat, "
+                  f"median step {med([med(x['step_s']) for x in R[key]]):.3f}s")
+    print()
+    print(f"| pipeline | task | samples/s (median of {a.repeats}) | padded/real tokens | floor samples/s "
+          "| x slower than floor |")
+    print("|---|---|---|---|---|---|")
+    for name, task, sps, pad, floor in rows:
+        print(f"| {name} | {task} | {sps:.2f} | {pad:.2f} | {floor:.1f} | {floor / sps:.1f} |")
+    by = {(n, t): s for n, t, s, _, _ in rows}
+    for task in ("train", "infer"):
+        if ("seed", task) in by and ("budgetune", task) in by:
+            ratios = [b / s for b, s in zip(_sps(R, "bt", task, a), _sps(R, "seed", task, a))]
+            print(f"| budgetune / seed | {task} | {by[('budgetune', task)] / by[('seed', task)]:.1f}x "
+                  f"(per repeat: {', '.join(f'{x:.1f}' for x in ratios)}) | | | |")
+
+
+def _sps(R, who, task, a):
+    key = f"{who}_{'train' if task == 'train' else 'inf'}"
+    if task == "train":
+        return [x["samples"] / x["seconds"] for x in R[key]]
+    return [len(x["lengths"]) / x["seconds"] for x in R[key]]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

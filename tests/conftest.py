@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random RoBERTa with its own byte-level BPE tokenizer, small real datasets, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+AG_TRAIN = SHARED / "ag_news" / "train.csv"
+KAGGLE_TEST = SHARED / "nyu_dlsp25_proj2" / "test_unlabelled.csv"
+HEADLINES = ROOT / "src" / "budgetune" / "resources" / "headlines.csv"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest -n 2 on 2 cores: one thread per process, or OpenMP threads of concurrent processes fight (10x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def headline_rows() -> list[tuple[int, str]]:
+    with open(HEADLINES, encoding="utf-8") as f:
+        return [(int(r["label"]), r["text"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> Path:
+    """A random 2-layer RoBERTa (hidden 32) saved as a model folder with a byte-level BPE tokenizer trained here."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([t for _, t in headline_rows()] * 2, vocab_size=400, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(folder))
+    tok = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+                               model_max_length=64)
+    tok.save_pretrained(folder)
+    import torch
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=72, type_vocab_size=1, pad_token_id=1,
+                           bos_token_id=0, eos_token_id=2)
+    RobertaForMaskedLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def headlines_csv(tmp_path_factory) -> Path:
+    """The built-in headlines as a plain CSV file (label,text)."""
+    path = tmp_path_factory.mktemp("data") / "headlines.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text"])
+        w.writerows(headline_rows())
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None,
+            timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python -m budgetune ARGS` as a real subprocess."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "budgetune", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"budgetune {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def tiny_train_args(model: Path, data: Path, out: Path, method: str, **extra) -> list[str]:
+    """CLI flags for a short, deterministic run of a tiny model."""
+    flags = {"model_name_or_path": str(model), "dataset_name": str(data), "output_dir": str(out), "method": method,
+             "rank": 4, "target_modules": "query,value", "num_train_epochs": 2, "per_device_train_batch_size": 16,
+             "learning_rate": 5e-3, "max_seq_length": 48, "logging_steps": 2, "early_stopping_patience": "null",
+             "cache_dir": str(out.parent / "cache"), "seed": 7}
+    if method == "adalora":
+        flags.update(tinit=4, tfinal=8, deltaT=2, target_r=2)
+    flags.update(extra)
+    args = ["train"]
+    for k, v in flags.items():
+        args += [f"--{k}", str(v)]
+    return args

@@ -1,0 +1,250 @@
+"""Tests for budgetune.config: shipped YAMLs, overrides, exact error messages, help text, config.yaml round trip."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, headline_rows, run_cli
+
+from budgetune import budget, cli
+from budgetune.config import (
+    GROUPS,
+    METHODS,
+    Config,
+    ConfigError,
+    build_config,
+    field_docs,
+    load_yaml,
+    resolve,
+)
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_folder_is_not_empty():
+    assert len(CONFIGS) >= 2, CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_parses_names_itself_and_fits_its_budget(path: Path):
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#"), first
+    assert f"budgetune train --config configs/{path.name}" in first, first
+    cfg = resolve(str(path), [])
+    assert isinstance(cfg, Config)
+    raw = load_yaml(path)
+    # Every key of the file arrived in the Config (compared after the Config's own normalisation).
+    for group, values in raw.items():
+        for key, value in (values or {}).items():
+            got = getattr(getattr(cfg, group), key)
+            if key == "target_modules" and isinstance(value, str) and value != "all-linear":
+                value = value.split(",")
+            assert got == value, (path.name, group, key, got, value)
+    resolved, _ = budget.resolve_auto_rank(cfg, 4)
+    assert isinstance(resolved.method.rank, int)
+    bd = budget.config_breakdown(resolved, 4)
+    assert bd.budget == cfg.budget.max_trainable_params
+    if bd.budget is not None:
+        assert 0 < bd.total_trainable <= bd.budget, (path.name, bd.table())
+    if path.name == "seed_adalora_roberta_agnews.yaml":
+        assert bd.total_trainable == 888_772, bd.table()
+        assert bd.head == 593_668
+        assert bd.total_trainable - bd.head == 295_104
+
+
+# ---------------------------------------------------------------- overrides
+
+
+@pytest.fixture()
+def base_yaml(tmp_path: Path) -> Path:
+    p = tmp_path / "base.yaml"
+    p.write_text("train:\n  learning_rate: 5.0e-4\n  seed: 11\nmethod:\n  method: adalora\n  rank: 8\n"
+                 "  target_modules: [query, value]\n")
+    return p
+
+
+def test_flat_override_beats_the_file(base_yaml):
+    assert resolve(str(base_yaml), []).train.learning_rate == 5e-4
+    cfg = resolve(str(base_yaml), ["--learning_rate", "1e-3"])
+    assert cfg.train.learning_rate == 1e-3
+    assert isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.seed == 11  # untouched keys of the file survive
+    assert cfg.method.method == "adalora"
+
+
+def test_dotted_and_equals_overrides(base_yaml):
+    cfg = resolve(str(base_yaml), ["--train.seed", "3", "--method.rank=6"])
+    assert cfg.train.seed == 3 and isinstance(cfg.train.seed, int)
+    assert cfg.method.rank == 6 and isinstance(cfg.method.rank, int)
+    assert cfg.train.learning_rate == 5e-4
+
+
+def test_list_override_and_default_target_modules(base_yaml):
+    assert resolve(None, []).method.target_modules == "all-linear"
+    assert resolve(str(base_yaml), []).method.target_modules == ["query", "value"]
+    assert resolve(str(base_yaml), ["--target_modules", "query,key"]).method.target_modules == ["query", "key"]
+    assert resolve(None, ["--target_modules", "all-linear"]).method.target_modules == "all-linear"
+
+
+def test_null_and_counts_for_the_budget():
+    assert resolve(None, []).budget.max_trainable_params == 1_000_000
+    assert resolve(None, ["--max_trainable_params", "null"]).budget.max_trainable_params is None
+    assert resolve(None, ["--max_trainable_params", "250000"]).budget.max_trainable_params == 250_000
+    assert resolve(None, ["--max_trainable_params", "1M"]).budget.max_trainable_params == 1_000_000
+    assert resolve(None, ["--max_trainable_params", "250k"]).budget.max_trainable_params == 250_000
+
+
+def test_rank_auto_and_integer_rank():
+    assert resolve(None, ["--rank", "auto"]).method.rank == "auto"
+    rank = resolve(None, ["--rank", "12"]).method.rank
+    assert rank == 12 and isinstance(rank, int)
+
+
+def test_bare_flag_is_true():
+    cfg = resolve(None, ["--overwrite_output_dir", "--seed", "5"])
+    assert cfg.output.overwrite_output_dir is True
+    assert cfg.train.seed == 5
+
+
+# ---------------------------------------------------------------- exact error messages
+
+
+def _error(config_file, overrides) -> str:
+    with pytest.raises(ConfigError) as info:
+        resolve(config_file, overrides)
+    return str(info.value)
+
+
+def test_unknown_key_in_a_yaml_section(tmp_path):
+    p = tmp_path / "typo.yaml"
+    p.write_text("train:\n  learnig_rate: 1.0e-3\n")
+    assert _error(str(p), []) == f"{p}: unknown key 'learnig_rate' in section 'train' (did you mean 'learning_rate'?)"
+    # The file is validated alone first, so the message names it even when overrides are given.
+    assert _error(str(p), ["--seed", "1"]).startswith(f"{p}: unknown key 'learnig_rate'")
+
+
+def test_unknown_section_in_a_yaml(tmp_path):
+    p = tmp_path / "section.yaml"
+    p.write_text("trian:\n  seed: 1\n")
+    assert _error(str(p), []) == (f"{p}: unknown section 'trian' (did you mean 'train'?); sections are "
+                                  "model, data, method, budget, train, output")
+
+
+def test_wrong_type_names_the_flag():
+    assert _error(None, ["--learning_rate", "abc"]) == "command line: train.learning_rate: expected a number, got 'abc'"
+    assert _error(None, ["--seed", "1.5"]) == "command line: train.seed: expected an integer, got '1.5'"
+    assert _error(None, ["--group_by_length", "maybe"]) == (
+        "command line: data.group_by_length: expected true or false, got 'maybe'")
+
+
+def test_wrong_type_in_a_yaml_names_the_file(tmp_path):
+    p = tmp_path / "type.yaml"
+    p.write_text("train:\n  learning_rate: fast\n")
+    assert _error(str(p), []) == f"{p}: train.learning_rate: expected a number, got 'fast'"
+
+
+def test_unknown_option_on_the_command_line():
+    assert _error(None, ["--learning_rat", "1"]) == "unknown option --learning_rat (did you mean --learning_rate?)"
+    assert _error(None, ["--zzzzzz", "1"]) == "unknown option --zzzzzz"
+    assert _error(None, ["oops"]) == "unexpected argument 'oops'; options look like --learning_rate 1e-3"
+
+
+def test_unknown_method_through_the_real_cli(tmp_path):
+    proc = run_cli("train", "--method", "adalorra", "--output_dir", str(tmp_path / "run"), check=False, timeout=300)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    expected = ("budgetune: error: --method 'adalorra' is unknown (did you mean 'adalora'?); choose one of "
+                "adalora, lora, dora, ia3, vera, loha, lokr")
+    assert expected in proc.stderr.splitlines(), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--validation_split_percentage", "0"], "--validation_split_percentage must be between 0 and 100, got 0.0"),
+    (["--validation_split_percentage", "100"], "--validation_split_percentage must be between 0 and 100, got 100.0"),
+    (["--max_seq_length", "4"], "--max_seq_length must be at least 8, got 4"),
+    (["--rank", "0"], "--rank must be a positive integer or auto, got 0"),
+    (["--rank", "8", "--target_r", "9"], "--target_r must be between 1 and --rank (8), got 9"),
+    (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1), got 1.0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--learning_rate", "0"], "--learning_rate must be a positive number, got 0.0"),
+    (["--warmup_ratio", "1"], "--warmup_ratio must be in [0, 1), got 1.0"),
+    (["--max_trainable_params", "0"], "--max_trainable_params must be positive or null, got 0"),
+    (["--lr_scheduler_type", "cosine"], "--lr_scheduler_type must be one of linear, constant, got 'cosine'"),
+    (["--head", "mlp"], "--head must be default, linear or frozen_dense, got 'mlp'"),
+])
+def test_out_of_range_values(flags, message):
+    assert _error(None, flags) == message
+
+
+def test_out_of_range_value_in_a_yaml_names_the_file(tmp_path):
+    p = tmp_path / "range.yaml"
+    p.write_text("data:\n  validation_split_percentage: 0\n")
+    assert _error(str(p), []) == f"{p}: --validation_split_percentage must be between 0 and 100, got 0.0"
+
+
+def test_method_error_lists_every_method():
+    msg = _error(None, ["--method", "adalorra"])
+    assert msg.endswith("choose one of " + ", ".join(METHODS))
+
+
+# ---------------------------------------------------------------- help
+
+
+def test_train_help_lists_every_option_with_its_docstring(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    n = 0
+    for group, cls in GROUPS.items():
+        assert f"{group}:" in out
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"^  --{f.name} \(default: ", out, re.M), f.name
+            assert docs.get(f.name), f"{group}.{f.name} has no docstring"
+            assert docs[f.name] in flat, (f.name, docs[f.name])
+            n += 1
+    assert n == len({f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)})
+    # A few by hand: the help is the docstrings, not something else.
+    assert "--learning_rate (default: 0.001)" in out
+    assert "Peak learning rate of AdamW." in flat
+    assert "AdaLoRA: average rank kept at the end; default rank // 2" in flat
+    assert "Hard cap on trainable parameters (adapters + head + anything unfrozen); null switches the gate off." in flat
+
+
+# ---------------------------------------------------------------- config.yaml of a run
+
+
+def test_resolved_config_of_a_run_reparses_to_the_same_config(tiny_roberta, tmp_path):
+    from budgetune.train import train
+
+    data = tmp_path / "small.csv"
+    with open(data, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text"])
+        w.writerows(headline_rows()[:64])
+    out = tmp_path / "run"
+    overrides = ["--model_name_or_path", str(tiny_roberta), "--dataset_name", str(data), "--output_dir", str(out),
+                 "--label_names", "World,Sports,Business,Sci/Tech", "--method", "lora", "--rank", "auto",
+                 "--max_trainable_params", "5000", "--target_modules", "query,value", "--max_steps", "1",
+                 "--per_device_train_batch_size", "8", "--max_seq_length", "32", "--validation_split_percentage",
+                 "25", "--learning_rate", "2e-3", "--early_stopping_patience", "null", "--cache_dir",
+                 str(tmp_path / "cache"), "--seed", "5", "--method_options", "{use_rslora: true}"]
+    cfg = resolve(None, overrides)
+    train(cfg)
+    written = out / "config.yaml"
+    assert written.read_text().startswith("# resolved configuration of this run\n")
+    assert f"budgetune train --config {written}" in written.read_text().splitlines()[1]
+    again = resolve(str(written), [])
+    expected, _ = budget.resolve_auto_rank(cfg, 4)
+    assert isinstance(again.method.rank, int) and again.method.rank > 1  # auto was resolved before writing
+    assert again == expected
+    assert again.method.method_options == {"use_rslora": True}
+    assert again.data.label_names == ["World", "Sports", "Business", "Sci/Tech"]
+    assert again.budget.max_trainable_params == 5000
+    # build_config of the dict form is the identity as well.
+    assert build_config(again.to_dict()) == again

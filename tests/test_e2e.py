@@ -1,0 +1,96 @@
+"""End to end through the real CLI on the packaged MiniLM: train -> evaluate -> predict -> plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+
+import pytest
+from conftest import KAGGLE_TEST, read_jsonl, run_cli
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    run_cli("train", "--output_dir", str(out), "--num_train_epochs", "3", "--max_seq_length", "64",
+            "--cache_dir", str(out.parent / "cache"), "--logging_steps", "5")
+    return out
+
+
+def test_train_learns_and_writes_the_run_folder(minilm_run):
+    out = minilm_run
+    for name in ("config.yaml", "metrics.jsonl", "budget.json", "evaluation.json", "evaluation.txt",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/budgetune.json",
+                 "adapter/README.md", "adapter/tokenizer.json", "plots/loss.png", "plots/accuracy.png",
+                 "plots/learning_rate.png", "plots/confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    # Built-in headlines, 4 balanced classes: chance is 0.25; a short run must clearly beat it.
+    assert evaluation["accuracy"] >= 0.7, evaluation["accuracy"]
+    assert evaluation["label_names"] == ["World", "Sports", "Business", "Sci/Tech"]
+    assert sum(map(sum, evaluation["confusion_matrix"])) == evaluation["n"] == 48
+    events = read_jsonl(out / "metrics.jsonl")
+    evals = [e for e in events if e["event"] == "eval"]
+    assert len(evals) == 3 and evals[-1]["step"] == 42  # 432 training rows / 32 = 14 steps x 3 epochs
+    assert max(e["eval_accuracy"] for e in evals) == pytest.approx(evaluation["accuracy"])
+    trains = [e for e in events if e["event"] == "train"]
+    assert trains[0]["loss"] > trains[-1]["loss"]
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["total_trainable"] == 663_552 + 1_540  # LoRA r16 on all 36 linear layers + the 384x4 head
+    card = (out / "adapter" / "README.md").read_text()
+    assert "665,092" in card and "PeftModel.from_pretrained" in card
+
+
+def test_evaluate_predict_plot(minilm_run, headlines_csv, tmp_path):
+    out = minilm_run
+    proc = run_cli("evaluate", str(out), "--data_file", str(headlines_csv))
+    assert "accuracy" in proc.stdout
+    report = json.loads((out / "evaluation-headlines.json").read_text())
+    assert report["n"] == 480 and report["accuracy"] > 0.7
+
+    with open(headlines_csv, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    texts = tmp_path / "texts.csv"
+    with open(texts, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text"])
+        w.writerows([r["text"]] for r in rows[:50])
+    sub = tmp_path / "submission.csv"
+    run_cli("predict", str(out), "--input", str(texts), "--output", str(sub))
+    with open(sub, encoding="utf-8") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ["ID", "Label"]
+    assert [int(r[0]) for r in lines[1:]] == list(range(50))
+    assert {int(r[1]) for r in lines[1:]} <= {0, 1, 2, 3}
+    agree = sum(int(r[1]) == int(row["label"]) for r, row in zip(lines[1:], rows))
+    assert agree >= 35
+
+    # The course ships a pickled pandas DataFrame or Dataset: same predictions through the safe unpickler.
+    import pandas as pd
+
+    pkl = tmp_path / "test_unlabelled.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump(pd.DataFrame({"text": [r["text"] for r in rows[:50]]}), f)
+    sub2 = tmp_path / "submission2.csv"
+    run_cli("predict", str(out), "--input", str(pkl), "--output", str(sub2))
+    assert sub2.read_text() == sub.read_text()
+
+    for png in (out / "plots").glob("*.png"):
+        png.unlink()
+    proc = run_cli("plot", str(out))
+    assert (out / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "confusion_matrix.png" in proc.stdout
+
+
+@pytest.mark.skipif(not KAGGLE_TEST.exists(), reason="../shared/data/nyu_dlsp25_proj2/test_unlabelled.csv absent")
+def test_kaggle_submission(minilm_run, tmp_path):
+    sub = tmp_path / "submission.csv"
+    run_cli("predict", str(minilm_run), "--input", str(KAGGLE_TEST), "--output", str(sub))
+    with open(sub, encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["ID", "Label"]
+    assert len(rows) == 8001
+    assert [int(r[0]) for r in rows[1:]] == list(range(8000))
+    labels = [int(r[1]) for r in rows[1:]]
+    assert set(labels) == {0, 1, 2, 3}
