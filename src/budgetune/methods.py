@@ -78,8 +78,8 @@ def head_modules(model: nn.Module, head: str) -> tuple[list[str], list[str]]:
     if head == "default":
         return pooler + [top], []
     if head == "frozen_dense":
-        if roberta_style:
-            return [f"{top}.out_proj"], [f"{top}.dense"]
+        if roberta_style:  # the whole head is saved (peft wraps `classifier` anyway); its dense part is frozen
+            return [top], [f"{top}.dense"]
         if pooler:
             return [top], pooler
         raise ConfigError(f"--head frozen_dense: {type(model).__name__}'s head has no dense layer to freeze; "
@@ -169,6 +169,12 @@ def peft_config(cfg: Config, model: nn.Module, total_step: int | None, modules_t
                                       deltaT=m.deltaT, beta1=m.beta1, beta2=m.beta2,
                                       orth_reg_weight=m.orth_reg_weight, total_step=total_step, **common, **opts)
         if m.method == "ia3":
+            if isinstance(targets, list) and "feedforward_modules" not in opts:
+                # peft would fill in its per-architecture feed-forward modules even when they are not targeted,
+                # and then refuse to reload the saved adapter (feedforward_modules must be within target_modules).
+                from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
+
+                opts["feedforward_modules"] = [t for t in FF.get(model.config.model_type, []) if t in targets]
             return peft.IA3Config(**common, **opts)
         if m.method == "vera":
             # save_projection: the frozen random matrices travel with the adapter, so reloading is exact.
@@ -189,11 +195,14 @@ def wrap(cfg: Config, model: nn.Module, total_step: int | None, frozen_saved: li
 
     apply_head(model, cfg.model.head)
     trainable, frozen = head_modules(model, cfg.model.head)
-    # Head parts missing from the checkpoint but not trained (e.g. a frozen random dense) are still saved.
-    covered = [t for t in trainable]
-    extra = [f for f in frozen_saved or [] if not any(f == c or f.startswith(c + ".") for c in covered)]
-    frozen = sorted(set(frozen) | set(extra))
-    pcfg = peft_config(cfg, model, total_step, trainable + frozen)
+    # Head parts missing from the checkpoint but not trained (e.g. BERT's pooler from a masked-LM checkpoint) are
+    # still saved, so that the adapter reproduces the model on a fresh base.
+    def inside_trained(name: str) -> bool:
+        return any(name == t or name.startswith(t + ".") for t in trainable)
+
+    # frozen: the head's own frozen parts (may sit inside a saved module, like classifier.dense) + missing extras.
+    frozen = sorted(set(frozen) | {f for f in frozen_saved or [] if not inside_trained(f)})
+    pcfg = peft_config(cfg, model, total_step, trainable + [f for f in frozen if not inside_trained(f)])
     peft_model = peft.get_peft_model(model, pcfg)
     freeze_saved_copies(peft_model, frozen)
     return peft_model
@@ -201,13 +210,10 @@ def wrap(cfg: Config, model: nn.Module, total_step: int | None, frozen_saved: li
 
 def freeze_saved_copies(peft_model: nn.Module, frozen: list[str]) -> None:
     """Freeze the saved copies of head parts that must not train (peft makes every modules_to_save trainable)."""
-    from peft.utils import ModulesToSaveWrapper
-
-    for name, module in peft_model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and any(name.endswith(f) for f in frozen):
-            for p in module.parameters():
-                p.requires_grad_(False)
     for name, p in peft_model.named_parameters():
+        plain = "." + name.replace(".modules_to_save.default", "")
+        if ".modules_to_save." in name and any(f".{f}." in plain for f in frozen):
+            p.requires_grad_(False)
         if "ranknum" in name:  # AdaLoRA's scale scalars: never trained (peft leaves them trainable on meta)
             p.requires_grad_(False)
 
