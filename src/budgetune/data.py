@@ -187,6 +187,81 @@ def _ag_news(path: Path, rows: list[list[str]], starts: list[int]) -> Columns:
     return {"text": [f"{r[1]} {r[2]}" for r in rows], "label": [int(r[0]) - 1 for r in rows]}, {"label": AG_NEWS_LABELS}
 
 
+STREAM_BYTES = 4 * 2**20  # larger CSV/TSV/JSONL inputs to predict stream in chunks instead of loading whole
+CHUNK_ROWS = 20_000
+
+
+def iter_texts(source: str, *, text_column: str | None = None, chunk_rows: int | None = None) -> Iterator[list[str]]:
+    """Unlabelled texts in chunks: big CSV/TSV/JSONL files stream (validated row by row); others load whole."""
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if not path.is_file() or suffix not in (".csv", ".tsv", ".jsonl") or path.stat().st_size < STREAM_BYTES:
+        yield load_table(source, split="test", text_column=text_column, require_labels=False).texts
+        return
+    with open(path, encoding="utf-8", newline="") as f:
+        chunk: list[str] = []
+        try:
+            rows = _stream_jsonl(path, f, text_column) if suffix == ".jsonl" else _stream_csv(
+                path, f, text_column, "\t" if suffix == ".tsv" else ",")
+            for text in rows:
+                chunk.append(text)
+                if len(chunk) == chunk_rows:
+                    yield chunk
+                    chunk = []
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x})") from None
+    if chunk:
+        yield chunk
+
+
+def _stream_csv(path: Path, f, text_column: str | None, delimiter: str) -> Iterator[str]:
+    reader = csv.reader(f, delimiter=delimiter, strict=True)
+    header, col, ag_news, line = None, 0, False, 0
+    try:
+        for row in reader:
+            line += 1
+            if not row:
+                continue
+            if any("\x00" in v for v in row):
+                raise DataError(f"{path}, line {reader.line_num}: contains a NUL byte")
+            if header is None:
+                if delimiter == "," and len(row) == 3 and row[0].strip() in ("1", "2", "3", "4"):
+                    header, ag_news = ["class index", "title", "description"], True  # headerless AG News
+                else:
+                    header = row
+                    if [h.lower() for h in header] == ["class index", "title", "description"]:
+                        ag_news = True
+                        continue
+                    col = header.index(_pick(str(path), dict.fromkeys(header), text_column, TEXT_COLUMNS, "text",
+                                             "text_column_name"))
+                    continue
+            if len(row) != len(header):
+                raise DataError(f"{path}, line {reader.line_num}: expected {len(header)} fields, found {len(row)}")
+            yield f"{row[1]} {row[2]}" if ag_news else row[col]
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num + 1}: malformed CSV ({e})") from None
+
+
+def _stream_jsonl(path: Path, f, text_column: str | None) -> Iterator[str]:
+    key = None
+    for n, raw in enumerate(f, 1):
+        if not raw.strip():
+            continue
+        if "\x00" in raw:
+            raise DataError(f"{path}, line {n}: contains a NUL byte")
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}, line {n}: expected a JSON object, found {type(rec).__name__}")
+        key = key or _pick(str(path), rec, text_column, TEXT_COLUMNS, "text", "text_column_name")
+        if not isinstance(rec.get(key), str):
+            raise DataError(f"{path}, line {n}: {key!r} is not a string")
+        yield rec[key]
+
+
 def _records(path: Path, records: list, where: Callable[[int], str]) -> dict[str, list]:
     if not records:
         raise DataError(f"{path}: no data rows")

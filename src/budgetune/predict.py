@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import io
 import json
 from pathlib import Path
 
@@ -49,16 +49,22 @@ def load_model(run_or_adapter: str | Path):
     return model, AutoTokenizer.from_pretrained(folder), info
 
 
-def _logits(run: str | Path, table: data_lib.TextTable, batch_size: int, cache_dir: str | None):
-    accelerator = make_accelerator()
-    model, tokenizer, info = load_model(run)
+def _logits(run: str | Path, table: data_lib.TextTable, batch_size: int, cache_dir: str | None, loaded=None):
+    accelerator, (model, tokenizer, info) = loaded or _load(run)
     with accelerator.main_process_first():
         ds = data_lib.tokenize(table, tokenizer, info["max_seq_length"], cache_dir)
     pad = 8 if accelerator.device.type == "cuda" else None
-    # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
-    model = accelerator.prepare_model(model, evaluation_mode=True)
     loader = accelerator.prepare(inference_loader(ds, tokenizer, batch_size, pad))
     return predict_logits(model, loader, accelerator, len(ds), desc="predict"), info, accelerator
+
+
+def _load(run: str | Path):
+    from budgetune.train import mixed_precision
+
+    accelerator = make_accelerator(mixed_precision=mixed_precision("auto"))  # bf16 on a GPU that has it
+    model, tokenizer, info = load_model(run)
+    # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
+    return accelerator, (accelerator.prepare_model(model, evaluation_mode=True), tokenizer, info)
 
 
 def evaluate(run: str | Path, data_file: str, *, split: str = "test", text_column: str | None = None,
@@ -86,17 +92,26 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
     """Write a Kaggle submission `ID,Label`: IDs are the input rows' positions 0..n-1, in input order."""
     if label_format not in ("int", "name"):
         raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
-    table = data_lib.load_table(input_file, split="test", text_column=text_column, require_labels=False)
-    ids = range(len(table.texts))
-    logits, info, acc = _logits(run, table, batch_size, cache_dir)
-    preds = logits.argmax(-1)
+    loaded = _load(run)
+    accelerator, (_, _, info) = loaded
     names = info["label_names"]
-    if acc.is_main_process:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["ID", "Label"])
-        for i, p in zip(ids, preds):
-            w.writerow([i, names[p] if label_format == "name" else int(p)])
-        artifacts.atomic_write_text(output, buf.getvalue())
-        print(f"wrote {len(ids)} predictions to {output}")
+    n = 0
+    # Chunk by chunk (a big file streams): memory stays bounded by the chunk, whatever the file's size.
+    # Every process computes (the batches are sharded); only the main one writes.
+    with contextlib.ExitStack() as stack:
+        w = None
+        if accelerator.is_main_process:
+            f = stack.enter_context(open(stack.enter_context(artifacts.atomic_path(output)), "w", newline="",
+                                         encoding="utf-8"))
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["ID", "Label"])
+        for texts in data_lib.iter_texts(input_file, text_column=text_column):
+            table = data_lib.TextTable(texts, None, None, str(input_file))
+            logits, _, _ = _logits(run, table, batch_size, cache_dir, loaded)
+            if w is not None:
+                w.writerows([i, names[p] if label_format == "name" else int(p)]
+                            for i, p in enumerate(logits.argmax(-1), n))
+            n += len(texts)
+    if accelerator.is_main_process:
+        print(f"wrote {n} predictions to {output}")
     return Path(output)

@@ -1,0 +1,67 @@
+"""Prediction input streams in chunks: the same texts as the whole-file loader, the same errors, bounded memory."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from budgetune import data as data_lib
+
+
+@pytest.fixture
+def streaming(monkeypatch):
+    monkeypatch.setattr(data_lib, "STREAM_BYTES", 0)
+    monkeypatch.setattr(data_lib, "CHUNK_ROWS", 3)
+
+
+def write_csv(path, rows, header=("id", "text")):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+
+
+def test_csv_streams_in_chunks_with_the_same_texts(tmp_path, streaming):
+    texts = [f"text {i}, with \"quotes\"\nand a newline" if i % 3 == 0 else f"plain {i}" for i in range(10)]
+    path = tmp_path / "big.csv"
+    write_csv(path, [(i, t) for i, t in enumerate(texts)])
+    chunks = list(data_lib.iter_texts(str(path)))
+    assert [len(c) for c in chunks] == [3, 3, 3, 1]
+    assert sum(chunks, []) == texts == data_lib.load_table(str(path), require_labels=False).texts
+
+
+def test_headerless_ag_news_and_jsonl_stream(tmp_path, streaming):
+    ag = tmp_path / "ag.csv"
+    write_csv(ag, [("3", "Stocks up", "Markets rose."), ("2", "Cup final", "A late goal.")], header=None)
+    assert sum(data_lib.iter_texts(str(ag)), []) == ["Stocks up Markets rose.", "Cup final A late goal."]
+    jl = tmp_path / "t.jsonl"
+    jl.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(5)))
+    assert list(data_lib.iter_texts(str(jl))) == [["t0", "t1", "t2"], ["t3", "t4"]]
+
+
+def test_streaming_errors_name_the_line(tmp_path, streaming):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,text\n0,fine\n1,two,fields too many\n")
+    with pytest.raises(data_lib.DataError, match=r"bad\.csv, line 3: expected 2 fields, found 3$"):
+        list(data_lib.iter_texts(str(bad)))
+    nul = tmp_path / "nul.csv"
+    nul.write_text("id,text\n0,ok\n1,has \x00 nul\n")
+    with pytest.raises(data_lib.DataError, match=r"nul\.csv, line 3: contains a NUL byte$"):
+        list(data_lib.iter_texts(str(nul)))
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("id,body\n0,ok\n")
+    with pytest.raises(data_lib.DataError, match=r"no text column found \(columns: id, body\); set --text_column_name"):
+        list(data_lib.iter_texts(str(nocol)))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"id,text\n0,caf\xe9\n")
+    with pytest.raises(data_lib.DataError, match=r"latin\.csv: not UTF-8 text \(invalid byte 0xe9\)"):
+        list(data_lib.iter_texts(str(latin)))
+
+
+def test_small_files_load_whole(tmp_path):
+    path = tmp_path / "small.csv"
+    write_csv(path, [(i, f"t{i}") for i in range(5)])
+    assert list(data_lib.iter_texts(str(path))) == [[f"t{i}" for i in range(5)]]
