@@ -65,3 +65,18 @@ def test_small_files_load_whole(tmp_path):
     path = tmp_path / "small.csv"
     write_csv(path, [(i, f"t{i}") for i in range(5)])
     assert list(data_lib.iter_texts(str(path))) == [[f"t{i}" for i in range(5)]]
+
+
+def test_sorted_batches_keep_padding_low_in_the_long_tail():
+    import numpy as np
+
+    lengths = np.clip(np.random.default_rng(0).lognormal(3.9, 0.35, 2000).astype(int), 5, 128).tolist()
+    fixed = [list(range(i, min(i + 128, 2000))) for i in range(0, 2000, 128)]  # what fixed-size batches would do
+    order = sorted(range(2000), key=lambda i: -lengths[i])
+    fixed = [[order[i] for i in b] for b in fixed]
+    batches = list(data_lib.SortedBatchSampler(lengths, 128))
+    assert sorted(i for b in batches for i in b) == list(range(2000))
+    assert all(1 <= len(b) <= 128 for b in batches)
+    pad, real = data_lib.padding_stats(lengths, batches)
+    pad_fixed, _ = data_lib.padding_stats(lengths, fixed)
+    assert (pad + real) / real < 1.1 and pad < pad_fixed / 1.5

@@ -515,20 +515,39 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 class SortedBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches by descending length; outputs come back out of order, so restore it with the idx column."""
+    """Batches by descending length, cut early where lengths fall fast; restore input order with the idx column.
 
-    def __init__(self, lengths: Sequence[int], batch_size: int):
+    A batch closes at batch_size texts, or (once it holds min_batch) when the next text is shorter than
+    (1 - slack) x the batch's longest: padding stays near `slack` even in the long tail, where fixed-size batches
+    of sorted texts still pad a lot. `batch_size` is None, as accelerate expects of batches of varying size
+    (with a number there it would drop a group of batches that ends in a short one).
+    """
+
+    batch_size = None
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, slack: float = 0.1, min_batch: int = 8):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
-        self.batch_size = batch_size
+        lengths = np.asarray(lengths, dtype=np.int64)
+        self.order = np.argsort(-lengths, kind="stable")
+        ordered = lengths[self.order]
+        starts, start = [], 0
+        while start < len(ordered):
+            starts.append(start)
+            end = min(start + batch_size, len(ordered))
+            if end - start > min_batch:  # the first index past min_batch whose length falls below the bound
+                below = np.nonzero(ordered[start + min_batch:end] < (1 - slack) * ordered[start])[0]
+                if len(below):
+                    end = start + min_batch + int(below[0])
+            start = end
+        self.bounds = np.append(np.asarray(starts, dtype=np.int64), len(ordered))
 
     def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size)
+        return len(self.bounds) - 1
 
     def __iter__(self) -> Iterator[list[int]]:
-        for i in range(0, len(self.order), self.batch_size):
-            yield self.order[i:i + self.batch_size].tolist()
+        for a, b in zip(self.bounds[:-1], self.bounds[1:]):
+            yield self.order[a:b].tolist()
 
 
 class GlobalBatchSplitter(torch.utils.data.Sampler[list[int]]):
