@@ -273,12 +273,15 @@ def budgetune_infer(template, tokenizer, texts, max_len, device) -> tuple[float,
     from accelerate import Accelerator
 
     from budgetune import data as data_lib
+    from budgetune import methods
     from budgetune.evaluate import inference_loader, predict_logits
     from budgetune.train import mixed_precision
 
     reset_accelerate()
     accelerator = Accelerator(mixed_precision=mixed_precision("auto"), cpu=device.type == "cpu")
-    model = accelerator.prepare_model(copy.deepcopy(template), evaluation_mode=True)  # = loading: not timed
+    model = copy.deepcopy(template).eval()
+    methods.merge_for_inference(model)  # as predict.load_model does
+    model = accelerator.prepare_model(model, evaluation_mode=True)  # = loading: not timed
     counter = TokenCounter()
     model.register_forward_pre_hook(counter, with_kwargs=True)
     on_gpu = device.type == "cuda"

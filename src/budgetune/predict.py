@@ -46,6 +46,7 @@ def load_model(run_or_adapter: str | Path):
         id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     methods.apply_head(base, info["head"])
     model = PeftModel.from_pretrained(base, folder).eval()
+    methods.merge_for_inference(model)
     return model, AutoTokenizer.from_pretrained(folder), info
 
 
