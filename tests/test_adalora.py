@@ -46,12 +46,14 @@ def test_cli_run_allocates_prunes_saves_and_reloads(ada_run, tiny_roberta):
     assert all(0 <= r <= init_r for r in final.values())
     acfg = json.loads((ada_run / "adapter" / "adapter_config.json").read_text())
     saved = {k: sum(bool(x) for x in v) for k, v in acfg["rank_pattern"].items()}
-    assert saved == {k.replace(".default", ""): v for k, v in final.items()}
+    assert {k.removesuffix(".lora_E"): v for k, v in saved.items()} == final
     assert (acfg["init_r"], acfg["target_r"]) == (init_r, target_r)
 
     # The total rank falls over time, from above the target down to it.
     ranks = [(e["step"], sum(e["ranks"].values())) for e in events if e["event"] == "ranks"]
     assert len(ranks) >= 3
+    # One name per module throughout (peft renames its pattern's keys when an adapter is saved mid-run).
+    assert {frozenset(e["ranks"]) for e in events if e["event"] == "ranks"} == {frozenset(final)}
     steps, totals = zip(*ranks)
     assert list(steps) == sorted(steps)
     assert all(a >= b for a, b in zip(totals, totals[1:])), totals

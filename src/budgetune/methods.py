@@ -260,7 +260,8 @@ def rank_pattern_masks(peft_model) -> dict[str, list[bool]] | None:
 def rank_pattern(peft_model) -> dict[str, int] | None:
     """AdaLoRA's current rank per adapted module (None before the first allocation or for other methods)."""
     masks = rank_pattern_masks(peft_model)
-    return {name: sum(m) for name, m in masks.items()} if masks else None
+    # peft keys the pattern "<module>.lora_E.default" or, once an adapter was saved, "<module>.lora_E": one name each.
+    return {name.replace(".default", "").removesuffix(".lora_E"): sum(m) for name, m in masks.items()} if masks else None
 
 
 def merge_for_inference(peft_model) -> bool:
