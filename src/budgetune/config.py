@@ -304,12 +304,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return None
         if value is not None and type(value) in args:  # already the right type: "all-linear" stays a str
             return value
-        errors = []
         for arg in [a for a in args if a is not type(None)]:
             try:
                 return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue  # the next member of the union may accept it; the message below names them all
         names = " or ".join(_type_name(a) for a in args)
         raise ConfigError(f"{where}: expected {names}, got {value!r}")
     if annotation is Any:
@@ -364,10 +363,6 @@ def _type_name(t: Any) -> str:
             type(None): "null"}.get(t, getattr(t, "__name__", str(t)))
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def build_config(sections: dict[str, dict[str, Any]], source: str = "config") -> Config:
     """Build a validated Config from {group: {field: value}}; unknown keys and wrong types are errors."""
     groups = {}
@@ -381,7 +376,7 @@ def build_config(sections: dict[str, dict[str, Any]], source: str = "config") ->
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {group!r} must be a mapping of keys to values")
         cls = GROUPS[group]
-        hints = _hints(cls)
+        hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
             if key not in hints:
