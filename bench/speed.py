@@ -9,7 +9,8 @@ seed       transformers' Trainer (batch 32, fp32, random sampler, no eval, no sa
            batches of 64 tokenized and padded to max_length in the loop, torch.no_grad, argmax.
 budgetune  budgetune.train.train(cfg) itself (AdaLoRA with the same numbers; dynamic padding, length-grouped
            batches, SDPA, accelerate's mixed precision: bf16 on a GPU, fp32 on CPU); inference: predict's path,
-           data.tokenize + inference_loader (batch 128, length-sorted) + predict_logits.
+           data.tokenize + inference_loader (batch 256 as `budgetune predict`, length-sorted, on CPU capped at 2048
+           padded tokens) + predict_logits, adapters merged, last layer for the first token only.
 
 Training throughput is timed by a forward pre-hook on the model: from the start of training step W+1 to the start
 of step W+N+1 (W warmup steps, N measured steps), so model loading, tokenization, evaluation and checkpoints are
@@ -269,25 +270,27 @@ def budgetune_train(a, data_csv, workdir, device, run: int) -> dict:
 
 
 def budgetune_infer(template, tokenizer, texts, max_len, device) -> tuple[float, object, TokenCounter]:
-    """predict's path: data.tokenize + inference_loader (batch 128, length-sorted) + predict_logits."""
+    """predict's path: data.tokenize + inference_loader (predict's batch and token cap) + predict_logits."""
     from accelerate import Accelerator
 
     from budgetune import data as data_lib
     from budgetune import methods
-    from budgetune.evaluate import inference_loader, predict_logits
+    from budgetune.evaluate import inference_loader, predict_logits, token_cap
     from budgetune.train import mixed_precision
 
     reset_accelerate()
     accelerator = Accelerator(mixed_precision=mixed_precision("auto"), cpu=device.type == "cpu")
     model = copy.deepcopy(template).eval()
     methods.merge_for_inference(model)  # as predict.load_model does
+    methods.first_token_last_layer(model)
     model = accelerator.prepare_model(model, evaluation_mode=True)  # = loading: not timed
     counter = TokenCounter()
     model.register_forward_pre_hook(counter, with_kwargs=True)
     on_gpu = device.type == "cuda"
     t0 = time.perf_counter()
     ds = data_lib.tokenize(data_lib.TextTable(list(texts), None, None, "bench"), tokenizer, max_len, None)
-    loader = accelerator.prepare_data_loader(inference_loader(ds, tokenizer, 128, 8 if on_gpu else None, 0, on_gpu))
+    loader = accelerator.prepare_data_loader(inference_loader(ds, tokenizer, 256, 8 if on_gpu else None, 0, on_gpu,
+                                                              token_cap(device)))
     preds = predict_logits(model, loader, accelerator, len(ds), desc="predict").argmax(-1)
     seconds = time.perf_counter() - t0
     return seconds, preds, counter

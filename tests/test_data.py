@@ -320,8 +320,9 @@ def test_length_grouping_beats_random_padding():
 
 @settings(max_examples=60, deadline=None)
 @given(lengths=st.lists(st.integers(1, 600), max_size=300), bs=st.integers(1, 40), mult=st.integers(1, 5),
-       seed=st.integers(0, 2**31), epoch=st.integers(0, 5), drop_last=st.booleans())
-def test_sampler_invariants(lengths, bs, mult, seed, epoch, drop_last):
+       seed=st.integers(0, 2**31), epoch=st.integers(0, 5), drop_last=st.booleans(),
+       cap=st.one_of(st.none(), st.integers(1, 3000)))
+def test_sampler_invariants(lengths, bs, mult, seed, epoch, drop_last, cap):
     s = LengthGroupedBatchSampler(lengths, bs, seed, mega_batch_mult=mult, drop_last=drop_last)
     s.set_epoch(epoch)
     batches = list(s)
@@ -338,3 +339,8 @@ def test_sampler_invariants(lengths, bs, mult, seed, epoch, drop_last):
         range(len(lengths)))
     order = [lengths[i] for b in ev for i in b]
     assert order == sorted(lengths, reverse=True)
+    capped = list(SortedBatchSampler(lengths, bs, max_tokens=cap))
+    assert [lengths[i] for b in capped for i in b] == sorted(lengths, reverse=True)
+    assert sorted(i for b in capped for i in b) == list(range(len(lengths)))
+    for b in capped:  # within the cap, unless one text alone is longer
+        assert 0 < len(b) <= bs and (cap is None or len(b) == 1 or len(b) * max(lengths[i] for i in b) <= cap)

@@ -64,7 +64,8 @@ def cmd_evaluate(argv: list[str]) -> int:
     p.add_argument("--data_file", required=True, help="labelled file (csv, tsv, json, jsonl, parquet, pkl)")
     p.add_argument("--text_column_name")
     p.add_argument("--label_column_name")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=256)
+    p.add_argument("--per_device_eval_batch_size", type=int, default=256,
+                   help="texts per batch (default 256; on CPU also capped at 2048 padded tokens)")
     p.add_argument("--output", help="path stem of the .json/.txt reports (default: RUN/evaluation-STEM)")
     a = p.parse_args(argv)
     evaluate(a.run, a.data_file, text_column=a.text_column_name, label_column=a.label_column_name,
@@ -81,7 +82,8 @@ def cmd_predict(argv: list[str]) -> int:
     p.add_argument("--output", help="submission CSV (default: RUN/submission.csv)")
     p.add_argument("--text_column_name")
     p.add_argument("--label_format", choices=("int", "name"), default="int")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=256)
+    p.add_argument("--per_device_eval_batch_size", type=int, default=256,
+                   help="texts per batch (default 256; on CPU also capped at 2048 padded tokens)")
     a = p.parse_args(argv)
     predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
             label_format=a.label_format, batch_size=a.per_device_eval_batch_size)

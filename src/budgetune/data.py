@@ -455,9 +455,9 @@ def _cache_key(table: TextTable, tokenizer, max_seq_length: int) -> str:
 def tokenize(table: TextTable, tokenizer, max_seq_length: int,
              cache_dir: str | os.PathLike | None) -> datasets.Dataset:
     """Truncate without padding; with cache_dir the result is a memory-mapped Arrow file reused by content hash."""
-    path = None
+    path, key = None, _cache_key(table, tokenizer, max_seq_length)
     if cache_dir is not None:
-        path = Path(cache_dir) / f"tokenized-{_cache_key(table, tokenizer, max_seq_length)}.arrow"
+        path = Path(cache_dir) / f"tokenized-{key}.arrow"
         if path.is_file():
             return datasets.Dataset.from_file(str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -473,8 +473,10 @@ def tokenize(table: TextTable, tokenizer, max_seq_length: int,
         return out
 
     # datasets writes to a temp file and renames it, so an interrupted run leaves no half-written cache hit.
+    # Our key as the fingerprint: datasets would otherwise hash `encode` by pickling the tokenizer (~0.3 s a call).
     return ds.map(encode, batched=True, batch_size=1000, remove_columns=["text"], desc="Tokenizing",
-                  cache_file_name=None if path is None else str(path), load_from_cache_file=False)
+                  cache_file_name=None if path is None else str(path), load_from_cache_file=False,
+                  new_fingerprint=key)
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -517,24 +519,27 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler[list[int]]):
 class SortedBatchSampler(torch.utils.data.Sampler[list[int]]):
     """Batches by descending length, cut early where lengths fall fast; restore input order with the idx column.
 
-    A batch closes at batch_size texts, or (once it holds min_batch) when the next text is shorter than
-    (1 - slack) x the batch's longest: padding stays near `slack` even in the long tail, where fixed-size batches
-    of sorted texts still pad a lot. `batch_size` is None, as accelerate expects of batches of varying size
-    (with a number there it would drop a group of batches that ends in a short one).
+    A batch closes at batch_size texts, at max_tokens padded tokens (texts x its longest; None: no cap), or (once
+    it holds min_batch) when the next text is shorter than (1 - slack) x the batch's longest: padding stays near
+    `slack` even in the long tail, where fixed-size batches of sorted texts still pad a lot. `batch_size` is None,
+    as accelerate expects of batches of varying size (with a number there it would drop a group of batches that
+    ends in a short one).
     """
 
     batch_size = None
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, slack: float = 0.1, min_batch: int = 8):
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+    def __init__(self, lengths: Sequence[int], batch_size: int, slack: float = 0.1, min_batch: int = 8,
+                 max_tokens: int | None = None):
+        if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+            raise ValueError("batch_size and max_tokens must be >= 1")
         lengths = np.asarray(lengths, dtype=np.int64)
         self.order = np.argsort(-lengths, kind="stable")
         ordered = lengths[self.order]
         starts, start = [], 0
         while start < len(ordered):
             starts.append(start)
-            end = min(start + batch_size, len(ordered))
+            size = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(1, ordered[start])))
+            end = min(start + size, len(ordered))
             if end - start > min_batch:  # the first index past min_batch whose length falls below the bound
                 below = np.nonzero(ordered[start + min_batch:end] < (1 - slack) * ordered[start])[0]
                 if len(below):

@@ -16,6 +16,7 @@ from budgetune.evaluate import (
     make_accelerator,
     metrics_text,
     predict_logits,
+    token_cap,
 )
 
 
@@ -47,6 +48,7 @@ def load_model(run_or_adapter: str | Path):
     methods.apply_head(base, info["head"])
     model = PeftModel.from_pretrained(base, folder).eval()
     methods.merge_for_inference(model)
+    methods.first_token_last_layer(model)
     return model, AutoTokenizer.from_pretrained(folder), info
 
 
@@ -55,7 +57,8 @@ def _logits(run: str | Path, table: data_lib.TextTable, batch_size: int, cache_d
     with accelerator.main_process_first():
         ds = data_lib.tokenize(table, tokenizer, info["max_seq_length"], cache_dir)
     pad = 8 if accelerator.device.type == "cuda" else None
-    loader = accelerator.prepare(inference_loader(ds, tokenizer, batch_size, pad))
+    loader = accelerator.prepare(inference_loader(ds, tokenizer, batch_size, pad,
+                                                 max_tokens=token_cap(accelerator.device)))
     return predict_logits(model, loader, accelerator, len(ds), desc="predict"), info, accelerator
 
 

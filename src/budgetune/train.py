@@ -23,6 +23,7 @@ from budgetune.evaluate import (
     make_accelerator,
     metrics_text,
     predict_logits,
+    token_cap,
 )
 from budgetune.metrics import MetricsLog
 
@@ -150,7 +151,7 @@ def train(cfg: Config) -> dict:
                               num_workers=t.dataloader_num_workers, pin_memory=on_gpu,
                               generator=torch.Generator().manual_seed(t.seed))
     val_loader = inference_loader(val_ds, tokenizer, t.per_device_eval_batch_size, pad_multiple,
-                                  t.dataloader_num_workers, on_gpu)
+                                  t.dataloader_num_workers, on_gpu, token_cap(accelerator.device))
 
     # total_step from the data: batches per process per epoch / accumulation x epochs (AdaLoRA's schedule needs it).
     per_epoch = steps_per_epoch(math.ceil(len(sampler) / accelerator.num_processes), t.gradient_accumulation_steps)
@@ -160,6 +161,7 @@ def train(cfg: Config) -> dict:
     set_seed(t.seed)  # before the model: the head's and the adapters' initial weights depend on it
     model, missing = methods.load_base(cfg, names)
     model = methods.wrap(cfg, model, total_steps, missing)
+    methods.first_token_last_layer(model)  # evaluation only: in train mode the layer runs in full
     live = budget.check_live(model, cfg, expected)
     if main:  # inputs, weights and checkpoint have loaded: only now is an old run (--overwrite_output_dir) replaced
         artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resume is not None)
@@ -365,7 +367,7 @@ def train(cfg: Config) -> dict:
         with accelerator.main_process_first():
             test_ds = data_lib.tokenize(splits.test, tokenizer, cfg.data.max_seq_length, cache_dir(cfg))
         test_loader = accelerator.prepare(inference_loader(test_ds, tokenizer, t.per_device_eval_batch_size,
-                                                           pad_multiple))
+                                                           pad_multiple, max_tokens=token_cap(accelerator.device)))
         tl = predict_logits(model, test_loader, accelerator, len(test_ds), desc="test")
         tm = classification_metrics(splits.test.labels, tl.argmax(-1), names)
         if main:
