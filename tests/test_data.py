@@ -299,6 +299,27 @@ def test_collator(tokenizer):
     assert batch["attention_mask"].sum(1).tolist() == ds["length"]
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_collator_matches_transformers(tokenizer, tiny_roberta, side, multiple):
+    """The numpy collator pads exactly as transformers' DataCollatorWithPadding (BERT ids + token types, RoBERTa's
+    pad id 1)."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    texts = ["one", "two words here", "", "a much longer text than the others, with punctuation!", "three"]
+    for tok in (tokenizer, AutoTokenizer.from_pretrained(tiny_roberta)):
+        tok.padding_side = side
+        ds = tokenize(TextTable(texts, [1, 0, 1, 2, 3], None, "m"), tok, 12, None)
+        rows = [ds[i] for i in range(len(texts))]
+        ours = make_collator(tok, multiple)(rows)
+        ref = DataCollatorWithPadding(tok, pad_to_multiple_of=multiple, return_tensors="pt")(
+            [{k: v for k, v in r.items() if k not in ("idx", "length")} for r in rows])
+        assert set(ours) == set(ref) | {"idx"}
+        for k in ref:
+            assert torch.equal(ours[k], ref[k]), (k, ours[k], ref[k])
+        tok.padding_side = "right"
+
+
 # ---- samplers ----------------------------------------------------------------------------------------------
 
 def test_length_grouping_beats_random_padding():

@@ -588,16 +588,38 @@ class GlobalBatchSplitter(torch.utils.data.Sampler[list[int]]):
 
 
 def make_collator(tokenizer, pad_to_multiple_of: int | None) -> Callable[[list[dict]], dict]:
-    """Pad per batch; `idx` is kept as a tensor (it bypasses tokenizer.pad) and `length` is dropped."""
-    from transformers import DataCollatorWithPadding
+    """Pad per batch on the tokenizer's side with its pad ids; `idx` and `labels` become tensors, `length` is dropped.
 
-    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+    Plain numpy, not `tokenizer.pad`: that walks the rows in Python and, with a GPU waiting, cost more than the
+    forward pass (bench/speed.py inference on an H200).
+    """
+    pad_values = {"input_ids": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                  "attention_mask": 0, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0,
+                  "special_tokens_mask": 1}
+    left = getattr(tokenizer, "padding_side", "right") == "left"
 
     def collate(features: list[dict]) -> dict:
-        rows = [{k: v for k, v in f.items() if k not in ("idx", "length")} for f in features]
-        batch = dict(pad(rows))
-        if features and "idx" in features[0]:
-            batch["idx"] = torch.tensor([f["idx"] for f in features], dtype=torch.long)
+        if not features:
+            return {}
+        longest = max(len(f["input_ids"]) for f in features)
+        if pad_to_multiple_of:
+            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        batch = {}
+        for key, value in pad_values.items():
+            if key not in features[0]:
+                continue
+            out = np.full((len(features), longest), value, dtype=np.int64)
+            for row, f in enumerate(features):
+                seq = f[key]
+                if len(seq):
+                    if left:
+                        out[row, longest - len(seq):] = seq
+                    else:
+                        out[row, :len(seq)] = seq
+            batch[key] = torch.from_numpy(out)
+        for key in ("labels", "idx"):
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
         return batch
 
     return collate

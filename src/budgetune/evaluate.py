@@ -60,7 +60,7 @@ def predict_logits(model, loader, accelerator, n_rows: int, desc: str = "eval") 
 
     was_training = model.training
     model.eval()
-    out, seen = None, np.zeros(n_rows, dtype=bool)
+    out, seen, pending = None, np.zeros(n_rows, dtype=bool), []
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_main_process, leave=False):
         idx = batch.pop("idx")
         batch.pop("labels", None)
@@ -68,6 +68,8 @@ def predict_logits(model, loader, accelerator, n_rows: int, desc: str = "eval") 
         if accelerator.num_processes > 1:
             idx = accelerator.gather(accelerator.pad_across_processes(idx, dim=0, pad_index=-1))
             logits = accelerator.gather(accelerator.pad_across_processes(logits, dim=0))
+        pending.append((idx, logits))  # copied to the host at the end: a GPU runs ahead while the host collates
+    for idx, logits in pending:
         idx, logits = idx.cpu().numpy(), logits.cpu().numpy()
         if out is None:
             out = np.zeros((n_rows, logits.shape[-1]), dtype=np.float32)
