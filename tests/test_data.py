@@ -16,17 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from budgetune import data
+from budgetune.batching import LengthGroupedBatchSampler, SortedBatchSampler, make_collator, padding_stats
 from budgetune.data import (
     AG_NEWS_LABELS,
     BUILTIN,
     DataError,
-    LengthGroupedBatchSampler,
-    SortedBatchSampler,
     TextTable,
     has_split,
     load_table,
-    make_collator,
-    padding_stats,
     tokenize,
     train_validation_split,
 )

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from budgetune import batching
 from budgetune import data as data_lib
 
 
@@ -74,9 +75,9 @@ def test_sorted_batches_keep_padding_low_in_the_long_tail():
     fixed = [list(range(i, min(i + 128, 2000))) for i in range(0, 2000, 128)]  # what fixed-size batches would do
     order = sorted(range(2000), key=lambda i: -lengths[i])
     fixed = [[order[i] for i in b] for b in fixed]
-    batches = list(data_lib.SortedBatchSampler(lengths, 128))
+    batches = list(batching.SortedBatchSampler(lengths, 128))
     assert sorted(i for b in batches for i in b) == list(range(2000))
     assert all(1 <= len(b) <= 128 for b in batches)
-    pad, real = data_lib.padding_stats(lengths, batches)
-    pad_fixed, _ = data_lib.padding_stats(lengths, fixed)
+    pad, real = batching.padding_stats(lengths, batches)
+    pad_fixed, _ = batching.padding_stats(lengths, fixed)
     assert (pad + real) / real < 1.1 and pad < pad_fixed / 1.5

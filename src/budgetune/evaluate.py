@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from budgetune import data as data_lib
+from budgetune import batching
 
 
 def make_accelerator(**kwargs):
@@ -44,8 +44,8 @@ def token_cap(device) -> int | None:
 def inference_loader(dataset, tokenizer, batch_size: int, pad_to_multiple_of: int | None, num_workers: int = 0,
                      pin_memory: bool = False, max_tokens: int | None = None) -> DataLoader:
     """Length-sorted batches (least padding); the `idx` column puts outputs back in input order."""
-    sampler = data_lib.SortedBatchSampler(dataset["length"], batch_size, max_tokens=max_tokens)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=data_lib.make_collator(tokenizer, pad_to_multiple_of),
+    sampler = batching.SortedBatchSampler(dataset["length"], batch_size, max_tokens=max_tokens)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=batching.make_collator(tokenizer, pad_to_multiple_of),
                       num_workers=num_workers, pin_memory=pin_memory)
 
 

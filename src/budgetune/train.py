@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from budgetune import artifacts, budget, checkpoint, methods
+from budgetune import artifacts, batching, budget, checkpoint, methods
 from budgetune import data as data_lib
 from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.evaluate import (
@@ -141,13 +141,13 @@ def train(cfg: Config) -> dict:
     world = accelerator.num_processes
     global_batch = t.per_device_train_batch_size * world
     # Without grouping, a mega-batch is one batch: the same seeded shuffle, no sorting across batches.
-    sampler = data_lib.LengthGroupedBatchSampler(lengths, global_batch, t.seed,
+    sampler = batching.LengthGroupedBatchSampler(lengths, global_batch, t.seed,
                                                  mega_batch_mult=50 if cfg.data.group_by_length else 1)
     if world > 1:
-        sampler = data_lib.GlobalBatchSplitter(sampler, world, len(lengths), global_batch)
+        sampler = batching.GlobalBatchSplitter(sampler, world, len(lengths), global_batch)
     # Its own generator: starting an epoch's iterator draws a seed, which must not come from the global RNG that
     # dropout uses, or a run resumed mid-epoch (one draw more than the original) would drop out other units.
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=data_lib.make_collator(tokenizer, pad_multiple),
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=batching.make_collator(tokenizer, pad_multiple),
                               num_workers=t.dataloader_num_workers, pin_memory=on_gpu,
                               generator=torch.Generator().manual_seed(t.seed))
     val_loader = inference_loader(val_ds, tokenizer, t.per_device_eval_batch_size, pad_multiple,
