@@ -10,6 +10,7 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BertConfig,
     DebertaV2Config,
     DebertaV2ForSequenceClassification,
     DistilBertConfig,
@@ -98,7 +99,9 @@ def test_first_token_last_layer_leaves_other_architectures():
     distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2,
                                                                   hidden_dim=64, num_labels=4))
     deberta = DebertaV2ForSequenceClassification(DebertaV2Config(num_hidden_layers=2, **small))
-    for model in (distil, deberta):
+    relative = AutoModelForSequenceClassification.from_config(  # transformers 4.x adds relative position scores
+        BertConfig(num_hidden_layers=2, position_embedding_type="relative_key", **small))
+    for model in (distil, deberta, relative):
         before = {k: v for k, v in vars(model).items()}
         assert methods.first_token_last_layer(model) is False
         assert vars(model) == before

@@ -292,6 +292,8 @@ def first_token_last_layer(model) -> bool:
     base = getattr(model, "get_base_model", lambda: model)()
     if getattr(base.config, "model_type", None) not in FIRST_TOKEN_HEADS or base.config.is_decoder:
         return False
+    if getattr(base.config, "position_embedding_type", "absolute") != "absolute":  # 4.x relative attention
+        return False
     encoder = getattr(getattr(base, base.base_model_prefix, None), "encoder", None)
     layers = getattr(encoder, "layer", None)
     if not layers or getattr(layers[-1], "chunk_size_feed_forward", 0):
