@@ -3,7 +3,7 @@
     python bench/predict_memory.py                      # 10k and 30k rows: about 3 minutes on 2 CPU cores
     python bench/predict_memory.py --sizes 10000,1000000
 
-Builds a tiny random RoBERTa (as tests/conftest.py does) and a throwaway LoRA adapter for it in a temp dir, writes
+Builds a tiny random RoBERTa (budgetune.testing, as the tests do) and a throwaway LoRA adapter for it in a temp dir, writes
 CSV files of short texts, and runs `python -m budgetune predict` on each in a fresh subprocess; the peak resident
 set size of that subprocess (getrusage RUSAGE_CHILDREN, measured from a fresh parent per size) is printed per size.
 Flat peaks mean prediction streams; peaks that grow with the rows mean something holds the whole file.
@@ -40,24 +40,10 @@ def env() -> dict:
 
 
 def tiny_model(folder: Path) -> Path:
-    import torch
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+    from budgetune.testing import tiny_roberta
 
     folder.mkdir(parents=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" ".join(WORDS)] * 20, vocab_size=300, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    bpe.save_model(str(folder))
-    tok = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-                               model_max_length=64)
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=72, type_vocab_size=1, pad_token_id=1,
-                        bos_token_id=0, eos_token_id=2)
-    RobertaForMaskedLM(cfg).save_pretrained(folder)
-    return folder
+    return tiny_roberta(folder, [" ".join(WORDS)] * 20, vocab_size=300, min_frequency=1)
 
 
 def write_csv(path: Path, n: int, labels: bool) -> None:

@@ -31,25 +31,10 @@ def headline_rows() -> list[tuple[int, str]]:
 @pytest.fixture(scope="session")
 def tiny_roberta(tmp_path_factory) -> Path:
     """A random 2-layer RoBERTa (hidden 32) saved as a model folder with a byte-level BPE tokenizer trained here."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+    from budgetune.testing import tiny_roberta
 
-    folder = tmp_path_factory.mktemp("tiny-roberta")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([t for _, t in headline_rows()] * 2, vocab_size=400, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    bpe.save_model(str(folder))
-    tok = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-                               model_max_length=64)
-    tok.save_pretrained(folder)
-    import torch
-
-    torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=72, type_vocab_size=1, pad_token_id=1,
-                           bos_token_id=0, eos_token_id=2)
-    RobertaForMaskedLM(config).save_pretrained(folder)
-    return folder
+    return tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"), [t for _, t in headline_rows()] * 2,
+                        vocab_size=400, min_frequency=2)
 
 
 @pytest.fixture(scope="session")
