@@ -187,16 +187,22 @@ def expected_total_step(accumulation: int, epochs: int) -> int:
     return math.ceil(batches / accumulation) * epochs
 
 
-def test_update_and_allocate_once_per_optimizer_step_with_gradients(monkeypatch, tiny_roberta, small_data, tmp_path):
-    rec = train_recorded(monkeypatch, tiny_roberta, small_data, tmp_path / "run", accumulation=1, epochs=1)
-    total = expected_total_step(1, 1)
-    assert total == 7
+def assert_once_per_optimizer_step(rec: dict, total: int) -> None:
+    """total_step saved; after each optimizer.step: scheduler, then update_and_allocate, once, with gradients and
+    consecutive 0-based steps."""
     assert rec["adapter_config"]["total_step"] == total
     steps = per_step(rec["events"])
     assert len(steps) == total
     assert all(s == ["sched", "ual"] for s in steps), steps  # after optimizer.step, in this order, once
     assert [c[0] for c in rec["calls"]] == list(range(total))
     assert all(c[1] for c in rec["calls"]), "update_and_allocate ran after zero_grad: no gradients"
+
+
+def test_update_and_allocate_once_per_optimizer_step_with_gradients(monkeypatch, tiny_roberta, small_data, tmp_path):
+    rec = train_recorded(monkeypatch, tiny_roberta, small_data, tmp_path / "run", accumulation=1, epochs=1)
+    total = expected_total_step(1, 1)
+    assert total == 7
+    assert_once_per_optimizer_step(rec, total)
     assert [c[2] for c in rec["calls"]] == list(range(1, total + 1))
 
 
@@ -204,11 +210,7 @@ def test_gradient_accumulation_calls_once_per_two_micro_batches(monkeypatch, tin
     rec = train_recorded(monkeypatch, tiny_roberta, small_data, tmp_path / "run", accumulation=2, epochs=2)
     total = expected_total_step(2, 2)
     assert total == 8
-    assert rec["adapter_config"]["total_step"] == total
-    steps = per_step(rec["events"])
-    assert len(steps) == total and all(s == ["sched", "ual"] for s in steps), steps
-    assert [c[0] for c in rec["calls"]] == list(range(total))
-    assert all(c[1] for c in rec["calls"])
+    assert_once_per_optimizer_step(rec, total)
     # 7 micro-batches an epoch: steps of 2, 2, 2 and a last partial one of 1, twice.
     batches = math.ceil(N_TRAIN / BATCH)
     per_epoch = [min(2, batches - i) for i in range(0, batches, 2)]
