@@ -284,7 +284,7 @@ FIRST_TOKEN_HEADS = {"bert", "roberta", "xlm-roberta", "camembert"}
 
 
 def first_token_last_layer(model) -> bool:
-    """Compute the last encoder layer for the first token only (inference; ~14 % fewer FLOPs for MiniLM's 6 layers).
+    """Compute the last encoder layer for the first token only (inference; 14 % fewer weight FLOPs for MiniLM's 6 layers).
 
     Keys and values still come from every token, so the logits are the same up to float rounding; the hidden
     states the model returns then hold one position in their last layer. Returns False where it does not apply.
