@@ -8,7 +8,7 @@ Measures, alternating the variants in every repeat and reporting medians:
    tokenizer to hash it);
 2. padding: `batching.make_collator` (numpy) against transformers' `DataCollatorWithPadding`, on the same batches;
 3. the forward pass over all texts (collation included) with the full last layer or the first token only, with
-   batches of 256 texts or capped at `evaluate.CPU_BATCH_TOKENS` padded tokens (the cap applies on CPU only).
+   batches of 256 texts or capped at `devices.CPU_BATCH_TOKENS` padded tokens (the cap applies on CPU only).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     from budgetune import batching, methods
     from budgetune import data as data_lib
-    from budgetune.evaluate import CPU_BATCH_TOKENS
+    from budgetune.devices import CPU_BATCH_TOKENS
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()

@@ -275,8 +275,8 @@ def budgetune_infer(template, tokenizer, texts, max_len, device) -> tuple[float,
 
     from budgetune import data as data_lib
     from budgetune import methods
-    from budgetune.evaluate import inference_loader, predict_logits, token_cap
-    from budgetune.train import mixed_precision
+    from budgetune.devices import mixed_precision, token_cap
+    from budgetune.inference import inference_loader, predict_logits
 
     reset_accelerate()
     accelerator = Accelerator(mixed_precision=mixed_precision("auto"), cpu=device.type == "cpu")

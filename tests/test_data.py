@@ -113,7 +113,7 @@ def test_kaggle_ag_news_header(tmp_path):
 
 
 def test_builtin():
-    if not data._builtin_path().is_file():
+    if not data.builtin_path().is_file():
         pytest.skip("resources/headlines.csv not written yet")
     table = load_table(BUILTIN)
     assert table.texts and set(table.labels) <= {0, 1, 2, 3} and table.label_names == AG_NEWS_LABELS

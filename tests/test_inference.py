@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from budgetune import methods
-from budgetune.evaluate import CPU_BATCH_TOKENS, token_cap
+from budgetune.devices import CPU_BATCH_TOKENS, token_cap
 
 TEXTS = ["Stocks rally", "Rookie scores 38 in debut win as the home side storms back in the final quarter",
          "New chip ships with faster cores", "Peace talks resume in Geneva after a week of shelling"]

@@ -11,11 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from budgetune.errors import RunFolderError
+
 BUNDLE_FILE = "budgetune.json"  # label names, base model id, head choice: what plain peft needs besides the adapter
 
-
-class RunFolderError(RuntimeError):
-    """The output folder holds a run that would be overwritten."""
 
 
 def _fsync_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ import torch.nn.init
 
 from budgetune import methods
 from budgetune.config import Config, ConfigError, parse_count, resolve
+from budgetune.errors import BudgetError, CountMismatchError
 
 HEADS = ("default", "linear", "frozen_dense")
 RANK_METHODS = ("adalora", "lora", "dora", "vera", "loha", "lokr")
@@ -21,19 +22,6 @@ ADALORA_KINDS = ("lora_A", "lora_B", "lora_E")
 # LoKr's cost is not linear in rank (w2 turns full once r >= half its larger side), so its search is bisection
 # over ranks up to this cap; every other method's cost is affine in rank and is extrapolated from two counts.
 NONLINEAR_RANK_CAP = 64
-
-
-class BudgetError(ValueError):
-    """Over the budget; the message has the count, the breakdown table and overrides that fit."""
-
-    def __init__(self, message: str, breakdown: Breakdown | None = None, suggestions: list[dict] | None = None):
-        super().__init__(message)
-        self.breakdown = breakdown
-        self.suggestions = suggestions or []
-
-
-class CountMismatchError(BudgetError):
-    """The live model's trainable parameters differ from the config-only count (a bug, not a user error)."""
 
 
 @dataclass

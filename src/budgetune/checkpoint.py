@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from budgetune.artifacts import atomic_dir, recover_dir
+from budgetune.errors import CheckpointError
 
 # Settings that may change between the interrupted run and its resume without changing any number.
 RESUME_MAY_DIFFER = {("output", "output_dir"), ("output", "overwrite_output_dir"), ("output", "report_to"),
@@ -24,9 +25,6 @@ RESUME_MAY_DIFFER = {("output", "output_dir"), ("output", "overwrite_output_dir"
 
 _STEP = re.compile(r"step-\d+")
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message names the folder and what differs."""
 
 
 def find(spec: str, output_dir: str | Path) -> Path | None:

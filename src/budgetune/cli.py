@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from budgetune.errors import USER_ERRORS, ConfigError, Interrupted
+
 USAGE = """budgetune COMMAND [options]
 
 commands:
@@ -22,20 +24,6 @@ commands:
 """
 
 
-def _errors():
-    from budgetune.artifacts import RunFolderError
-    from budgetune.budget import BudgetError
-    from budgetune.checkpoint import CheckpointError
-    from budgetune.config import ConfigError
-    from budgetune.data import DataError
-    from budgetune.methods import ModelLoadError
-    from budgetune.predict import AdapterError
-    from budgetune.train import TrainingError
-
-    return (ConfigError, DataError, BudgetError, ModelLoadError, RunFolderError, CheckpointError, TrainingError,
-            AdapterError, FileNotFoundError)
-
-
 def cmd_train(argv: list[str]) -> int:
     from budgetune.config import help_text, resolve
     from budgetune.train import train
@@ -47,8 +35,6 @@ def cmd_train(argv: list[str]) -> int:
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
-            from budgetune.config import ConfigError
-
             raise ConfigError("--config needs a file")
         config_file = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
@@ -57,7 +43,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    from budgetune.predict import evaluate
+    from budgetune.evaluate import evaluate
 
     p = argparse.ArgumentParser(prog="budgetune evaluate")
     p.add_argument("run", help="run folder or adapter folder")
@@ -148,9 +134,9 @@ def cmd_demo(argv: list[str]) -> int:
     kaggle = Path("../shared/data/nyu_dlsp25_proj2/test_unlabelled.csv")
     source = a.input or (str(kaggle) if kaggle.exists() else None)
     if source is None:
-        from budgetune.data import _builtin_path
+        from budgetune.data import builtin_path
 
-        source = str(_builtin_path())
+        source = str(builtin_path())
     predict(a.output_dir, source, str(Path(a.output_dir) / "submission.csv"))
     print(f"demo done: see {a.output_dir}/ (evaluation.txt, plots/, adapter/, submission.csv)")
     return 0
@@ -170,13 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"budgetune: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from budgetune.train import Interrupted
-
     try:
         return COMMANDS[command](rest)
     except Interrupted as e:
         print(f"budgetune: {e}", file=sys.stderr)
         return 130
-    except _errors() as e:
+    except USER_ERRORS as e:
         print(f"budgetune: error: {e}", file=sys.stderr)
         return 2

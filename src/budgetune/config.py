@@ -20,12 +20,11 @@ from typing import Any
 
 import yaml
 
+from budgetune.errors import ConfigError
+
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin:headlines"
 
-
-class ConfigError(ValueError):
-    """A configuration the user must fix; the message names the flag or file key."""
 
 
 @dataclass

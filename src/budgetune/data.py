@@ -17,6 +17,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from budgetune.errors import DataError
+from budgetune.pickles import load_pickle
+
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUILTIN = "builtin:headlines"
 TEXT_COLUMNS = ("text", "sentence", "content", "review")
@@ -27,9 +30,6 @@ _INT = re.compile(r"[+-]?\d+")
 # min(): the limit is a C long, which is 32 bits on Windows.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and, where it applies, line/row and column."""
 
 
 @dataclass
@@ -42,7 +42,7 @@ class TextTable:
     source: str
 
 
-def _builtin_path() -> Path:
+def builtin_path() -> Path:
     return Path(__file__).parent / "resources" / "headlines.csv"
 
 
@@ -52,7 +52,7 @@ def _split_file(folder: Path, split: str) -> Path | None:
 
 def has_split(source: str, split: str, dataset_config_name: str | None = None) -> bool:
     """Whether source has this split; single files have none, and an unreachable Hub answers False."""
-    path = _builtin_path() if source == BUILTIN else Path(source)
+    path = builtin_path() if source == BUILTIN else Path(source)
     if path.is_dir():
         return _split_file(path, split) is not None
     if path.exists() or source == BUILTIN or path.suffix.lower() in EXTENSIONS:
@@ -68,7 +68,7 @@ def load_table(source: str, *, split: str = "train", text_column: str | None = N
                require_labels: bool = True, dataset_config_name: str | None = None,
                max_samples: int | None = None) -> TextTable:
     """Load BUILTIN, a local file or folder, or a Hub dataset; validates every row, then keeps max_samples."""
-    path = _builtin_path() if source == BUILTIN else Path(source).expanduser()
+    path = builtin_path() if source == BUILTIN else Path(source).expanduser()
     if source == BUILTIN and label_names is None:  # the packaged headlines use AG News label ids
         label_names = AG_NEWS_LABELS
     if path.is_dir():
@@ -317,7 +317,6 @@ def _read_parquet(path: Path) -> Columns:
 def _read_pickle(path: Path, split: str) -> Columns:
     import pandas as pd
 
-    from budgetune.pickles import load_pickle  # late: pickles imports DataError from here
 
     obj = load_pickle(path)
     if isinstance(obj, datasets.DatasetDict):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from budgetune.config import PACKAGED_MINILM, Config, ConfigError, MethodConfig
+from budgetune.errors import ModelLoadError
 
 # Default adapter targets per architecture: the attention query and value projections.
 QV_TARGETS = {"roberta": ["query", "value"], "bert": ["query", "value"], "xlm-roberta": ["query", "value"],
@@ -21,9 +22,6 @@ QV_TARGETS = {"roberta": ["query", "value"], "bert": ["query", "value"], "xlm-ro
               "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "distilbert": ["q_lin", "v_lin"]}
 QKV_TARGETS = {"deberta-v2": ["query_proj", "key_proj", "value_proj"], "distilbert": ["q_lin", "k_lin", "v_lin"]}
 
-
-class ModelLoadError(RuntimeError):
-    """The base model could not be loaded; the message says how to point at a local copy."""
 
 
 def resolve_model_path(name: str) -> str:

@@ -1,47 +1,42 @@
-"""Logging behind a tiny interface: metrics.jsonl by default, trackers (through accelerate) when asked for."""
+"""Classification metrics (from sklearn.metrics) and their plain-text report."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any
-
-from budgetune.artifacts import atomic_write_text
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 
-class MetricsLog:
-    """Appends one JSON line per event to metrics.jsonl; a torn last line after a crash is skipped on reading."""
+def cross_entropy(logits: np.ndarray, labels) -> float:
+    """Mean cross-entropy of logits against integer labels."""
+    t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+    return float(torch.nn.functional.cross_entropy(t, torch.as_tensor(np.asarray(labels), dtype=torch.long)))
 
-    def __init__(self, path: str | Path, accelerator=None, enabled: bool = True):
-        self.path = Path(path)
-        self.accelerator = accelerator
-        self.enabled = enabled
-        self.trackers = bool(accelerator is not None and accelerator.trackers)
 
-    def log(self, event: str, **values: Any) -> None:
-        if not self.enabled:
-            return
-        record = {"event": event, **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if self.trackers:
-            scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
-            if scalars:
-                self.accelerator.log(scalars, step=values.get("step"))
+def classification_metrics(labels, preds, label_names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true)."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    ids = list(range(len(label_names)))
+    p, r, f, s = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
+    per_class = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                 for i, name in enumerate(label_names)}
+    return {"accuracy": float(accuracy_score(labels, preds)) if len(labels) else 0.0,
+            "macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
+            "n": int(len(labels)), "label_names": list(label_names), "per_class": per_class,
+            "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist()}
 
-    def truncate_after(self, step: int) -> None:
-        """Keep the events up to `step` (resuming from a checkpoint there), rewritten atomically."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the torn line of a killed run
-            if rec.get("step", 0) <= step and rec.get("event") not in ("end", "stopped"):
-                kept.append(line)
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+def metrics_text(m: dict, title: str = "evaluation") -> str:
+    """The metrics as a plain-text report."""
+    names = m["label_names"]
+    width = max(10, *(len(n) for n in names))
+    lines = [f"{title}: {m['n']} examples", f"accuracy  {m['accuracy']:.4f}", f"macro-F1  {m['macro_f1']:.4f}", "",
+             f"{'class':<{width}}  precision  recall  f1      support"]
+    for n in names:
+        c = m["per_class"][n]
+        lines.append(f"{n:<{width}}  {c['precision']:.4f}     {c['recall']:.4f}  {c['f1']:.4f}  {c['support']}")
+    lines += ["", "confusion matrix (rows: true, columns: predicted)",
+              " " * (width + 2) + " ".join(f"{n[:8]:>8}" for n in names)]
+    for n, row in zip(names, m["confusion_matrix"]):
+        lines.append(f"{n:<{width}}  " + " ".join(f"{v:>8}" for v in row))
+    return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import os
 import pickle
 from pathlib import Path
 
-from budgetune.data import DataError
+from budgetune.errors import DataError, UnsafePickleError
 
 # Every global that pickles of a DataFrame, Dataset (with ClassLabel, List, split info) or DatasetDict request,
 # recorded with pandas 3.1, numpy 2.4, pyarrow 26 and datasets 5.2 at protocols 0-5, plus the older module
@@ -44,9 +44,6 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset({
                                                   "Sequence")),
 })
 
-
-class UnsafePickleError(DataError):
-    """The pickle asks for a global outside the allow-list; raised before that global is ever loaded."""
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

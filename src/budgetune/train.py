@@ -16,26 +16,15 @@ from torch.utils.data import DataLoader
 from budgetune import artifacts, batching, budget, checkpoint, methods
 from budgetune import data as data_lib
 from budgetune.config import BUILTIN_DATA, Config, save_yaml
-from budgetune.evaluate import (
-    classification_metrics,
-    cross_entropy,
-    inference_loader,
-    make_accelerator,
-    metrics_text,
-    predict_logits,
-    token_cap,
-)
-from budgetune.metrics import MetricsLog
+from budgetune.devices import make_accelerator, mixed_precision, token_cap
+from budgetune.errors import Interrupted, TrainingError
+from budgetune.inference import inference_loader, predict_logits
+from budgetune.metrics import classification_metrics, cross_entropy, metrics_text
+from budgetune.runlog import MetricsLog
 
 BEST_STATE = "best_state.pt"  # the best step's exact trainable tensors, to finish (or resume) with them
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, out of memory); the message names the step and what to do."""
-
-
-class Interrupted(RuntimeError):
-    """SIGINT/SIGTERM: a checkpoint was written; the message says how to resume."""
 
 
 @dataclass
@@ -73,14 +62,6 @@ def load_splits(cfg: Config) -> Splits:
     return Splits(train, val, test, names)
 
 
-def mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
-
 def cache_dir(cfg: Config) -> str:
     return cfg.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "budgetune")
 
@@ -90,8 +71,12 @@ def steps_per_epoch(n_batches_per_process: int, accumulation: int) -> int:
     return max(1, math.ceil(n_batches_per_process / accumulation))
 
 
-def train(cfg: Config) -> dict:
-    """Train cfg's adapter; returns the best validation metrics. Writes everything into cfg.output.output_dir."""
+def train(cfg: Config, *, on_evaluate=None) -> dict:
+    """Train cfg's adapter; returns the best validation metrics. Writes everything into cfg.output.output_dir.
+
+    on_evaluate(step, metrics): called after every validation with the step and {eval_accuracy, eval_macro_f1,
+    eval_loss, epoch}; an exception it raises (e.g. optuna.TrialPruned) ends the run and propagates.
+    """
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -258,6 +243,9 @@ def train(cfg: Config) -> dict:
                 eval_accuracy=m["accuracy"], eval_macro_f1=m["macro_f1"], best=better)
         say(f"step {progress['step']}: validation accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}"
             + (" (best)" if better else ""))
+        if on_evaluate is not None:
+            on_evaluate(progress["step"], {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"],
+                                           "eval_loss": m["loss"], "epoch": round(progress["step"] / per_epoch, 4)})
         patience = t.early_stopping_patience
         return patience is not None and progress["bad_evals"] >= patience
 
