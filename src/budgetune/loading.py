@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from budgetune import artifacts, methods
+from budgetune import artifacts, methods, scaling
 from budgetune.devices import make_accelerator, mixed_precision
 from budgetune.errors import AdapterError
 
@@ -14,10 +14,32 @@ def adapter_dir(run_or_adapter: str | Path) -> Path:
     """A run folder -> its best adapter; an adapter folder -> itself."""
     p = Path(run_or_adapter)
     for cand in (p, p / "adapter"):
-        if (cand / "adapter_config.json").is_file() and (cand / artifacts.BUNDLE_FILE).is_file():
+        # a full model (method full) has config.json where an adapter has adapter_config.json
+        weights = (cand / "adapter_config.json").is_file() or (cand / "config.json").is_file()
+        if weights and (cand / artifacts.BUNDLE_FILE).is_file():
             return cand
     raise AdapterError(f"{p}: no adapter here (expected adapter_config.json and {artifacts.BUNDLE_FILE}, "
                        "in the folder or in its adapter/ subfolder)")
+
+
+def is_full_model(folder: Path) -> bool:
+    """A bundle of a whole fine-tuned model (method full), not a peft adapter."""
+    return not (folder / "adapter_config.json").is_file() and (folder / "config.json").is_file()
+
+
+def load_full(folder: Path, info: dict):
+    """A whole fine-tuned model (method full), loaded with plain transformers."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    if info["head"] == "linear":  # transformers built the model's own head: put budgetune's back, with its weights
+        from safetensors.torch import load_file
+
+        methods.apply_head(model, "linear")
+        saved = {k: v for f in sorted(folder.glob("model*.safetensors")) for k, v in load_file(f).items()}
+        model.classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in saved.items()
+                                          if k.startswith("classifier.")})
+    return model
 
 
 def bundle_info(run_or_adapter: str | Path) -> dict:
@@ -41,23 +63,43 @@ def load_base_for(info: dict):
     return base
 
 
-def load_model(run_or_adapter: str | Path, merge: bool = True):
-    """(peft model in eval mode, tokenizer, bundle info); merged into the base weights for speed unless merge=False."""
+def bundle_scale(info: dict, adapter_scale: float | None = None) -> float:
+    """The adapter scale to apply: an explicit value, else the bundle's recorded default, else 1 (as trained)."""
+    return scaling.check_scale(float(info.get("adapter_scale", 1.0) if adapter_scale is None else adapter_scale))
+
+
+def load_model(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None):
+    """(peft model in eval mode, tokenizer, bundle info); merged into the base weights for speed unless merge=False.
+
+    The adapter is applied at `adapter_scale` (None: the bundle's recorded `adapter_scale`, or 1 when it has none);
+    info["applied_adapter_scale"] says which.
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     folder = adapter_dir(run_or_adapter)
     info = bundle_info(folder)
+    if is_full_model(folder):
+        if adapter_scale not in (None, 1):
+            raise AdapterError(f"{folder}: a fully fine-tuned model has no adapter to scale (--adapter_scale "
+                               f"{adapter_scale})")
+        model = load_full(folder, info).eval()
+        methods.first_token_last_layer(model)
+        info["applied_adapter_scale"] = 1.0
+        return model, AutoTokenizer.from_pretrained(folder), info
     model = PeftModel.from_pretrained(load_base_for(info), folder).eval()
+    info["applied_adapter_scale"] = scale = bundle_scale(info, adapter_scale)
+    if scale != 1:
+        scaling.apply_scale(model, scale)  # before merging: the merge then carries the scale
     if merge:
         methods.merge_for_inference(model)
     methods.first_token_last_layer(model)
     return model, AutoTokenizer.from_pretrained(folder), info
 
 
-def load_for_inference(run_or_adapter: str | Path, merge: bool = True):
+def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None):
     """(accelerator, model on its device, tokenizer, info): bf16 on a GPU that has it, fp32 on CPU."""
     accelerator = make_accelerator(mixed_precision=mixed_precision("auto"))
-    model, tokenizer, info = load_model(run_or_adapter, merge=merge)
+    model, tokenizer, info = load_model(run_or_adapter, merge=merge, adapter_scale=adapter_scale)
     # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
     return accelerator, accelerator.prepare_model(model, evaluation_mode=True), tokenizer, info

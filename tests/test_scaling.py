@@ -1,0 +1,189 @@
+"""Adapter scale (issue 15): exact interpolation between the base model (0) and the adapter as trained (1)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from budgetune import artifacts, scaling
+from budgetune.errors import ConfigError
+
+METHODS = ["lora", "dora", "adalora", "ia3", "vera", "loha", "lokr"]
+SCALES = [0.0, 0.3, 0.6, 1.0]
+TEXTS = ["Stocks rally as rates fall", "Team wins the cup final", "New chip doubles battery life",
+         "Leaders meet for peace talks", "a"]
+
+
+def peft_config(method: str):
+    import peft
+
+    common = {"task_type": peft.TaskType.SEQ_CLS, "target_modules": ["query", "value", "dense"]}
+    if method in ("lora", "dora"):
+        return peft.LoraConfig(r=4, lora_alpha=8, use_dora=method == "dora", lora_bias=method == "lora", **common)
+    if method == "adalora":
+        return peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10, **common)
+    if method == "ia3":
+        return peft.IA3Config(feedforward_modules=["dense"], **common)
+    if method == "vera":
+        return peft.VeraConfig(r=4, target_modules=["query", "value"], task_type=peft.TaskType.SEQ_CLS)
+    if method == "loha":
+        return peft.LoHaConfig(r=4, alpha=8, **common)
+    return peft.LoKrConfig(r=4, alpha=8, **common)
+
+
+def base_model(folder):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(1)
+    return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=4).eval()
+
+
+def trained_like(folder, method: str):
+    """A peft model whose adapter and head moved well away from their initial values (as training moves them)."""
+    import peft
+
+    model = peft.get_peft_model(base_model(folder), peft_config(method))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * (0.3 if "magnitude" not in name else 0.05 * p.abs()))
+    return model.eval()
+
+
+def head_only(folder, model):
+    """The base model with the peft model's trained head: what scale 0 must equal."""
+    ref = base_model(folder)
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    ref.classifier.load_state_dict(head.state_dict())
+    return ref
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_roberta):
+    from transformers import AutoTokenizer
+
+    return dict(AutoTokenizer.from_pretrained(tiny_roberta)(TEXTS, return_tensors="pt", padding=True))
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scale_one_is_as_trained_and_zero_is_the_base_with_the_trained_head(tiny_roberta, batch, method):
+    model = trained_like(tiny_roberta, method)
+    trained = logits(model, batch)
+    base = logits(head_only(tiny_roberta, model), batch)
+    assert (trained - base).abs().max() > 1e-2  # the adapter really changes the model
+    scaling.apply_scale(model, 0.0)
+    assert (logits(model, batch) - base).abs().max() < 1e-5
+    scaling.apply_scale(model, 0.5)
+    scaling.apply_scale(model, 1.0)
+    assert torch.equal(logits(model, batch), trained)  # bit for bit, after any other scale
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_weights_interpolate_linearly(tiny_roberta, method):
+    """Every adapted weight at scale s is W + s (W_trained - W): merged weights at 0, 0.3 and 1 lie on one line."""
+    model = trained_like(tiny_roberta, method)
+
+    def merged_weights(s: float) -> dict[str, torch.Tensor]:
+        m = copy.deepcopy(model)
+        scaling.apply_scale(m, s)
+        m.merge_adapter()
+        return {k: v.clone() for k, v in m.state_dict().items() if "base_layer" in k}
+
+    w0, w1, w3 = merged_weights(0.0), merged_weights(1.0), merged_weights(0.3)
+    moved = [k for k in w0 if not torch.equal(w0[k], w1[k])]
+    assert moved
+    for k in moved:
+        assert torch.allclose(w3[k], w0[k] + 0.3 * (w1[k] - w0[k]), atol=1e-5), k
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_and_unmerged_agree_at_every_scale(tiny_roberta, batch, method):
+    unmerged = trained_like(tiny_roberta, method)
+    merged = copy.deepcopy(unmerged)
+    merged.merge_adapter()  # scaled while merged: unmerged, scaled, merged again
+    scale_first = copy.deepcopy(unmerged)
+    for s in SCALES:
+        scaling.apply_scale(unmerged, s)
+        scaling.apply_scale(merged, s)
+        expected = logits(unmerged, batch)
+        assert (logits(merged, batch) - expected).abs().max() < 1e-5, s
+        m = copy.deepcopy(scale_first)
+        scaling.apply_scale(m, s)
+        m.merge_adapter()  # scale first, then merge (what inference does)
+        assert (logits(m, batch) - expected).abs().max() < 1e-5, s
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_baked_scale_reloads_with_plain_peft(tiny_roberta, batch, tmp_path, method):
+    import peft
+
+    model = trained_like(tiny_roberta, method)
+    scaling.apply_scale(model, 0.4)
+    expected = logits(model, batch)
+    scaling.bake_scale(model)
+    assert torch.allclose(logits(model, batch), expected, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(base_model(tiny_roberta), tmp_path).eval()
+    assert (logits(reloaded, batch) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("text", ["1.5", "-0.1", "nan", "abc", "0.5,x", ""])
+def test_bad_scales_are_refused_naming_the_flag(text):
+    with pytest.raises(ConfigError, match="--adapter_scale"):
+        scaling.parse_scales(text)
+
+
+def test_parse_scales():
+    assert scaling.parse_scales("0, 0.25,1") == [0.0, 0.25, 1.0]
+    assert scaling.parse_scales(0.5) == [0.5]
+
+
+def test_choose_scale_respects_the_tolerance():
+    table = {0.0: 0.80, 0.25: 0.90, 0.5: 0.921, 0.75: 0.925, 1.0: 0.926}
+    assert scaling.choose_scale(table, 0.5) == 0.5  # 0.5 points below the best 92.6 %: 92.1 % is in
+    assert scaling.choose_scale(table, 0.49) == 0.75
+    assert scaling.choose_scale(table, 0.0) == 1.0
+    assert scaling.choose_scale(table, 3.0) == 0.25
+    assert scaling.choose_scale(table, 100) == 0.0
+    assert scaling.choose_scale({0.5: 0.95, 1.0: 0.90}, 0.5) == 0.5  # best need not be at 1
+    with pytest.raises(ConfigError, match="robust_tolerance"):
+        scaling.choose_scale(table, -1)
+
+
+def test_auto_scale_validates_each_scale_and_restores_the_trained_adapter(tiny_roberta, batch):
+    model = trained_like(tiny_roberta, "lora")
+    trained = logits(model, batch)
+    base_pred = logits(head_only(tiny_roberta, model), batch).argmax(-1)
+    trained_pred = trained.argmax(-1)
+    assert not torch.equal(base_pred, trained_pred)
+
+    def validate() -> float:  # agreement with the trained model's predictions: 1.0 at scale 1
+        return (logits(model, batch).argmax(-1) == trained_pred).float().mean().item()
+
+    chosen, table = scaling.auto_scale(model, validate, [0, 0.5, 1], tolerance=0.0)
+    assert table[1.0] == 1.0 and table[0.0] < 1.0
+    assert chosen == min(s for s, acc in table.items() if acc == 1.0)
+    assert scaling.current_scale(model) == 1.0 and torch.equal(logits(model, batch), trained)
+    assert scaling.auto_scale(model, validate, [0, 0.5, 1], tolerance=100.0)[0] == 0.0
+
+
+def test_record_adapter_scale_in_bundle_and_model_card(tmp_path):
+    (tmp_path / artifacts.BUNDLE_FILE).write_text(json.dumps({"label_names": ["a", "b"], "head": "default"}))
+    (tmp_path / "README.md").write_text("# card\n\n## Use without budgetune\n\ncode\n")
+    for chosen in (0.6, 0.75):  # recorded twice: the section is replaced, not repeated
+        artifacts.record_adapter_scale(tmp_path, chosen, {1.0: 0.93, 0.6: 0.926, 0.75: 0.928}, 0.5)
+    info = json.loads((tmp_path / artifacts.BUNDLE_FILE).read_text())
+    assert info["adapter_scale"] == 0.75 and info["robust_tolerance"] == 0.5 and info["label_names"] == ["a", "b"]
+    assert info["adapter_scale_validation"] == {"0.6": 0.926, "0.75": 0.928, "1": 0.93}
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## Adapter scale") == 1 and "scale **0.75**" in card and "| 0.6 | 92.60% |" in card
+    assert card.index("## Adapter scale") < card.index("## Use without budgetune") and card.endswith("code\n")
