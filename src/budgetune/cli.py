@@ -15,6 +15,7 @@ commands:
   train     --config FILE [--flag value ...]   train an adapter under the parameter budget
   evaluate  RUN --data_file FILE               metrics of a run's best adapter on labelled data
   predict   RUN --input FILE --output FILE     Kaggle submission (ID,Label) for unlabelled texts
+  export    RUN --adapter_scale A --output DIR  a peft adapter with its adapter scale baked in
   plot      RUN                                learning curves, rank allocation, confusion matrix
   params    --config FILE [--json]             exact trainable-parameter breakdown (no weights needed)
   plan      --config FILE --budget 1M          configurations that fit a budget
@@ -43,37 +44,21 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    from budgetune.evaluate import evaluate
+    from budgetune.evaluate import command
 
-    p = argparse.ArgumentParser(prog="budgetune evaluate")
-    p.add_argument("run", help="run folder or adapter folder")
-    p.add_argument("--data_file", required=True, help="labelled file (csv, tsv, json, jsonl, parquet, pkl)")
-    p.add_argument("--text_column_name")
-    p.add_argument("--label_column_name")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=256,
-                   help="texts per batch (default 256; on CPU also capped at 2048 padded tokens)")
-    p.add_argument("--output", help="path stem of the .json/.txt reports (default: RUN/evaluation-STEM)")
-    a = p.parse_args(argv)
-    evaluate(a.run, a.data_file, text_column=a.text_column_name, label_column=a.label_column_name,
-             batch_size=a.per_device_eval_batch_size, output=a.output)
-    return 0
+    return command(argv)
 
 
 def cmd_predict(argv: list[str]) -> int:
-    from budgetune.predict import predict
+    from budgetune.predict import command
 
-    p = argparse.ArgumentParser(prog="budgetune predict")
-    p.add_argument("run", help="run folder or adapter folder")
-    p.add_argument("--input", required=True, help="texts: csv, tsv, json, jsonl, parquet or pkl (pickled Dataset)")
-    p.add_argument("--output", help="submission CSV (default: RUN/submission.csv)")
-    p.add_argument("--text_column_name")
-    p.add_argument("--label_format", choices=("int", "name"), default="int")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=256,
-                   help="texts per batch (default 256; on CPU also capped at 2048 padded tokens)")
-    a = p.parse_args(argv)
-    predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
-            label_format=a.label_format, batch_size=a.per_device_eval_batch_size)
-    return 0
+    return command(argv)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from budgetune.export import command
+
+    return command(argv)
 
 
 def cmd_plot(argv: list[str]) -> int:
@@ -143,7 +128,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "plot": cmd_plot,
-            "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo}
+            "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 from pathlib import Path
 
-from budgetune import artifacts
+import numpy as np
+
+from budgetune import artifacts, scaling
 from budgetune import data as data_lib
-from budgetune.errors import AdapterError
+from budgetune.errors import AdapterError, ConfigError
 from budgetune.inference import table_logits
 from budgetune.loading import load_for_inference
 
 
 def predict(run: str | Path, input_file: str, output: str, *, text_column: str | None = None,
-            label_format: str = "int", batch_size: int = 256,
-            cache_dir: str | None = None) -> Path:
-    """Write a Kaggle submission `ID,Label`: IDs are the input rows' positions 0..n-1, in input order."""
+            label_format: str = "int", batch_size: int = 256, cache_dir: str | None = None,
+            adapter_scale: float | None = None, probabilities: bool = False) -> Path:
+    """Write a Kaggle submission `ID,Label`: IDs are the input rows' positions 0..n-1, in input order.
+
+    adapter_scale: None applies the bundle's recorded default (1 when it has none). probabilities: one more column
+    per class, named by its label, with the softmax probability.
+    """
     if label_format not in ("int", "name"):
         raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
-    accelerator, model, tokenizer, info = load_for_inference(run)
+    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale)
     names = info["label_names"]
     n = 0
     # Chunk by chunk (a big file streams): memory stays bounded by the chunk, whatever the file's size.
@@ -30,14 +37,47 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
             f = stack.enter_context(open(stack.enter_context(artifacts.atomic_path(output)), "w", newline="",
                                          encoding="utf-8"))
             w = csv.writer(f, lineterminator="\n")
-            w.writerow(["ID", "Label"])
+            w.writerow(["ID", "Label"] + (list(names) if probabilities else []))
         for texts in data_lib.iter_texts(input_file, text_column=text_column):
             table = data_lib.TextTable(texts, None, None, str(input_file))
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
             if w is not None:
-                w.writerows([i, names[p] if label_format == "name" else int(p)]
-                            for i, p in enumerate(logits.argmax(-1), n))
+                probs = softmax(logits) if probabilities else np.zeros((len(logits), 0))
+                w.writerows([i, names[p] if label_format == "name" else int(p), *(f"{q:.6f}" for q in row)]
+                            for i, p, row in zip(range(n, n + len(logits)), logits.argmax(-1), probs))
             n += len(texts)
     if accelerator.is_main_process:
-        print(f"wrote {n} predictions to {output}")
+        print(f"wrote {n} predictions to {output} (adapter scale {info['applied_adapter_scale']:g})")
     return Path(output)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="budgetune predict", description=(
+        "A Kaggle-style submission (ID,Label, input order) for unlabelled texts."))
+    p.add_argument("run", help="run folder or adapter folder")
+    p.add_argument("--input", required=True, help="texts: csv, tsv, json, jsonl, parquet or pkl (pickled Dataset)")
+    p.add_argument("--output", help="submission CSV (default: RUN/submission.csv)")
+    p.add_argument("--text_column_name")
+    p.add_argument("--label_format", choices=("int", "name"), default="int")
+    p.add_argument("--per_device_eval_batch_size", type=int, default=256,
+                   help="texts per batch (default 256; on CPU also capped at 2048 padded tokens)")
+    p.add_argument("--adapter_scale", help="scale of the adapter's update in [0, 1] (0 = the pretrained model, "
+                   "1 = as trained); default: the scale recorded in the bundle, else 1")
+    p.add_argument("--probabilities", action="store_true",
+                   help="add one probability column per class, named by its label")
+    a = p.parse_args(argv)
+    scale = None
+    if a.adapter_scale is not None:
+        scales = scaling.parse_scales(a.adapter_scale)
+        if len(scales) != 1:
+            raise ConfigError(f"--adapter_scale: predict takes one scale, got {a.adapter_scale!r}")
+        scale = scales[0]
+    predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
+            label_format=a.label_format, batch_size=a.per_device_eval_batch_size, adapter_scale=scale,
+            probabilities=a.probabilities)
+    return 0
