@@ -19,6 +19,7 @@ commands:
   plot      RUN                                learning curves, rank allocation, confusion matrix
   params    --config FILE [--json]             exact trainable-parameter breakdown (no weights needed)
   plan      --config FILE --budget 1M          configurations that fit a budget
+  search    --config FILE --budget 1M --n_trials 40   the best adapter under the budget (Optuna)
   demo      [--output_dir DIR]                 the whole job on the packaged MiniLM + built-in headlines
 
 `budgetune train --help` lists every training option.
@@ -103,6 +104,12 @@ def _config_and_flags(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return config, argv, as_json
 
 
+def cmd_search(argv: list[str]) -> int:
+    from budgetune.search import command
+
+    return command(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     """Train the default (packaged MiniLM, built-in headlines), evaluate, plot, and write a submission."""
     from budgetune.config import resolve
@@ -128,7 +135,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "plot": cmd_plot,
-            "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo, "export": cmd_export}
+            "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo, "export": cmd_export, "search": cmd_search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,220 @@
+"""budgetune search: budget-fitting trials on Optuna, honest outputs, workers sharing a study, faults."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, read_jsonl, run_cli
+
+optuna = pytest.importorskip("optuna")
+
+BUDGET = 3000  # on the tiny RoBERTa: 57 planner shapes fit, from 388 to 2,992 trainable
+GROUP = {"method": ["lora", "adalora", "dora"], "target_modules": ["query,value", "all-linear"],
+         "head": ["default", "linear"], "learning_rate": {"low": 1e-3, "high": 2e-2, "log": True}}
+
+
+def tiny_flags(model: Path, data: Path, cache: Path, epochs: int = 1) -> dict:
+    return {"model_name_or_path": str(model), "dataset_name": str(data), "cache_dir": str(cache),
+            "num_train_epochs": epochs, "per_device_train_batch_size": 16, "max_seq_length": 48,
+            "eval_strategy": "steps", "eval_steps": 9, "logging_steps": 5, "early_stopping_patience": "null",
+            "seed": 7, "method": "lora", "rank": 4, "target_modules": "query,value"}
+
+
+def as_args(flags: dict) -> list[str]:
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_roberta, headlines_csv, tmp_path_factory):
+    """Six trials of a tiny search; DoRA trials raise inside training (a peft error for one combination)."""
+    from budgetune import train as train_lib
+    from budgetune.config import resolve
+    from budgetune.search import search
+
+    out = tmp_path_factory.mktemp("search") / "s"
+    cfg = resolve(None, as_args(tiny_flags(tiny_roberta, headlines_csv, out.parent / "cache")))
+    real_train = train_lib.train
+    reads = []
+
+    def train_or_fail(cfg, **kw):
+        reads.append(cfg.data.test_file)
+        if cfg.method.method == "dora":
+            raise RuntimeError("simulated peft error for this combination")
+        return real_train(cfg, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_lib, "train", train_or_fail)
+        study = search(cfg, search_group=GROUP, n_trials=6, output_dir=out, budget_cap=BUDGET, sampler_seed=3,
+                       keep_top_k=2, min_steps=9, test_file=str(headlines_csv))
+    return study, out, reads
+
+
+def test_every_trial_fits_and_is_listed(searched):
+    study, out, reads = searched
+    trials = study.get_trials()
+    assert len(trials) == 6
+    assert all(t.state.is_finished() for t in trials)
+    for t in trials:
+        assert t.user_attrs["trainable"] <= BUDGET, t.user_attrs
+        assert t.user_attrs["method"] in GROUP["method"]
+    with open(out / "leaderboard.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["trial"]) for r in rows) == list(range(6))
+    assert {r["state"] for r in rows} <= {"COMPLETE", "PRUNED", "FAIL"}
+    md = (out / "leaderboard.md").read_text()
+    assert all(f"| {t.number} | {t.state.name} |" in md for t in trials)
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Selection never reads the test file; the selected adapter is evaluated on it once at the end.
+    assert reads and all(r is None for r in reads)
+    assert "Test (" in md and (out / "best_test_evaluation.json").exists()
+
+
+def test_failed_trials_keep_their_message_and_the_search_goes_on(searched):
+    study, out, _ = searched
+    by_state = {s: [t for t in study.get_trials() if t.state == s] for s in optuna.trial.TrialState}
+    failed = by_state[optuna.trial.TrialState.FAIL]
+    assert failed and all(t.user_attrs["method"] == "dora" for t in failed)
+    assert all("simulated peft error" in t.user_attrs["error"] for t in failed)
+    assert by_state[optuna.trial.TrialState.COMPLETE]
+    assert "simulated peft error" in (out / "leaderboard.md").read_text()
+
+
+def test_only_the_top_k_run_folders_stay(searched):
+    study, out, _ = searched
+    done = sorted(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: -t.value)
+    kept = sorted(p.name for p in (out / "trials").iterdir())
+    assert kept == sorted(f"{t.number:04d}" for t in done[:2])
+
+
+def test_best_yaml_retrains_to_the_same_validation_accuracy(searched):
+    from budgetune.config import resolve
+    from budgetune.train import train
+
+    study, out, _ = searched
+    best = study.best_trial
+    text = (out / "best.yaml").read_text()
+    assert text.splitlines()[0] == f"# budgetune train --config {out / 'best.yaml'}"
+    cfg = resolve(str(out / "best.yaml"), [])
+    assert (cfg.method.method, cfg.method.rank) == (best.user_attrs["method"], best.user_attrs["rank"])
+    assert cfg.data.test_file is None
+    result = train(cfg)
+    assert result["best_metric"] == best.value
+    assert result["eval_accuracy"] == best.user_attrs["val_accuracy"]
+    assert Path(cfg.output.output_dir, "adapter").exists()
+
+
+def test_a_space_that_fits_nothing_is_refused_before_training(tiny_roberta, headlines_csv, tmp_path):
+    from budgetune.config import resolve
+    from budgetune.errors import BudgetError
+    from budgetune.search import search
+
+    cfg = resolve(None, as_args(tiny_flags(tiny_roberta, headlines_csv, tmp_path / "cache")))
+    with pytest.raises(BudgetError, match="budget of 300 trainable parameters"):
+        search(cfg, search_group={"method": ["lora"]}, budget_cap=300, output_dir=tmp_path / "s")
+    with pytest.raises(BudgetError, match="budget of 3,000 trainable"):  # only ranks above what fits
+        search(cfg, search_group={"method": ["lora"], "rank": {"low": 40, "high": 64}}, budget_cap=BUDGET,
+               output_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists()  # no study, no trial folder
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"rnak": [4]}, r"unknown key 'rnak' in section 'search' \(did you mean 'rank'\?\)"),
+    ({"learning_rate": {"low": 1e-2, "high": 1e-3}}, r"search.learning_rate: lower bound 0.01 > upper bound 0.001"),
+    ({"method": []}, r"search.method: empty list of choices"),
+    ({"rank": {}}, r"search.rank: empty range"),
+    ({"rank": {"low": 4}}, r"search.rank: a range needs both low and high"),
+    ({"rank": [0, 4]}, r"search.rank: expected a positive integer, got 0"),
+    ({"method": ["lora", "lroa"]}, r"search.method: unknown method 'lroa'"),
+    ({"learning_rate": {"low": 0, "high": 1e-3, "log": True}}, r"search.learning_rate: a log range needs low > 0"),
+])
+def test_bad_search_entries_are_refused_naming_the_key(group, message):
+    from budgetune.errors import ConfigError
+    from budgetune.search_space import parse_search_group
+
+    with pytest.raises(ConfigError, match=message):
+        parse_search_group(group)
+
+
+def test_cli_refuses_a_bad_search_group_naming_file_and_key(tmp_path):
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump({"method": {"method": "lora"}, "search": {"rank": {"low": 8, "high": 2}}}))
+    proc = run_cli("search", "--config", str(config), "--output_dir", str(tmp_path / "s"), check=False)
+    assert proc.returncode == 2
+    assert f"budgetune: error: {config}: search.rank: lower bound 8 > upper bound 2" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def search_cli(tiny_roberta, headlines_csv, tmp_path: Path, journal: Path, n_trials: int, epochs: int,
+               out: Path) -> list[str]:
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump({"search": GROUP | {"method": ["lora", "adalora"]}}))
+    extra = as_args(tiny_flags(tiny_roberta, headlines_csv, tmp_path / "cache", epochs))
+    return [sys.executable, "-m", "budgetune", "search", "--config", str(config), "--budget", str(BUDGET),
+            "--n_trials", str(n_trials), "--storage", str(journal), "--study", "shared", "--output_dir", str(out),
+            "--keep_top_k", "10", *extra]
+
+
+def load_journal(journal: Path):
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    return optuna.load_study(study_name="shared", storage=storage)
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_on_a_journal_file(tiny_roberta, headlines_csv, tmp_path):
+    journal, out = tmp_path / "study.log", tmp_path / "s"
+    cmd = search_cli(tiny_roberta, headlines_csv, tmp_path, journal, 6, 2, out)
+    workers = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    logs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    study = load_journal(journal)
+    trials = study.get_trials()
+    assert [t.number for t in trials] == list(range(len(trials)))  # distinct trials, one numbering
+    assert 6 <= len(trials) <= 7  # n_trials is the study's total; a worker may start one while the other ends
+    assert all(t.state.is_finished() for t in trials)
+    pids = {str(w.pid) for w in workers}
+    by_worker = {t.user_attrs["worker"].split(":")[1] for t in trials
+                 if t.state == optuna.trial.TrialState.COMPLETE}
+    assert by_worker == pids  # both workers' results are in the one study
+    for t in trials:
+        assert (out / "trials" / f"{t.number:04d}").exists() or t.state != optuna.trial.TrialState.COMPLETE
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarts_and_the_killed_trial_is_failed(tiny_roberta, headlines_csv, tmp_path):
+    journal, out = tmp_path / "study.log", tmp_path / "s"
+    cmd = search_cli(tiny_roberta, headlines_csv, tmp_path, journal, 3, 6, out)
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = out / "trials" / "0001" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (victim.exists() and any(e.get("event") == "eval" or "eval_accuracy" in e
+                                       for e in read_jsonl(victim))):
+        assert first.poll() is None, "the worker ended before trial 1 was evaluated"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)  # mid-trial 1: trial 0 has finished
+    first.wait()
+    before = load_journal(journal).get_trials()
+    assert before[1].state == optuna.trial.TrialState.RUNNING
+    assert before[0].state.is_finished()
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "trial 1: its worker is gone (killed mid-trial): marked failed" in proc.stderr
+    after = load_journal(journal).get_trials()
+    assert after[0].state == before[0].state and after[0].value == before[0].value  # nothing finished is lost
+    assert after[1].state == optuna.trial.TrialState.FAIL
+    assert all(t.state.is_finished() for t in after)
+    assert sum(t.state != optuna.trial.TrialState.FAIL for t in after) >= 2, (out / "leaderboard.md").read_text()
+    rows = {r["trial"]: r for r in csv.DictReader(open(out / "leaderboard.csv", newline=""))}
+    assert rows["1"]["state"] == "FAIL" and "worker" in rows["1"]["note"]
