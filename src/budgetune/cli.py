@@ -20,6 +20,7 @@ commands:
   params    --config FILE [--json]             exact trainable-parameter breakdown (no weights needed)
   plan      --config FILE --budget 1M          configurations that fit a budget
   search    --config FILE --budget 1M --n_trials 40   the best adapter under the budget (Optuna)
+  serve     RUN [RUN ...] [--port 8000]        HTTP API + a page: many adapters on one base model
   demo      [--output_dir DIR]                 the whole job on the packaged MiniLM + built-in headlines
 
 `budgetune train --help` lists every training option.
@@ -110,6 +111,12 @@ def cmd_search(argv: list[str]) -> int:
     return command(argv)
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from budgetune.serve import command
+
+    return command(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     """Train the default (packaged MiniLM, built-in headlines), evaluate, plot, and write a submission."""
     from budgetune.config import resolve
@@ -136,6 +143,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "plot": cmd_plot,
             "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo, "export": cmd_export, "search": cmd_search}
+COMMANDS["serve"] = cmd_serve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,15 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, out of memory); the message names the step and what to do."""
 
 
+class RequestError(ValueError):
+    """A bad request to `budgetune serve`: answered with its HTTP status and a JSON body naming the field."""
+
+    def __init__(self, status: int, field: str | None, message: str, errors: list[dict] | None = None):
+        super().__init__(message)
+        self.status, self.field = status, field
+        self.errors = errors or [{"field": field, "message": message}]
+
+
 class Interrupted(RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was written; the message says how to resume."""
 

@@ -1,0 +1,429 @@
+"""The `serve` verb: trained adapters behind an HTTP API (FastAPI + uvicorn), many adapters on one base, a page.
+
+Endpoints: POST /v1/classify, GET /v1/adapters, GET /health, GET /metrics (Prometheus), GET / (the page), /docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+try:
+    from fastapi import FastAPI, Request, Security
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.security import APIKeyHeader
+    from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # an optional extra
+    raise ImportError(f"budgetune serve needs FastAPI and uvicorn: pip install 'budgetune[serve]' ({e})") from e
+
+from budgetune.errors import ConfigError, RequestError
+from budgetune.serve_batching import DynamicBatcher, running
+from budgetune.serve_metrics import CONTENT_TYPE, Metrics
+from budgetune.serve_models import Registry, parse_runs
+
+API_KEY_ENV = "BUDGETUNE_API_KEY"
+# Pages and descriptions that hold no data: a browser cannot send the key when it opens them (the page asks for it).
+PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/health"}
+KNOWN_PATHS = PUBLIC_PATHS | {"/v1/classify", "/v1/adapters", "/metrics"}
+
+
+@dataclass
+class ServeOptions:
+    """Limits and batching; the command line's flags."""
+
+    api_key: str | None = None
+    max_texts: int = 64
+    max_chars: int = 2000
+    max_body_bytes: int = 1 << 20
+    batch_wait_ms: float = 5.0
+    max_batch_tokens: int = 4096
+    dynamic_batching: bool = True
+
+
+@dataclass
+class ServeState:
+    registry: Registry
+    options: ServeOptions
+    metrics: Metrics = field(default_factory=Metrics)
+    ready: bool = False
+    load_error: BaseException | None = None
+    batcher: DynamicBatcher | None = None
+    tokenizer_pool: ThreadPoolExecutor | None = None
+    on_fatal: Callable[[], None] | None = None  # the command stops uvicorn when loading fails
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"texts": ["Stocks slide as oil prices jump"], "adapter": "my-run"}]})
+
+    texts: list[StrictStr] = Field(min_length=1, description="texts to classify (at most --max_texts; each is cut "
+                                   "to --max_chars characters, which the answer states)")
+    adapter: StrictStr | None = Field(None, description="adapter name from /v1/adapters; may be left out when "
+                                      "the server has a single adapter")
+
+
+class Prediction(BaseModel):
+    label: str
+    label_id: int
+    probabilities: list[float] = Field(description="one per label, in the order of `labels`")
+    truncated: bool = Field(description="the text was cut to max_chars characters before it was classified")
+
+
+class ClassifyResponse(BaseModel):
+    adapter: str
+    labels: list[str]
+    predictions: list[Prediction]
+    max_chars: int
+    truncated_texts: int = Field(description="how many texts were cut to max_chars characters")
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    base_model: str
+    method: str
+    trainable_parameters: int | None
+    labels: list[str]
+    validation_accuracy: float | None
+    max_seq_length: int = Field(description="tokens the model reads; later tokens are not seen (as in training)")
+    served: str = Field(description="merged (alone on its base), mixed (one forward for a batch of several "
+                        "adapters) or grouped (one forward per adapter on the shared base)")
+
+
+class AdaptersResponse(BaseModel):
+    adapters: list[AdapterInfo]
+
+
+class Health(BaseModel):
+    status: str = Field(description="loading, ready or failed")
+    ready: bool
+    adapters: int
+    message: str | None = None
+
+
+class FieldError(BaseModel):
+    field: str | None
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    field: str | None = Field(description="the request field at fault (first of `errors`), e.g. texts[3]")
+    message: str
+    errors: list[FieldError]
+
+
+def field_name(loc: tuple) -> str:
+    """('body', 'texts', 3) -> 'texts[3]'."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def error_response(state: ServeState, e: RequestError, headers: dict | None = None) -> JSONResponse:
+    state.metrics.errors[(str(e.status), e.field or "")] += 1
+    kind = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+            413: "too_large", 422: "invalid_request", 503: "not_ready"}.get(e.status, "error")
+    body = ErrorResponse(error=kind, field=e.field, message=str(e), errors=e.errors)
+    return JSONResponse(body.model_dump(), status_code=e.status, headers=headers)
+
+
+def validation_error(e: ValidationError | RequestValidationError) -> RequestError:
+    errors = [{"field": field_name(tuple(d["loc"])), "message": d["msg"]} for d in e.errors()]
+    first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+    return RequestError(422, first["field"], f"{first['field']}: {first['message']}", errors)
+
+
+def parse_json(raw: bytes) -> object:
+    """UTF-8 JSON, or a 400 naming the body and where it breaks."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(400, "body", f"body: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(400, "body", f"body: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def require_ready(state: ServeState) -> None:
+    if not state.ready:
+        what = f"loading failed: {state.load_error}" if state.load_error else "the models are still loading"
+        raise RequestError(503, None, f"not ready: {what}")
+
+
+class Guard:
+    """API key, body size and request metrics, before FastAPI sees the request (plain ASGI middleware)."""
+
+    def __init__(self, app, state: ServeState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics, status = self.state.metrics, 500
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+
+        async def send_counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.in_flight += 1
+        try:
+            problem = self.unauthorized(scope)
+            if problem is None:
+                receive, problem = await self.read_body(scope, receive)
+            if problem is not None:
+                response = error_response(self.state, problem,
+                                          {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None)
+                return await response(scope, receive, send_counted)
+            await self.app(scope, receive, send_counted)
+        finally:
+            metrics.in_flight -= 1
+            metrics.requests[(scope["method"], path, str(status))] += 1
+
+    def unauthorized(self, scope) -> RequestError | None:
+        key = self.state.options.api_key
+        if not key or scope["path"] in PUBLIC_PATHS:
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if given and hmac.compare_digest(given.encode(), key.encode()):
+            return None
+        return RequestError(401, "Authorization", "missing or wrong API key: send `Authorization: Bearer KEY` or "
+                            "`X-API-Key: KEY`")
+
+    async def read_body(self, scope, receive):
+        """(a receive that replays the whole body, None) or (receive, a 413) past max_body_bytes."""
+        limit = self.state.options.max_body_bytes
+        too_large = RequestError(413, "body", f"body: larger than the limit of {limit} bytes (--max_body_bytes)")
+        for k, v in scope["headers"]:
+            if k.lower() == b"content-length" and v.isdigit() and int(v) > limit:
+                return receive, too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return receive, too_large
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replay = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replayed():
+            nonlocal replay
+            if replay is None:
+                return await receive()
+            message, replay = replay, None
+            return message
+
+        return replayed, None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+async def classify_texts(state: ServeState, payload: ClassifyRequest) -> ClassifyResponse:
+    registry, opts = state.registry, state.options
+    names = list(registry.adapters)
+    adapter = payload.adapter if payload.adapter is not None else (names[0] if len(names) == 1 else None)
+    if adapter is None:
+        raise RequestError(422, "adapter", f"adapter: required when several are served ({', '.join(names)})")
+    if adapter not in registry.adapters:
+        raise RequestError(422, "adapter", f"adapter: unknown adapter {adapter!r} (served: {', '.join(names)})")
+    if len(payload.texts) > opts.max_texts:
+        raise RequestError(422, "texts", f"texts: at most {opts.max_texts} texts per request (got "
+                           f"{len(payload.texts)}; --max_texts)")
+    cut = [len(t) > opts.max_chars for t in payload.texts]
+    texts = [t[:opts.max_chars] for t in payload.texts]
+    loop = asyncio.get_running_loop()
+    # Tokenizers are used from one thread only: Rust tokenizers refuse concurrent calls that change truncation.
+    rows = await loop.run_in_executor(state.tokenizer_pool, registry.tokenize, adapter, texts)
+    labels = registry.adapters[adapter].labels
+    probs = softmax((await state.batcher.submit(rows))[:, :len(labels)])
+    ids = probs.argmax(-1)
+    state.metrics.texts[adapter] += len(texts)
+    return ClassifyResponse(adapter=adapter, labels=labels, max_chars=opts.max_chars, truncated_texts=sum(cut),
+                            predictions=[Prediction(label=labels[i], label_id=int(i), probabilities=p.tolist(),
+                                                    truncated=c) for i, p, c in zip(ids, probs, cut)])
+
+
+def create_app(registry: Registry, options: ServeOptions | None = None, *,
+               before_load: Callable[[], None] | None = None) -> FastAPI:
+    """The app; models load in the background after startup (/health says when). `before_load` runs first."""
+    state = ServeState(registry, options or ServeOptions())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        model_pool = ThreadPoolExecutor(1, thread_name_prefix="budgetune-model")
+        state.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="budgetune-tokenize")
+        opts = state.options
+        state.batcher = DynamicBatcher(registry.logits, model_pool, state.metrics,
+                                       max_wait_s=opts.batch_wait_ms / 1000, max_tokens=opts.max_batch_tokens,
+                                       enabled=opts.dynamic_batching)
+
+        async def load():
+            try:
+                if before_load is not None:
+                    await loop.run_in_executor(None, before_load)
+                await loop.run_in_executor(model_pool, registry.load)
+                state.ready = True
+            except Exception as e:  # /health reports it; under the command the server stops and says why
+                state.load_error = e
+                if state.on_fatal is not None:
+                    state.on_fatal()
+
+        loading = loop.create_task(load())
+        async with running(state.batcher):
+            yield
+        await asyncio.wait([loading])
+        model_pool.shutdown(wait=True)
+        state.tokenizer_pool.shutdown(wait=True)
+
+    app = FastAPI(title="budgetune serve", version="1", lifespan=lifespan,
+                  description="Text classification with budgetune adapters. Send the API key (when the server has "
+                  "one) as `Authorization: Bearer KEY` or `X-API-Key: KEY`.")
+    app.state.serve = state
+    app.add_middleware(Guard, state=state)
+    key_doc = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))]  # the docs' Authorize button
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, e: RequestError):
+        return error_response(state, e, {"Retry-After": "1"} if e.status == 503 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError):
+        return error_response(state, validation_error(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException):
+        return error_response(state, RequestError(e.status_code, None, str(e.detail)), e.headers)
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=key_doc,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
+    async def classify(request: Request) -> ClassifyResponse:
+        """Label, label id and class probabilities for each text, from the named adapter."""
+        started = time.perf_counter()
+        require_ready(state)
+        try:
+            payload = ClassifyRequest.model_validate(parse_json(await request.body()))
+        except ValidationError as e:
+            raise validation_error(e) from None
+        response = await classify_texts(state, payload)
+        state.metrics.latency.observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/v1/adapters", response_model=AdaptersResponse, responses=errors, dependencies=key_doc)
+    async def adapters() -> AdaptersResponse:
+        """The served adapters: base model, method, trainable parameters, labels, validation accuracy."""
+        require_ready(state)
+        return AdaptersResponse(adapters=[AdapterInfo(**d) for d in registry.describe()])
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health():
+        """200 once every model is loaded; 503 while loading or after loading failed."""
+        status = "ready" if state.ready else ("failed" if state.load_error else "loading")
+        body = Health(status=status, ready=state.ready, adapters=len(registry.adapters),
+                      message=str(state.load_error) if state.load_error else None)
+        return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
+
+    @app.get("/metrics", response_class=Response, dependencies=key_doc)
+    async def metrics() -> Response:
+        """Prometheus text: requests, texts, errors, in-flight requests, latency and batch-size histograms."""
+        return Response(state.metrics.render(dict(registry.forwards)), media_type=CONTENT_TYPE)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((resources.files("budgetune") / "resources" / "serve.html").read_text("utf-8"))
+
+    return app
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="budgetune serve", description="Serve trained adapters over HTTP: POST "
+                                "/v1/classify, GET /v1/adapters, /health, /metrics, a page at / and the API "
+                                "docs at /docs. Runs sharing a base model share its weights in memory.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder or adapter folder, as NAME=PATH to choose "
+                   "the adapter's name (default: the run folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one, printed)")
+    p.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require this key on every API request (default: ${API_KEY_ENV}; none: no auth)")
+    p.add_argument("--max_texts", type=int, default=64, help="texts per request (default 64)")
+    p.add_argument("--max_chars", type=int, default=2000, help="characters kept per text; longer texts are cut "
+                   "and the answer says so (default 2000)")
+    p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
+    p.add_argument("--batch_wait_ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others (default 5)")
+    p.add_argument("--max_batch_tokens", type=int, default=4096,
+                   help="a batch stops gathering at this many tokens (default 4096)")
+    p.add_argument("--no_dynamic_batching", action="store_true", help="run every request on its own")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    p.add_argument("--log_level", default="warning", help="uvicorn's log level (default warning)")
+    return p
+
+
+def command(argv: list[str]) -> int:
+    """`budgetune serve RUN [RUN ...]`: checks every run folder before anything loads, then serves."""
+    import uvicorn
+
+    a = parser().parse_args(argv)
+    for flag in ("max_texts", "max_chars", "max_body_bytes", "max_batch_tokens"):
+        if getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
+    adapters = parse_runs(a.runs)  # a missing or incompatible folder stops here, named
+    options = ServeOptions(api_key=a.api_key or None, max_texts=a.max_texts, max_chars=a.max_chars,
+                           max_body_bytes=a.max_body_bytes, batch_wait_ms=a.batch_wait_ms,
+                           max_batch_tokens=a.max_batch_tokens, dynamic_batching=not a.no_dynamic_batching)
+    app = create_app(Registry(adapters, device=a.device), options)
+    state: ServeState = app.state.serve
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    print(f"budgetune serve: listening on http://{host}:{port}/ ({len(adapters)} adapters "
+                          "loading; /health says when ready)", flush=True)
+
+    server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, lifespan="on",
+                                   timeout_graceful_shutdown=60))
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal: answered here, so a
+    # drained shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if state.load_error is not None:
+        raise state.load_error
+    print("budgetune serve: stopped", file=sys.stderr)
+    return 0

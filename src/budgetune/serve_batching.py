@@ -1,0 +1,115 @@
+"""Dynamic batching: concurrent requests gathered for a few ms (or up to a token cap), one model call, split answers.
+
+The model runs in one worker thread, never on the event loop: while it computes a batch, new requests queue up
+and form the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from budgetune.serve_metrics import Metrics
+from budgetune.serve_models import Row
+
+
+@dataclass
+class Job:
+    """One request's rows and the future its handler awaits."""
+
+    rows: Sequence[Row]
+    future: asyncio.Future
+    tokens: int = field(init=False)
+
+    def __post_init__(self):
+        self.tokens = sum(len(r.features["input_ids"]) for r in self.rows)
+
+
+class DynamicBatcher:
+    """Gathers jobs until `max_wait_s` after the first one or `max_tokens` real tokens, then runs them together.
+
+    `enabled=False` runs each request on its own (the baseline bench/serve.py compares against).
+    """
+
+    def __init__(self, run: Callable[[Sequence[Row]], np.ndarray], executor: Executor, metrics: Metrics, *,
+                 max_wait_s: float = 0.005, max_tokens: int = 4096, enabled: bool = True):
+        self.run, self.executor, self.metrics = run, executor, metrics
+        self.max_wait_s, self.max_tokens, self.enabled = max_wait_s, max_tokens, enabled
+        self.queue: asyncio.Queue[Job | None] = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Answer every queued job, then end the loop (the caller has stopped taking requests)."""
+        if self.task is not None:
+            await self.queue.put(None)
+            await self.task
+            self.task = None
+
+    async def submit(self, rows: Sequence[Row]) -> np.ndarray:
+        """Logits for these rows, computed in some batch with other requests' rows."""
+        job = Job(rows, asyncio.get_running_loop().create_future())
+        await self.queue.put(job)
+        return await job.future
+
+    async def _gather(self, first: Job) -> tuple[list[Job], bool]:
+        """(jobs for one batch, whether the stop marker was seen)."""
+        jobs, tokens = [first], first.tokens
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while self.enabled and tokens < self.max_tokens:
+            left = deadline - loop.time()
+            try:  # past the deadline, still take what is already waiting
+                job = self.queue.get_nowait() if left <= 0 else await asyncio.wait_for(self.queue.get(), left)
+            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            tokens += job.tokens
+        return jobs, False
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while True:
+            if stopping and self.queue.empty():
+                return
+            first = self.queue.get_nowait() if stopping else await self.queue.get()
+            if first is None:
+                stopping = True
+                continue
+            jobs, seen_stop = await self._gather(first)
+            stopping = stopping or seen_stop
+            rows = [r for j in jobs for r in j.rows]
+            self.metrics.batch_texts.observe(len(rows))
+            self.metrics.batch_requests.observe(len(jobs))
+            try:
+                logits = await loop.run_in_executor(self.executor, self.run, rows)
+            except Exception as e:  # answered as an error to these requests; the loop and the worker live on
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(e)
+                continue
+            start = 0
+            for j in jobs:
+                if not j.future.done():  # a client that went away cancelled its future
+                    j.future.set_result(logits[start:start + len(j.rows)])
+                start += len(j.rows)
+
+
+@contextlib.asynccontextmanager
+async def running(batcher: DynamicBatcher):
+    """The batcher's loop for the duration of the block; queued work is answered before it ends."""
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.stop()

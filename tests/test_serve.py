@@ -1,0 +1,513 @@
+"""budgetune serve: the HTTP API on real tiny adapters (LoRA x2, DoRA, LoHa on one tiny RoBERTa), in-process and
+as a real subprocess on loopback, plus the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, headline_rows, tiny_train_args
+from fastapi.testclient import TestClient
+
+from budgetune.serve import ServeOptions, create_app, field_name, parser, softmax
+from budgetune.serve_models import Registry, parse_runs
+
+TEXTS = [t for _, t in headline_rows()[:48]]
+LIMITS = ServeOptions(max_texts=8, max_chars=200, max_body_bytes=8192)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_roberta, headlines_csv, tmp_path_factory) -> dict[str, Path]:
+    """Four adapters on one base: two LoRA (other seeds), a DoRA (LoRA type, no mixed batch), a LoHa (own type)."""
+    from filelock import FileLock
+
+    from budgetune.config import resolve
+    from budgetune.train import train
+
+    # Trained once per session: under pytest-xdist the workers share the session's folder (the first one trains).
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "serve-runs"
+    specs = {"a": ("lora", {}), "b": ("lora", {"seed": 11, "learning_rate": 1e-2}), "d": ("dora", {"seed": 3}),
+             "c": ("loha", {"seed": 5})}
+    with FileLock(str(shared / "serve-runs.lock")):
+        if not (out / "done").is_file():
+            for name, (method, extra) in specs.items():
+                args = tiny_train_args(tiny_roberta, headlines_csv, out / name, method, num_train_epochs=1,
+                                       overwrite_output_dir="true", **extra)
+                train(resolve(None, args[1:]))
+            (out / "done").touch()
+    return {n: out / n for n in specs}
+
+
+@pytest.fixture(scope="module")
+def offline(runs) -> dict[str, np.ndarray]:
+    """Each adapter alone, through `budgetune predict`'s own path (merged model, table_logits), on TEXTS."""
+    from budgetune.data import TextTable
+    from budgetune.inference import table_logits
+    from budgetune.loading import load_for_inference
+
+    out = {}
+    for name, run in runs.items():
+        accelerator, model, tokenizer, info = load_for_inference(run)
+        out[name] = table_logits(model, tokenizer, TextTable(TEXTS, None, None, "texts"), accelerator, 256,
+                                 info["max_seq_length"])
+    return out
+
+
+def wait_ready(get, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = get("/health")
+        if r.status_code == 200:
+            return
+        assert r.json()["status"] == "loading", r.json()
+        time.sleep(0.05)
+    raise AssertionError("server not ready in time")
+
+
+@pytest.fixture(scope="module")
+def client(runs):
+    app = create_app(Registry(parse_runs([str(p) for p in runs.values()])), LIMITS)
+    with TestClient(app) as c:
+        wait_ready(c.get)
+        yield c
+
+
+def check_matches(answer: dict, logits: np.ndarray) -> None:
+    """Probabilities as offline (1e-5); the label too, unless the top two logits are closer than that."""
+    probs = softmax(logits[None])[0]
+    assert np.abs(np.asarray(answer["probabilities"]) - probs).max() < 1e-5
+    top2 = np.sort(logits)[-2:]
+    if top2[1] - top2[0] > 1e-5:
+        assert answer["label_id"] == int(logits.argmax())
+
+
+# --- adapters, mixed batches --------------------------------------------------------------------------------------
+
+def test_adapters_endpoint_describes_each_bundle(client, runs):
+    r = client.get("/v1/adapters")
+    assert r.status_code == 200
+    got = {a["name"]: a for a in r.json()["adapters"]}
+    assert list(got) == ["a", "b", "d", "c"]
+    for name, run in runs.items():
+        info = json.loads((run / "adapter" / "budgetune.json").read_text())
+        a = got[name]
+        assert a["base_model"] == info["base_model_name_or_path"] and a["method"] == info["method"]
+        assert a["trainable_parameters"] == info["budget"]["total_trainable"] > 0
+        assert a["labels"] == info["label_names"] and a["validation_accuracy"] == info["metrics"]["eval_accuracy"]
+    # a, b: LoRA sharing one forward; d: DoRA on the same base, its own forward; c: LoHa alone on a base, merged
+    assert {n: a["served"] for n, a in got.items()} == {"a": "mixed", "b": "mixed", "d": "grouped", "c": "merged"}
+
+
+def test_one_process_many_adapters_equal_each_alone(runs, offline):
+    """Rows of all four adapters interleaved in one call: the logits each adapter gives alone (predict's path)."""
+    registry = Registry(parse_runs([f"{n}={p}" for n, p in runs.items()]))
+    registry.load()
+    assert len(registry.groups) == 2  # a, b, d share one copy of the base; c (another peft type) has its own
+    assert np.abs(offline["a"] - offline["b"]).max() > 1e-3  # the adapters really differ: the test can fail
+    names = [["a", "b", "d", "c"][i % 4] for i in range(len(TEXTS))]
+    rows = [registry.tokenize(n, [t])[0] for n, t in zip(names, TEXTS)]
+    got = registry.logits(rows)
+    for i, n in enumerate(names):
+        assert np.abs(got[i] - offline[n][i]).max() < 1e-5, (i, n)
+    assert registry.forwards["mixed"] >= 1 and registry.forwards["single"] >= 1 and registry.forwards["merged"] >= 1
+    # and every adapter over all texts at once, one request each
+    for n in runs:
+        assert np.abs(registry.logits(registry.tokenize(n, TEXTS)) - offline[n]).max() < 1e-5
+
+
+def test_bundle_adapter_scale_is_honoured_per_adapter(runs, tmp_path):
+    """A copy of `a` recording adapter_scale 0.5, served beside a and b: as `load_model` gives it, not as `a`."""
+    from budgetune.loading import load_model
+
+    half = tmp_path / "half" / "adapter"
+    shutil.copytree(runs["a"] / "adapter", half)
+    info = json.loads((half / "budgetune.json").read_text())
+    (half / "budgetune.json").write_text(json.dumps({**info, "adapter_scale": 0.5}))
+    registry = Registry(parse_runs([str(runs["a"]), str(runs["b"]), str(half.parent)]))
+    registry.load()
+    assert {d["name"]: d["served"] for d in registry.describe()} == {"a": "mixed", "b": "mixed", "half": "mixed"}
+    names = [["a", "half", "b"][i % 3] for i in range(12)]
+    got = registry.logits([registry.tokenize(n, [t])[0] for n, t in zip(names, TEXTS)])
+    for name in ("a", "half"):
+        model, tokenizer, info = load_model(half.parent if name == "half" else runs["a"])
+        assert info["applied_adapter_scale"] == (0.5 if name == "half" else 1.0)
+        enc = tokenizer(TEXTS[:12], truncation=True, max_length=info["max_seq_length"], padding=True,
+                        return_tensors="pt")
+        with torch.inference_mode():
+            alone = model(**enc).logits.numpy()
+        rows = [i for i, n in enumerate(names) if n == name]
+        assert np.abs(got[rows] - alone[rows]).max() < 1e-5
+    rows = [i for i, n in enumerate(names) if n == "half"]
+    assert np.abs(got[rows] - load_model(runs["a"])[0](**registry_batch(registry, "a", rows)).logits
+                  .detach().numpy()).max() > 1e-4  # the scale made a difference: the test can fail
+
+
+def registry_batch(registry: Registry, adapter: str, rows: list[int]) -> dict:
+    tok = registry.adapters[adapter].tokenizer
+    return tok([TEXTS[i] for i in rows], padding=True, truncation=True, max_length=48, return_tensors="pt")
+
+
+def test_classify_answers_per_text(client, offline):
+    r = client.post("/v1/classify", json={"texts": TEXTS[:5], "adapter": "b"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["adapter"] == "b" and body["labels"] == ["0", "1", "2", "3"] and body["truncated_texts"] == 0
+    assert len(body["predictions"]) == 5
+    for i, p in enumerate(body["predictions"]):
+        assert abs(sum(p["probabilities"]) - 1) < 1e-6 and p["label"] == body["labels"][p["label_id"]]
+        assert p["truncated"] is False
+        check_matches(p, offline["b"][i])
+
+
+def test_long_text_is_cut_and_the_answer_says_so(client):
+    long = "Markets rally on upbeat earnings " * 20  # 660 characters > max_chars 200
+    r = client.post("/v1/classify", json={"texts": [long, "short"], "adapter": "a"})
+    body = r.json()
+    assert r.status_code == 200 and body["max_chars"] == 200 and body["truncated_texts"] == 1
+    assert [p["truncated"] for p in body["predictions"]] == [True, False]
+    cut = client.post("/v1/classify", json={"texts": [long[:200]], "adapter": "a"}).json()["predictions"][0]
+    assert np.allclose(cut["probabilities"], body["predictions"][0]["probabilities"], atol=1e-6)
+
+
+# --- bad input: 4xx naming the field, never a 500 -----------------------------------------------------------------
+
+BAD = [
+    ({"texts": [], "adapter": "a"}, 422, "texts"),
+    ({"texts": ["x"] * 9, "adapter": "a"}, 422, "texts"),
+    ({"texts": "one text", "adapter": "a"}, 422, "texts"),
+    ({"texts": ["ok", 7], "adapter": "a"}, 422, "texts[1]"),
+    ({"texts": ["ok", None], "adapter": "a"}, 422, "texts[1]"),
+    ({"texts": ["ok"], "adapter": 3}, 422, "adapter"),
+    ({"texts": ["ok"], "adapter": "nope"}, 422, "adapter"),
+    ({"texts": ["ok"]}, 422, "adapter"),  # several adapters served: the name is required
+    ({"texts": ["ok"], "adapter": "a", "extra": 1}, 422, "extra"),
+    ({"adapter": "a"}, 422, "texts"),
+    (["ok"], 422, "body"),
+]
+
+
+@pytest.mark.parametrize(("payload", "status", "field"), BAD)
+def test_bad_json_is_a_4xx_naming_the_field(client, payload, status, field):
+    r = client.post("/v1/classify", json=payload)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["field"] == field and field in body["message"]
+
+
+@pytest.mark.parametrize(("raw", "status", "needle"), [
+    (b'{"texts": ["caf\xe9"], "adapter": "a"}', 400, "not UTF-8 (byte 0xe9 at offset 15)"),
+    (b'{"texts": ["a"', 400, "not valid JSON"),
+    (b"", 400, "not valid JSON"),
+])
+def test_bad_bytes_are_a_400_naming_the_body(client, raw, status, needle):
+    r = client.post("/v1/classify", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status and r.json()["field"] == "body" and needle in r.json()["message"]
+
+
+def test_body_over_the_limit_is_a_413_declared_or_streamed(client):
+    big = json.dumps({"texts": ["x" * 9000], "adapter": "a"}).encode()
+    r = client.post("/v1/classify", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body" and "8192" in r.json()["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    r = client.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body"
+
+
+def test_errors_never_500_and_the_server_keeps_answering(client):
+    for payload, _, _ in BAD:
+        client.post("/v1/classify", json=payload)
+    assert client.post("/v1/classify", json={"texts": ["still here"], "adapter": "c"}).status_code == 200
+    assert client.get("/nowhere").json()["error"] == "not_found"
+    text = client.get("/metrics").text
+    assert not re.search(r'budgetune_requests_total\{[^}]*status="5(?!03)\d\d"\}', text)  # 503: /health, loading
+    assert re.search(r'budgetune_errors_total\{status="422",field="texts\[1\]"\} [1-9]', text)
+
+
+def test_field_names():
+    assert field_name(("body", "texts", 3)) == "texts[3]"
+    assert field_name(("body",)) == "body" and field_name(("body", "adapter")) == "adapter"
+
+
+# --- metrics, docs, page --------------------------------------------------------------------------------------------
+
+def test_metrics_are_prometheus_text(client):
+    client.post("/v1/classify", json={"texts": TEXTS[:3], "adapter": "a"})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    sample = re.compile(r'^[a-z_]+(\{([a-z_]+="[^"]*",?)+\})? -?[0-9.e+-]+$|^[a-z_]+\{le="\+Inf"\} \d+$')
+    for line in r.text.splitlines():
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
+    for hist in ("budgetune_classify_latency_seconds", "budgetune_batch_texts", "budgetune_batch_requests"):
+        counts = [int(v) for v in re.findall(rf"^{hist}_bucket\{{le=\"[^\"]+\"\}} (\d+)$", r.text, re.M)]
+        total = int(re.search(rf"^{hist}_count (\d+)$", r.text, re.M).group(1))
+        assert counts == sorted(counts) and counts[-1] == total > 0
+    texts_a = int(re.search(r'^budgetune_texts_total\{adapter="a"\} (\d+)$', r.text, re.M).group(1))
+    client.post("/v1/classify", json={"texts": TEXTS[:3], "adapter": "a"})
+    again = client.get("/metrics").text
+    assert int(re.search(r'^budgetune_texts_total\{adapter="a"\} (\d+)$', again, re.M).group(1)) == texts_a + 3
+
+
+def test_docs_and_page(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    schema = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(schema["properties"]) == {"texts", "adapter"}
+    assert {"/v1/adapters", "/health", "/metrics"} <= set(spec["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="adapter"' in page.text and "v1/classify" in page.text
+
+
+# --- auth, readiness ------------------------------------------------------------------------------------------------
+
+def test_api_key_guards_every_api_request(runs):
+    app = create_app(Registry(parse_runs([str(runs["a"])])), ServeOptions(api_key="s3cret"))
+    with TestClient(app) as c:
+        wait_ready(c.get)  # /health and the page stay open: probes and browsers cannot send headers
+        assert c.get("/").status_code == 200
+        for method, path in (("post", "/v1/classify"), ("get", "/v1/adapters"), ("get", "/metrics"),
+                             ("get", "/nowhere")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "s3cre"}):
+                r = c.request(method, path, json={"texts": ["x"]}, headers=headers)
+                assert r.status_code == 401 and r.json()["field"] == "Authorization", (path, headers)
+                assert r.headers["www-authenticate"] == "Bearer"
+        ok = {"texts": ["Stocks rally"]}  # one adapter served: the name may be left out
+        assert c.post("/v1/classify", json=ok, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.post("/v1/classify", json=ok, headers={"X-API-Key": "s3cret"}).json()["adapter"] == "a"
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BUDGETUNE_API_KEY", "from-env")
+    assert parser().parse_args(["run"]).api_key == "from-env"
+    assert parser().parse_args(["run", "--api_key", "flag"]).api_key == "flag"
+    monkeypatch.delenv("BUDGETUNE_API_KEY")
+    a = parser().parse_args(["run"])
+    assert a.api_key is None and a.host == "127.0.0.1"
+
+
+def test_not_ready_until_the_models_are_loaded(runs):
+    gate = threading.Event()
+    app = create_app(Registry(parse_runs([str(runs["a"]), str(runs["b"])])), before_load=gate.wait)
+    with TestClient(app) as c:
+        h = c.get("/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        r = c.post("/v1/classify", json={"texts": ["x"], "adapter": "a"})
+        assert r.status_code == 503 and r.json()["error"] == "not_ready" and r.headers["retry-after"] == "1"
+        assert c.get("/v1/adapters").status_code == 503
+        gate.set()
+        wait_ready(c.get)
+        assert c.post("/v1/classify", json={"texts": ["x"], "adapter": "a"}).status_code == 200
+
+
+def test_a_base_model_that_fails_to_load_is_reported(runs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["a"] / "adapter", broken / "adapter")
+    info = json.loads((broken / "adapter" / "budgetune.json").read_text())
+    info["base_model_name_or_path"] = str(tmp_path / "gone-model")
+    (broken / "adapter" / "budgetune.json").write_text(json.dumps(info))
+    app = create_app(Registry(parse_runs([str(broken)])))
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 60
+        while (h := c.get("/health").json())["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert h["status"] == "failed" and "gone-model" in h["message"] and str(broken) in h["message"]
+        assert c.post("/v1/classify", json={"texts": ["x"]}).status_code == 503
+
+
+def test_run_folders_are_checked_before_loading(runs, tmp_path):
+    from budgetune.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="two adapters named 'a'"):
+        parse_runs([str(runs["a"]), f"a={runs['b']}"])
+    with pytest.raises(AdapterError, match="adapter name"):
+        parse_runs([f"bad name={runs['a']}"])
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(runs["a"] / "adapter", no_weights)
+    (no_weights / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="no adapter weights"):
+        parse_runs([str(no_weights)])
+    assert [a.name for a in parse_runs([str(runs["a"] / "adapter"), f"x={runs['a']}"])] == ["a", "x"]
+
+
+# --- a live server on loopback: concurrency, the page ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def live(runs):
+    """The app under uvicorn in this process on a free loopback port; batches gather for up to 50 ms."""
+    import uvicorn
+
+    app = create_app(Registry(parse_runs([str(p) for p in runs.values()])),
+                     ServeOptions(max_texts=64, batch_wait_ms=50))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=60) as c:
+        wait_ready(c.get)
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def classify_concurrently(url: str, requests: list[dict]) -> list[httpx.Response | BaseException]:
+    """Each request from its own thread and connection, all released at once."""
+    answers: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def send(i: int) -> None:
+        try:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                start.wait()
+                answers[i] = c.post("/v1/classify", json=requests[i])
+        except BaseException as e:  # reported by the test
+            answers[i] = e
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def test_64_concurrent_clients_batched_and_exact(live, offline):
+    names = ["a", "b", "d", "c"]
+    requests = [{"texts": [TEXTS[i % len(TEXTS)]], "adapter": names[i % 4]} for i in range(64)]
+    answers = classify_concurrently(live, requests)
+    assert all(isinstance(r, httpx.Response) and r.status_code == 200 for r in answers), answers
+    for i, r in enumerate(answers):
+        check_matches(r.json()["predictions"][0], offline[names[i % 4]][i % len(TEXTS)])
+    with httpx.Client(base_url=live, timeout=60) as c:
+        metrics = c.get("/metrics").text
+        sequential = [c.post("/v1/classify", json=q).json() for q in requests]
+    # some model batch gathered several requests, and some mixed LoRA adapters in one forward
+    alone = int(re.search(r'^budgetune_batch_requests_bucket\{le="1"\} (\d+)$', metrics, re.M).group(1))
+    batches = int(re.search(r"^budgetune_batch_requests_count (\d+)$", metrics, re.M).group(1))
+    assert alone < batches
+    assert int(re.search(r'^budgetune_forwards_total\{kind="mixed"\} (\d+)$', metrics, re.M).group(1)) >= 1
+    for r, s in zip(answers, sequential):
+        p, q = r.json()["predictions"][0], s["predictions"][0]
+        assert np.abs(np.subtract(p["probabilities"], q["probabilities"])).max() < 1e-5
+
+
+def chromium() -> str | None:
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(chromium() is None, reason="no Chromium installed (CI installs Debian's `chromium`)")
+def test_page_in_a_headless_browser(live):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (it is in .[test])")
+    text = "Quarterly profits beat forecasts as shares jump"
+    with httpx.Client(base_url=live, timeout=60) as c:
+        expected = c.post("/v1/classify", json={"texts": [text], "adapter": "b"}).json()["predictions"][0]
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(live + "/")
+            page.wait_for_selector("#adapter option[value='b']", state="attached")
+            page.fill("#text", text)
+            page.select_option("#adapter", "b")
+            page.click("#go")
+            page.wait_for_function("document.getElementById('label').textContent.length > 0")
+            assert page.inner_text("#label") == expected["label"]
+            assert page.locator("#bars .bar").count() == 4
+            shown = [float(s.replace("%", "")) for s in page.locator("#bars .prob").all_inner_texts()]
+            assert np.allclose(shown, np.round(np.asarray(expected["probabilities"]) * 100, 1), atol=0.051)
+            assert page.inner_text("#error") == ""
+        finally:
+            browser.close()
+
+
+# --- the real command: startup failures, SIGTERM drain --------------------------------------------------------------
+
+def serve_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_startup_fails_fast_naming_the_folder(runs, tmp_path):
+    missing = tmp_path / "no-such-run"
+    p = subprocess.run([sys.executable, "-m", "budgetune", "serve", str(runs["a"]), str(missing)], cwd=ROOT,
+                       env=serve_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and f"budgetune: error: {missing}: no adapter here" in p.stderr
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(runs["a"] / "adapter", corrupt / "adapter")
+    (corrupt / "adapter" / "budgetune.json").write_text('{"label_names": ["x", "y"]}')
+    p = subprocess.run([sys.executable, "-m", "budgetune", "serve", str(corrupt)], cwd=ROOT, env=serve_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and str(corrupt / "adapter" / "budgetune.json") in p.stderr
+    assert "missing base_model_name_or_path" in p.stderr
+
+
+@pytest.mark.slow
+def test_loading_failure_stops_the_command_with_exit_2(runs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["a"] / "adapter", broken / "adapter")
+    info = json.loads((broken / "adapter" / "budgetune.json").read_text())
+    info["base_model_name_or_path"] = str(tmp_path / "gone-model")
+    (broken / "adapter" / "budgetune.json").write_text(json.dumps(info))
+    p = subprocess.run([sys.executable, "-m", "budgetune", "serve", str(broken), "--port", "0"], cwd=ROOT,
+                       env=serve_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "gone-model" in p.stderr and str(broken / "adapter") in p.stderr
+
+
+def start_server(*args: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """`budgetune serve ARGS --port 0` as a subprocess; its URL from the line it prints once listening."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "budgetune", "serve", *args, "--port", "0"], cwd=ROOT,
+                                env=serve_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    line = proc.stdout.readline()
+    m = re.search(r"listening on (http://127\.0\.0\.1:\d+)/", line)
+    if m is None:
+        proc.kill()
+        raise AssertionError(f"server did not start: {line!r}\n{log.read_text()[-3000:]}")
+    return proc, m.group(1)
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(runs, tmp_path, offline):
+    # Batches wait 1.5 s for company: SIGTERM arrives while all 16 requests are inside the server.
+    proc, url = start_server(str(runs["a"]), str(runs["b"]), "--batch_wait_ms", "1500", log=tmp_path / "err.log")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            wait_ready(c.get)
+            requests = [{"texts": [TEXTS[i]], "adapter": "ab"[i % 2]} for i in range(16)]
+            answers: list = []
+            sender = threading.Thread(target=lambda: answers.extend(classify_concurrently(url, requests)))
+            sender.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # all 16 in flight (+ this metrics request)
+                m = re.search(r"^budgetune_requests_in_flight (\d+)$", c.get("/metrics").text, re.M)
+                if int(m.group(1)) >= 17:
+                    break
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            sender.join(timeout=60)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "err.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert len(answers) == 16 and all(isinstance(r, httpx.Response) and r.status_code == 200 for r in answers)
+    for i, r in enumerate(answers):
+        check_matches(r.json()["predictions"][0], offline["ab"[i % 2]][i])
+    assert "budgetune serve: stopped" in (tmp_path / "err.log").read_text()
