@@ -21,6 +21,8 @@ commands:
   plan      --config FILE --budget 1M          configurations that fit a budget
   search    --config FILE --budget 1M --n_trials 40   the best adapter under the budget (Optuna)
   serve     RUN [RUN ...] [--port 8000]        HTTP API + a page: many adapters on one base model
+  distill   --teacher RUN [RUN ...] --config FILE [--unlabeled_file FILE]   a budgeted student from big teachers
+  selftrain --config FILE --unlabeled_file FILE   rounds of confident pseudo-labels on unlabelled target texts
   demo      [--output_dir DIR]                 the whole job on the packaged MiniLM + built-in headlines
 
 `budgetune train --help` lists every training option.
@@ -117,6 +119,18 @@ def cmd_serve(argv: list[str]) -> int:
     return command(argv)
 
 
+def cmd_distill(argv: list[str]) -> int:
+    from budgetune.distill import command
+
+    return command(argv)
+
+
+def cmd_selftrain(argv: list[str]) -> int:
+    from budgetune.selftrain import command
+
+    return command(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     """Train the default (packaged MiniLM, built-in headlines), evaluate, plot, and write a submission."""
     from budgetune.config import resolve
@@ -144,6 +158,7 @@ def cmd_demo(argv: list[str]) -> int:
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "plot": cmd_plot,
             "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo, "export": cmd_export, "search": cmd_search}
 COMMANDS["serve"] = cmd_serve
+COMMANDS.update(distill=cmd_distill, selftrain=cmd_selftrain)
 
 
 def main(argv: list[str] | None = None) -> int:

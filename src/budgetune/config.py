@@ -88,13 +88,14 @@ class DataConfig:
                 raise ConfigError(f"--{flag} must be a positive number, got {value}")
 
 
-METHODS = ("adalora", "lora", "dora", "ia3", "vera", "loha", "lokr")
+METHODS = ("adalora", "lora", "dora", "ia3", "vera", "loha", "lokr", "full")
 
 
 @dataclass
 class MethodConfig:
     method: str = "lora"
-    """Adapter method: adalora, lora, dora, ia3, vera, loha or lokr."""
+    """Adapter method: adalora, lora, dora, ia3, vera, loha or lokr; `full` trains every weight (no adapter: an
+    unbudgeted teacher for `budgetune distill`; needs --max_trainable_params null)."""
     rank: int | str = 16
     """Rank (AdaLoRA: the initial rank init_r); `auto` picks the largest rank that fits the budget."""
     target_modules: list[str] | str | None = "all-linear"

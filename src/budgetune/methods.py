@@ -194,6 +194,10 @@ def wrap(cfg: Config, model: nn.Module, total_step: int | None, frozen_saved: li
     import peft
 
     apply_head(model, cfg.model.head)
+    if cfg.method.method == "full":  # no adapter: the plain model, every weight trains (a teacher, unbudgeted)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
     trainable, frozen = head_modules(model, cfg.model.head)
     # Head parts missing from the checkpoint but not trained (e.g. BERT's pooler from a masked-LM checkpoint) are
     # still saved, so that the adapter reproduces the model on a fresh base.

@@ -149,6 +149,30 @@ def _confusion_figure(cm: np.ndarray, names: list[str]) -> Figure:
     return fig
 
 
+def _rounds_figure(rounds: list[dict]) -> Figure:
+    """Self-training: validation accuracy per round, and the pseudo-labels kept per class (stacked)."""
+    fig = Figure(figsize=(7, 6))
+    acc, kept = fig.subplots(2, 1, sharex=True)
+    xs = [ev["round"] for ev in rounds]
+    ys = [ev.get("eval_accuracy") if _is_num(ev.get("eval_accuracy")) else np.nan for ev in rounds]
+    acc.plot(xs, ys, marker="o")
+    for ev, y in zip(rounds, ys):
+        if ev.get("best"):
+            acc.annotate("best", (ev["round"], y), textcoords="offset points", xytext=(0, 6), ha="center")
+    acc.set(title="Self-training rounds", ylabel="validation accuracy")
+    acc.grid(alpha=0.3)
+    per_class = np.array([ev.get("pseudo_per_class") or [] for ev in rounds], dtype=float)
+    if per_class.ndim == 2 and per_class.size:
+        bottom = np.zeros(len(xs))
+        for c in range(per_class.shape[1]):
+            kept.bar(xs, per_class[:, c], bottom=bottom, label=f"class {c}")
+            bottom += per_class[:, c]
+        kept.legend(fontsize=8)
+    kept.set(xlabel="round", ylabel="pseudo-labels kept")
+    kept.set_xticks(xs)
+    return fig
+
+
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write PNGs for a run and return their paths; a plot is only written when it has data to show."""
     run_dir = Path(run_dir)
@@ -175,6 +199,9 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     labels, steps, matrix = rank_matrix(events)
     if labels and steps:
         figures.append(("ranks.png", _ranks_figure(labels, steps, matrix)))
+    rounds = [ev for ev in events if ev.get("event") == "round" and _is_num(ev.get("round"))]
+    if rounds:
+        figures.append(("rounds.png", _rounds_figure(rounds)))
     eval_path = run_dir / "evaluation.json"
     if eval_path.is_file():
         try:

@@ -1,0 +1,279 @@
+"""Knowledge distillation: big (unbudgeted) teachers' probabilities train a student under the budget.
+
+loss = alpha x cross-entropy on gold labels (labelled rows only) + (1 - alpha) x T^2 x KL(teacher_T || student_T) on
+every row, labelled and unlabelled. Teacher logits are computed once per text with the fast inference path and
+cached on disk, keyed by the teacher's files and the texts; temperature and ensembling are applied afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from budgetune import artifacts, budget, unlabeled
+from budgetune import data as data_lib
+from budgetune import train as train_lib
+from budgetune.config import Config
+from budgetune.errors import AdapterError, ConfigError
+from budgetune.loading import adapter_dir, bundle_info
+
+CACHE_VERSION = "budgetune-teacher-logits-v1"
+SKIP_IN_FINGERPRINT = {"README.md"}  # the model card may be rewritten (e.g. by distil) without changing a logit
+
+
+def fingerprint(teacher: str | Path) -> str:
+    """A hash of every file of the teacher's bundle (weights, configs, tokenizer, labels): its identity."""
+    folder = adapter_dir(teacher)
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in SKIP_IN_FINGERPRINT):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    info = bundle_info(folder)  # an adapter's base weights are not in the folder: its name and revision stand in
+    h.update(f"base={info['base_model_name_or_path']}@{info.get('revision')}".encode())
+    return h.hexdigest()
+
+
+def texts_digest(texts: list[str], max_seq_length: int) -> str:
+    h = hashlib.sha256(f"{max_seq_length}\0".encode())
+    for t in texts:  # length-prefixed, so ["ab", "c"] and ["a", "bc"] differ
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, teacher_fp: str, texts_fp: str) -> Path:
+    return Path(cache_dir) / "teacher-logits" / f"{teacher_fp[:24]}-{texts_fp[:24]}.npy"
+
+
+def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
+                   batch_size: int = 128) -> tuple[np.ndarray, Path, bool]:
+    """(logits [n, labels] in text order, cache file, whether it was a cache hit); computed once per text."""
+    from budgetune.devices import release_accelerator
+    from budgetune.inference import table_logits
+    from budgetune.loading import load_for_inference
+
+    info = bundle_info(teacher)
+    path = cache_path(cache_dir, fingerprint(teacher), texts_digest(texts, info["max_seq_length"]))
+    if path.is_file():
+        logits = np.load(path)
+        if logits.shape == (len(texts), len(info["label_names"])):
+            return logits, path, True
+    accelerator, model, tokenizer, info = load_for_inference(teacher)
+    table = data_lib.TextTable(texts, None, info["label_names"], str(teacher))
+    logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
+                          desc=f"teacher {Path(teacher).name}")
+    del model
+    release_accelerator()  # the student's training starts its own accelerator in this process
+    with artifacts.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, logits.astype(np.float32))
+    return logits, path, False
+
+
+def ensemble_log_probs(logits: list[np.ndarray], temperature: float) -> np.ndarray:
+    """log of the teachers' averaged probabilities at temperature T (averaging probabilities, not logits)."""
+    probs = np.mean([torch.softmax(torch.from_numpy(z).double() / temperature, -1).numpy() for z in logits], axis=0)
+    return np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
+
+
+def kd_loss(teacher_log_probs: torch.Tensor, alpha: float, temperature: float):
+    """loss_fn(model, batch) for train(): rows are looked up in teacher_log_probs by the batch's `idx`.
+
+    With alpha = 1 it is exactly the model's own loss (transformers' cross-entropy, -100 rows ignored), so such a
+    run equals ordinary training.
+    """
+    t2 = temperature * temperature
+
+    def loss_fn(model, batch: dict) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("idx", "labels")}
+        labels = batch.get("labels")
+        gold = labels is not None and bool((labels != unlabeled.UNLABELED).any())
+        out = model(**inputs, labels=labels) if gold else model(**inputs)
+        ce = out.loss if gold else out.logits.sum() * 0.0  # a batch of unlabelled rows only: no gold term
+        if alpha == 1:
+            return ce
+        log_q = F.log_softmax(out.logits.float() / temperature, dim=-1)
+        log_p = teacher_log_probs[batch["idx"].to(teacher_log_probs.device)].to(log_q.device)
+        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * t2
+        return alpha * ce + (1 - alpha) * kl if alpha > 0 else kl
+
+    return loss_fn
+
+
+SPLIT_KEYS = (("data", "validation_file"), ("data", "validation_split_percentage"), ("train", "seed"))
+
+
+def same_split(teacher: str | Path, cfg: Config) -> bool | None:
+    """Whether a teacher run held out the student's validation rows too (None: unknown, e.g. a bare bundle).
+
+    A teacher trained on the student's validation rows would make the student's validation figures optimistic.
+    """
+    import yaml
+
+    path = Path(teacher) / "config.yaml"
+    if not path.is_file():
+        return None
+    tcfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    s = cfg.to_dict()
+    if tcfg.get("data", {}).get("dataset_name") != s["data"]["dataset_name"]:
+        return None
+    keys = SPLIT_KEYS[:1] if s["data"]["validation_file"] else SPLIT_KEYS
+    return all(tcfg.get(g, {}).get(k) == s[g][k] for g, k in keys)
+
+
+def check_teachers(teachers: list[str], label_names: list[str], student_tokenizer, cfg: Config) -> list[dict]:
+    """Each teacher's identity; other label names or another label order is refused, another tokenizer noted."""
+    out = []
+    for t in teachers:
+        info = bundle_info(t)
+        if info["label_names"] != list(label_names):
+            raise AdapterError(
+                f"--teacher {t}: its labels are {info['label_names']} but the training data's are {list(label_names)} "
+                "(names and order must match: a teacher's class k must be the student's class k)")
+        same = _same_tokenizer(adapter_dir(t), student_tokenizer)
+        entry = {"path": str(t), "folder": str(adapter_dir(t)), "method": info.get("method"),
+                 "base_model": info["base_model_name_or_path"], "label_names": info["label_names"],
+                 "max_seq_length": info["max_seq_length"], "validation": info.get("metrics"),
+                 "same_tokenizer_as_student": same, "same_validation_split": same_split(t, cfg)}
+        if entry["same_validation_split"] is False:
+            print(f"warning: teacher {t} held out another validation split (seed or split settings differ): it "
+                  "may have trained on the student's validation rows, so the student's validation figures may be "
+                  "optimistic", file=sys.stderr)
+        if not same:
+            print(f"note: teacher {t} has another tokenizer than the student: allowed, each model tokenizes the "
+                  "texts for itself", file=sys.stderr)
+        out.append(entry)
+    return out
+
+
+def _same_tokenizer(folder: Path, student_tokenizer) -> bool:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return type(tok).__name__ == type(student_tokenizer).__name__ and tok.get_vocab() == student_tokenizer.get_vocab()
+
+
+def check_options(teachers: list[str], alpha: float, temperature: float) -> None:
+    if not teachers:
+        raise ConfigError("--teacher: name at least one teacher run or adapter folder")
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"--alpha must be between 0 and 1 (weight of the gold-label loss), got {alpha}")
+    if not temperature > 0 or not np.isfinite(temperature):
+        raise ConfigError(f"--temperature must be a positive number, got {temperature}")
+    for t in teachers:
+        adapter_dir(t)  # a missing or foreign folder is refused before any data loads
+
+
+def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = None, text_column: str | None = None,
+            temperature: float = 2.0, alpha: float = 0.5, batch_size: int | None = None) -> dict:
+    """Train cfg's student on its labelled rows (+ unlabelled texts) against the teachers; returns train()'s result."""
+    from transformers import AutoTokenizer
+
+    from budgetune.methods import resolve_model_path
+
+    check_options(teachers, alpha, temperature)
+    out = Path(cfg.output.output_dir)
+    artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir,
+                               resuming=bool(cfg.train.resume_from_checkpoint), clear=False)
+    splits = train_lib.load_splits(cfg)
+    names = splits.label_names
+    resolved, _ = budget.resolve_auto_rank(cfg, len(names))
+    budget.check_budget(resolved, len(names))  # before the teachers' pass: an over-budget student fails at once
+    student_tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.model_name_or_path),
+                                                revision=cfg.model.revision)
+    identities = check_teachers(teachers, names, student_tok, cfg)
+    n_labelled = len(splits.train.texts)
+    dedup = None
+    if unlabeled_file:
+        dedup = unlabeled.load_unlabeled(unlabeled_file, splits.validation, splits.test, splits.train, text_column)
+        print(dedup.summary(unlabeled_file))
+        splits.train = unlabeled.with_unlabeled(splits.train, dedup.kept)
+    cache = Path(train_lib.cache_dir(cfg))
+    all_logits = []
+    for entry in identities:
+        logits, path, hit = teacher_logits(entry["path"], splits.train.texts, cache,
+                                           batch_size or cfg.train.per_device_eval_batch_size)
+        entry.update(cache_file=str(path), cache_hit=hit,
+                     agreement_with_gold=_agreement(logits[:n_labelled], splits.train.labels[:n_labelled]))
+        all_logits.append(logits)
+    log_p = torch.from_numpy(ensemble_log_probs(all_logits, temperature))
+    result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(log_p, alpha, temperature))
+    record = {"teachers": identities, "alpha": alpha, "temperature": temperature, "labelled_rows": n_labelled,
+              "unlabeled_file": unlabeled_file, "unlabeled": dedup.to_dict() if dedup else None}
+    write_record(out, record)
+    return result
+
+
+def _agreement(logits: np.ndarray, labels: list[int]) -> float:
+    return float(np.mean(logits.argmax(-1) == np.asarray(labels))) if len(labels) else float("nan")
+
+
+def write_record(out: Path, record: dict) -> None:
+    """distill.json, a `distill` event in metrics.jsonl, and the teachers named in the student's model card."""
+    artifacts.atomic_write_json(out / "distill.json", record)
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"event": "distill", **{k: v for k, v in record.items() if k != "teachers"},
+                            "teachers": [t["path"] for t in record["teachers"]]}) + "\n")
+    bundle = out / "adapter"
+    if (bundle / artifacts.BUNDLE_FILE).is_file():
+        info = json.loads((bundle / artifacts.BUNDLE_FILE).read_text())
+        info["distilled_from"] = [{k: t[k] for k in ("path", "method", "base_model")} for t in record["teachers"]]
+        artifacts.atomic_write_json(bundle / artifacts.BUNDLE_FILE, info)
+        card = (bundle / "README.md").read_text(encoding="utf-8")
+        artifacts.atomic_write_text(bundle / "README.md", card.rstrip("\n") + "\n\n" + card_section(record) + "\n")
+
+
+def card_section(record: dict) -> str:
+    lines = ["## Distilled from", "",
+             f"Trained by `budgetune distill`: loss = {record['alpha']} x cross-entropy on gold labels + "
+             f"{1 - record['alpha']:g} x T^2 x KL(teacher || student), T = {record['temperature']}; "
+             + ("the teachers' probabilities are averaged." if len(record["teachers"]) > 1 else ""), ""]
+    for t in record["teachers"]:
+        acc = (t.get("validation") or {}).get("eval_accuracy")
+        lines.append(f"- `{t['path']}` ({t['method']} on {t['base_model']}"
+                     + (f", validation accuracy {acc:.4f}" if isinstance(acc, float) else "") + ")")
+    u = record.get("unlabeled")
+    if u:
+        lines += ["", f"Unlabelled texts: {record['unlabeled_file']} ({u['kept']} used of {u['read']}; "
+                  f"{u['dropped_exact_validation_or_test'] + u['dropped_normalised_validation_or_test']} dropped as "
+                  "duplicates of validation/test texts)."]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="budgetune distill", allow_abbrev=False,
+        description="Train a budgeted student (any budgetune configuration) on the teachers' probabilities. "
+                    "Any other --flag is a training option (see `budgetune train --help`).")
+    p.add_argument("--teacher", nargs="+", required=True, action="extend", metavar="RUN",
+                   help="teacher run or bundle folder (adapter or full model); several: an ensemble (averaged "
+                        "probabilities)")
+    p.add_argument("--config", help="the student's configuration YAML")
+    p.add_argument("--unlabeled_file", help="unlabelled target texts to distil on (validation/test duplicates "
+                                            "are dropped)")
+    p.add_argument("--unlabeled_text_column", help="text column of --unlabeled_file (default: text, sentence, ...)")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T (default 2)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the gold-label cross-entropy; 1 - alpha weighs the teachers (default 0.5)")
+    p.add_argument("--teacher_batch_size", type=int, default=None,
+                   help="texts per teacher inference batch (default: --per_device_eval_batch_size)")
+    return p
+
+
+def command(argv: list[str]) -> int:
+    """`budgetune distill`."""
+    from budgetune.config import resolve
+
+    a, rest = parser().parse_known_args(argv)
+    cfg = resolve(a.config, rest)
+    distill(cfg, a.teacher, unlabeled_file=a.unlabeled_file, text_column=a.unlabeled_text_column,
+            temperature=a.temperature, alpha=a.alpha, batch_size=a.teacher_batch_size)
+    return 0

@@ -1,0 +1,235 @@
+"""Distillation on the tiny random RoBERTa: a fully fine-tuned teacher, budgeted students, the cache, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args
+
+from budgetune import budget, distill
+from budgetune import data as data_lib
+from budgetune import train as train_lib
+from budgetune.config import resolve
+from budgetune.errors import AdapterError, BudgetError, ConfigError, DataError
+from budgetune.evaluate import evaluate
+from budgetune.inference import table_logits
+from budgetune.loading import load_for_inference, load_model
+from budgetune.unlabeled import normalise
+
+TIMING = {"samples_per_second"}  # the only values that may differ between two identical runs
+
+
+def write_csv(path: Path, header: list[str], rows) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Fixed train/validation/test files (so teacher and students share one validation split, whatever the
+    seed) and unlabelled texts: halves of the training headlines plus validation/test texts that must be dropped."""
+    d = tmp_path_factory.mktemp("distill-data")
+    rows = headline_rows()
+    perm = np.random.default_rng(0).permutation(len(rows))
+    val, test, tr = [rows[i] for i in perm[:80]], [rows[i] for i in perm[80:120]], [rows[i] for i in perm[120:]]
+    halves = {}  # the headlines are templated: many share a half; keep one of each (normalised)
+    for _, t in tr:
+        words = t.split()
+        for half in (" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])):
+            halves.setdefault(normalise(half), half)
+    halves = list(halves.values())
+    heldout = [val[0][1], val[1][1], val[2][1], test[0][1], test[1][1]]  # exact copies
+    variants = [f"  {val[3][1].upper()}!! ", val[4][1].replace(" ", "  ") + ".", f"{test[2][1].lower()} ..."]
+    unlabelled = halves + heldout + variants + halves[:4]  # + 4 repeats
+    return {"train": write_csv(d / "train.csv", ["label", "text"], tr),
+            "validation": write_csv(d / "validation.csv", ["label", "text"], val),
+            "test": write_csv(d / "test.csv", ["label", "text"], test),
+            "unlabelled": write_csv(d / "unlabelled.csv", ["text"], [[t] for t in unlabelled]),
+            "n_halves": len(halves), "cache": d / "cache"}
+
+
+def config(files, model: Path, out: Path, method: str = "full", **flags):
+    args = tiny_train_args(model, files["train"], out, method, validation_file=files["validation"],
+                           test_file=files["test"], cache_dir=files["cache"], overwrite_output_dir="true", **flags)
+    return resolve(None, args[1:])
+
+
+def predictions(run: Path, table) -> np.ndarray:
+    accelerator, model, tokenizer, info = load_for_inference(run)
+    return table_logits(model, tokenizer, table, accelerator, 64, info["max_seq_length"]).argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def teacher(files, tiny_roberta, tmp_path_factory) -> Path:
+    """An unbudgeted teacher: every weight of the tiny model fine-tuned (method full)."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    train_lib.train(config(files, tiny_roberta, out, "full", learning_rate=3e-3, num_train_epochs=10, seed=1,
+                           max_trainable_params="null"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def students(files, tiny_roberta, teacher, tmp_path_factory) -> dict[str, Path]:
+    """The same student recipe (seed 2) trained on gold labels only, and distilled (alpha 0, with unlabelled)."""
+    root = tmp_path_factory.mktemp("students")
+    recipe = {"learning_rate": 3e-3, "num_train_epochs": 4, "seed": 2}
+    train_lib.train(config(files, tiny_roberta, root / "gold", "full", **recipe))
+    distill.distill(config(files, tiny_roberta, root / "kd", "full", **recipe), [str(teacher)],
+                    unlabeled_file=str(files["unlabelled"]), alpha=0.0, temperature=1.0)
+    return {"gold": root / "gold", "kd": root / "kd"}
+
+
+def test_distilled_student_agrees_with_the_teacher_more_than_a_gold_only_student(files, teacher, students):
+    val = data_lib.load_table(str(files["validation"]))
+    t = predictions(teacher, val)
+    gold, kd = predictions(students["gold"], val), predictions(students["kd"], val)
+    agree_gold, agree_kd = float(np.mean(gold == t)), float(np.mean(kd == t))
+    assert len(set(t.tolist())) > 1  # a teacher that answers one class would make agreement trivial
+    assert agree_kd >= agree_gold + 0.1, (agree_kd, agree_gold)
+    # both students are under the default budget of 1,000,000 (the tiny model has 33,476 weights)
+    for run in students.values():
+        assert json.loads((run / "budget.json").read_text())["fits"] is True
+
+
+def test_distill_records_teachers_and_drops_heldout_texts(files, teacher, students):
+    kd = students["kd"]
+    record = json.loads((kd / "distill.json").read_text())
+    u = record["unlabeled"]
+    assert u["dropped_exact_validation_or_test"] == 5 and u["dropped_normalised_validation_or_test"] == 3
+    assert u["dropped_repeated"] == 4 and u["read"] == files["n_halves"] + 12
+    assert u["kept"] == files["n_halves"] and u["dropped_in_labelled_training_data"] == 0
+    assert record["labelled_rows"] == 360 and record["alpha"] == 0.0
+    (entry,) = record["teachers"]
+    assert entry["method"] == "full" and entry["same_validation_split"] is True
+    assert entry["same_tokenizer_as_student"] is True and Path(entry["cache_file"]).is_file()
+    card = (kd / "adapter" / "README.md").read_text()
+    assert "## Distilled from" in card and str(teacher) in card
+    assert json.loads((kd / "adapter" / "budgetune.json").read_text())["distilled_from"][0]["path"] == str(teacher)
+    assert any(e["event"] == "distill" for e in read_jsonl(kd / "metrics.jsonl"))
+    # the run folder is like any other: evaluate reproduces the saved validation accuracy; plots render
+    m = evaluate(kd, str(files["validation"]), output=str(kd / "eval-check"))
+    assert m["accuracy"] == pytest.approx(json.loads((kd / "evaluation.json").read_text())["accuracy"])
+    assert (kd / "plots" / "loss.png").is_file()
+
+
+def comparable(path: Path) -> list[dict]:
+    return [{k: v for k, v in e.items() if k not in TIMING} for e in read_jsonl(path) if e["event"] != "distill"]
+
+
+def test_alpha_one_equals_ordinary_training(files, tiny_roberta, teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    flags = {"max_steps": 6, "eval_strategy": "steps", "eval_steps": 3, "logging_steps": 1, "seed": 5,
+             "target_modules": "all-linear", "learning_rate": 1e-2}
+    train_lib.train(config(files, tiny_roberta, tmp_path / "plain", "lora", **flags))
+    distill.distill(config(files, tiny_roberta, tmp_path / "kd", "lora", **flags), [str(teacher)], alpha=1.0)
+    plain, kd = comparable(tmp_path / "plain" / "metrics.jsonl"), comparable(tmp_path / "kd" / "metrics.jsonl")
+    assert len([e for e in plain if e["event"] == "train"]) == 6 and plain == kd
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "kd" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (json.loads((tmp_path / "plain" / "evaluation.json").read_text())
+            == json.loads((tmp_path / "kd" / "evaluation.json").read_text()))
+
+
+def test_teacher_cache_is_reused_and_invalidated_when_the_teacher_changes(files, teacher, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    texts = data_lib.load_table(str(files["train"])).texts[:50]
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher / "adapter", copy)
+    first, path, hit = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    assert not hit and path.is_file()
+    again, path2, hit2 = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    assert hit2 and path2 == path and np.array_equal(first, again)
+    (copy / "README.md").write_text("a new model card changes no logit\n")
+    assert distill.teacher_logits(copy, texts, tmp_path / "cache")[2]
+    weights = load_file(copy / "model.safetensors")
+    weights["classifier.out_proj.bias"] = weights["classifier.out_proj.bias"] + torch.tensor([3.0, 0, 0, 0])
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    changed, path3, hit3 = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    assert not hit3 and path3 != path
+    assert np.allclose(changed[:, 0] - first[:, 0], 3.0, atol=1e-4)  # recomputed with the new weights
+    other, path4, hit4 = distill.teacher_logits(copy, texts[:-1], tmp_path / "cache")
+    assert not hit4 and path4 != path3 and np.allclose(other, changed[:-1], atol=1e-5)
+
+
+def test_distilled_lora_student_loads_with_plain_peft(files, tiny_roberta, teacher, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "student"
+    distill.distill(config(files, tiny_roberta, out, "lora", max_steps=8, target_modules="all-linear"),
+                    [str(teacher), str(teacher)], unlabeled_file=str(files["unlabelled"]), alpha=0.5, temperature=2.0)
+    folder = out / "adapter"
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_roberta, num_labels=4)
+    plain = PeftModel.from_pretrained(base, folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = tok(data_lib.load_table(str(files["validation"])).texts[:8], return_tensors="pt", padding=True,
+                truncation=True, max_length=48)
+    ours, _, _ = load_model(out, merge=False)
+    with torch.inference_mode():
+        assert torch.allclose(plain(**batch).logits, ours(**batch).logits, atol=1e-5)
+    record = json.loads((out / "distill.json").read_text())
+    assert len(record["teachers"]) == 2 and all(t["cache_hit"] for t in record["teachers"][1:])
+
+
+def test_full_method_saves_a_whole_model_counted_by_the_gate(files, tiny_roberta, teacher):
+    from transformers import AutoModelForSequenceClassification
+
+    folder = teacher / "adapter"
+    assert (folder / "model.safetensors").is_file() and not (folder / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(folder)  # plain transformers, no peft
+    counted = json.loads((teacher / "budget.json").read_text())
+    assert counted["total_trainable"] == sum(p.numel() for p in model.parameters()) == 33_476
+    assert "library_name: transformers" in (folder / "README.md").read_text()
+    m = evaluate(teacher, str(files["validation"]), output=str(teacher / "eval-check"))
+    assert m["accuracy"] == pytest.approx(json.loads((teacher / "evaluation.json").read_text())["accuracy"])
+    with pytest.raises(BudgetError, match="33,476 trainable parameters is over the budget of 10,000"):
+        budget.check_budget(config(files, tiny_roberta, teacher.parent / "x", "full", max_trainable_params=10_000), 4)
+
+
+def test_bad_input_is_refused_and_nothing_written_is_lost(files, tiny_roberta, teacher, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"event": "eval", "step": 1}\n')
+    cfg = config(files, tiny_roberta, out, "lora")
+    reordered = tmp_path / "reordered"
+    shutil.copytree(teacher / "adapter", reordered)
+    info = json.loads((reordered / "budgetune.json").read_text())
+    (reordered / "budgetune.json").write_text(json.dumps({**info, "label_names": info["label_names"][::-1]}))
+    with pytest.raises(AdapterError, match=f"--teacher {reordered}: its labels"):
+        distill.distill(cfg, [str(reordered)])
+    with pytest.raises(ConfigError, match="--alpha"):
+        distill.distill(cfg, [str(teacher)], alpha=1.5)
+    with pytest.raises(ConfigError, match="--temperature"):
+        distill.distill(cfg, [str(teacher)], temperature=0)
+    with pytest.raises(AdapterError, match="no adapter here"):
+        distill.distill(cfg, [str(tmp_path / "missing")])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    no_text = write_csv(tmp_path / "notext.csv", ["body"], [["a headline"]])
+    only_heldout = write_csv(tmp_path / "heldout.csv", ["text"],
+                             [[t.upper()] for t in data_lib.load_table(str(files["validation"])).texts[:5]])
+    for bad, message in ((empty, "the file is empty"), (no_text, "no text column found"),
+                         (only_heldout, "no text left")):
+        with pytest.raises(DataError, match=f"--unlabeled_file: .*{message}"):
+            distill.distill(cfg, [str(teacher)], unlabeled_file=str(bad))
+    assert (out / "metrics.jsonl").read_text() == '{"event": "eval", "step": 1}\n'
+
+
+def test_cli_verb(teacher, tmp_path):
+    help_text = run_cli("distill", "--help").stdout
+    assert "--teacher" in help_text and "--unlabeled_file" in help_text
+    proc = run_cli("distill", "--teacher", str(teacher), "--alpha", "2", "--output_dir", str(tmp_path / "x"),
+                   check=False)
+    assert proc.returncode == 2 and "budgetune: error: --alpha must be between 0 and 1" in proc.stderr
