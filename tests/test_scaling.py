@@ -158,6 +158,8 @@ def test_choose_scale_respects_the_tolerance():
     assert scaling.choose_scale({0.5: 0.95, 1.0: 0.90}, 0.5) == 0.5  # best need not be at 1
     with pytest.raises(ConfigError, match="robust_tolerance"):
         scaling.choose_scale(table, -1)
+    line = scaling.scale_summary(0.5, table)
+    assert "adapter_scale 0.5 chosen" in line and "92.10%" in line and "92.60%" in line and "-0.50 points" in line
 
 
 def test_auto_scale_validates_each_scale_and_restores_the_trained_adapter(tiny_roberta, batch):

@@ -214,7 +214,7 @@ def auto_scale(model, validate: Callable[[], float], scales: Iterable[float] = A
 def scale_summary(chosen: float, table: dict[float, float]) -> str:
     """One line for the run's output: what was chosen and what it cost on validation."""
     raw = table.get(1.0, max(table.values()))
-    cost = (raw - table[chosen]) * 100
+    change = (table[chosen] - raw) * 100
     return (f"adapter_scale {chosen:g} chosen: validation accuracy {table[chosen]:.2%} at {chosen:g} vs "
-            f"{raw:.2%} as trained ({cost:+.2f} points lost); --adapter_scale 1 restores the raw adapter")
+            f"{raw:.2%} as trained ({change:+.2f} points); --adapter_scale 1 restores the raw adapter")
 
