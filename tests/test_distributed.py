@@ -85,69 +85,77 @@ def no_dropout_model(tiny_roberta, tmp_path_factory) -> Path:
 def runs(no_dropout_model, headlines_csv, tmp_path_factory) -> dict[str, Path]:
     """AdaLoRA with allocation inside the run: 2 processes x 8 (torchrun) and 1 process x 16, concurrently."""
     base = tmp_path_factory.mktemp("dist")
-    out = {}
-    commands, envs = [], []
+    out, commands = {}, []
     for name, per_device in (("two", 8), ("one", 16)):
         out[name] = base / name
         args = tiny_train_args(no_dropout_model, headlines_csv, base / name, "adalora",
                                per_device_train_batch_size=per_device, lora_dropout=0.0, learning_rate=2e-2,
                                num_train_epochs=2, cache_dir=str(base / f"cache-{name}"))
         commands.append(torchrun(*args) if name == "two" else single(*args))
-        envs.append(str(base / f"dump-{name}"))
-    # Both at once: each command gets its own dump folder through a wrapper env (the variable is per process).
-    full = [["env", f"BUDGETUNE_DUMP_RANK_STATE={d}", *c] for c, d in zip(commands, envs)]
-    run_all(*full)
-    out["dump-two"], out["dump-one"] = base / "dump-two", base / "dump-one"
+    run_all(*commands)
     return out
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def last_checkpoint(run: Path) -> dict:
+    """The state of the run's last step, as the main process saved it (every evaluation writes a checkpoint)."""
+    folder = sorted((run / "checkpoints").glob("step-*"))[-1]
+    return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+
+
+def end_event(run: Path) -> dict:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(e for e in events if e["event"] == "end")
 
 
 def test_ranks_end_identical(runs):
-    r0, r1 = load(runs["dump-two"] / "rank0.pt"), load(runs["dump-two"] / "rank1.pt")
-    assert r0["num_processes"] == r1["num_processes"] == 2
-    assert not (runs["dump-two"] / "rank2.pt").exists()
-    for key in ("last", "final"):
-        assert r0[key].keys() == r1[key].keys() and r0[key]
-        for n in r0[key]:
-            assert torch.equal(r0[key][n], r1[key][n]), f"{key} {n} differs between ranks"
-    # allocation really happened (target_r 2 of rank 4), identically on both ranks
-    assert r0["last_rank_pattern"] == r1["last_rank_pattern"]
-    assert r0["last_rank_pattern"] and any(not all(m) for m in r0["last_rank_pattern"].values())
-    assert r0["final_rank_pattern"] == r1["final_rank_pattern"]
-    assert r0["progress"] == r1["progress"]
+    """Every process ends with the same weights (one checksum each, gathered into the end event)."""
+    digests = end_event(runs["two"])["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert end_event(runs["one"])["replica_digests"] and len(end_event(runs["one"])["replica_digests"]) == 1
+    # allocation really happened (target_r 2 of rank 4)
+    pattern = last_checkpoint(runs["two"])["allocator"]["rank_pattern"]
+    assert pattern and any(not all(m) for m in pattern.values())
 
 
 def test_schedule_matches_single_process(runs):
     """Same global batch -> same optimizer steps per epoch, total steps (AdaLoRA's total_step) and batch count."""
-    two, one = load(runs["dump-two"] / "rank0.pt"), load(runs["dump-one"] / "rank0.pt")
-    assert one["num_processes"] == 1
-    for k in ("per_epoch", "total_steps", "batches_per_epoch"):
-        assert two[k] == one[k], k
-    assert two["progress"]["step"] == one["progress"]["step"] == one["total_steps"]
+    two, one = last_checkpoint(runs["two"]), last_checkpoint(runs["one"])
+    assert two["world"]["num_processes"] == 2 and one["world"]["num_processes"] == 1
+    for k in ("steps_per_epoch", "total_steps"):
+        assert two["world"][k] == one["world"][k], k
+    assert two["progress"]["step"] == one["progress"]["step"] == one["world"]["total_steps"]
     assert two["progress"]["epoch"] == one["progress"]["epoch"] == 2
     # 432 training rows / global batch 16 = 27 steps per epoch
-    assert one["per_epoch"] == 27
+    assert one["world"]["steps_per_epoch"] == 27
 
 
 def test_two_processes_match_one(runs):
     """2 x 8 forms the same global batches as 1 x 16 (shard-aware sampler): same training up to float rounding."""
-    two, one = load(runs["dump-two"] / "rank0.pt"), load(runs["dump-one"] / "rank0.pt")
-    assert two["validation"]["n"] == one["validation"]["n"]
-    assert abs(two["validation"]["accuracy"] - one["validation"]["accuracy"]) <= 0.03
-    assert abs(two["validation"]["loss"] - one["validation"]["loss"]) <= 0.02
-    assert two["last_rank_pattern"] == one["last_rank_pattern"]
-    for n in two["last"]:
-        assert torch.allclose(two["last"][n], one["last"][n], atol=5e-2), n
+    two, one = last_checkpoint(runs["two"]), last_checkpoint(runs["one"])
+    e2, e1 = (json.loads((runs[k] / "evaluation.json").read_text()) for k in ("two", "one"))
+    assert e2["n"] == e1["n"]
+    assert abs(e2["accuracy"] - e1["accuracy"]) <= 0.03
+    assert abs(e2["loss"] - e1["loss"]) <= 0.02
+    assert two["allocator"]["rank_pattern"] == one["allocator"]["rank_pattern"]
+    for n in two["model"]:
+        assert torch.allclose(two["model"][n], one["model"][n], atol=5e-2), n
     # only the main process wrote the run's files: one metrics log, one evaluation
-    e2 = json.loads((runs["two"] / "evaluation.json").read_text())
-    assert e2["accuracy"] == two["validation"]["accuracy"]
     events = [json.loads(line) for line in (runs["two"] / "metrics.jsonl").read_text().splitlines()]
     assert sum(e["event"] == "end" for e in events) == 1
     steps = [e["step"] for e in events if e["event"] == "train"]
     assert steps == sorted(set(steps))
+
+
+def test_resume_with_another_process_count_is_refused(runs, tmp_path):
+    """A checkpoint of 2 processes x 8 resumed by 1 process x 8 would halve the global batch: refused, named."""
+    run = tmp_path / "copy"
+    shutil.copytree(runs["two"], run)
+    proc = subprocess.run(single("train", "--config", str(run / "config.yaml"), "--output_dir", str(run),
+                                 "--resume_from_checkpoint", str(run)), capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "processes (launcher): checkpoint 2, now 1" in proc.stderr
+    assert "optimizer steps per epoch: checkpoint 27, now 54" in proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -170,9 +170,12 @@ def _meta_base(cfg: Config, num_labels: int, fresh: bool = True):
     return copy.deepcopy(_META[key]) if fresh else _META[key]
 
 
-def _total_step(cfg: Config) -> int:
-    # Any schedule with a budgeting phase builds the same AdaLoRA tensors; the count does not depend on it.
-    return cfg.method.tinit + cfg.method.tfinal + 1000
+def _counting_schedule(cfg: Config) -> tuple[Config, int]:
+    """A schedule with a pruning phase: every AdaLoRA schedule builds the same tensors, so the count (made before
+    total_step is known) does not depend on it; the real schedule is checked when training starts."""
+    if cfg.method.method != "adalora":
+        return cfg, 1000
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, tinit=1, tfinal=1)), 1000
 
 
 def config_breakdown(cfg: Config, num_labels: int) -> Breakdown:
@@ -182,7 +185,8 @@ def config_breakdown(cfg: Config, num_labels: int) -> Breakdown:
     key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.method), num_labels], default=str)
     if key not in _COUNTS:
         with _no_init():
-            model = methods.wrap(cfg, _meta_base(cfg, num_labels), _total_step(cfg))
+            counted, total = _counting_schedule(cfg)
+            model = methods.wrap(counted, _meta_base(cfg, num_labels), total)
         _COUNTS[key] = count_trainable(model)
     return dataclasses.replace(_COUNTS[key], budget=cfg.budget.max_trainable_params)
 
@@ -398,13 +402,14 @@ def params_command(config: str | None, overrides: list[str], as_json: bool, num_
     return 1 if bd.budget is not None and bd.total_trainable > bd.budget else 0
 
 
-def plan_command(config: str | None, overrides: list[str], budget: str | None, as_json: bool) -> int:
+def plan_command(config: str | None, overrides: list[str], budget: str | None, as_json: bool,
+                 num_labels: int | None = None) -> int:
     """`budgetune plan`: what fits the budget (--budget, else --max_trainable_params); exit 1 if nothing does."""
     cfg = resolve(config, overrides)
     cap = parse_count(budget, "--budget") if budget is not None else cfg.budget.max_trainable_params
     if cap is None:
         raise ConfigError("plan needs a budget: --budget 1M (or --max_trainable_params)")
-    rows = plan(cfg, _num_labels(cfg, None), cap)
+    rows = plan(cfg, _num_labels(cfg, num_labels), cap)
     if as_json:
         print(json.dumps({"budget": cap, "rows": rows}, indent=2))
     else:

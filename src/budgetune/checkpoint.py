@@ -94,7 +94,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save(folder: Path, *, model, optimizer, scheduler, scaler, progress: dict, config: dict, keep: int,
-         best: dict | None = None) -> Path:
+         best: dict | None = None, world: dict | None = None) -> Path:
     """Write checkpoint `folder` atomically, then prune older checkpoints beyond `keep` (at least this one stays).
 
     `best` is the best step's trainable state, rank pattern and metrics so far, so that a resume from this
@@ -103,7 +103,7 @@ def save(folder: Path, *, model, optimizer, scheduler, scaler, progress: dict, c
     payload = {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                "rng": rng_state(), "progress": progress, "allocator": allocator_state(model), "config": config,
-               "best": best}
+               "best": best, "world": world}
     folder = Path(folder)
     for stale in folder.parent.glob(".step-*.tmp"):  # left by a run killed while saving; never a checkpoint
         shutil.rmtree(stale, ignore_errors=True)
@@ -155,6 +155,23 @@ def check_compatible(saved: dict, current: dict, folder: Path) -> None:
     if diffs:
         raise CheckpointError(f"{folder} was written by a different configuration; refusing to resume. "
                               "Differences: " + "; ".join(diffs))
+
+
+WORLD_FLAGS = {"num_processes": "processes (launcher)", "per_device_train_batch_size": "--per_device_train_batch_size",
+               "gradient_accumulation_steps": "--gradient_accumulation_steps",
+               "steps_per_epoch": "optimizer steps per epoch", "total_steps": "total optimizer steps"}
+
+
+def check_world(saved: dict | None, current: dict, folder: Path) -> None:
+    """Refuse to resume with another process count, batch or schedule: it would change the global batch, the
+    learning-rate schedule and AdaLoRA's total_step in the middle of a run."""
+    if saved is None:
+        return  # written before the world was recorded
+    diffs = [f"{WORLD_FLAGS.get(k, k)}: checkpoint {saved[k]}, now {current.get(k)}"
+             for k in saved if saved[k] != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"{folder} was written by a run with another layout; refusing to resume. "
+                              + "; ".join(diffs) + ". Resume with the same number of processes and batch sizes.")
 
 
 def restore_model(model, state: dict[str, torch.Tensor]) -> None:

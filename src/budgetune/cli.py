@@ -29,21 +29,50 @@ commands:
 """
 
 
-def cmd_train(argv: list[str]) -> int:
-    from budgetune.config import help_text, resolve
-    from budgetune.train import train
+def config_verb(argv: list[str], verb: str, synopsis: str, extras: dict[str, str | None]):
+    """Parse a verb that takes a config: `--config FILE`, its own `extras` and training overrides.
+
+    extras maps a flag to its help, or to None for a flag without a value (like --json). Returns None after
+    printing help, else (config file, overrides, {extra: value}). A flag missing its value is a usage error.
+    """
+    from budgetune.config import help_text
 
     if "-h" in argv or "--help" in argv:
-        print("budgetune train [--config FILE] [--flag value ...]\n\n" + help_text())
+        own = "".join(f"  --{k}{'' if h is None else ' VALUE'}\n      {h or 'a switch'}\n" for k, h in extras.items())
+        print(f"budgetune {verb} {synopsis}\n\n{verb} options:\n  --config FILE\n      a YAML recipe (configs/)\n"
+              f"{own}\ntraining options (the recipe's keys; flat or dotted):\n{help_text()}")
+        return None
+    rest, config, found = [], None, {}
+    i = 0
+    while i < len(argv):
+        flag = argv[i]
+        name = flag[2:] if flag.startswith("--") else None
+        if name == "config" or name in extras and extras[name] is not None:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{name} needs a value (budgetune {verb} --help)")
+            if name == "config":
+                config = argv[i + 1]
+            else:
+                found[name] = argv[i + 1]
+            i += 2
+            continue
+        if name in extras:
+            found[name] = True
+        else:
+            rest.append(flag)
+        i += 1
+    return config, rest, found
+
+
+def cmd_train(argv: list[str]) -> int:
+    from budgetune.config import resolve
+    from budgetune.train import train
+
+    parsed = config_verb(argv, "train", "[--config FILE] [--flag value ...]", {})
+    if parsed is None:
         return 0
-    config_file = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ConfigError("--config needs a file")
-        config_file = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
-    train(resolve(config_file, argv))
+    config_file, overrides, _ = parsed
+    train(resolve(config_file, overrides))
     return 0
 
 
@@ -76,35 +105,39 @@ def cmd_plot(argv: list[str]) -> int:
     return 0
 
 
+NUM_LABELS_HELP = "classes of the task (default: the config's label_names, else 4)"
+
+
 def cmd_params(argv: list[str]) -> int:
     from budgetune.budget import params_command
 
-    config, rest, as_json = _config_and_flags(argv)
-    return params_command(config, rest, as_json, None)
+    parsed = config_verb(argv, "params", "[--config FILE] [--num_labels N] [--json] [--flag value ...]",
+                         {"num_labels": NUM_LABELS_HELP, "json": None})
+    if parsed is None:
+        return 0
+    config, rest, extra = parsed
+    return params_command(config, rest, bool(extra.get("json")), count_flag(extra, "num_labels"))
 
 
 def cmd_plan(argv: list[str]) -> int:
     from budgetune.budget import plan_command
 
-    config, rest, as_json = _config_and_flags(argv)
-    budget = None
-    if "--budget" in rest:
-        i = rest.index("--budget")
-        budget = rest[i + 1] if i + 1 < len(rest) else None
-        rest = rest[:i] + rest[i + 2:]
-    return plan_command(config, rest, budget, as_json)
+    parsed = config_verb(argv, "plan", "[--config FILE] [--budget 1M] [--num_labels N] [--json] [--flag value ...]",
+                         {"budget": "the cap to plan for (default: --max_trainable_params)",
+                          "num_labels": NUM_LABELS_HELP, "json": None})
+    if parsed is None:
+        return 0
+    config, rest, extra = parsed
+    return plan_command(config, rest, extra.get("budget"), bool(extra.get("json")), count_flag(extra, "num_labels"))
 
 
-def _config_and_flags(argv: list[str]) -> tuple[str | None, list[str], bool]:
-    argv = list(argv)
-    as_json = "--json" in argv
-    argv = [a for a in argv if a != "--json"]
-    config = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        config = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
-    return config, argv, as_json
+def count_flag(values: dict, name: str) -> int | None:
+    if name not in values:
+        return None
+    text = str(values[name])
+    if not text.isdigit() or int(text) < 2:
+        raise ConfigError(f"--{name} must be an integer of at least 2, got {text!r}")
+    return int(text)
 
 
 def cmd_search(argv: list[str]) -> int:
@@ -137,21 +170,23 @@ def cmd_demo(argv: list[str]) -> int:
     from budgetune.predict import predict
     from budgetune.train import train
 
-    p = argparse.ArgumentParser(prog="budgetune demo")
-    p.add_argument("--output_dir", default="runs/demo")
-    p.add_argument("--input", help="texts to predict (default: the course's Kaggle test set when ../shared has it, "
-                   "else the built-in headlines)")
-    a = p.parse_args(argv)
-    cfg = resolve(None, ["--output_dir", a.output_dir, "--overwrite_output_dir", "true"])
+    parsed = config_verb(argv, "demo", "[--config FILE] [--input FILE] [--flag value ...]",
+                         {"input": "texts to predict (default: the course's Kaggle test set when ../shared has it, "
+                                   "else the built-in headlines)"})
+    if parsed is None:
+        return 0
+    config, overrides, extra = parsed
+    cfg = resolve(config, ["--output_dir", "runs/demo", "--overwrite_output_dir", "true", *overrides])
     train(cfg)
     kaggle = Path("../shared/data/nyu_dlsp25_proj2/test_unlabelled.csv")
-    source = a.input or (str(kaggle) if kaggle.exists() else None)
+    source = extra.get("input") or (str(kaggle) if kaggle.exists() else None)
     if source is None:
         from budgetune.data import builtin_path
 
         source = str(builtin_path())
-    predict(a.output_dir, source, str(Path(a.output_dir) / "submission.csv"))
-    print(f"demo done: see {a.output_dir}/ (evaluation.txt, plots/, adapter/, submission.csv)")
+    out = cfg.output.output_dir
+    predict(out, source, str(Path(out) / "submission.csv"))
+    print(f"demo done: see {out}/ (evaluation.txt, plots/, adapter/, submission.csv)")
     return 0
 
 

@@ -110,10 +110,11 @@ class MethodConfig:
     """Which biases train: none, all or lora_only (LoRA family)."""
     target_r: int | None = None
     """AdaLoRA: average rank kept at the end; default rank // 2 (equal to rank would re-allocate nothing)."""
-    tinit: int = 200
-    """AdaLoRA: optimizer steps of warmup before any rank is pruned."""
-    tfinal: int = 1000
-    """AdaLoRA: final optimizer steps with the rank pattern fixed."""
+    tinit: int | float = 200
+    """AdaLoRA: optimizer steps of warm-up before any rank is pruned, or a fraction of all steps (e.g. 0.1)."""
+    tfinal: int | float = 1000
+    """AdaLoRA: final optimizer steps with the rank pattern fixed, or a fraction of all steps (e.g. 0.3); early
+    stopping counts only in this phase."""
     deltaT: int = 10
     """AdaLoRA: optimizer steps between two budget allocations."""
     beta1: float = 0.85
@@ -143,6 +144,16 @@ class MethodConfig:
             raise ConfigError(f"--bias must be none, all or lora_only, got {self.bias!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for flag in ("tinit", "tfinal"):
+            value = getattr(self, flag)
+            if isinstance(value, float) and value.is_integer() and value >= 1:
+                setattr(self, flag, int(value))
+            elif isinstance(value, float) and not 0 < value < 1:
+                raise ConfigError(f"--{flag} must be a step count or a fraction between 0 and 1, got {value}")
+            if getattr(self, flag) < 0:
+                raise ConfigError(f"--{flag} must not be negative, got {value}")
+        if self.deltaT < 1:
+            raise ConfigError(f"--deltaT must be at least 1 optimizer step, got {self.deltaT}")
         if self.target_r is not None and isinstance(self.rank, int) and not 1 <= self.target_r <= self.rank:
             raise ConfigError(f"--target_r must be between 1 and --rank ({self.rank}), got {self.target_r}")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from budgetune import adalora
 from budgetune.config import PACKAGED_MINILM, Config, ConfigError, MethodConfig
 from budgetune.errors import ModelLoadError
 
@@ -40,8 +41,12 @@ def architecture_file(name: str) -> Path | None:
     return Path(str(ref)) if ref.is_file() else None
 
 
-def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = None, revision: str | None = None):
-    """The transformers config of `name`: shipped numbers, a local folder, or the Hub (needs network)."""
+def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = None, revision: str | None = None,
+                   shipped_ok: bool = True):
+    """The transformers config of `name`: a local folder, shipped numbers (counting only), or the Hub (network).
+
+    shipped_ok=False (real training) never uses the shipped numbers: the model's own config.json decides.
+    """
     from transformers import AutoConfig
 
     path = resolve_model_path(name)
@@ -53,7 +58,7 @@ def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = N
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelLoadError(f"{path}: no config.json in this model folder")
         return AutoConfig.from_pretrained(path, **kwargs)
-    shipped = architecture_file(name)
+    shipped = architecture_file(name) if shipped_ok else None
     if shipped is not None:
         data = json.loads(shipped.read_text())
         model_type = data.pop("model_type")
@@ -160,12 +165,10 @@ def peft_config(cfg: Config, model: nn.Module, total_step: int | None, modules_t
         if m.method == "adalora":
             if total_step is None:
                 raise ConfigError("AdaLoRA needs total_step (computed from the data)")
-            if m.tinit >= total_step - m.tfinal:
-                raise ConfigError(
-                    f"AdaLoRA's schedule leaves no budgeting phase: --tinit {m.tinit} + --tfinal {m.tfinal} >= "
-                    f"{total_step} total optimizer steps; lower --tinit/--tfinal or train longer")
+            sched = adalora.schedule(m, total_step)
             return peft.AdaLoraConfig(init_r=m.rank, target_r=m.resolved_target_r(), lora_alpha=m.lora_alpha,
-                                      lora_dropout=m.lora_dropout, bias=m.bias, tinit=m.tinit, tfinal=m.tfinal,
+                                      lora_dropout=m.lora_dropout, bias=m.bias, tinit=sched.tinit,
+                                      tfinal=sched.tfinal,
                                       deltaT=m.deltaT, beta1=m.beta1, beta2=m.beta2,
                                       orth_reg_weight=m.orth_reg_weight, total_step=total_step, **common, **opts)
         if m.method == "ia3":
@@ -212,6 +215,19 @@ def wrap(cfg: Config, model: nn.Module, total_step: int | None, frozen_saved: li
     return peft_model
 
 
+# Adapter parameters that scale rather than project: AdaLoRA's singular values, IA3's vectors (initialised at 1),
+# VeRA's scaling vectors, DoRA's magnitudes. Weight decay would pull them toward 0, i.e. switch the adapter off
+# (IA3) or shrink every weight (DoRA), whatever their shape (IA3's vectors are 2-D).
+SCALE_ROLES = ("lora_E", "ia3_l", "vera_lambda_b", "vera_lambda_d", "lora_magnitude_vector", "ranknum")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether AdamW's weight decay applies: projection matrices yes; scale vectors, biases and norms no."""
+    if any(f".{role}." in f".{name}." or name.endswith(f".{role}") for role in SCALE_ROLES):
+        return False
+    return param.ndim >= 2
+
+
 def freeze_saved_copies(peft_model: nn.Module, frozen: list[str]) -> None:
     """Freeze the saved copies of head parts that must not train (peft makes every modules_to_save trainable)."""
     for name, p in peft_model.named_parameters():
@@ -227,7 +243,8 @@ def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(cfg.model.model_name_or_path)
-    hf_config = load_hf_config(cfg.model.model_name_or_path, len(label_names), label_names, cfg.model.revision)
+    hf_config = load_hf_config(cfg.model.model_name_or_path, len(label_names), label_names, cfg.model.revision,
+                               shipped_ok=False)
     if os.path.isdir(path) and not any(
         f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(path)
     ):

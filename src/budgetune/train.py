@@ -1,30 +1,34 @@
-"""The training loop: explicit, on accelerate (devices, DDP, mixed precision), one screen of control flow."""
+"""Training: `setup` -> `fit` -> `finish`, on accelerate (devices, DDP, mixed precision), explicit control flow."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from budgetune import artifacts, batching, budget, checkpoint, methods
+from budgetune import adalora, artifacts, batching, budget, checkpoint, methods
 from budgetune import data as data_lib
-from budgetune.config import BUILTIN_DATA, Config, save_yaml
-from budgetune.devices import make_accelerator, mixed_precision, token_cap
+from budgetune.config import BUILTIN_DATA, PACKAGED_MINILM, Config, save_yaml
+from budgetune.devices import make_accelerator, mixed_precision, release_accelerator, token_cap
 from budgetune.errors import Interrupted, TrainingError
-from budgetune.inference import inference_loader, predict_logits
+from budgetune.inference import inference_loader, predict_logits, table_logits
 from budgetune.metrics import classification_metrics, cross_entropy, metrics_text
 from budgetune.runlog import MetricsLog
 
 BEST_STATE = "best_state.pt"  # the best step's exact trainable tensors, to finish (or resume) with them
-
-
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+OnEvaluate = Callable[[int, dict], None]
 
 
 @dataclass
@@ -63,7 +67,7 @@ def load_splits(cfg: Config) -> Splits:
 
 
 def cache_dir(cfg: Config) -> str:
-    return cfg.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "budgetune")
+    return cfg.data.cache_dir or str(Path.home() / ".cache" / "budgetune")
 
 
 def steps_per_epoch(n_batches_per_process: int, accumulation: int) -> int:
@@ -71,333 +75,536 @@ def steps_per_epoch(n_batches_per_process: int, accumulation: int) -> int:
     return max(1, math.ceil(n_batches_per_process / accumulation))
 
 
-def train(cfg: Config, *, on_evaluate=None) -> dict:
-    """Train cfg's adapter; returns the best validation metrics. Writes everything into cfg.output.output_dir.
+@dataclass
+class TrainState:
+    """Where the loop is; saved in every checkpoint (plain values only)."""
 
-    on_evaluate(step, metrics): called after every validation with the step and {eval_accuracy, eval_macro_f1,
-    eval_loss, epoch}; an exception it raises (e.g. optuna.TrialPruned) ends the run and propagates.
-    """
-    from accelerate.utils import set_seed
-    from transformers import AutoTokenizer, get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    samples: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
 
+
+@dataclass
+class Best:
+    """The best step's trainable tensors, AdaLoRA rank pattern and validation metrics."""
+
+    state: dict[str, torch.Tensor] | None = None
+    pattern: dict[str, list[bool]] | None = None
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass
+class Run:
+    """Everything setup builds and the loop uses."""
+
+    cfg: Config
+    out: Path
+    accelerator: Any
+    splits: Splits
+    tokenizer: Any
+    model: Any  # as prepared by accelerate (DDP-wrapped under several processes)
+    inner: Any  # the peft model itself
+    optimizer: Any
+    scheduler: Any
+    sampler: Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    log: MetricsLog
+    live: budget.Breakdown
+    world: dict[str, int]  # processes, batches, steps: a resume must find the same
+    schedule: adalora.Schedule | None
+    loss_fn: LossFn
+
+    @property
+    def per_epoch(self) -> int:
+        return self.world["steps_per_epoch"]
+
+    @property
+    def total_steps(self) -> int:
+        return self.world["total_steps"]
+
+    def epoch_of(self, step: int) -> float:
+        return round(step / self.per_epoch, 4)
+
+
+def default_loss(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def gate(cfg: Config, label_names: list[str] | None) -> tuple[Config, budget.Breakdown | None, str]:
+    """rank: auto resolved and the budget checked, as soon as the number of labels is known."""
+    if not label_names:
+        return cfg, None, ""
+    cfg, note = budget.resolve_auto_rank(cfg, len(label_names))
+    return cfg, budget.check_budget(cfg, len(label_names)), note
+
+
+def make_loaders(cfg: Config, accelerator, splits: Splits, tokenizer):
+    """(sampler, train loader, validation loader) over the tokenized splits (cached on disk)."""
     t = cfg.train
-    out = Path(cfg.output.output_dir)
-    resume = checkpoint.find(t.resume_from_checkpoint, out) if t.resume_from_checkpoint else None
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
-    accelerator = make_accelerator(mixed_precision=mixed_precision(t.mixed_precision),
-                                   gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                   log_with=cfg.output.report_to or None, project_dir=str(out))
-    main = accelerator.is_main_process
-    say = accelerator.print
-
-    # The gate comes first: a configuration over budget is refused before data or weights are loaded.
-    known_labels = cfg.data.label_names or (data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
-    if known_labels:
-        cfg, note = budget.resolve_auto_rank(cfg, len(known_labels))
-        expected = budget.check_budget(cfg, len(known_labels))
-    if main:
-        artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resume is not None, clear=False)
-    accelerator.wait_for_everyone()
-
-    splits = load_splits(cfg)
-    names = splits.label_names
-    if not known_labels:
-        cfg, note = budget.resolve_auto_rank(cfg, len(names))
-        expected = budget.check_budget(cfg, len(names))
-    if note:
-        say(note)
-    state = None
-    if resume is not None:  # a checkpoint of another configuration is refused before anything is written
-        state = checkpoint.load(resume)
-        checkpoint.check_compatible(state["config"], cfg.to_dict(), resume)
-
-    model_path = methods.resolve_model_path(cfg.model.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=cfg.model.revision)
     with accelerator.main_process_first():  # one process tokenizes; the others read its cache
         train_ds = data_lib.tokenize(splits.train, tokenizer, cfg.data.max_seq_length, cache_dir(cfg))
         val_ds = data_lib.tokenize(splits.validation, tokenizer, cfg.data.max_seq_length, cache_dir(cfg))
     on_gpu = accelerator.device.type == "cuda"
-    pad_multiple = 8 if on_gpu else None  # tensor cores want multiples of 8; on CPU it is only padding
-    lengths = train_ds["length"]
+    pad = 8 if on_gpu else None  # tensor cores want multiples of 8; on CPU it is only padding
     # Batch size is per device. The sampler forms the global batches (per-device x processes) of one process with
     # that batch, and each is split into per-device parts; accelerate hands process i part i. So N processes x B
     # train on exactly the batches of 1 process x N*B (docs/multi_gpu.md), and every process yields as many batches.
     world = accelerator.num_processes
     global_batch = t.per_device_train_batch_size * world
-    # Without grouping, a mega-batch is one batch: the same seeded shuffle, no sorting across batches.
-    sampler = batching.LengthGroupedBatchSampler(lengths, global_batch, t.seed,
+    sampler = batching.LengthGroupedBatchSampler(train_ds["length"], global_batch, t.seed,
                                                  mega_batch_mult=50 if cfg.data.group_by_length else 1)
     if world > 1:
-        sampler = batching.GlobalBatchSplitter(sampler, world, len(lengths), global_batch)
+        sampler = batching.GlobalBatchSplitter(sampler, world, len(train_ds), global_batch)
     # Its own generator: starting an epoch's iterator draws a seed, which must not come from the global RNG that
     # dropout uses, or a run resumed mid-epoch (one draw more than the original) would drop out other units.
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=batching.make_collator(tokenizer, pad_multiple),
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=batching.make_collator(tokenizer, pad),
                               num_workers=t.dataloader_num_workers, pin_memory=on_gpu,
                               generator=torch.Generator().manual_seed(t.seed))
-    val_loader = inference_loader(val_ds, tokenizer, t.per_device_eval_batch_size, pad_multiple,
-                                  t.dataloader_num_workers, on_gpu, token_cap(accelerator.device))
+    val_loader = inference_loader(val_ds, tokenizer, t.per_device_eval_batch_size, pad, t.dataloader_num_workers,
+                                  on_gpu, token_cap(accelerator.device))
+    return sampler, train_loader, val_loader
 
-    # total_step from the data: batches per process per epoch / accumulation x epochs (AdaLoRA's schedule needs it).
-    per_epoch = steps_per_epoch(math.ceil(len(sampler) / accelerator.num_processes), t.gradient_accumulation_steps)
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.num_train_epochs)
-    num_epochs = math.ceil(total_steps / per_epoch)
 
-    set_seed(t.seed)  # before the model: the head's and the adapters' initial weights depend on it
-    model, missing = methods.load_base(cfg, names)
-    model = methods.wrap(cfg, model, total_steps, missing)
-    methods.first_token_last_layer(model)  # evaluation only: in train mode the layer runs in full
-    live = budget.check_live(model, cfg, expected)
-    if main:  # inputs, weights and checkpoint have loaded: only now is an old run (--overwrite_output_dir) replaced
-        artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resume is not None)
-        save_yaml(cfg, out / "config.yaml", header=f"# resolved configuration of this run\n# budgetune train "
-                  f"--config {out / 'config.yaml'}\n")
-        artifacts.atomic_write_json(out / "budget.json", live.to_dict())
-        say(live.table())
-    is_adalora = cfg.method.method == "adalora"
+def make_optimizer(cfg: Config, model, total_steps: int, on_gpu: bool):
+    """AdamW with decay on projection matrices only (methods.decays), and the warm-up schedule."""
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+    t = cfg.train
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "lora_E" in n else decay).append(p)
+            (decay if methods.decays(n, p) else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate,
-                                  fused=on_gpu)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate, fused=on_gpu)
     warmup = int(t.warmup_ratio * total_steps)
     if t.lr_scheduler_type == "linear":
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    else:
-        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-    if t.torch_compile and on_gpu:
-        model = torch.compile(model)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    inner = accelerator.unwrap_model(model)
+        return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, warmup)
+
+
+def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = None) -> Run:
+    """Gate, data, model, optimizer, logger; nothing of an old run is replaced until all inputs have loaded."""
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    t, out = cfg.train, Path(cfg.output.output_dir)
+    accelerator = make_accelerator(mixed_precision=mixed_precision(t.mixed_precision),
+                                   gradient_accumulation_steps=t.gradient_accumulation_steps,
+                                   log_with=cfg.output.report_to or None, project_dir=str(out))
+    # The gate comes first: a configuration over budget is refused before data or weights are loaded.
+    known = splits.label_names if splits else cfg.data.label_names or (
+        data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
+    cfg, expected, note = gate(cfg, known)
+    resuming = bool(t.resume_from_checkpoint)
+    if accelerator.is_main_process:
+        artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resuming, clear=False)
+    accelerator.wait_for_everyone()
+    splits = splits or load_splits(cfg)
+    if expected is None:
+        cfg, expected, note = gate(cfg, splits.label_names)
+    if note:
+        accelerator.print(note)
+
+    tokenizer = AutoTokenizer.from_pretrained(methods.resolve_model_path(cfg.model.model_name_or_path),
+                                              revision=cfg.model.revision)
+    sampler, train_loader, val_loader = make_loaders(cfg, accelerator, splits, tokenizer)
+    # total_step from the data: batches per process per epoch / accumulation x epochs (AdaLoRA's schedule needs it).
+    per_epoch = steps_per_epoch(math.ceil(len(sampler) / accelerator.num_processes), t.gradient_accumulation_steps)
+    total = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.num_train_epochs)
+    world = {"num_processes": accelerator.num_processes, "per_device_train_batch_size": t.per_device_train_batch_size,
+             "gradient_accumulation_steps": t.gradient_accumulation_steps, "steps_per_epoch": per_epoch,
+             "total_steps": total}
+    sched = adalora.schedule(cfg.method, total) if cfg.method.method == "adalora" else None
+
+    set_seed(t.seed)  # before the model: the head's and the adapters' initial weights depend on it
+    model, missing = methods.load_base(cfg, splits.label_names)
+    model = methods.wrap(cfg, model, total, missing)
+    methods.first_token_last_layer(model)  # evaluation only: in train mode the layer runs in full
+    live = budget.check_live(model, cfg, expected)
+    on_gpu = accelerator.device.type == "cuda"
+    optimizer, scheduler = make_optimizer(cfg, model, total, on_gpu)
+    prepared = torch.compile(model) if t.torch_compile and on_gpu else model
+    prepared, optimizer, train_loader, val_loader = accelerator.prepare(prepared, optimizer, train_loader, val_loader)
     if cfg.output.report_to:
-        accelerator.init_trackers(cfg.output.run_name or out.name, config=_flat(cfg.to_dict()))
-    log = MetricsLog(out / "metrics.jsonl", accelerator, enabled=main)
+        accelerator.init_trackers(cfg.output.run_name or out.name, config=flat(cfg.to_dict()))
+    log = MetricsLog(out / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
+    return Run(cfg, out, accelerator, splits, tokenizer, prepared, accelerator.unwrap_model(prepared), optimizer,
+               scheduler, sampler, train_loader, val_loader, log, live, world, sched, loss_fn or default_loss)
 
-    progress = {"step": 0, "epoch": 0, "batches_done": 0, "best_metric": None, "best_step": None, "bad_evals": 0,
-                "samples": 0, "elapsed": 0.0}
-    best_state, best_pattern, best_metrics = None, None, None
-    if resume is not None:
-        checkpoint.restore_model(inner, state["model"])
-        optimizer.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_allocator(inner, state["allocator"])
-        checkpoint.restore_rng(state["rng"])
-        progress = state["progress"]
-        saved = state.get("best")  # the best as of that checkpoint: best_state.pt may come from later steps
-        if saved is None and (out / BEST_STATE).exists():
-            saved = torch.load(out / BEST_STATE, map_location="cpu")
-        if saved is not None and saved.get("model") is not None:
-            best_state, best_pattern, best_metrics = saved["model"], saved["rank_pattern"], saved["metrics"]
-        log.truncate_after(progress["step"])
-        say(f"resumed from {resume} at step {progress['step']} (epoch {progress['epoch']}, "
-            f"batch {progress['batches_done']})")
-    else:
-        log.log("budget", step=0, **live.to_dict())
 
-    stop_signal = {"sig": None}
+def start(run: Run) -> tuple[TrainState, Best]:
+    """A fresh start (the old run's files replaced, config and budget written) or the state of a checkpoint."""
+    cfg, out, say = run.cfg, run.out, run.accelerator.print
+    found = checkpoint.find(cfg.train.resume_from_checkpoint, out) if cfg.train.resume_from_checkpoint else None
+    saved = None
+    if found is not None:  # a checkpoint of another configuration or world is refused before anything is written
+        saved = checkpoint.load(found)
+        checkpoint.check_compatible(saved["config"], cfg.to_dict(), found)
+        checkpoint.check_world(saved.get("world"), run.world, found)
+    if run.accelerator.is_main_process:
+        artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=found is not None)
+        save_yaml(cfg, out / "config.yaml", header=f"# resolved configuration of this run\n# budgetune train "
+                  f"--config {out / 'config.yaml'}\n")
+        artifacts.atomic_write_json(out / "budget.json", run.live.to_dict())
+        say(run.live.table())
+    if run.schedule is not None:
+        say(run.schedule.describe())
+    if saved is None:
+        run.log.log("budget", step=0, **run.live.to_dict())
+        return TrainState(), Best()
+    checkpoint.restore_model(run.inner, saved["model"])
+    run.optimizer.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if saved["scaler"] is not None and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(saved["scaler"])
+    checkpoint.restore_allocator(run.inner, saved["allocator"])
+    checkpoint.restore_rng(saved["rng"])
+    state = TrainState(**saved["progress"])
+    best = saved.get("best")  # the best as of that checkpoint: best_state.pt may come from later steps
+    if best is None and (out / BEST_STATE).exists():
+        best = torch.load(out / BEST_STATE, map_location="cpu")
+    run.log.truncate_after(state.step)
+    say(f"resumed from {found} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
+    if best is None or best.get("model") is None:
+        return state, Best()
+    return state, Best(best["model"], best["rank_pattern"], best["metrics"])
 
-    def on_signal(signum, frame):
-        stop_signal["sig"] = signum  # finish the step in flight, then checkpoint and leave
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+def validate(run: Run) -> dict:
+    """Validation metrics of the model as it would be saved (AdaLoRA: pruned ranks zeroed)."""
+    with adalora.as_saved(run.inner):
+        logits = predict_logits(run.model, run.val_loader, run.accelerator, len(run.splits.validation.texts),
+                                desc="validation")
+    return scores(logits, run.splits)
 
-    def save_checkpoint() -> Path:
-        folder = out / "checkpoints" / f"step-{progress['step']:06d}"
-        if main:
-            checkpoint.save(folder, model=inner, optimizer=optimizer.optimizer, scheduler=scheduler,
-                            scaler=accelerator.scaler, progress=dict(progress), config=cfg.to_dict(),
-                            keep=t.save_total_limit,
-                            best={"model": best_state, "rank_pattern": best_pattern, "metrics": best_metrics})
-        accelerator.wait_for_everyone()
-        return folder
 
-    def last_checkpoint() -> str:
-        found = checkpoint.find("auto", out)
-        return str(found) if found else "none yet"
+def scores(logits: np.ndarray, splits: Splits) -> dict:
+    m = classification_metrics(splits.validation.labels, logits.argmax(-1), splits.label_names)
+    m["loss"] = cross_entropy(logits, splits.validation.labels)
+    return m
 
-    def evaluate_now() -> bool:
-        """Evaluate, keep the best adapter, log; True when early stopping says stop."""
-        nonlocal best_state, best_pattern, best_metrics
-        logits = predict_logits(model, val_loader, accelerator, len(val_ds), desc="validation")
-        m = classification_metrics(splits.validation.labels, logits.argmax(-1), names)
-        m["loss"] = cross_entropy(logits, splits.validation.labels)
-        key = t.metric_for_best_model
-        value = m[key]
-        better = progress["best_metric"] is None or (
-            value < progress["best_metric"] if key == "loss" else value > progress["best_metric"])
-        if better:
-            progress.update(best_metric=value, best_step=progress["step"], bad_evals=0)
-            best_state, best_pattern = checkpoint.trainable_state(inner), methods.rank_pattern_masks(inner)
-            best_metrics = {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"], "eval_loss": m["loss"],
-                            "step": progress["step"], "epoch": round(progress["step"] / per_epoch, 4)}
-            if main:
-                save_best(inner, tokenizer, out, cfg, names, live, best_metrics, best_state, best_pattern)
-        else:
-            progress["bad_evals"] += 1
-        log.log("eval", step=progress["step"], epoch=round(progress["step"] / per_epoch, 4), eval_loss=m["loss"],
-                eval_accuracy=m["accuracy"], eval_macro_f1=m["macro_f1"], best=better)
-        say(f"step {progress['step']}: validation accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}"
-            + (" (best)" if better else ""))
-        if on_evaluate is not None:
-            on_evaluate(progress["step"], {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"],
-                                           "eval_loss": m["loss"], "epoch": round(progress["step"] / per_epoch, 4)})
-        patience = t.early_stopping_patience
-        return patience is not None and progress["bad_evals"] >= patience
 
-    from tqdm.auto import tqdm
+def improves(value: float, best: float | None, key: str) -> bool:
+    return best is None or (value < best if key == "loss" else value > best)
 
-    bar = tqdm(total=total_steps, initial=progress["step"], desc="train", disable=not accelerator.is_main_process)
-    model.train()
-    stop = progress["step"] >= total_steps
-    window_loss, window_n, t0, samples0 = 0.0, 0, time.perf_counter(), progress["samples"]
-    try:
-        while not stop and progress["epoch"] < num_epochs:
-            # accelerate's loader re-sets the sampler's epoch from its own counter, which a `break` at the end of an
-            # epoch never advances and skip_first_batches does not pass on: set both, so each epoch (resumed too) has
-            # its own order.
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(progress["epoch"])
-            sampler.set_epoch(progress["epoch"])
-            loader = train_loader
-            if progress["batches_done"]:
-                loader = accelerator.skip_first_batches(train_loader, progress["batches_done"])
-            for batch in loader:
-                batch.pop("idx", None)
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at step {progress['step'] + 1}; lower --learning_rate "
-                            f"or check the data. Last good checkpoint: {last_checkpoint()}")
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients and t.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    stepped = accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
-                    if stepped:
-                        scheduler.step()
-                        if is_adalora:  # after optimizer.step, before zero_grad: it reads the gradients
-                            inner.base_model.update_and_allocate(progress["step"])
-                    optimizer.zero_grad(set_to_none=True)
-                progress["batches_done"] += 1
-                progress["samples"] += batch["input_ids"].shape[0] * accelerator.num_processes
-                window_loss += loss.detach().float().item()
-                window_n += 1
-                if not accelerator.sync_gradients:
-                    continue
-                progress["step"] += 1
-                bar.update(1)
-                s = progress["step"]
-                if s % t.logging_steps == 0 or s == total_steps:
-                    elapsed = time.perf_counter() - t0
-                    log.log("train", step=s, epoch=round(s / per_epoch, 4), loss=window_loss / window_n,
-                            learning_rate=scheduler.get_last_lr()[0],
-                            grad_norm=float(grad_norm) if grad_norm is not None else None,
-                            samples_per_second=(progress["samples"] - samples0) / max(elapsed, 1e-9))
-                    bar.set_postfix(loss=f"{window_loss / window_n:.4f}")
-                    window_loss, window_n = 0.0, 0
-                    if is_adalora and (pattern := methods.rank_pattern(inner)):
-                        log.log("ranks", step=s, ranks=pattern)
-                end_of_epoch = progress["batches_done"] >= len(train_loader)
-                if end_of_epoch:
-                    progress.update(epoch=progress["epoch"] + 1, batches_done=0)
-                do_eval = (t.eval_strategy == "steps" and s % t.eval_steps == 0) or (
-                    t.eval_strategy == "epoch" and end_of_epoch) or s == total_steps
-                if do_eval:
-                    stop = evaluate_now()
-                if s >= total_steps:
-                    stop = True
-                if do_eval or (t.save_steps and s % t.save_steps == 0):
-                    save_checkpoint()
-                if world > 1:  # a signal reaches processes at different steps: all stop at the same one
-                    flag = torch.tensor([stop_signal["sig"] or 0], device=accelerator.device)
-                    stop_signal["sig"] = int(accelerator.gather(flag).max()) or None
-                if stop_signal["sig"] is not None:
-                    folder = save_checkpoint()
-                    raise Interrupted(f"stopped by signal {stop_signal['sig']} at step {s}; checkpoint: {folder}. "
-                                      f"Resume with: budgetune train --config {out / 'config.yaml'} "
-                                      f"--resume_from_checkpoint {out}")
-                if stop or end_of_epoch:
-                    break
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingError(
-            f"out of GPU memory at step {progress['step'] + 1} with --per_device_train_batch_size "
-            f"{t.per_device_train_batch_size}; lower it (and raise --gradient_accumulation_steps to keep the "
-            f"global batch) or lower --max_seq_length. Last good checkpoint: {last_checkpoint()}") from None
-    finally:
-        bar.close()
-        for s, h in old_handlers.items():
+
+def keep_best(run: Run, state: TrainState, best: Best, m: dict) -> bool:
+    """Record an evaluation; keep (and save) the adapter if it is the best so far. True if it was."""
+    key = run.cfg.train.metric_for_best_model
+    better = improves(m[key], state.best_metric, key)
+    if better:
+        state.best_metric, state.best_step, state.bad_evals = m[key], state.step, 0
+        best.state, best.pattern = checkpoint.trainable_state(run.inner), methods.rank_pattern_masks(run.inner)
+        best.metrics = {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"], "eval_loss": m["loss"],
+                        "step": state.step, "epoch": run.epoch_of(state.step)}
+        if run.accelerator.is_main_process:
+            save_best(run, best)
+    elif run.schedule is None or run.schedule.is_final(state.step):
+        state.bad_evals += 1  # AdaLoRA: only once the rank pattern is final (pruning makes the metric dip)
+    run.log.log("eval", step=state.step, epoch=run.epoch_of(state.step), eval_loss=m["loss"],
+                eval_accuracy=m["accuracy"], eval_macro_f1=m["macro_f1"], best=better, bad_evals=state.bad_evals)
+    run.accelerator.print(f"step {state.step}: validation accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}"
+                          + (" (best)" if better else ""))
+    return better
+
+
+def save_best(run: Run, best: Best) -> None:
+    """The best adapter in peft's format (+ tokenizer, labels, model card) and its exact trainable state."""
+    cfg = run.cfg
+    artifacts.save_bundle(run.inner, run.tokenizer, run.out / "adapter", label_names=run.splits.label_names,
+                          base_model=portable_model_id(cfg.model.model_name_or_path), revision=cfg.model.revision,
+                          head=cfg.model.head, config=cfg.to_dict(), budget=run.live.to_dict(), metrics=best.metrics)
+    artifacts.atomic_torch_save({"model": best.state, "rank_pattern": best.pattern, "metrics": best.metrics},
+                                run.out / BEST_STATE)
+
+
+def portable_model_id(name: str) -> str:
+    """What the bundle stores as its base: a Hub id or the packaged alias as given, a local folder made absolute."""
+    if name == PACKAGED_MINILM or not Path(name).exists():
+        return name
+    return str(Path(name).resolve())
+
+
+def save_checkpoint(run: Run, state: TrainState, best: Best) -> Path:
+    folder = run.out / "checkpoints" / f"step-{state.step:06d}"
+    if run.accelerator.is_main_process:
+        checkpoint.save(folder, model=run.inner, optimizer=run.optimizer.optimizer, scheduler=run.scheduler,
+                        scaler=run.accelerator.scaler, progress=dataclasses.asdict(state),
+                        config=run.cfg.to_dict(), world=run.world, keep=run.cfg.train.save_total_limit,
+                        best={"model": best.state, "rank_pattern": best.pattern, "metrics": best.metrics})
+    run.accelerator.wait_for_everyone()
+    return folder
+
+
+def last_checkpoint(run: Run) -> str:
+    found = checkpoint.find("auto", run.out)
+    return str(found) if found else "none yet"
+
+
+def train_step(run: Run, batch: dict, steps_done: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """One micro-batch: forward, backward and, at the end of an accumulation, the optimizer and AdaLoRA steps.
+
+    Returns (loss, grad norm or None, whether the optimizer stepped); nothing here waits for the device.
+    """
+    acc, model = run.accelerator, run.model
+    with acc.accumulate(model):
+        loss = run.loss_fn(model, batch)
+        acc.backward(loss)
+        grad_norm = None
+        if acc.sync_gradients and run.cfg.train.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), run.cfg.train.max_grad_norm)
+        run.optimizer.step()
+        stepped = acc.sync_gradients and not acc.optimizer_step_was_skipped
+        if stepped:
+            run.scheduler.step()
+            if run.schedule is not None:  # after optimizer.step, before zero_grad: it reads the gradients
+                run.inner.base_model.update_and_allocate(steps_done)  # 0-based optimizer step
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm, stepped
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag (the step in flight finishes, then a checkpoint); handlers restored on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.old: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self.old.items():
             signal.signal(s, h)
 
-    dump_dir = os.environ.get("BUDGETUNE_DUMP_RANK_STATE")  # debug/tests: every process's own final state
-    if dump_dir:
-        dumped = {"last": checkpoint.trainable_state(inner), "last_rank_pattern": methods.rank_pattern_masks(inner),
-                  "progress": dict(progress), "num_processes": world, "total_steps": total_steps,
-                  "per_epoch": per_epoch, "batches_per_epoch": len(train_loader)}
-    # Finish with the best adapter in the model: final evaluation files describe what was saved.
-    if best_state is not None:
-        checkpoint.restore_model(inner, best_state)
-        if best_pattern is not None:
-            inner.peft_config["default"].rank_pattern = best_pattern
-    logits = predict_logits(model, val_loader, accelerator, len(val_ds), desc="validation")
-    final = classification_metrics(splits.validation.labels, logits.argmax(-1), names)
-    final["loss"] = cross_entropy(logits, splits.validation.labels)
+    def agreed(self, accelerator) -> int | None:
+        """A signal reaches processes at different steps: all stop at the same one."""
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([self.signum or 0], device=accelerator.device)
+            self.signum = int(accelerator.gather(flag).max()) or None
+        return self.signum
+
+
+def fit(run: Run, state: TrainState, best: Best, stop_signal: StopSignal, on_evaluate: OnEvaluate | None) -> None:
+    """The loop: train, log, validate, keep the best, checkpoint, stop early or on a signal."""
+    from tqdm.auto import tqdm
+
+    t, acc = run.cfg.train, run.accelerator
+    bar = tqdm(total=run.total_steps, initial=state.step, desc="train", disable=not acc.is_main_process)
+    window = Window(state)
+    run.model.train()
+    stop = state.step >= run.total_steps
+    while not stop and state.epoch < math.ceil(run.total_steps / run.per_epoch):
+        loader = epoch_loader(run, state)
+        for batch in loader:
+            if run.loss_fn is default_loss:
+                batch.pop("idx", None)
+            loss, grad_norm, _ = train_step(run, batch, state.step)
+            state.batches_done += 1
+            state.samples += batch["input_ids"].shape[0] * acc.num_processes
+            window.add(loss, grad_norm)
+            if not acc.sync_gradients:
+                continue
+            state.step += 1
+            bar.update(1)
+            if state.step % t.logging_steps == 0 or state.step == run.total_steps:
+                log_window(run, state, window, bar)
+            end_of_epoch = state.batches_done >= len(run.train_loader)
+            if end_of_epoch:
+                state.epoch, state.batches_done = state.epoch + 1, 0
+            stop = state.step >= run.total_steps
+            if due_for_eval(t, state.step, end_of_epoch) or stop:
+                window.check(run, state)  # never validate or checkpoint weights a non-finite step has touched
+                keep_best(run, state, best, m := validate(run))
+                if on_evaluate is not None:
+                    on_evaluate(state.step, {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"],
+                                             "eval_loss": m["loss"], "epoch": run.epoch_of(state.step)})
+                patience = t.early_stopping_patience
+                stop = stop or (patience is not None and state.bad_evals >= patience)
+                save_checkpoint(run, state, best)
+            elif t.save_steps and state.step % t.save_steps == 0:
+                window.check(run, state)
+                save_checkpoint(run, state, best)
+            if stop_signal.agreed(acc) is not None:
+                folder = save_checkpoint(run, state, best)
+                raise Interrupted(f"stopped by signal {stop_signal.signum} at step {state.step}; checkpoint: "
+                                  f"{folder}. Resume with: budgetune train --config {run.out / 'config.yaml'} "
+                                  f"--resume_from_checkpoint {run.out}")
+            if stop or end_of_epoch:
+                break
+    bar.close()
+
+
+def epoch_loader(run: Run, state: TrainState):
+    """This epoch's batches, from where a resumed run stopped.
+
+    accelerate's loader re-sets the sampler's epoch from its own counter, which a `break` at the end of an epoch
+    never advances and skip_first_batches does not pass on: set both, so each epoch (resumed too) has its own order.
+    """
+    if hasattr(run.train_loader, "set_epoch"):
+        run.train_loader.set_epoch(state.epoch)
+    run.sampler.set_epoch(state.epoch)
+    if state.batches_done:
+        return run.accelerator.skip_first_batches(run.train_loader, state.batches_done)
+    return run.train_loader
+
+
+def due_for_eval(t, step: int, end_of_epoch: bool) -> bool:
+    return (t.eval_strategy == "steps" and step % t.eval_steps == 0) or (t.eval_strategy == "epoch" and end_of_epoch)
+
+
+class Window:
+    """Training loss and grad norm summed on the device between two log lines (no host sync per step)."""
+
+    def __init__(self, state: TrainState):
+        self.loss, self.n, self.grad_norm = None, 0, None
+        self.t0, self.samples0, self.first_step = time.perf_counter(), state.samples, state.step + 1
+
+    def add(self, loss: torch.Tensor, grad_norm) -> None:
+        self.loss = loss.float() if self.loss is None else self.loss + loss.float()
+        self.n += 1
+        if grad_norm is not None:
+            self.grad_norm = grad_norm
+
+    def check(self, run: Run, state: TrainState) -> float:
+        """The window's mean loss, read back from the device; a non-finite one stops the run, naming the steps."""
+        mean = float(self.loss) / max(self.n, 1) if self.loss is not None else 0.0
+        if not math.isfinite(mean):  # a NaN or inf stays one in the sum
+            raise TrainingError(
+                f"non-finite training loss ({mean}) between steps {self.first_step} and {state.step}; lower "
+                f"--learning_rate or check the data. Last good checkpoint: {last_checkpoint(run)}")
+        return mean
+
+    def read(self, run: Run, state: TrainState) -> dict:
+        """Read back (the one sync of a logging window) and start the next window."""
+        mean = self.check(run, state)
+        out = {"loss": mean, "first_step": self.first_step,
+               "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
+               "samples_per_second": (state.samples - self.samples0) / max(time.perf_counter() - self.t0, 1e-9)}
+        self.loss, self.n, self.first_step = None, 0, state.step + 1
+        return out
+
+
+def log_window(run: Run, state: TrainState, window: Window, bar) -> None:
+    w = window.read(run, state)
+    run.log.log("train", step=state.step, epoch=run.epoch_of(state.step), loss=w["loss"],
+                learning_rate=run.scheduler.get_last_lr()[0], grad_norm=w["grad_norm"],
+                samples_per_second=w["samples_per_second"])
+    bar.set_postfix(loss=f"{w['loss']:.4f}")
+    if run.schedule is not None and (pattern := methods.rank_pattern(run.inner)):
+        run.log.log("ranks", step=state.step, ranks=pattern)
+
+
+def finish(run: Run, state: TrainState, best: Best) -> dict:
+    """The best adapter back in the model; evaluation files computed from the saved adapter reloaded; plots."""
+    acc, out, main = run.accelerator, run.out, run.accelerator.is_main_process
+    if best.state is not None:
+        checkpoint.restore_model(run.inner, best.state)
+        if best.pattern is not None:
+            run.inner.peft_config["default"].rank_pattern = best.pattern
+    acc.wait_for_everyone()
+    saved = reload_saved(run)  # what `predict` will load, through plain peft
+    final = scores(table_logits(saved, run.tokenizer, run.splits.validation, acc,
+                                run.cfg.train.per_device_eval_batch_size, run.cfg.data.max_seq_length,
+                                cache_dir(run.cfg), desc="validation"), run.splits)
     if main:
         artifacts.atomic_write_json(out / "evaluation.json", {"split": "validation", **final})
-        artifacts.atomic_write_text(out / "evaluation.txt", metrics_text(final, "validation (best adapter)"))
-    if splits.test is not None:
-        with accelerator.main_process_first():
-            test_ds = data_lib.tokenize(splits.test, tokenizer, cfg.data.max_seq_length, cache_dir(cfg))
-        test_loader = accelerator.prepare(inference_loader(test_ds, tokenizer, t.per_device_eval_batch_size,
-                                                           pad_multiple, max_tokens=token_cap(accelerator.device)))
-        tl = predict_logits(model, test_loader, accelerator, len(test_ds), desc="test")
-        tm = classification_metrics(splits.test.labels, tl.argmax(-1), names)
+        artifacts.atomic_write_text(out / "evaluation.txt", metrics_text(final, "validation (saved adapter)"))
+    if run.splits.test is not None:  # reported once, never used to choose
+        tl = table_logits(saved, run.tokenizer, run.splits.test, acc, run.cfg.train.per_device_eval_batch_size,
+                          run.cfg.data.max_seq_length, cache_dir(run.cfg), desc="test")
+        tm = classification_metrics(run.splits.test.labels, tl.argmax(-1), run.splits.label_names)
         if main:
             artifacts.atomic_write_json(out / "evaluation_test.json", {"split": "test", **tm})
-            artifacts.atomic_write_text(out / "evaluation_test.txt", metrics_text(tm, "test (best adapter)"))
-        say(f"test accuracy {tm['accuracy']:.4f}")
-    log.log("end", step=progress["step"], best_step=progress["best_step"], best_metric=progress["best_metric"],
-            final_ranks=methods.rank_pattern(inner))
+            artifacts.atomic_write_text(out / "evaluation_test.txt", metrics_text(tm, "test (saved adapter)"))
+        acc.print(f"test accuracy {tm['accuracy']:.4f}")
+    run.log.log("end", step=state.step, best_step=state.best_step, best_metric=state.best_metric,
+                final_ranks=methods.rank_pattern(run.inner), replica_digests=replica_digests(run))
     if main:
-        try:
-            from budgetune.plots import plot_run
-
-            plot_run(out)
-        except Exception as e:  # plots are a convenience: never lose a finished run over them
-            print(f"warning: plots failed: {e}", file=sys.stderr)
-    if dump_dir:
-        Path(dump_dir).mkdir(parents=True, exist_ok=True)
-        torch.save({**dumped, "final": checkpoint.trainable_state(inner),
-                    "final_rank_pattern": methods.rank_pattern_masks(inner), "validation": final},
-                   Path(dump_dir) / f"rank{accelerator.process_index}.pt")
-    accelerator.end_training()
-    say(f"best validation {t.metric_for_best_model} {progress['best_metric']:.4f} at step {progress['best_step']}; "
-        f"adapter: {out / 'adapter'}")
-    return {"best_metric": progress["best_metric"], "best_step": progress["best_step"], **(best_metrics or {}),
+        plot(out)
+    acc.print(f"best validation {run.cfg.train.metric_for_best_model} {state.best_metric:.4f} at step "
+              f"{state.best_step}; adapter: {out / 'adapter'}")
+    return {"best_metric": state.best_metric, "best_step": state.best_step, **(best.metrics or {}),
             "validation": {k: final[k] for k in ("accuracy", "macro_f1", "loss")}}
 
 
-def save_best(inner, tokenizer, out: Path, cfg: Config, names, live, best_metrics, state, pattern) -> None:
-    """The best adapter in peft's format (+ tokenizer, labels, model card) and its exact trainable state."""
-    artifacts.save_bundle(inner, tokenizer, out / "adapter", label_names=names, base_model=cfg.model.model_name_or_path
-                          if not cfg.model.model_name_or_path.startswith("packaged:")
-                          else methods.resolve_model_path(cfg.model.model_name_or_path),
-                          head=cfg.model.head, config=cfg.to_dict(), budget=live.to_dict(), metrics=best_metrics)
-    artifacts.atomic_torch_save({"model": state, "rank_pattern": pattern, "metrics": best_metrics}, out / BEST_STATE)
+def reload_saved(run: Run):
+    """The saved adapter folder loaded onto a fresh base with plain peft, unmerged, on this run's device."""
+    from budgetune.loading import load_model
+
+    model, _, _ = load_model(run.out / "adapter", merge=False)
+    return run.accelerator.prepare_model(model, evaluation_mode=True)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def replica_digests(run: Run) -> list[float]:
+    """One checksum of the trainable weights per process: under DDP they must all be equal."""
+    total = sum(p.detach().double().abs().sum() for p in run.inner.parameters() if p.requires_grad)
+    tensor = torch.as_tensor([float(total)], dtype=torch.float64, device=run.accelerator.device)
+    return [float(x) for x in run.accelerator.gather(tensor).cpu()]
+
+
+def plot(out: Path) -> None:
+    try:
+        from budgetune.plots import plot_run
+
+        plot_run(out)
+    except Exception as e:  # plots are a convenience: never lose a finished run over them
+        print(f"warning: plots failed: {e}", file=sys.stderr)
+
+
+def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None = None,
+          on_evaluate: OnEvaluate | None = None) -> dict:
+    """Train cfg's adapter; returns the best validation metrics. Writes everything into cfg.output.output_dir.
+
+    splits: train on these tables instead of loading cfg's data (self-training, distillation add rows).
+    loss_fn(model, batch): the loss instead of the model's cross-entropy; the batch keeps its `idx` column (the
+    row's index into splits.train). on_evaluate(step, metrics): called after every validation with
+    {eval_accuracy, eval_macro_f1, eval_loss, epoch}; anything it raises ends the run and propagates.
+    Can be called many times in one process: signal handlers and accelerate's state are restored afterwards.
+    """
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        run = setup(cfg, splits, loss_fn)
+        state, best = start(run)
+        with StopSignal() as stop_signal, oom_message(run, state):
+            fit(run, state, best, stop_signal, on_evaluate)
+        result = finish(run, state, best)
+        run.accelerator.end_training()
+        return result
+    finally:
+        release_accelerator()
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(False)
+
+
+@contextlib.contextmanager
+def oom_message(run: Run, state: TrainState):
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        t = run.cfg.train
+        raise TrainingError(
+            f"out of GPU memory at step {state.step + 1} with --per_device_train_batch_size "
+            f"{t.per_device_train_batch_size}; lower it (and raise --gradient_accumulation_steps to keep the "
+            f"global batch) or lower --max_seq_length. Last good checkpoint: {last_checkpoint(run)}") from None
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """Nested config -> {"group.key": scalar} for trackers."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
     return out
-

@@ -1,0 +1,91 @@
+"""AdaLoRA's schedule (warm-up, pruning, final phase) and its masks: what budgetune adds around peft's allocator."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from budgetune.config import MethodConfig
+from budgetune.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimizer steps (0-based, as update_and_allocate counts them) of AdaLoRA's three phases."""
+
+    total_step: int
+    tinit: int
+    tfinal: int
+    deltaT: int
+
+    @property
+    def final_from(self) -> int:
+        """The step at which peft fixes the rank pattern (update_and_allocate's `total_step - tfinal`)."""
+        return self.total_step - self.tfinal
+
+    def is_final(self, steps_done: int) -> bool:
+        """After `steps_done` optimizer steps, is the rank pattern the final one?"""
+        return steps_done > self.final_from
+
+    def describe(self) -> str:
+        return (f"AdaLoRA schedule over {self.total_step} optimizer steps: warm-up steps 1-{self.tinit} (all ranks), "
+                f"pruning steps {self.tinit + 1}-{self.final_from + 1} (every {self.deltaT}), final steps "
+                f"{self.final_from + 2}-{self.total_step} (rank pattern fixed); early stopping counts only in the "
+                "final phase")
+
+
+def steps_of(value: int | float, total_step: int) -> int:
+    """A step count, or a fraction (0 < value < 1) of total_step."""
+    return int(round(value * total_step)) if isinstance(value, float) and value < 1 else int(value)
+
+
+def schedule(m: MethodConfig, total_step: int) -> Schedule:
+    """Resolve tinit/tfinal (counts or fractions) against the computed total_step; refuse schedules with no pruning."""
+    tinit, tfinal = steps_of(m.tinit, total_step), steps_of(m.tfinal, total_step)
+    if tinit + tfinal >= total_step:
+        raise ConfigError(
+            f"AdaLoRA's schedule leaves no pruning phase: --tinit {m.tinit} ({tinit} steps) + --tfinal {m.tfinal} "
+            f"({tfinal} steps) >= {total_step} total optimizer steps; lower --tinit/--tfinal (fractions such as "
+            "--tinit 0.1 --tfinal 0.3 scale with the run) or train longer")
+    return Schedule(total_step, tinit, tfinal, m.deltaT)
+
+
+def _masks(peft_model) -> dict[str, torch.Tensor]:
+    """lora_E parameter name (of the inner model) -> its current keep mask, from the config's rank pattern."""
+    pattern = peft_model.peft_config["default"].rank_pattern
+    if not pattern:
+        return {}
+    out = {}
+    for name, p in peft_model.base_model.model.named_parameters():
+        if ".lora_E." not in name:
+            continue
+        key = name if name in pattern else name.replace(".default", "")  # peft drops the adapter name once saved
+        mask = pattern.get(key)
+        if mask is not None:
+            out[name] = torch.as_tensor(mask, dtype=torch.bool, device=p.device).view(-1, 1)
+    return out
+
+
+@contextlib.contextmanager
+def as_saved(peft_model) -> Iterator[None]:
+    """Inside the block, the model computes what peft saves: lora_E rows outside the rank pattern are zero.
+
+    Between two allocations AdamW moves pruned singular values away from zero, while save_pretrained keeps only
+    the pattern's rows; evaluating the unmasked model would score a model that is never saved. The rows are put
+    back on exit, so training continues exactly as peft's own loop would.
+    """
+    masks = _masks(peft_model) if hasattr(peft_model, "peft_config") else {}
+    params = dict(peft_model.base_model.model.named_parameters()) if masks else {}
+    kept = {n: params[n].detach().clone() for n in masks}
+    with torch.no_grad():
+        for n, mask in masks.items():
+            params[n].masked_fill_(~mask, 0.0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in kept.items():
+                params[n].copy_(value)

@@ -1,0 +1,262 @@
+"""The core made right (issue 10): AdaLoRA scored as saved, its schedule and early stopping, weight decay by role,
+flat prediction memory, portable runs, one command line, and train() called many times in one process."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import read_jsonl, run_cli, tiny_train_args
+from transformers import AutoTokenizer
+
+from budgetune import adalora, cli, methods
+from budgetune import data as data_lib
+from budgetune.config import ConfigError, resolve
+from budgetune.train import make_optimizer, train
+
+
+def flags(args: list[str]) -> list[str]:
+    return args[1:]  # without the verb: resolve() takes the options
+
+
+def ada_args(tiny_roberta, headlines_csv, out, **extra) -> list[str]:
+    """AdaLoRA whose pruning lasts to the end (tfinal 0): every evaluation falls inside the pruning phase, and
+    deltaT 7 leaves pruned singular values to drift between allocations (evaluations every 5 steps)."""
+    base = {"max_train_samples": 96, "per_device_train_batch_size": 8, "num_train_epochs": 2, "tinit": 2,
+            "tfinal": 0, "deltaT": 7, "eval_strategy": "steps", "eval_steps": 5, "learning_rate": 2e-2, "lora_alpha": 1024,
+            "lora_dropout": 0.0}
+    base.update(extra)
+    return tiny_train_args(tiny_roberta, headlines_csv, out, "adalora", **base)
+
+
+def saved_losses(args: list[str], out) -> dict[int, tuple[float, float]]:
+    """step -> (validation loss the run logged, loss of that step's checkpoint saved and reloaded with plain peft)."""
+    from peft import PeftModel
+
+    from budgetune import checkpoint
+    from budgetune.devices import make_accelerator
+    from budgetune.inference import table_logits
+    from budgetune.loading import load_base_for
+    from budgetune.train import load_splits, scores
+
+    cfg = resolve(None, flags(args))
+    splits = load_splits(cfg)
+    logged = {e["step"]: e["eval_loss"] for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "eval"}
+    info = {"base_model_name_or_path": str(cfg.model.model_name_or_path), "label_names": splits.label_names,
+            "head": "default"}
+    found = {}
+    for folder in sorted((out / "checkpoints").glob("step-*")):
+        state = checkpoint.load(folder)
+        model = methods.wrap(cfg, load_base_for(info), total_step=state["world"]["total_steps"])
+        checkpoint.restore_model(model, state["model"])
+        checkpoint.restore_allocator(model, state["allocator"])
+        model.save_pretrained(out / "resaved")  # peft keeps the rank pattern's rows only
+        reloaded = PeftModel.from_pretrained(load_base_for(info), out / "resaved").eval()
+        logits = table_logits(reloaded, AutoTokenizer.from_pretrained(out / "adapter"), splits.validation,
+                              make_accelerator(), 64, cfg.data.max_seq_length)
+        found[state["progress"]["step"]] = (logged[state["progress"]["step"]], scores(logits, splits)["loss"])
+    return found
+
+
+def test_adalora_scores_the_adapter_it_saves(tiny_roberta, headlines_csv, tmp_path):
+    """At every evaluation (all inside the pruning phase, masks gone stale), the logged validation loss is the
+    loss of that step's adapter as peft saves and reloads it; evaluation.json is computed from adapter/ itself."""
+    out = tmp_path / "ada"
+    args = ada_args(tiny_roberta, headlines_csv, out)
+    train(resolve(None, flags(args)))
+    losses = saved_losses(args, out)
+    assert sorted(losses) == [20, 24]  # 5 and 2 steps after the allocations of steps 15 and 22
+    for logged, reloaded in losses.values():
+        assert logged == pytest.approx(reloaded, abs=1e-6)
+    best = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "eval" and e["best"]][-1]
+    assert json.loads((out / "evaluation.json").read_text())["loss"] == pytest.approx(best["eval_loss"], abs=1e-6)
+
+
+def test_without_the_mask_validation_scores_another_model(tiny_roberta, headlines_csv, tmp_path, monkeypatch):
+    """The same run with the mask switched off: what validation scored is not what was saved (the old bug)."""
+    monkeypatch.setattr(adalora, "as_saved", lambda model: contextlib.nullcontext())
+    out = tmp_path / "ada"
+    args = ada_args(tiny_roberta, headlines_csv, out)
+    train(resolve(None, flags(args)))
+    losses = saved_losses(args, out)
+    print(losses)
+    assert all(abs(logged - reloaded) > 1e-5 for logged, reloaded in losses.values()), losses
+
+
+def test_early_stopping_waits_for_the_final_rank_pattern(tiny_roberta, headlines_csv, tmp_path, capsys):
+    out = tmp_path / "ada"
+    args = ada_args(tiny_roberta, headlines_csv, out, tinit=0.1, tfinal=0.5, eval_steps=1,
+                    early_stopping_patience=1, learning_rate=1e-4)
+    train(resolve(None, flags(args)))
+    printed = capsys.readouterr().out
+    assert "AdaLoRA schedule over 24 optimizer steps: warm-up steps 1-2" in printed  # 0.1 x 24 -> 2
+    assert "final steps 14-24" in printed  # 0.5 x 24 = 12 final steps
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["tinit"], config["tfinal"], config["total_step"]) == (2, 12, 24)
+    evals = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "eval"]
+    assert all(e["bad_evals"] == 0 for e in evals if e["step"] <= 13)  # no patience counted while pruning
+    assert evals[-1]["step"] >= 14  # so the run reached the final phase
+    end = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "end"][0]
+    assert sum(end["final_ranks"].values()) == 2 * len(end["final_ranks"])  # target_r 2 everywhere on average
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tinit": 0.5, "tfinal": 0.5}, "--tinit 0.5 (12 steps) + --tfinal 0.5 (12 steps) >= 24 total optimizer steps"),
+    ({"tinit": 20, "tfinal": 4}, "--tinit 20 (20 steps) + --tfinal 4 (4 steps) >= 24"),
+])
+def test_schedule_without_pruning_is_refused(tiny_roberta, headlines_csv, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(resolve(None, flags(ada_args(tiny_roberta, headlines_csv, tmp_path / "x", **extra))))
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [("deltaT", "0", "--deltaT must be at least 1"),
+                                                  ("tinit", "1.5", "--tinit must be a step count or a fraction"),
+                                                  ("tfinal", "-3", "--tfinal must not be negative")])
+def test_schedule_flags_are_checked(flag, value, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(None, ["--method", "adalora", f"--{flag}", value])
+
+
+@pytest.mark.parametrize("method, decayed, not_decayed", [
+    ("ia3", [], ["ia3_l"]),  # IA3's vectors are 2-D ([out, 1]): the old ndim rule decayed them toward 0
+    ("lora", ["lora_A", "lora_B", "classifier.modules_to_save.default.dense.weight"], ["classifier.modules_to_save.default.dense.bias"]),
+    ("adalora", ["lora_A", "lora_B"], ["lora_E"]),
+    ("vera", [], ["vera_lambda_b", "vera_lambda_d"]),
+])
+def test_weight_decay_follows_the_parameter_role(tiny_roberta, headlines_csv, method, decayed, not_decayed):
+    args = ["--model_name_or_path", str(tiny_roberta), "--method", method, "--rank", "4", "--target_modules",
+            "query,value" if method != "ia3" else "key,value,output.dense", "--max_trainable_params", "null"]
+    cfg = resolve(None, args)
+    model = methods.wrap(cfg, methods.load_base(cfg, data_lib.AG_NEWS_LABELS)[0], total_step=100)
+    optimizer, _ = make_optimizer(cfg, model, 100, on_gpu=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    group = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(group) == sum(p.requires_grad for p in model.parameters())
+    for role in decayed:
+        found = [n for n in group if role in n]
+        assert found and all(group[n] == cfg.train.weight_decay for n in found), role
+    for role in not_decayed:
+        found = [n for n in group if role in n]
+        assert found and all(group[n] == 0.0 for n in found), role
+
+
+def test_prediction_memory_does_not_grow_with_chunks(tiny_roberta, headlines_csv, tmp_path, monkeypatch):
+    """Each chunk's tokenized Dataset is released before the next one (accelerate used to keep every loader)."""
+    import datasets
+
+    from budgetune import inference
+    from budgetune.predict import predict
+
+    out = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_roberta, headlines_csv, out, "lora", num_train_epochs=1, max_train_samples=32))
+    texts = tmp_path / "texts.csv"
+    texts.write_text("text\n" + "".join(f"headline number {i} about markets\n" for i in range(60)))
+    monkeypatch.setattr(data_lib, "STREAM_BYTES", 0)
+    monkeypatch.setattr(data_lib, "CHUNK_ROWS", 3)  # 20 chunks
+    alive, real = [], inference.table_logits
+
+    def counting(*a, **k):
+        gc.collect()
+        alive.append(sum(isinstance(o, datasets.Dataset) for o in gc.get_objects()))
+        return real(*a, **k)
+
+    monkeypatch.setattr("budgetune.predict.table_logits", counting)
+    predict(out, str(texts), str(tmp_path / "sub.csv"), cache_dir=str(tmp_path / "cache"))
+    assert len(alive) == 20 and max(alive) <= alive[1] + 1, alive
+
+
+def test_overwrite_removes_everything_of_the_old_run(tiny_roberta, headlines_csv, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_roberta, headlines_csv, out, "lora", num_train_epochs=1, max_train_samples=32)
+    run_cli(*args, "--test_file", str(headlines_csv))
+    (out / "evaluation-other.json").write_text("{}")
+    assert (out / "evaluation_test.json").exists() and (out / "best_state.pt").exists()
+    keep = out / "notes.txt"  # not the run's: left alone
+    keep.write_text("mine")
+    shutil.rmtree(out / "adapter")
+    (out / "adapter").mkdir()
+    (out / "adapter" / "stale.bin").write_text("old")
+    run_cli(*args, "--overwrite_output_dir")
+    assert not (out / "evaluation_test.json").exists() and not (out / "evaluation-other.json").exists()
+    assert not (out / "adapter" / "stale.bin").exists() and (out / "adapter" / "adapter_config.json").exists()
+    assert keep.read_text() == "mine"
+
+
+def test_a_copied_run_folder_still_predicts(tiny_roberta, headlines_csv, tmp_path):
+    out = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_roberta, headlines_csv, out, "lora", num_train_epochs=1, max_train_samples=32))
+    info = json.loads((out / "adapter" / "budgetune.json").read_text())
+    assert info["base_model_name_or_path"] == str(tiny_roberta.resolve()) and "revision" in info
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)
+    run_cli("predict", str(moved), "--input", str(headlines_csv), "--output", str(tmp_path / "sub.csv"))
+    assert len((tmp_path / "sub.csv").read_text().splitlines()) == 481
+
+
+def test_packaged_base_is_stored_by_name():
+    from budgetune.train import portable_model_id
+
+    assert portable_model_id("packaged:all-MiniLM-L6-v2") == "packaged:all-MiniLM-L6-v2"
+    assert portable_model_id("roberta-base") == "roberta-base"
+
+
+@pytest.mark.parametrize("verb", ["train", "evaluate", "predict", "plot", "params", "plan", "demo"])
+def test_every_verb_has_help(verb, capsys):
+    with contextlib.suppress(SystemExit):
+        assert cli.main([verb, "--help"]) == 0
+    assert f"budgetune {verb}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--config"], "--config needs a value"),
+    (["params", "--num_labels"], "--num_labels needs a value"),
+    (["plan", "--budget", "--json"], "--budget needs a value"),
+    (["params", "--num_labels", "one"], "--num_labels must be an integer of at least 2, got 'one'"),
+    (["train", "--learning_rate"], "--learning_rate: expected a number, got 'true'"),
+])
+def test_a_flag_missing_its_value_is_a_usage_error(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_params_and_plan_take_num_labels(capsys):
+    assert cli.main(["params", "--method", "lora", "--rank", "4", "--num_labels", "2", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert cli.main(["params", "--method", "lora", "--rank", "4", "--num_labels", "7", "--json"]) == 0
+    seven = json.loads(capsys.readouterr().out)
+    assert seven["total_trainable"] - two["total_trainable"] == 5 * (384 + 1)  # MiniLM's linear head
+    assert cli.main(["plan", "--budget", "50k", "--num_labels", "3"]) in (0, 1)
+    assert "configurations fit 50,000" in capsys.readouterr().out
+
+
+MIXED = [("lora", "no"), ("ia3", "bf16"), ("adalora", "no")]
+
+
+@pytest.mark.slow
+def test_many_runs_in_one_process_equal_separate_processes(tiny_roberta, headlines_csv, tmp_path):
+    """Three runs in one process (other methods, other mixed precision) give what three fresh processes give."""
+    runs = []
+    for i, (method, precision) in enumerate(MIXED):
+        args = tiny_train_args(tiny_roberta, headlines_csv, tmp_path / f"in-{i}", method, num_train_epochs=1,
+                               max_train_samples=64, per_device_train_batch_size=8, mixed_precision=precision,
+                               logging_steps=1, **({"tinit": 2, "tfinal": 2, "deltaT": 1} if method == "adalora" else {}))
+        runs.append(args)
+        train(resolve(None, flags(args)))
+    for i, args in enumerate(runs):
+        sep = [a if a != str(tmp_path / f"in-{i}") else str(tmp_path / f"sep-{i}") for a in args]
+        subprocess.run([sys.executable, "-m", "budgetune", *sep], check=True, capture_output=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        ours, theirs = (read_jsonl(tmp_path / f"{k}-{i}" / "metrics.jsonl") for k in ("in", "sep"))
+        strip = [{k: v for k, v in e.items() if k != "samples_per_second"} for e in ours]
+        assert strip == [{k: v for k, v in e.items() if k != "samples_per_second"} for e in theirs], MIXED[i]
+    assert torch.get_default_dtype() == torch.float32
