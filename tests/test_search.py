@@ -218,3 +218,24 @@ def test_a_killed_worker_restarts_and_the_killed_trial_is_failed(tiny_roberta, h
     assert sum(t.state != optuna.trial.TrialState.FAIL for t in after) >= 2, (out / "leaderboard.md").read_text()
     rows = {r["trial"]: r for r in csv.DictReader(open(out / "leaderboard.csv", newline=""))}
     assert rows["1"]["state"] == "FAIL" and "worker" in rows["1"]["note"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_search_with_the_leaderboard_written(tiny_roberta, headlines_csv, tmp_path):
+    journal, out = tmp_path / "study.log", tmp_path / "s"
+    cmd = search_cli(tiny_roberta, headlines_csv, tmp_path, journal, 4, 6, out)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = out / "trials" / "0001" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (victim.exists() and any(e.get("event") == "eval" for e in read_jsonl(victim))):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "search interrupted; leaderboard:" in err and "Run the same command again" in err
+    rows = {r["trial"]: r for r in csv.DictReader(open(out / "leaderboard.csv", newline=""))}
+    assert set(rows) == {"0", "1"}  # no trial started after the interrupt
+    assert rows["0"]["state"] in ("COMPLETE", "PRUNED")
+    assert rows["1"]["state"] == "FAIL" and rows["1"]["note"].startswith("interrupted")
+    assert (out / "leaderboard.md").exists()

@@ -357,7 +357,7 @@ def load_search_config(config: str | None, overrides: list[str]) -> tuple[Config
 def command(argv: list[str]) -> int:
     """`budgetune search`: the CLI over search()."""
     p = argparse.ArgumentParser(
-        prog="budgetune search", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="budgetune search", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
         description="Find the best adapter under the parameter budget with Optuna. Any `budgetune train` option "
         "(e.g. --max_train_samples 2000) sets the base of every trial.", epilog=HELP)
     p.add_argument("--config", help="base YAML (any train config), optionally with a search: group")
