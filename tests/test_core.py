@@ -77,7 +77,8 @@ def test_adalora_scores_the_adapter_it_saves(tiny_roberta, headlines_csv, tmp_pa
     for logged, reloaded in losses.values():
         assert logged == pytest.approx(reloaded, abs=1e-6)
     best = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "eval" and e["best"]][-1]
-    assert json.loads((out / "evaluation.json").read_text())["loss"] == pytest.approx(best["eval_loss"], abs=1e-6)
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert saved["raw_adapter"]["loss"] == pytest.approx(best["eval_loss"], abs=1e-6)
 
 
 def test_without_the_mask_validation_scores_another_model(tiny_roberta, headlines_csv, tmp_path, monkeypatch):
@@ -97,13 +98,13 @@ def test_early_stopping_waits_for_the_final_rank_pattern(tiny_roberta, headlines
                     early_stopping_patience=1, learning_rate=1e-4)
     train(resolve(None, flags(args)))
     printed = capsys.readouterr().out
-    assert "AdaLoRA schedule over 24 optimizer steps: warm-up steps 1-2" in printed  # 0.1 x 24 -> 2
+    assert "AdaLoRA schedule over 24 optimizer steps: warm-up steps 1-3" in printed  # 0.1 x 24 -> tinit 2
     assert "final steps 14-24" in printed  # 0.5 x 24 = 12 final steps
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert (config["tinit"], config["tfinal"], config["total_step"]) == (2, 12, 24)
     evals = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "eval"]
-    assert all(e["bad_evals"] == 0 for e in evals if e["step"] <= 13)  # no patience counted while pruning
-    assert evals[-1]["step"] >= 14  # so the run reached the final phase
+    assert all(e["bad_evals"] == 0 for e in evals if e["step"] <= 12)  # no patience counted while pruning
+    assert evals[-1]["step"] >= 13 and evals[-1]["bad_evals"] == 1  # stopped only once the pattern was final
     end = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "end"][0]
     assert sum(end["final_ranks"].values()) == 2 * len(end["final_ranks"])  # target_r 2 everywhere on average
 
@@ -134,7 +135,8 @@ def test_schedule_flags_are_checked(flag, value, message):
 ])
 def test_weight_decay_follows_the_parameter_role(tiny_roberta, headlines_csv, method, decayed, not_decayed):
     args = ["--model_name_or_path", str(tiny_roberta), "--method", method, "--rank", "4", "--target_modules",
-            "query,value" if method != "ia3" else "key,value,output.dense", "--max_trainable_params", "null"]
+            "query,value" if method != "ia3" else "key,value,output.dense", "--max_trainable_params", "null",
+            "--tinit", "10", "--tfinal", "10"]
     cfg = resolve(None, args)
     model = methods.wrap(cfg, methods.load_base(cfg, data_lib.AG_NEWS_LABELS)[0], total_step=100)
     optimizer, _ = make_optimizer(cfg, model, 100, on_gpu=False)
@@ -222,7 +224,8 @@ def test_every_verb_has_help(verb, capsys):
     (["params", "--num_labels"], "--num_labels needs a value"),
     (["plan", "--budget", "--json"], "--budget needs a value"),
     (["params", "--num_labels", "one"], "--num_labels must be an integer of at least 2, got 'one'"),
-    (["train", "--learning_rate"], "--learning_rate: expected a number, got 'true'"),
+    (["train", "--learning_rate"], "--learning_rate needs a value"),
+    (["train", "--seed", "--overwrite_output_dir"], "--seed needs a value"),
 ])
 def test_a_flag_missing_its_value_is_a_usage_error(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -260,3 +263,28 @@ def test_many_runs_in_one_process_equal_separate_processes(tiny_roberta, headlin
         strip = [{k: v for k, v in e.items() if k != "samples_per_second"} for e in ours]
         assert strip == [{k: v for k, v in e.items() if k != "samples_per_second"} for e in theirs], MIXED[i]
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_the_automatic_adapter_scale_respects_the_tolerance(tiny_roberta, headlines_csv, tmp_path):
+    """At the end of training the smallest scale within --robust_tolerance points of the best validation accuracy
+    becomes the adapter's default: recorded in the bundle, used by evaluate/predict, reported in evaluation.json."""
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_roberta, headlines_csv, out, "lora", num_train_epochs=1, max_train_samples=128,
+                           robust_tolerance=3)
+    train(resolve(None, flags(args)))
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    table = {float(s): a for s, a in evaluation["adapter_scale_validation"].items()}
+    assert sorted(table) == [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    chosen = evaluation["adapter_scale"]
+    assert (max(table.values()) - table[chosen]) * 100 <= 3 + 1e-9
+    assert all((max(table.values()) - a) * 100 > 3 for s, a in table.items() if s < chosen)
+    assert evaluation["accuracy"] == pytest.approx(table[chosen])
+    assert evaluation["raw_adapter"]["accuracy"] == pytest.approx(table[1.0])
+    info = json.loads((out / "adapter" / "budgetune.json").read_text())
+    assert info["adapter_scale"] == chosen and info["robust_tolerance"] == 3
+    off = tmp_path / "off"
+    train(resolve(None, flags(tiny_train_args(tiny_roberta, headlines_csv, off, "lora", num_train_epochs=1,
+                                              max_train_samples=128, robust_tolerance="null"))))
+    evaluation = json.loads((off / "evaluation.json").read_text())
+    assert evaluation["adapter_scale"] == 1.0 and evaluation["adapter_scale_validation"] is None
+    assert "adapter_scale" not in json.loads((off / "adapter" / "budgetune.json").read_text())

@@ -33,11 +33,15 @@ def test_train_learns_and_writes_the_run_folder(minilm_run):
     events = read_jsonl(out / "metrics.jsonl")
     evals = [e for e in events if e["event"] == "eval"]
     assert len(evals) == 3 and evals[-1]["step"] == 42  # 432 training rows / 32 = 14 steps x 3 epochs
-    assert max(e["eval_accuracy"] for e in evals) == pytest.approx(evaluation["accuracy"])
+    assert max(e["eval_accuracy"] for e in evals) == pytest.approx(evaluation["raw_adapter"]["accuracy"])
+    assert evaluation["adapter_scale"] == json.loads((out / "adapter" / "budgetune.json").read_text())["adapter_scale"]
     trains = [e for e in events if e["event"] == "train"]
     assert trains[0]["loss"] > trains[-1]["loss"]
     budget = json.loads((out / "budget.json").read_text())
     assert budget["total_trainable"] == 663_552 + 1_540  # LoRA r16 on all 36 linear layers + the 384x4 head
+    # Portable: the packaged MiniLM is stored by name (resolved where the run is used), not as a site-packages path
+    assert json.loads((out / "adapter" / "budgetune.json").read_text())["base_model_name_or_path"] == \
+        "packaged:all-MiniLM-L6-v2"
     card = (out / "adapter" / "README.md").read_text()
     assert "665,092" in card and "PeftModel.from_pretrained" in card
 

@@ -31,8 +31,8 @@ class Schedule:
         return steps_done > self.final_from
 
     def describe(self) -> str:
-        return (f"AdaLoRA schedule over {self.total_step} optimizer steps: warm-up steps 1-{self.tinit} (all ranks), "
-                f"pruning steps {self.tinit + 1}-{self.final_from + 1} (every {self.deltaT}), final steps "
+        return (f"AdaLoRA schedule over {self.total_step} optimizer steps: warm-up steps 1-{self.tinit + 1} (all "
+                f"ranks), pruning steps {self.tinit + 2}-{self.final_from + 1} (every {self.deltaT}), final steps "
                 f"{self.final_from + 2}-{self.total_step} (rank pattern fixed); early stopping counts only in the "
                 "final phase")
 

@@ -223,6 +223,10 @@ class TrainConfig:
     """A checkpoint folder, a run folder (its latest checkpoint), or auto (the latest in output_dir)."""
     deterministic: bool = False
     """Use deterministic algorithms (slower; for exact resume comparisons)."""
+    robust_tolerance: float | None = 0.5
+    """At the end, the adapter's default scale toward the pretrained model (0.5 to 1, see `evaluate
+    --adapter_scale`): the smallest whose validation accuracy is within this many points of the best; it is what
+    evaluate, predict and serve use unless --adapter_scale says otherwise. null: always 1 (the raw adapter)."""
 
     def __post_init__(self):
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -242,6 +246,8 @@ class TrainConfig:
         for flag, allowed in choices.items():
             if getattr(self, flag) not in allowed:
                 raise ConfigError(f"--{flag} must be one of {', '.join(allowed)}, got {getattr(self, flag)!r}")
+        if self.robust_tolerance is not None and not 0 <= self.robust_tolerance <= 100:
+            raise ConfigError(f"--robust_tolerance must be between 0 and 100 points (or null), got {self.robust_tolerance}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ConfigError(f"--early_stopping_patience must be at least 1 or null, got {self.early_stopping_patience}")
 
@@ -432,7 +438,7 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
                 value = args[i + 1]
                 i += 1
             else:
-                value = "true"  # a bare flag: --overwrite_output_dir
+                value = None  # a bare flag: --overwrite_output_dir
         group, _, name = key.rpartition(".")
         if not group:
             if name not in FLAT:
@@ -440,6 +446,10 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
                 hint = f" (did you mean --{close[0]}?)" if close else ""
                 raise ConfigError(f"unknown option --{name}{hint}")
             group = FLAT[name]
+        if value is None:
+            if group in GROUPS and typing.get_type_hints(GROUPS[group]).get(name) is not bool:
+                raise ConfigError(f"--{name} needs a value, e.g. --{name} VALUE (budgetune train --help)")
+            value = "true"
         out.setdefault(group, {})[name] = value
         i += 1
     return out

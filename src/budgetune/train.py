@@ -513,12 +513,17 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
             run.inner.peft_config["default"].rank_pattern = best.pattern
     acc.wait_for_everyone()
     saved = reload_saved(run)  # what `predict` will load, through plain peft
-    final = scores(table_logits(saved, run.tokenizer, run.splits.validation, acc,
-                                run.cfg.train.per_device_eval_batch_size, run.cfg.data.max_seq_length,
-                                cache_dir(run.cfg), desc="validation"), run.splits)
+    raw = scores(validation_logits(run, saved), run.splits)
+    scale, table = choose_adapter_scale(run, saved, raw["accuracy"])
+    final = raw if scale == 1 else scores(validation_logits(run, saved), run.splits)
+    final.update(adapter_scale=scale, adapter_scale_validation=table,
+                 raw_adapter={k: raw[k] for k in ("accuracy", "macro_f1", "loss")})
     if main:
+        if table is not None:
+            artifacts.record_adapter_scale(out / "adapter", scale, table, run.cfg.train.robust_tolerance)
         artifacts.atomic_write_json(out / "evaluation.json", {"split": "validation", **final})
-        artifacts.atomic_write_text(out / "evaluation.txt", metrics_text(final, "validation (saved adapter)"))
+        artifacts.atomic_write_text(out / "evaluation.txt", metrics_text(
+            final, f"validation (saved adapter at adapter_scale {scale:g}: what predict loads)"))
     if run.splits.test is not None:  # reported once, never used to choose
         tl = table_logits(saved, run.tokenizer, run.splits.test, acc, run.cfg.train.per_device_eval_batch_size,
                           run.cfg.data.max_seq_length, cache_dir(run.cfg), desc="test")
@@ -535,6 +540,31 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
               f"{state.best_step}; adapter: {out / 'adapter'}")
     return {"best_metric": state.best_metric, "best_step": state.best_step, **(best.metrics or {}),
             "validation": {k: final[k] for k in ("accuracy", "macro_f1", "loss")}}
+
+
+def validation_logits(run: Run, model) -> np.ndarray:
+    return table_logits(model, run.tokenizer, run.splits.validation, run.accelerator,
+                        run.cfg.train.per_device_eval_batch_size, run.cfg.data.max_seq_length, cache_dir(run.cfg),
+                        desc="validation")
+
+
+def choose_adapter_scale(run: Run, saved, raw_accuracy: float) -> tuple[float, dict[float, float] | None]:
+    """The adapter's default scale toward the pretrained model (scaling.auto_scale on validation); the model is
+    left at that scale. (1, None) when switched off (--robust_tolerance null) or for a method without an adapter."""
+    tolerance = run.cfg.train.robust_tolerance
+    if tolerance is None or run.cfg.method.method == "full":
+        return 1.0, None
+    from budgetune import scaling
+
+    def validate() -> float:
+        if scaling.current_scale(saved) == 1:
+            return raw_accuracy
+        return scores(validation_logits(run, saved), run.splits)["accuracy"]
+
+    chosen, table = scaling.auto_scale(saved, validate, scaling.AUTO_SCALES, tolerance)
+    scaling.apply_scale(saved, chosen)
+    run.accelerator.print(scaling.scale_summary(chosen, table))
+    return chosen, table
 
 
 def reload_saved(run: Run):
