@@ -288,3 +288,22 @@ def test_the_automatic_adapter_scale_respects_the_tolerance(tiny_roberta, headli
     evaluation = json.loads((off / "evaluation.json").read_text())
     assert evaluation["adapter_scale"] == 1.0 and evaluation["adapter_scale_validation"] is None
     assert "adapter_scale" not in json.loads((off / "adapter" / "budgetune.json").read_text())
+
+
+def test_early_stopping_on_loss_every_few_steps(tiny_roberta, headlines_csv, tmp_path):
+    """eval_strategy steps + metric_for_best_model loss + patience 2: the run ends at the second evaluation without
+    a lower loss, and the saved adapter is the lowest-loss one."""
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_roberta, headlines_csv, out, "lora", eval_strategy="steps", eval_steps=2,
+                           metric_for_best_model="loss", early_stopping_patience=2, learning_rate=0.5,
+                           max_train_samples=160, num_train_epochs=3, robust_tolerance="null")
+    train(resolve(None, flags(args)))
+    evals = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "eval"]
+    losses = [e["eval_loss"] for e in evals]
+    best_at = losses.index(min(losses))
+    assert [e["best"] for e in evals] == [i == 0 or losses[i] < min(losses[:i]) for i in range(len(losses))]
+    assert evals[-1]["bad_evals"] == 2 and evals[-1]["step"] < 30  # 10 steps per epoch x 3: it stopped early
+    assert all(e["step"] % 2 == 0 for e in evals)
+    end = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "end"][0]
+    assert end["best_step"] == evals[best_at]["step"] and end["best_metric"] == min(losses)
+    assert json.loads((out / "evaluation.json").read_text())["loss"] == pytest.approx(min(losses), abs=1e-6)
