@@ -2,7 +2,7 @@
 
     python bench/validation_split.py RUN OUT.csv
 
-It reads RUN/config.yaml and calls train.load_splits, so the rows are those the run validated (and chose) on.
+It reads RUN/config.yaml and calls splits.load_splits, so the rows are those the run validated (and chose) on.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 def main(run: str, out: str) -> None:
     from budgetune.config import resolve
-    from budgetune.train import load_splits
+    from budgetune.splits import load_splits
 
     val = load_splits(resolve(str(Path(run) / "config.yaml"), [])).validation
     with open(out, "w", newline="", encoding="utf-8") as f:

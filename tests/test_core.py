@@ -45,7 +45,7 @@ def saved_losses(args: list[str], out) -> dict[int, tuple[float, float]]:
     from budgetune.devices import make_accelerator
     from budgetune.inference import table_logits
     from budgetune.loading import load_base_for
-    from budgetune.train import load_splits, scores
+    from budgetune.splits import load_splits, scores
 
     cfg = resolve(None, flags(args))
     splits = load_splits(cfg)
@@ -206,7 +206,7 @@ def test_a_copied_run_folder_still_predicts(tiny_roberta, headlines_csv, tmp_pat
 
 
 def test_packaged_base_is_stored_by_name():
-    from budgetune.train import portable_model_id
+    from budgetune.finish import portable_model_id
 
     assert portable_model_id("packaged:all-MiniLM-L6-v2") == "packaged:all-MiniLM-L6-v2"
     assert portable_model_id("roberta-base") == "roberta-base"

@@ -6,129 +6,30 @@ import contextlib
 import dataclasses
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from budgetune import adalora, artifacts, batching, budget, checkpoint, methods
 from budgetune import data as data_lib
-from budgetune.config import BUILTIN_DATA, PACKAGED_MINILM, Config, save_yaml
+from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.devices import make_accelerator, mixed_precision, release_accelerator, token_cap
 from budgetune.errors import Interrupted, TrainingError
-from budgetune.inference import inference_loader, predict_logits, table_logits
-from budgetune.metrics import classification_metrics, cross_entropy, metrics_text
+from budgetune.finish import BEST_STATE, finish, save_best
+from budgetune.inference import inference_loader, predict_logits
 from budgetune.runlog import MetricsLog
+from budgetune.runstate import Best, LossFn, Run, TrainState
+from budgetune.splits import Splits, cache_dir, load_splits, scores
 
-BEST_STATE = "best_state.pt"  # the best step's exact trainable tensors, to finish (or resume) with them
-LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 OnEvaluate = Callable[[int, dict], None]
-
-
-@dataclass
-class Splits:
-    train: data_lib.TextTable
-    validation: data_lib.TextTable
-    test: data_lib.TextTable | None
-    label_names: list[str]
-
-
-def load_splits(cfg: Config) -> Splits:
-    """Train/validation(/test) tables; validation is carved from train (stratified, seeded) when the data has none."""
-    d = cfg.data
-    kw = {"text_column": d.text_column_name, "label_column": d.label_column_name, "label_names": d.label_names,
-          "dataset_config_name": d.dataset_config_name}
-    train = data_lib.load_table(d.dataset_name, split="train", **kw)
-    names = train.label_names
-    kw["label_names"] = names
-    if d.validation_file:
-        val = data_lib.load_table(d.validation_file, split="validation", **kw)
-    elif data_lib.has_split(d.dataset_name, "validation", d.dataset_config_name):
-        val = data_lib.load_table(d.dataset_name, split="validation", **kw)
-    else:  # never the test split: it must not choose the model
-        train, val = data_lib.train_validation_split(train, d.validation_split_percentage / 100, cfg.train.seed)
-    test = None
-    if d.test_file:
-        test = data_lib.load_table(d.test_file, split="test", **kw)
-    elif data_lib.has_split(d.dataset_name, "test", d.dataset_config_name):  # reported only, never selects
-        test = data_lib.load_table(d.dataset_name, split="test", **kw)
-    if d.max_train_samples:
-        train = data_lib.TextTable(train.texts[: d.max_train_samples], train.labels[: d.max_train_samples],
-                                   names, train.source)
-    if d.max_eval_samples:
-        val = data_lib.TextTable(val.texts[: d.max_eval_samples], val.labels[: d.max_eval_samples], names, val.source)
-    return Splits(train, val, test, names)
-
-
-def cache_dir(cfg: Config) -> str:
-    return cfg.data.cache_dir or str(Path.home() / ".cache" / "budgetune")
 
 
 def steps_per_epoch(n_batches_per_process: int, accumulation: int) -> int:
     """Optimizer steps per epoch; accelerate steps on the last, partial accumulation of an epoch too."""
     return max(1, math.ceil(n_batches_per_process / accumulation))
-
-
-@dataclass
-class TrainState:
-    """Where the loop is; saved in every checkpoint (plain values only)."""
-
-    step: int = 0
-    epoch: int = 0
-    batches_done: int = 0
-    samples: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-
-
-@dataclass
-class Best:
-    """The best step's trainable tensors, AdaLoRA rank pattern and validation metrics."""
-
-    state: dict[str, torch.Tensor] | None = None
-    pattern: dict[str, list[bool]] | None = None
-    metrics: dict[str, Any] | None = None
-
-
-@dataclass
-class Run:
-    """Everything setup builds and the loop uses."""
-
-    cfg: Config
-    out: Path
-    accelerator: Any
-    splits: Splits
-    tokenizer: Any
-    model: Any  # as prepared by accelerate (DDP-wrapped under several processes)
-    inner: Any  # the peft model itself
-    optimizer: Any
-    scheduler: Any
-    sampler: Any
-    train_loader: DataLoader
-    val_loader: DataLoader
-    log: MetricsLog
-    live: budget.Breakdown
-    world: dict[str, int]  # processes, batches, steps: a resume must find the same
-    schedule: adalora.Schedule | None
-    loss_fn: LossFn
-
-    @property
-    def per_epoch(self) -> int:
-        return self.world["steps_per_epoch"]
-
-    @property
-    def total_steps(self) -> int:
-        return self.world["total_steps"]
-
-    def epoch_of(self, step: int) -> float:
-        return round(step / self.per_epoch, 4)
 
 
 def default_loss(model, batch: dict) -> torch.Tensor:
@@ -283,12 +184,6 @@ def validate(run: Run) -> dict:
     return scores(logits, run.splits)
 
 
-def scores(logits: np.ndarray, splits: Splits) -> dict:
-    m = classification_metrics(splits.validation.labels, logits.argmax(-1), splits.label_names)
-    m["loss"] = cross_entropy(logits, splits.validation.labels)
-    return m
-
-
 def improves(value: float, best: float | None, key: str) -> bool:
     return best is None or (value < best if key == "loss" else value > best)
 
@@ -311,23 +206,6 @@ def keep_best(run: Run, state: TrainState, best: Best, m: dict) -> bool:
     run.accelerator.print(f"step {state.step}: validation accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}"
                           + (" (best)" if better else ""))
     return better
-
-
-def save_best(run: Run, best: Best) -> None:
-    """The best adapter in peft's format (+ tokenizer, labels, model card) and its exact trainable state."""
-    cfg = run.cfg
-    artifacts.save_bundle(run.inner, run.tokenizer, run.out / "adapter", label_names=run.splits.label_names,
-                          base_model=portable_model_id(cfg.model.model_name_or_path), revision=cfg.model.revision,
-                          head=cfg.model.head, config=cfg.to_dict(), budget=run.live.to_dict(), metrics=best.metrics)
-    artifacts.atomic_torch_save({"model": best.state, "rank_pattern": best.pattern, "metrics": best.metrics},
-                                run.out / BEST_STATE)
-
-
-def portable_model_id(name: str) -> str:
-    """What the bundle stores as its base: a Hub id or the packaged alias as given, a local folder made absolute."""
-    if name == PACKAGED_MINILM or not Path(name).exists():
-        return name
-    return str(Path(name).resolve())
 
 
 def save_checkpoint(run: Run, state: TrainState, best: Best) -> Path:
@@ -502,93 +380,6 @@ def log_window(run: Run, state: TrainState, window: Window, bar) -> None:
     bar.set_postfix(loss=f"{w['loss']:.4f}")
     if run.schedule is not None and (pattern := methods.rank_pattern(run.inner)):
         run.log.log("ranks", step=state.step, ranks=pattern)
-
-
-def finish(run: Run, state: TrainState, best: Best) -> dict:
-    """The best adapter back in the model; evaluation files computed from the saved adapter reloaded; plots."""
-    acc, out, main = run.accelerator, run.out, run.accelerator.is_main_process
-    if best.state is not None:
-        checkpoint.restore_model(run.inner, best.state)
-        if best.pattern is not None:
-            run.inner.peft_config["default"].rank_pattern = best.pattern
-    acc.wait_for_everyone()
-    saved = reload_saved(run)  # what `predict` will load, through plain peft
-    raw = scores(validation_logits(run, saved), run.splits)
-    scale, table = choose_adapter_scale(run, saved, raw["accuracy"])
-    final = raw if scale == 1 else scores(validation_logits(run, saved), run.splits)
-    final.update(adapter_scale=scale, adapter_scale_validation=table,
-                 raw_adapter={k: raw[k] for k in ("accuracy", "macro_f1", "loss")})
-    if main:
-        if table is not None:
-            artifacts.record_adapter_scale(out / "adapter", scale, table, run.cfg.train.robust_tolerance)
-        artifacts.atomic_write_json(out / "evaluation.json", {"split": "validation", **final})
-        artifacts.atomic_write_text(out / "evaluation.txt", metrics_text(
-            final, f"validation (saved adapter at adapter_scale {scale:g}: what predict loads)"))
-    if run.splits.test is not None:  # reported once, never used to choose
-        tl = table_logits(saved, run.tokenizer, run.splits.test, acc, run.cfg.train.per_device_eval_batch_size,
-                          run.cfg.data.max_seq_length, cache_dir(run.cfg), desc="test")
-        tm = classification_metrics(run.splits.test.labels, tl.argmax(-1), run.splits.label_names)
-        if main:
-            artifacts.atomic_write_json(out / "evaluation_test.json", {"split": "test", **tm})
-            artifacts.atomic_write_text(out / "evaluation_test.txt", metrics_text(tm, "test (saved adapter)"))
-        acc.print(f"test accuracy {tm['accuracy']:.4f}")
-    run.log.log("end", step=state.step, best_step=state.best_step, best_metric=state.best_metric,
-                final_ranks=methods.rank_pattern(run.inner), replica_digests=replica_digests(run))
-    if main:
-        plot(out)
-    acc.print(f"best validation {run.cfg.train.metric_for_best_model} {state.best_metric:.4f} at step "
-              f"{state.best_step}; adapter: {out / 'adapter'}")
-    return {"best_metric": state.best_metric, "best_step": state.best_step, **(best.metrics or {}),
-            "validation": {k: final[k] for k in ("accuracy", "macro_f1", "loss")}}
-
-
-def validation_logits(run: Run, model) -> np.ndarray:
-    return table_logits(model, run.tokenizer, run.splits.validation, run.accelerator,
-                        run.cfg.train.per_device_eval_batch_size, run.cfg.data.max_seq_length, cache_dir(run.cfg),
-                        desc="validation")
-
-
-def choose_adapter_scale(run: Run, saved, raw_accuracy: float) -> tuple[float, dict[float, float] | None]:
-    """The adapter's default scale toward the pretrained model (scaling.auto_scale on validation); the model is
-    left at that scale. (1, None) when switched off (--robust_tolerance null) or for a method without an adapter."""
-    tolerance = run.cfg.train.robust_tolerance
-    if tolerance is None or run.cfg.method.method == "full":
-        return 1.0, None
-    from budgetune import scaling
-
-    def validate() -> float:
-        if scaling.current_scale(saved) == 1:
-            return raw_accuracy
-        return scores(validation_logits(run, saved), run.splits)["accuracy"]
-
-    chosen, table = scaling.auto_scale(saved, validate, scaling.AUTO_SCALES, tolerance)
-    scaling.apply_scale(saved, chosen)
-    run.accelerator.print(scaling.scale_summary(chosen, table))
-    return chosen, table
-
-
-def reload_saved(run: Run):
-    """The saved adapter folder loaded onto a fresh base with plain peft, unmerged, on this run's device."""
-    from budgetune.loading import load_model
-
-    model, _, _ = load_model(run.out / "adapter", merge=False)
-    return run.accelerator.prepare_model(model, evaluation_mode=True)
-
-
-def replica_digests(run: Run) -> list[float]:
-    """One checksum of the trainable weights per process: under DDP they must all be equal."""
-    total = sum(p.detach().double().abs().sum() for p in run.inner.parameters() if p.requires_grad)
-    tensor = torch.as_tensor([float(total)], dtype=torch.float64, device=run.accelerator.device)
-    return [float(x) for x in run.accelerator.gather(tensor).cpu()]
-
-
-def plot(out: Path) -> None:
-    try:
-        from budgetune.plots import plot_run
-
-        plot_run(out)
-    except Exception as e:  # plots are a convenience: never lose a finished run over them
-        print(f"warning: plots failed: {e}", file=sys.stderr)
 
 
 def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None = None,
