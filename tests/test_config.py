@@ -157,7 +157,7 @@ def test_unknown_method_through_the_real_cli(tmp_path):
     proc = run_cli("train", "--method", "adalorra", "--output_dir", str(tmp_path / "run"), check=False, timeout=300)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     expected = ("budgetune: error: --method 'adalorra' is unknown (did you mean 'adalora'?); choose one of "
-                "adalora, lora, dora, ia3, vera, loha, lokr")
+                "adalora, lora, dora, ia3, vera, loha, lokr, full")
     assert expected in proc.stderr.splitlines(), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -16,8 +16,9 @@ def tiny_roberta(folder: Path, corpus: Iterable[str], vocab_size: int, min_frequ
     bpe.train_from_iterator(list(corpus), vocab_size=vocab_size, min_frequency=min_frequency,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     bpe.save_model(str(folder))
-    tok = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-                               model_max_length=64)
+    # from_pretrained reads vocab.json + merges.txt under transformers 4 and 5 alike; transformers 5's constructor
+    # ignores vocab_file/merges_file and leaves a tokenizer of the 5 special tokens, which maps every text to <unk>.
+    tok = RobertaTokenizerFast.from_pretrained(folder, model_max_length=64)
     tok.save_pretrained(folder)
     torch.manual_seed(0)
     config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
