@@ -352,6 +352,15 @@ def test_run_folders_are_checked_before_loading(runs, tmp_path):
     assert [a.name for a in parse_runs([str(runs["a"] / "adapter"), f"x={runs['a']}"])] == ["a", "x"]
 
 
+@pytest.mark.parametrize(("flags", "needle"), [(["--max_texts", "0"], "--max_texts must be at least 1"),
+                                               (["--batch_wait_ms", "-1"], "--batch_wait_ms must be 0 or more")])
+def test_bad_flags_exit_2_before_loading(runs, capsys, flags, needle):
+    from budgetune.cli import main
+
+    assert main(["serve", str(runs["a"]), *flags]) == 2
+    assert needle in capsys.readouterr().err
+
+
 # --- a live server on loopback: concurrency, the page ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -452,18 +461,19 @@ def serve_env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def test_startup_fails_fast_naming_the_folder(runs, tmp_path):
+def test_startup_fails_fast_naming_the_folder(runs, tmp_path, capsys):
+    from budgetune.cli import main
+
     missing = tmp_path / "no-such-run"
     p = subprocess.run([sys.executable, "-m", "budgetune", "serve", str(runs["a"]), str(missing)], cwd=ROOT,
                        env=serve_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and f"budgetune: error: {missing}: no adapter here" in p.stderr
-    corrupt = tmp_path / "corrupt"
+    corrupt = tmp_path / "corrupt"  # the same path in-process (a second interpreter costs seconds)
     shutil.copytree(runs["a"] / "adapter", corrupt / "adapter")
     (corrupt / "adapter" / "budgetune.json").write_text('{"label_names": ["x", "y"]}')
-    p = subprocess.run([sys.executable, "-m", "budgetune", "serve", str(corrupt)], cwd=ROOT, env=serve_env(),
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and str(corrupt / "adapter" / "budgetune.json") in p.stderr
-    assert "missing base_model_name_or_path" in p.stderr
+    assert main(["serve", str(corrupt)]) == 2
+    err = capsys.readouterr().err
+    assert str(corrupt / "adapter" / "budgetune.json") in err and "missing base_model_name_or_path" in err
 
 
 @pytest.mark.slow

@@ -326,6 +326,10 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
     async def on_http_error(request: Request, e: StarletteHTTPException):
         return error_response(state, RequestError(e.status_code, None, str(e.detail)), e.headers)
 
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception):  # a bug, not the client's: still JSON (uvicorn logs it)
+        return error_response(state, RequestError(500, None, f"internal error: {type(e).__name__}"))
+
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=key_doc,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
@@ -399,6 +403,8 @@ def command(argv: list[str]) -> int:
     for flag in ("max_texts", "max_chars", "max_body_bytes", "max_batch_tokens"):
         if getattr(a, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
+    if not a.batch_wait_ms >= 0:
+        raise ConfigError(f"--batch_wait_ms must be 0 or more, got {a.batch_wait_ms}")
     adapters = parse_runs(a.runs)  # a missing or incompatible folder stops here, named
     options = ServeOptions(api_key=a.api_key or None, max_texts=a.max_texts, max_chars=a.max_chars,
                            max_body_bytes=a.max_body_bytes, batch_wait_ms=a.batch_wait_ms,
