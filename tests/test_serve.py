@@ -158,6 +158,25 @@ def test_bundle_adapter_scale_is_honoured_per_adapter(runs, tmp_path):
     assert np.abs(alone["a"] - alone["rescaled"]).max() > 1e-4  # the scales differ in effect: the test can fail
 
 
+def test_a_fully_fine_tuned_model_is_served_beside_adapters(runs, offline, tiny_roberta, headlines_csv, tmp_path):
+    from budgetune.config import resolve
+    from budgetune.data import TextTable
+    from budgetune.inference import table_logits
+    from budgetune.loading import load_for_inference
+    from budgetune.train import train
+
+    args = tiny_train_args(tiny_roberta, headlines_csv, tmp_path / "full", "full", num_train_epochs=1)
+    train(resolve(None, args[1:]))
+    registry = Registry(parse_runs([str(runs["a"]), str(tmp_path / "full")]))
+    registry.load()
+    assert {d["name"]: d["served"] for d in registry.describe()} == {"a": "merged", "full": "merged"}
+    names = ["a", "full"] * 8
+    got = registry.logits([registry.tokenize(n, [t])[0] for n, t in zip(names, TEXTS)])
+    accelerator, model, tokenizer, info = load_for_inference(tmp_path / "full")
+    alone = table_logits(model, tokenizer, TextTable(TEXTS[:16], None, None, "t"), accelerator, 256, 48)
+    assert np.abs(got[1::2] - alone[1::2]).max() < 1e-5 and np.abs(got[::2] - offline["a"][:16:2]).max() < 1e-5
+
+
 def test_answers_equal_budgetune_predict_files(client, runs, tmp_path):
     """`budgetune predict --probabilities` (6 decimals) for a and b, against the server's answers for both."""
     import csv
