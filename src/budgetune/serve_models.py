@@ -319,8 +319,9 @@ class Registry:
             self.forwards["merged"] += 1
             return self._run(group.model, batch)
         parts: dict[str, list[int]] = {}
+        mixed = group.mixed
         for i, n in enumerate(names):  # the mixable adapters under one key: they share a forward
-            parts.setdefault("" if n in group.mixed else n, []).append(i)
+            parts.setdefault("" if n in mixed else n, []).append(i)
         if "" in parts and len({names[i] for i in parts[""]}) == 1:  # one adapter alone needs no mixing
             rows = parts.pop("")
             parts[names[rows[0]]] = rows
