@@ -58,8 +58,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def config(files, model: Path, out: Path, method: str = "full", **flags):
-    args = tiny_train_args(model, files["train"], out, method, validation_file=files["validation"],
-                           test_file=files["test"], cache_dir=files["cache"], overwrite_output_dir="true", **flags)
+    flags = {"validation_file": files["validation"], "test_file": files["test"], **flags}
+    args = tiny_train_args(model, files["train"], out, method, cache_dir=files["cache"], overwrite_output_dir="true",
+                           **flags)
     return resolve(None, args[1:])
 
 
@@ -233,3 +234,24 @@ def test_cli_verb(teacher, tmp_path):
     proc = run_cli("distill", "--teacher", str(teacher), "--alpha", "2", "--output_dir", str(tmp_path / "x"),
                    check=False)
     assert proc.returncode == 2 and "budgetune: error: --alpha must be between 0 and 1" in proc.stderr
+
+
+def test_teacher_checks_note_another_tokenizer_and_another_validation_split(files, tiny_roberta, teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    from budgetune.methods import resolve_model_path
+
+    cfg = config(files, tiny_roberta, tmp_path / "s", "lora")
+    minilm = AutoTokenizer.from_pretrained(resolve_model_path("packaged:all-MiniLM-L6-v2"))
+    (entry,) = distill.check_teachers([str(teacher)], ["0", "1", "2", "3"], minilm, cfg)
+    assert entry["same_tokenizer_as_student"] is False  # allowed: each model tokenizes for itself
+    assert entry["same_validation_split"] is True  # both hold out the same validation file
+    carved = config(files, tiny_roberta, tmp_path / "s", "lora", validation_file="null", seed=3)
+    other = tmp_path / "other-seed"
+    shutil.copytree(teacher, other, ignore=shutil.ignore_patterns("checkpoints"))
+    (other / "config.yaml").write_text((other / "config.yaml").read_text().replace(
+        f"validation_file: {files['validation']}", "validation_file: null"))
+    assert distill.same_split(other, carved) is False  # seed 1 carved other rows than seed 3 would
+    assert distill.same_split(other, config(files, tiny_roberta, tmp_path / "s", "lora", validation_file="null",
+                                            seed=1)) is True
+    assert distill.same_split(other / "adapter", carved) is None  # a bare bundle: unknown
