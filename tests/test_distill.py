@@ -195,8 +195,9 @@ def test_full_method_saves_a_whole_model_counted_by_the_gate(files, tiny_roberta
     assert "library_name: transformers" in (folder / "README.md").read_text()
     m = evaluate(teacher, str(files["validation"]), output=str(teacher / "eval-check"))
     assert m["accuracy"] == pytest.approx(json.loads((teacher / "evaluation.json").read_text())["accuracy"])
-    with pytest.raises(BudgetError, match="33,476 trainable parameters is over the budget of 10,000"):
+    with pytest.raises(BudgetError, match="33,476 trainable parameters is over the budget of 10,000") as e:
         budget.check_budget(config(files, tiny_roberta, teacher.parent / "x", "full", max_trainable_params=10_000), 4)
+    assert "pass --max_trainable_params null" in str(e.value)
 
 
 def test_bad_input_is_refused_and_nothing_written_is_lost(files, tiny_roberta, teacher, tmp_path):

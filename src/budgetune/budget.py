@@ -367,7 +367,10 @@ def check_budget(cfg: Config, num_labels: int) -> Breakdown:
     budget = cfg.budget.max_trainable_params
     if budget is not None and bd.total_trainable > budget:
         suggestions = _suggest(cfg, num_labels, budget)
-        raise BudgetError(_over_message(bd, budget, suggestions), bd, suggestions)
+        message = _over_message(bd, budget, suggestions)
+        if cfg.method.method == "full":  # a teacher for `budgetune distill` is meant to be unbudgeted
+            message += "\n--method full trains every weight: for an unbudgeted teacher pass --max_trainable_params null"
+        raise BudgetError(message, bd, suggestions)
     return bd
 
 
