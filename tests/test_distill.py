@@ -256,3 +256,32 @@ def test_teacher_checks_note_another_tokenizer_and_another_validation_split(file
     assert distill.same_split(other, config(files, tiny_roberta, tmp_path / "s", "lora", validation_file="null",
                                             seed=1)) is True
     assert distill.same_split(other / "adapter", carved) is None  # a bare bundle: unknown
+
+
+def test_kd_loss_is_gold_cross_entropy_plus_scaled_kl_and_ignores_unlabelled_rows(tiny_roberta):
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_roberta, num_labels=4).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_roberta)
+    texts = [t for _, t in headline_rows()[:6]]
+    enc = dict(tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=48))
+    labels = torch.tensor([0, 2, -100, 1, -100, 3])  # rows 2 and 4: unlabelled texts
+    teachers = [np.random.default_rng(s).normal(size=(10, 4)).astype(np.float32) for s in (1, 2)]
+    log_p = torch.from_numpy(distill.ensemble_log_probs(teachers, 2.0))
+    expected_p = (torch.softmax(torch.from_numpy(teachers[0]) / 2, -1) + torch.softmax(torch.from_numpy(teachers[1]) / 2, -1)) / 2
+    assert torch.allclose(log_p.exp(), expected_p, atol=1e-6)  # probabilities averaged, not logits
+    idx = torch.tensor([9, 3, 0, 7, 5, 1])
+    batch = {**enc, "labels": labels, "idx": idx}
+    with torch.no_grad():
+        logits = model(**enc).logits
+        gold = labels != -100
+        ce = F.cross_entropy(logits[gold], labels[gold])
+        q = torch.log_softmax(logits / 2, -1)
+        kl = (log_p[idx].exp() * (log_p[idx] - q)).sum(-1).mean() * 4
+        got = distill.kd_loss(log_p, 0.3, 2.0)(model, dict(batch))
+        assert torch.allclose(got, 0.3 * ce + 0.7 * kl, atol=1e-5)
+        assert torch.equal(distill.kd_loss(log_p, 1.0, 2.0)(model, dict(batch)), model(**enc, labels=labels).loss)
+        only_unlabelled = {**enc, "labels": torch.full((6,), -100), "idx": idx}
+        assert torch.allclose(distill.kd_loss(log_p, 0.3, 2.0)(model, only_unlabelled), 0.7 * kl, atol=1e-5)
