@@ -307,3 +307,42 @@ def test_early_stopping_on_loss_every_few_steps(tiny_roberta, headlines_csv, tmp
     end = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "end"][0]
     assert end["best_step"] == evals[best_at]["step"] and end["best_metric"] == min(losses)
     assert json.loads((out / "evaluation.json").read_text())["loss"] == pytest.approx(min(losses), abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_roberta, headlines_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    run_cli(*tiny_train_args(tiny_roberta, headlines_csv, out, "lora", num_train_epochs=1, max_train_samples=32))
+    return out
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_predict_keeps_the_inputs_own_ids(tiny_run, tmp_path, monkeypatch, streamed):
+    from budgetune.predict import predict
+
+    if streamed:
+        monkeypatch.setattr(data_lib, "STREAM_BYTES", 0)
+        monkeypatch.setattr(data_lib, "CHUNK_ROWS", 4)
+    texts = tmp_path / "texts.csv"
+    texts.write_text("doc,text\n" + "".join(f"a-{i},headline {i} on markets\n" for i in range(10)))
+    predict(tiny_run, str(texts), str(tmp_path / "ids.csv"), id_column="doc", cache_dir=str(tmp_path / "c"))
+    predict(tiny_run, str(texts), str(tmp_path / "pos.csv"), cache_dir=str(tmp_path / "c"))
+    with_ids = [line.split(",") for line in (tmp_path / "ids.csv").read_text().splitlines()]
+    by_pos = [line.split(",") for line in (tmp_path / "pos.csv").read_text().splitlines()]
+    assert with_ids[0] == by_pos[0] == ["ID", "Label"]
+    assert [r[0] for r in with_ids[1:]] == [f"a-{i}" for i in range(10)]
+    assert [r[1] for r in with_ids[1:]] == [r[1] for r in by_pos[1:]]
+    with pytest.raises(data_lib.DataError, match=r"texts\.csv: no ID column 'nope' \(columns: doc, text\); set "
+                       r"--id_column"):
+        predict(tiny_run, str(texts), str(tmp_path / "bad.csv"), id_column="nope", cache_dir=str(tmp_path / "c"))
+    assert not (tmp_path / "bad.csv").exists()
+
+
+def test_predict_takes_its_defaults_from_a_recipe(tiny_run, tmp_path, capsys):
+    texts = tmp_path / "texts.csv"
+    texts.write_text("body\n" + "".join(f"headline {i}\n" for i in range(5)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data:\n  text_column_name: body\n  cache_dir: {tmp_path / 'cache'}\n")
+    assert cli.main(["predict", str(tiny_run), "--input", str(texts), "--output", str(tmp_path / "s.csv"),
+                     "--config", str(recipe)]) == 0
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 6 and (tmp_path / "cache").is_dir()

@@ -183,7 +183,7 @@ class TrainConfig:
     """AdamW weight decay (not applied to biases, LayerNorm or AdaLoRA's singular values)."""
     per_device_train_batch_size: int = 32
     """Batch size on each process; the global batch is this x processes x gradient_accumulation_steps."""
-    per_device_eval_batch_size: int = 128
+    per_device_eval_batch_size: int = 256
     """Batch size for evaluation and prediction on each process (on CPU also capped at 2048 padded tokens)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""

@@ -40,6 +40,7 @@ class TextTable:
     labels: list[int] | None
     label_names: list[str] | None
     source: str
+    ids: list[str] | None = None  # the rows' own IDs (predict --id_column), when asked for
 
 
 def builtin_path() -> Path:
@@ -66,7 +67,7 @@ def has_split(source: str, split: str, dataset_config_name: str | None = None) -
 def load_table(source: str, *, split: str = "train", text_column: str | None = None,
                label_column: str | None = None, label_names: list[str] | None = None,
                require_labels: bool = True, dataset_config_name: str | None = None,
-               max_samples: int | None = None) -> TextTable:
+               max_samples: int | None = None, id_column: str | None = None) -> TextTable:
     """Load BUILTIN, a local file or folder, or a Hub dataset; validates every row, then keeps max_samples."""
     path = builtin_path() if source == BUILTIN else Path(source).expanduser()
     if source == BUILTIN and label_names is None:  # the packaged headlines use AG News label ids
@@ -84,10 +85,23 @@ def load_table(source: str, *, split: str = "train", text_column: str | None = N
     else:
         name, (columns, classes) = source, _read_hub(source, split, dataset_config_name)
     table = _to_table(name, columns, classes, text_column, label_column, label_names, require_labels)
+    if id_column is not None:
+        table.ids = [_id_value(name, f"row {i + 1}", id_column, v)
+                     for i, v in enumerate(columns[_pick(name, columns, id_column, (), "ID", "id_column")])]
     if max_samples is not None:
         table.texts = table.texts[:max_samples]
         table.labels = None if table.labels is None else table.labels[:max_samples]
+        table.ids = None if table.ids is None else table.ids[:max_samples]
     return table
+
+
+def _id_value(src: str, where: str, column: str, value: object) -> str:
+    """An ID as written in the submission: integers without a decimal point, anything else as text."""
+    if _missing(value):
+        raise DataError(f"{src}, {where}: empty {column!r} (--id_column)")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 Columns = tuple[dict[str, list], dict[str, list[str]]]  # column values, ClassLabel names by column
@@ -192,31 +206,42 @@ CHUNK_ROWS = 20_000
 
 def iter_texts(source: str, *, text_column: str | None = None, chunk_rows: int | None = None) -> Iterator[list[str]]:
     """Unlabelled texts in chunks: big CSV/TSV/JSONL files stream (validated row by row); others load whole."""
+    for texts, _ in iter_rows(source, text_column=text_column, chunk_rows=chunk_rows):
+        yield texts
+
+
+def iter_rows(source: str, *, text_column: str | None = None, id_column: str | None = None,
+              chunk_rows: int | None = None) -> Iterator[tuple[list[str], list[str] | None]]:
+    """(texts, their IDs from id_column or None) in chunks, streamed like iter_texts."""
     chunk_rows = chunk_rows or CHUNK_ROWS
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if not path.is_file() or suffix not in (".csv", ".tsv", ".jsonl") or path.stat().st_size < STREAM_BYTES:
-        yield load_table(source, split="test", text_column=text_column, require_labels=False).texts
+        table = load_table(source, split="test", text_column=text_column, require_labels=False, id_column=id_column)
+        yield table.texts, table.ids
         return
     with open(path, encoding="utf-8", newline="") as f:
-        chunk: list[str] = []
+        texts: list[str] = []
+        ids: list[str] = []
         try:
-            rows = _stream_jsonl(path, f, text_column) if suffix == ".jsonl" else _stream_csv(
-                path, f, text_column, "\t" if suffix == ".tsv" else ",")
-            for text in rows:
-                chunk.append(text)
-                if len(chunk) == chunk_rows:
-                    yield chunk
-                    chunk = []
+            rows = _stream_jsonl(path, f, text_column, id_column) if suffix == ".jsonl" else _stream_csv(
+                path, f, text_column, "\t" if suffix == ".tsv" else ",", id_column)
+            for text, row_id in rows:
+                texts.append(text)
+                ids.append(row_id)
+                if len(texts) == chunk_rows:
+                    yield texts, ids if id_column else None
+                    texts, ids = [], []
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x})") from None
-    if chunk:
-        yield chunk
+    if texts:
+        yield texts, ids if id_column else None
 
 
-def _stream_csv(path: Path, f, text_column: str | None, delimiter: str) -> Iterator[str]:
+def _stream_csv(path: Path, f, text_column: str | None, delimiter: str,
+                id_column: str | None = None) -> Iterator[tuple[str, str | None]]:
     reader = csv.reader(f, delimiter=delimiter, strict=True)
-    header, col, ag_news, line = None, 0, False, 0
+    header, col, id_col, ag_news, line = None, 0, None, False, 0
     try:
         for row in reader:
             line += 1
@@ -234,15 +259,21 @@ def _stream_csv(path: Path, f, text_column: str | None, delimiter: str) -> Itera
                         continue
                     col = header.index(_pick(str(path), dict.fromkeys(header), text_column, TEXT_COLUMNS, "text",
                                              "text_column_name"))
+                    if id_column is not None:
+                        id_col = header.index(_pick(str(path), dict.fromkeys(header), id_column, (), "ID", "id_column"))
                     continue
+                if id_column is not None:
+                    raise DataError(f"{path}: the headerless AG News layout has no {id_column!r} column (--id_column)")
             if len(row) != len(header):
                 raise DataError(f"{path}, line {reader.line_num}: expected {len(header)} fields, found {len(row)}")
-            yield f"{row[1]} {row[2]}" if ag_news else row[col]
+            row_id = None if id_col is None else _id_value(str(path), f"line {reader.line_num}", id_column, row[id_col])
+            yield (f"{row[1]} {row[2]}" if ag_news else row[col]), row_id
     except csv.Error as e:
         raise DataError(f"{path}, line {reader.line_num + 1}: malformed CSV ({e})") from None
 
 
-def _stream_jsonl(path: Path, f, text_column: str | None) -> Iterator[str]:
+def _stream_jsonl(path: Path, f, text_column: str | None,
+                  id_column: str | None = None) -> Iterator[tuple[str, str | None]]:
     key = None
     for n, raw in enumerate(f, 1):
         if not raw.strip():
@@ -258,7 +289,9 @@ def _stream_jsonl(path: Path, f, text_column: str | None) -> Iterator[str]:
         key = key or _pick(str(path), rec, text_column, TEXT_COLUMNS, "text", "text_column_name")
         if not isinstance(rec.get(key), str):
             raise DataError(f"{path}, line {n}: {key!r} is not a string")
-        yield rec[key]
+        if id_column is not None and id_column not in rec:
+            raise DataError(f"{path}, line {n}: no {id_column!r} (--id_column)")
+        yield rec[key], None if id_column is None else _id_value(str(path), f"line {n}", id_column, rec[id_column])
 
 
 def _records(path: Path, records: list, where: Callable[[int], str]) -> dict[str, list]:

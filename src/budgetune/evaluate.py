@@ -7,6 +7,7 @@ from pathlib import Path
 
 from budgetune import artifacts, scaling
 from budgetune import data as data_lib
+from budgetune.config import Config, resolve
 from budgetune.inference import table_logits
 from budgetune.loading import bundle_info, bundle_scale, load_for_inference
 from budgetune.metrics import classification_metrics, cross_entropy, metrics_text
@@ -118,16 +119,21 @@ def command(argv: list[str]) -> int:
                    help="labelled file (csv, tsv, json, jsonl, parquet, pkl); repeat for several files")
     p.add_argument("--text_column_name")
     p.add_argument("--label_column_name")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=256,
-                   help="texts per batch (default 256; on CPU also capped at 2048 padded tokens)")
+    p.add_argument("--per_device_eval_batch_size", type=int,
+                   help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
+    p.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
+                   "per_device_eval_batch_size and cache_dir are the defaults")
     p.add_argument("--adapter_scale", help="scale(s) of the adapter's update in [0, 1], comma-separated "
                    "(e.g. 0,0.25,0.5,0.75,1); default: the scale recorded in the bundle, else 1 (as trained)")
     p.add_argument("--output", help="path stem of the reports (default: RUN/evaluation-STEM for one file at "
                    "one scale, RUN/evaluation-scales otherwise)")
     a = p.parse_args(argv)
+    recipe = resolve(a.config, []) if a.config else Config()
+    a.text_column_name = a.text_column_name or recipe.data.text_column_name
+    a.per_device_eval_batch_size = a.per_device_eval_batch_size or recipe.train.per_device_eval_batch_size
     scales = scaling.parse_scales(a.adapter_scale) if a.adapter_scale is not None else None
-    common = {"text_column": a.text_column_name, "label_column": a.label_column_name,
-              "batch_size": a.per_device_eval_batch_size, "output": a.output}
+    common = {"text_column": a.text_column_name, "label_column": a.label_column_name or recipe.data.label_column_name,
+              "batch_size": a.per_device_eval_batch_size, "output": a.output, "cache_dir": recipe.data.cache_dir}
     if len(a.data_file) == 1 and (scales is None or len(scales) == 1):
         evaluate(a.run, a.data_file[0], adapter_scale=scales[0] if scales else None, **common)
     else:

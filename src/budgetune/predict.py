@@ -11,6 +11,7 @@ import numpy as np
 
 from budgetune import artifacts, scaling
 from budgetune import data as data_lib
+from budgetune.config import Config, resolve
 from budgetune.errors import AdapterError, ConfigError
 from budgetune.inference import table_logits
 from budgetune.loading import load_for_inference
@@ -18,8 +19,9 @@ from budgetune.loading import load_for_inference
 
 def predict(run: str | Path, input_file: str, output: str, *, text_column: str | None = None,
             label_format: str = "int", batch_size: int = 256, cache_dir: str | None = None,
-            adapter_scale: float | None = None, probabilities: bool = False) -> Path:
-    """Write a Kaggle submission `ID,Label`: IDs are the input rows' positions 0..n-1, in input order.
+            adapter_scale: float | None = None, probabilities: bool = False, id_column: str | None = None) -> Path:
+    """Write a Kaggle submission `ID,Label` in input order: IDs are the rows' positions 0..n-1, or the values of
+    the input's `id_column`.
 
     adapter_scale: None applies the bundle's recorded default (1 when it has none). probabilities: one more column
     per class, named by its label, with the softmax probability.
@@ -38,13 +40,13 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
                                          encoding="utf-8"))
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["ID", "Label"] + (list(names) if probabilities else []))
-        for texts in data_lib.iter_texts(input_file, text_column=text_column):
+        for texts, ids in data_lib.iter_rows(input_file, text_column=text_column, id_column=id_column):
             table = data_lib.TextTable(texts, None, None, str(input_file))
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
             if w is not None:
                 probs = softmax(logits) if probabilities else np.zeros((len(logits), 0))
                 w.writerows([i, names[p] if label_format == "name" else int(p), *(f"{q:.6f}" for q in row)]
-                            for i, p, row in zip(range(n, n + len(logits)), logits.argmax(-1), probs))
+                            for i, p, row in zip(ids or range(n, n + len(logits)), logits.argmax(-1), probs))
             n += len(texts)
     if accelerator.is_main_process:
         print(f"wrote {n} predictions to {output} (adapter scale {info['applied_adapter_scale']:g})")
@@ -64,13 +66,20 @@ def command(argv: list[str]) -> int:
     p.add_argument("--output", help="submission CSV (default: RUN/submission.csv)")
     p.add_argument("--text_column_name")
     p.add_argument("--label_format", choices=("int", "name"), default="int")
-    p.add_argument("--per_device_eval_batch_size", type=int, default=256,
-                   help="texts per batch (default 256; on CPU also capped at 2048 padded tokens)")
+    p.add_argument("--per_device_eval_batch_size", type=int,
+                   help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
+    p.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
+                   "per_device_eval_batch_size and cache_dir are the defaults")
     p.add_argument("--adapter_scale", help="scale of the adapter's update in [0, 1] (0 = the pretrained model, "
                    "1 = as trained); default: the scale recorded in the bundle, else 1")
+    p.add_argument("--id_column", help="a column of the input whose values are written as the IDs (default: the "
+                   "rows' positions 0..n-1)")
     p.add_argument("--probabilities", action="store_true",
                    help="add one probability column per class, named by its label")
     a = p.parse_args(argv)
+    recipe = resolve(a.config, []) if a.config else Config()
+    a.text_column_name = a.text_column_name or recipe.data.text_column_name
+    a.per_device_eval_batch_size = a.per_device_eval_batch_size or recipe.train.per_device_eval_batch_size
     scale = None
     if a.adapter_scale is not None:
         scales = scaling.parse_scales(a.adapter_scale)
@@ -79,5 +88,5 @@ def command(argv: list[str]) -> int:
         scale = scales[0]
     predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
             label_format=a.label_format, batch_size=a.per_device_eval_batch_size, adapter_scale=scale,
-            probabilities=a.probabilities)
+            probabilities=a.probabilities, id_column=a.id_column, cache_dir=recipe.data.cache_dir)
     return 0
