@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from budgetune import artifacts, budget, unlabeled
 from budgetune import data as data_lib
+from budgetune import splits as splits_lib
 from budgetune import train as train_lib
 from budgetune.config import Config
 from budgetune.errors import AdapterError, ConfigError
@@ -183,7 +184,7 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     out = Path(cfg.output.output_dir)
     artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir,
                                resuming=bool(cfg.train.resume_from_checkpoint), clear=False)
-    splits = train_lib.load_splits(cfg)
+    splits = splits_lib.load_splits(cfg)
     names = splits.label_names
     resolved, _ = budget.resolve_auto_rank(cfg, len(names))
     budget.check_budget(resolved, len(names))  # before the teachers' pass: an over-budget student fails at once
@@ -196,7 +197,7 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
         dedup = unlabeled.load_unlabeled(unlabeled_file, splits.validation, splits.test, splits.train, text_column)
         print(dedup.summary(unlabeled_file))
         splits.train = unlabeled.with_unlabeled(splits.train, dedup.kept)
-    cache = Path(train_lib.cache_dir(cfg))
+    cache = Path(splits_lib.cache_dir(cfg))
     all_logits = []
     for entry in identities:
         logits, path, hit = teacher_logits(entry["path"], splits.train.texts, cache,

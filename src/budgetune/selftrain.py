@@ -19,6 +19,7 @@ import numpy as np
 
 from budgetune import artifacts, unlabeled
 from budgetune import data as data_lib
+from budgetune import splits as splits_lib
 from budgetune import train as train_lib
 from budgetune.config import Config
 from budgetune.errors import ConfigError
@@ -114,7 +115,7 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
     check_options(rounds, threshold, cap_factor, noise_dropout)
     out = Path(cfg.output.output_dir)
     artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=False, clear=False)
-    splits = train_lib.load_splits(cfg)
+    splits = splits_lib.load_splits(cfg)
     names = splits.label_names
     dedup = unlabeled.load_unlabeled(unlabeled_file, splits.validation, splits.test, splits.train, text_column)
     print(dedup.summary(unlabeled_file))
@@ -141,7 +142,7 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
                 break
             train_table = unlabeled.with_unlabeled(splits.train, [texts[i] for i in rows], labels.tolist())
             write_pseudo_labels(out / f"round-{r}" / "pseudo_labels.csv", texts, rows, labels, probs, names)
-        result = train_lib.train(rcfg, splits=train_lib.Splits(train_table, splits.validation, splits.test, names))
+        result = train_lib.train(rcfg, splits=splits_lib.Splits(train_table, splits.validation, splits.test, names))
         value = result["best_metric"]
         summary.append({"round": r, "pseudo_labels": kept, "pseudo_per_class": counts, "trained": True,
                         "confident": None if r == 0 else confident,
