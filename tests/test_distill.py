@@ -285,3 +285,10 @@ def test_kd_loss_is_gold_cross_entropy_plus_scaled_kl_and_ignores_unlabelled_row
         assert torch.equal(distill.kd_loss(log_p, 1.0, 2.0)(model, dict(batch)), model(**enc, labels=labels).loss)
         only_unlabelled = {**enc, "labels": torch.full((6,), -100), "idx": idx}
         assert torch.allclose(distill.kd_loss(log_p, 0.3, 2.0)(model, only_unlabelled), 0.7 * kl, atol=1e-5)
+
+
+def test_the_student_may_not_overwrite_its_teacher(files, tiny_roberta, teacher):
+    for out in (teacher, teacher / "adapter"):
+        with pytest.raises(ConfigError, match="the student would overwrite it"):
+            distill.distill(config(files, tiny_roberta, out, "lora"), [str(teacher)])
+    assert (teacher / "adapter" / "model.safetensors").is_file()

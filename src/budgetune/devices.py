@@ -35,6 +35,11 @@ def make_accelerator(**kwargs):
     return accelerator
 
 
+def is_main_process() -> bool:
+    """Outside a training run (which has its accelerator): whether this process writes the shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def release_accelerator() -> None:
     """Forget accelerate's process-wide state, so the next train() or predict() in this process starts clean.
 

@@ -22,6 +22,7 @@ from budgetune import data as data_lib
 from budgetune import splits as splits_lib
 from budgetune import train as train_lib
 from budgetune.config import Config
+from budgetune.devices import is_main_process
 from budgetune.errors import AdapterError, ConfigError
 from budgetune.loading import adapter_dir, bundle_info
 
@@ -162,7 +163,7 @@ def _same_tokenizer(folder: Path, student_tokenizer) -> bool:
     return type(tok).__name__ == type(student_tokenizer).__name__ and tok.get_vocab() == student_tokenizer.get_vocab()
 
 
-def check_options(teachers: list[str], alpha: float, temperature: float) -> None:
+def check_options(teachers: list[str], alpha: float, temperature: float, output_dir: Path) -> None:
     if not teachers:
         raise ConfigError("--teacher: name at least one teacher run or adapter folder")
     if not 0 <= alpha <= 1:
@@ -170,7 +171,9 @@ def check_options(teachers: list[str], alpha: float, temperature: float) -> None
     if not temperature > 0 or not np.isfinite(temperature):
         raise ConfigError(f"--temperature must be a positive number, got {temperature}")
     for t in teachers:
-        adapter_dir(t)  # a missing or foreign folder is refused before any data loads
+        folder = adapter_dir(t)  # a missing or foreign folder is refused before any data loads
+        if output_dir.resolve() in (Path(t).resolve(), folder.resolve(), folder.resolve().parent):
+            raise ConfigError(f"--output_dir {output_dir} is the teacher {t}: the student would overwrite it")
 
 
 def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = None, text_column: str | None = None,
@@ -180,8 +183,8 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
 
     from budgetune.methods import resolve_model_path
 
-    check_options(teachers, alpha, temperature)
     out = Path(cfg.output.output_dir)
+    check_options(teachers, alpha, temperature, out)
     artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir,
                                resuming=bool(cfg.train.resume_from_checkpoint), clear=False)
     splits = splits_lib.load_splits(cfg)
@@ -209,7 +212,8 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(log_p, alpha, temperature))
     record = {"teachers": identities, "alpha": alpha, "temperature": temperature, "labelled_rows": n_labelled,
               "unlabeled_file": unlabeled_file, "unlabeled": dedup.to_dict() if dedup else None}
-    write_record(out, record)
+    if is_main_process():
+        write_record(out, record)
     return result
 
 

@@ -22,6 +22,7 @@ from budgetune import data as data_lib
 from budgetune import splits as splits_lib
 from budgetune import train as train_lib
 from budgetune.config import Config
+from budgetune.devices import is_main_process
 from budgetune.errors import ConfigError
 
 DROPOUT_METHODS = ("lora", "dora", "adalora", "vera")  # methods whose adapters have an input dropout
@@ -141,7 +142,8 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
                                 "confident": confident})
                 break
             train_table = unlabeled.with_unlabeled(splits.train, [texts[i] for i in rows], labels.tolist())
-            write_pseudo_labels(out / f"round-{r}" / "pseudo_labels.csv", texts, rows, labels, probs, names)
+            if is_main_process():
+                write_pseudo_labels(out / f"round-{r}" / "pseudo_labels.csv", texts, rows, labels, probs, names)
         result = train_lib.train(rcfg, splits=splits_lib.Splits(train_table, splits.validation, splits.test, names))
         value = result["best_metric"]
         summary.append({"round": r, "pseudo_labels": kept, "pseudo_per_class": counts, "trained": True,
@@ -156,7 +158,8 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
     record = {"unlabeled_file": unlabeled_file, "threshold": threshold, "class_cap_factor": cap_factor,
               "labelled_shares": shares.tolist(), "label_names": names, "best_round": best_round,
               "metric_for_best_model": metric, "rounds": summary, "unlabeled": dedup.to_dict()}
-    finish(out, best_round, summary, record)
+    if is_main_process():
+        finish(out, best_round, summary, record)
     return record
 
 
