@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news" / "train.csv"
 
 
-def texts(n: int) -> list[str]:
-    """AG News training texts when ../shared has them (real lengths), else the built-in headlines, repeated."""
+def texts(n: int, path: Path) -> list[str]:
+    """The first n texts of a CSV with a text column (AG News: real lengths), else the built-in headlines, repeated."""
     from budgetune.data import builtin_path
 
-    path = AG_NEWS if AG_NEWS.is_file() else builtin_path()
+    path = path if path.is_file() else builtin_path()
     with open(path, encoding="utf-8") as f:
         rows = [r["text"] for r in csv.DictReader(f)][:n]
     return (rows * (n // len(rows) + 1))[:n]
@@ -124,6 +124,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="run folder (default: train a short default adapter into --workdir)")
     p.add_argument("--workdir", default="/work/measure/serve")
+    p.add_argument("--texts_file", type=Path, default=AG_NEWS, help="CSV with a text column (default: AG News in "
+                   "../shared; the built-in headlines when it is absent)")
     p.add_argument("--train_steps", type=int, default=20)
     p.add_argument("--texts", type=int, default=1024, help="texts for the offline pass and the requests")
     p.add_argument("--clients", default="1,8,64")
@@ -133,7 +135,7 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run = Path(a.run) if a.run else train_adapter(Path(a.workdir), a.train_steps)
-    sample = texts(a.texts)
+    sample = texts(a.texts, a.texts_file)
     levels = [int(c) for c in a.clients.split(",")]
     off = offline(run, sample, a.repeats)
     results = {}
@@ -144,7 +146,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    print(f"run {run}, {len(sample)} texts ({'AG News' if AG_NEWS.is_file() else 'built-in headlines'}), "
+    print(f"run {run}, {len(sample)} texts (from {a.texts_file if a.texts_file.is_file() else 'the built-in headlines'}), "
           f"{os.cpu_count()} CPUs")
     print(f"offline (predict's path, best of {a.repeats}): {off:.1f} texts/s")
     print("| clients | server | answers | texts/s | vs offline | p50 ms | p99 ms |")
