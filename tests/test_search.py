@@ -194,7 +194,7 @@ def test_two_workers_share_one_study_on_a_journal_file(tiny_roberta, headlines_c
 @pytest.mark.slow
 def test_a_killed_worker_restarts_and_the_killed_trial_is_failed(tiny_roberta, headlines_csv, tmp_path):
     journal, out = tmp_path / "study.log", tmp_path / "s"
-    cmd = search_cli(tiny_roberta, headlines_csv, tmp_path, journal, 3, 6, out)
+    cmd = search_cli(tiny_roberta, headlines_csv, tmp_path, journal, 3, 3, out)
     first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     victim = out / "trials" / "0001" / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -223,7 +223,7 @@ def test_a_killed_worker_restarts_and_the_killed_trial_is_failed(tiny_roberta, h
 @pytest.mark.slow
 def test_ctrl_c_ends_the_search_with_the_leaderboard_written(tiny_roberta, headlines_csv, tmp_path):
     journal, out = tmp_path / "study.log", tmp_path / "s"
-    cmd = search_cli(tiny_roberta, headlines_csv, tmp_path, journal, 4, 6, out)
+    cmd = search_cli(tiny_roberta, headlines_csv, tmp_path, journal, 4, 3, out)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = out / "trials" / "0001" / "metrics.jsonl"
     deadline = time.monotonic() + 300
