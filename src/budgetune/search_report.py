@@ -84,6 +84,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def write_pareto(study, path: Path) -> Path | None:
     """Validation accuracy against trainable parameters and against wall time; the Pareto front in red."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     rows = [r for r in trial_rows(study) if isinstance(r["val_accuracy"], float) and r["state"] in ("COMPLETE", "PRUNED")]
     if not rows:
@@ -107,11 +108,12 @@ def write_pareto(study, path: Path) -> Path | None:
                             xytext=(3, -9), textcoords="offset points")
         if key == "trainable":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^5, 3x10^5, ... collide
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
-    fig.axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"search {study.study_name}: {len(rows)} trials with a validation score")
+    fig.axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"study {study.study_name!r}: {len(rows)} trials with a validation score")
     fig.tight_layout()
     with artifacts.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
