@@ -125,6 +125,28 @@ def test_a_space_that_fits_nothing_is_refused_before_training(tiny_roberta, head
     assert not (tmp_path / "s").exists()  # no study, no trial folder
 
 
+def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, headlines_csv, tmp_path):
+    """Many draws of the default space, none trained: each fits, AdaLoRA keeps target_r < init_r and a schedule."""
+    from budgetune import budget
+    from budgetune.config import resolve
+    from budgetune.search_space import build_space, parse_search_group, sample
+
+    cfg = resolve(None, as_args(tiny_flags(tiny_roberta, headlines_csv, tmp_path / "cache")) + ["--label_names",
+                                                                                                  "a,b,c,d"])
+    space = build_space(cfg, 4, parse_search_group(None), BUDGET)
+    assert {s.method for s in space.shapes} >= {"lora", "adalora", "dora", "ia3", "vera", "loha", "lokr"}
+    assert all(min(s.ranks) >= 2 for s in space.shapes if s.method == "adalora")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        trial = study.ask()
+        point = sample(trial, space, cfg, total_steps=100)
+        assert budget.check_budget(point, 4).total_trainable <= BUDGET
+        m = point.method
+        if m.method == "adalora":
+            assert 1 <= m.target_r < m.rank and m.tinit + m.tfinal < 100
+        study.tell(trial, 0.0)
+
+
 @pytest.mark.parametrize("group, message", [
     ({"rnak": [4]}, r"unknown key 'rnak' in section 'search' \(did you mean 'rank'\?\)"),
     ({"learning_rate": {"low": 1e-2, "high": 1e-3}}, r"search.learning_rate: lower bound 0.01 > upper bound 0.001"),

@@ -216,6 +216,8 @@ def build_space(cfg: Config, num_labels: int, dims: dict[str, Dim], budget_cap: 
             ranks = [r for r in rank_dim.choices if r <= largest]
         else:
             ranks = list(range(int(rank_dim.low), min(int(rank_dim.high), largest) + 1))
+        if row["method"] == "adalora":  # it needs target_r < init_r: at init_r 1 peft's allocator fails (kthvalue)
+            ranks = [r for r in ranks if r >= 2]
         if ranks:
             shapes.append(Shape(row["method"], row["targets"], row["head"], ranks, row["trainable"]))
     if not shapes:
@@ -242,7 +244,7 @@ def sample(trial, space: Space, cfg: Config, total_steps: int) -> Config:
     m["rank"] = rank
     m["target_r"] = None
     if shape.method == "adalora":
-        m["target_r"] = max(1, round(rank * float(d["target_r_fraction"].suggest(trial))))
+        m["target_r"] = min(rank - 1, max(1, round(rank * float(d["target_r_fraction"].suggest(trial)))))
         tinit = float(d["tinit_fraction"].suggest(trial))
         tfinal = min(float(d["tfinal_fraction"].suggest(trial)), 0.95 - tinit)  # leave steps to re-allocate
         m["tinit"], m["tfinal"] = int(tinit * total_steps), int(tfinal * total_steps)
