@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -33,28 +34,37 @@ def as_args(flags: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def searched(tiny_roberta, headlines_csv, tmp_path_factory):
-    """Six trials of a tiny search; DoRA trials raise inside training (a peft error for one combination)."""
+def searched(tiny_roberta, headlines_csv, tmp_path_factory, worker_id):
+    """Six trials of a tiny search, run once for all xdist workers; DoRA trials raise inside training (a peft error
+    for one combination)."""
+    from filelock import FileLock
+
     from budgetune import train as train_lib
     from budgetune.config import resolve
     from budgetune.search import search
 
-    out = tmp_path_factory.mktemp("search") / "s"
-    cfg = resolve(None, as_args(tiny_flags(tiny_roberta, headlines_csv, out.parent / "cache")))
-    real_train = train_lib.train
-    reads = []
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker_id != "master" else root  # shared by the workers of one session
+    out, reads_file = root / "search-shared" / "s", root / "search-shared" / "reads.json"
+    with FileLock(str(root / "search-shared.lock")):
+        if not reads_file.exists():
+            cfg = resolve(None, as_args(tiny_flags(tiny_roberta, headlines_csv, out.parent / "cache")))
+            real_train = train_lib.train
+            reads = []
 
-    def train_or_fail(cfg, **kw):
-        reads.append(cfg.data.test_file)
-        if cfg.method.method == "dora":
-            raise RuntimeError("simulated peft error for this combination")
-        return real_train(cfg, **kw)
+            def train_or_fail(cfg, **kw):
+                reads.append(cfg.data.test_file)
+                if cfg.method.method == "dora":
+                    raise RuntimeError("simulated peft error for this combination")
+                return real_train(cfg, **kw)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_lib, "train", train_or_fail)
-        study = search(cfg, search_group=GROUP, n_trials=6, output_dir=out, budget_cap=BUDGET, sampler_seed=3,
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(train_lib, "train", train_or_fail)
+                search(cfg, search_group=GROUP, n_trials=6, output_dir=out, budget_cap=BUDGET, sampler_seed=3,
                        keep_top_k=2, min_steps=9, test_file=str(headlines_csv))
-    return study, out, reads
+            reads_file.write_text(json.dumps(reads))
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    return study, out, json.loads(reads_file.read_text())
 
 
 def test_every_trial_fits_and_is_listed(searched):
