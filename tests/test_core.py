@@ -119,6 +119,11 @@ def test_schedule_without_pruning_is_refused(tiny_roberta, headlines_csv, tmp_pa
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
+def test_adalora_with_nothing_to_prune_is_refused(tiny_roberta, headlines_csv, tmp_path):
+    with pytest.raises(ConfigError, match=r"--rank 1, --target_r 1; use --rank 2 or more"):
+        train(resolve(None, flags(ada_args(tiny_roberta, headlines_csv, tmp_path / "x", rank=1, target_r=1))))
+
+
 @pytest.mark.parametrize("flag, value, message", [("deltaT", "0", "--deltaT must be at least 1"),
                                                   ("tinit", "1.5", "--tinit must be a step count or a fraction"),
                                                   ("tfinal", "-3", "--tfinal must not be negative")])

@@ -55,8 +55,9 @@ def schedule(m: MethodConfig, total_step: int) -> Schedule:
 
 def _masks(peft_model) -> dict[str, torch.Tensor]:
     """lora_E parameter name (of the inner model) -> its current keep mask, from the config's rank pattern."""
-    pattern = peft_model.peft_config["default"].rank_pattern
-    if not pattern:
+    config = peft_model.peft_config["default"]
+    pattern = getattr(config, "rank_pattern", None)  # LoRA has one too (ranks per module, not masks)
+    if str(getattr(config, "peft_type", "")).upper().split(".")[-1] != "ADALORA" or not pattern:
         return {}
     out = {}
     for name, p in peft_model.base_model.model.named_parameters():
