@@ -42,6 +42,14 @@ def steps_of(value: int | float, total_step: int) -> int:
     return int(round(value * total_step)) if isinstance(value, float) and value < 1 else int(value)
 
 
+def check_ranks(m: MethodConfig) -> None:
+    """Training needs something to prune: peft's allocator fails (kthvalue out of range) when target_r >= init_r.
+    (Counting parameters does not: the planner may list rank 1.)"""
+    if m.resolved_target_r() >= m.rank:
+        raise ConfigError(f"AdaLoRA needs --target_r below --rank (init_r) to re-allocate anything: --rank {m.rank}, "
+                          f"--target_r {m.resolved_target_r()}; use --rank 2 or more")
+
+
 def schedule(m: MethodConfig, total_step: int) -> Schedule:
     """Resolve tinit/tfinal (counts or fractions) against the computed total_step; refuse schedules with no pruning."""
     tinit, tfinal = steps_of(m.tinit, total_step), steps_of(m.tfinal, total_step)

@@ -165,9 +165,6 @@ def peft_config(cfg: Config, model: nn.Module, total_step: int | None, modules_t
         if m.method == "adalora":
             if total_step is None:
                 raise ConfigError("AdaLoRA needs total_step (computed from the data)")
-            if m.resolved_target_r() >= m.rank:  # peft's allocator would have nothing to prune (and crashes)
-                raise ConfigError(f"AdaLoRA needs --target_r below --rank (init_r) to re-allocate anything: --rank "
-                                  f"{m.rank}, --target_r {m.resolved_target_r()}; use --rank 2 or more")
             sched = adalora.schedule(m, total_step)
             return peft.AdaLoraConfig(init_r=m.rank, target_r=m.resolved_target_r(), lora_alpha=m.lora_alpha,
                                       lora_dropout=m.lora_dropout, bias=m.bias, tinit=sched.tinit,

@@ -101,6 +101,8 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     known = splits.label_names if splits else cfg.data.label_names or (
         data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
     cfg, expected, note = gate(cfg, known)
+    if cfg.method.method == "adalora" and isinstance(cfg.method.rank, int):
+        adalora.check_ranks(cfg.method)
     resuming = bool(t.resume_from_checkpoint)
     if accelerator.is_main_process:
         artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resuming, clear=False)
@@ -108,6 +110,8 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     splits = splits or load_splits(cfg)
     if expected is None:
         cfg, expected, note = gate(cfg, splits.label_names)
+    if cfg.method.method == "adalora":
+        adalora.check_ranks(cfg.method)
     if note:
         accelerator.print(note)
 
