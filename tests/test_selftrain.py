@@ -175,3 +175,16 @@ def test_cli_verb(tmp_path):
     proc = run_cli("selftrain", "--unlabeled_file", "u.csv", "--pseudo_label_threshold", "1",
                    "--output_dir", str(tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "budgetune: error: --pseudo_label_threshold" in proc.stderr
+
+
+def test_train_with_unlabeled_file_self_trains(monkeypatch, tmp_path):
+    """`budgetune train --unlabeled_file F --self_training_rounds N ...` is self-training with the same options."""
+    from budgetune import cli
+
+    calls = []
+    monkeypatch.setattr(selftrain, "self_train", lambda cfg, f, rounds, threshold, **kw: calls.append(
+        (cfg.train.learning_rate, cfg.output.output_dir, f, rounds, threshold, kw["cap_factor"])))
+    assert cli.main(["train", "--unlabeled_file", "texts.csv", "--self_training_rounds", "3",
+                     "--pseudo_label_threshold", "0.8", "--learning_rate", "2e-3",
+                     "--output_dir", str(tmp_path / "r")]) == 0
+    assert calls == [(2e-3, str(tmp_path / "r"), "texts.csv", 3, 0.8, 1.5)]

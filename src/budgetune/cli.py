@@ -68,7 +68,14 @@ def cmd_train(argv: list[str]) -> int:
     from budgetune.config import resolve
     from budgetune.train import train
 
-    parsed = config_verb(argv, "train", "[--config FILE] [--flag value ...]", {})
+    if any(a == "--unlabeled_file" or a.startswith("--unlabeled_file=") for a in argv):
+        # rounds of pseudo-labels on unlabelled target text
+        from budgetune.selftrain import command as self_train
+
+        return self_train(argv)
+    parsed = config_verb(argv, "train", "[--config FILE] [--flag value ...]\n       budgetune train --config FILE "
+                         "--unlabeled_file FILE [--self_training_rounds 2] [--pseudo_label_threshold 0.9] ...  "
+                         "(self-training: see budgetune selftrain --help)", {})
     if parsed is None:
         return 0
     config_file, overrides, _ = parsed
