@@ -77,3 +77,11 @@ def tiny_train_args(model: Path, data: Path, out: Path, method: str, **extra) ->
     for k, v in flags.items():
         args += [f"--{k}", str(v)]
     return args
+
+
+def write_csv(path: Path, header: list[str], rows) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args
+from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, write_csv
 
 from budgetune import budget, distill
 from budgetune import data as data_lib
@@ -23,14 +22,6 @@ from budgetune.loading import load_for_inference, load_model
 from budgetune.unlabeled import normalise
 
 TIMING = {"samples_per_second"}  # the only values that may differ between two identical runs
-
-
-def write_csv(path: Path, header: list[str], rows) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args
+from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, write_csv
 
 from budgetune import data as data_lib
 from budgetune import selftrain
@@ -20,14 +20,6 @@ from budgetune.loading import load_for_inference
 from budgetune.unlabeled import drop_heldout, normalise
 
 THRESHOLD = 0.4  # the tiny model is never very sure: a threshold that some of its answers reach
-
-
-def write_csv(path: Path, header: list[str], rows) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def test_normalised_duplicates_of_heldout_texts_are_dropped_and_counted():

@@ -7,9 +7,14 @@ from pathlib import Path
 
 from budgetune import artifacts, scaling
 from budgetune import data as data_lib
-from budgetune.config import Config, resolve
 from budgetune.inference import table_logits
-from budgetune.loading import bundle_info, bundle_scale, load_for_inference
+from budgetune.loading import (
+    add_inference_options,
+    bundle_info,
+    bundle_scale,
+    inference_recipe,
+    load_for_inference,
+)
 from budgetune.metrics import classification_metrics, cross_entropy, metrics_text
 
 
@@ -114,23 +119,16 @@ def command(argv: list[str]) -> int:
         "Metrics of a run's best adapter on labelled files. With several --data_file or several --adapter_scale "
         "values: one table (accuracy and macro-F1 per file per scale), a JSON report and a plot of accuracy "
         "against scale, written to OUTPUT.{txt,json,png} (default RUN/evaluation-scales)."))
-    p.add_argument("run", help="run folder or adapter folder")
+    add_inference_options(p)
     p.add_argument("--data_file", required=True, action="append",
                    help="labelled file (csv, tsv, json, jsonl, parquet, pkl); repeat for several files")
-    p.add_argument("--text_column_name")
     p.add_argument("--label_column_name")
-    p.add_argument("--per_device_eval_batch_size", type=int,
-                   help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
-    p.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
-                   "per_device_eval_batch_size and cache_dir are the defaults")
     p.add_argument("--adapter_scale", help="scale(s) of the adapter's update in [0, 1], comma-separated "
                    "(e.g. 0,0.25,0.5,0.75,1); default: the scale recorded in the bundle, else 1 (as trained)")
     p.add_argument("--output", help="path stem of the reports (default: RUN/evaluation-STEM for one file at "
                    "one scale, RUN/evaluation-scales otherwise)")
     a = p.parse_args(argv)
-    recipe = resolve(a.config, []) if a.config else Config()
-    a.text_column_name = a.text_column_name or recipe.data.text_column_name
-    a.per_device_eval_batch_size = a.per_device_eval_batch_size or recipe.train.per_device_eval_batch_size
+    recipe = inference_recipe(a)
     scales = scaling.parse_scales(a.adapter_scale) if a.adapter_scale is not None else None
     common = {"text_column": a.text_column_name, "label_column": a.label_column_name or recipe.data.label_column_name,
               "batch_size": a.per_device_eval_batch_size, "output": a.output, "cache_dir": recipe.data.cache_dir}

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from budgetune import artifacts, scaling
-from budgetune.errors import ConfigError, RunFolderError
+from budgetune.errors import RunFolderError
 from budgetune.loading import adapter_dir, load_model
 
 
@@ -47,11 +47,6 @@ def command(argv: list[str]) -> int:
     p.add_argument("--adapter_scale", help="scale in [0, 1] (default: the scale recorded in the bundle, else 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     a = p.parse_args(argv)
-    scale = None
-    if a.adapter_scale is not None:
-        scales = scaling.parse_scales(a.adapter_scale)
-        if len(scales) != 1:
-            raise ConfigError(f"--adapter_scale: export takes one scale, got {a.adapter_scale!r}")
-        scale = scales[0]
+    scale = scaling.one_scale(a.adapter_scale, "export")
     export(a.run, a.output, scale, overwrite=a.overwrite)
     return 0

@@ -11,10 +11,9 @@ import numpy as np
 
 from budgetune import artifacts, scaling
 from budgetune import data as data_lib
-from budgetune.config import Config, resolve
-from budgetune.errors import AdapterError, ConfigError
+from budgetune.errors import AdapterError
 from budgetune.inference import table_logits
-from budgetune.loading import load_for_inference
+from budgetune.loading import add_inference_options, inference_recipe, load_for_inference
 
 
 def predict(run: str | Path, input_file: str, output: str, *, text_column: str | None = None,
@@ -61,15 +60,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="budgetune predict", description=(
         "A Kaggle-style submission (ID,Label, input order) for unlabelled texts."))
-    p.add_argument("run", help="run folder or adapter folder")
+    add_inference_options(p)
     p.add_argument("--input", required=True, help="texts: csv, tsv, json, jsonl, parquet or pkl (pickled Dataset)")
     p.add_argument("--output", help="submission CSV (default: RUN/submission.csv)")
-    p.add_argument("--text_column_name")
     p.add_argument("--label_format", choices=("int", "name"), default="int")
-    p.add_argument("--per_device_eval_batch_size", type=int,
-                   help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
-    p.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
-                   "per_device_eval_batch_size and cache_dir are the defaults")
     p.add_argument("--adapter_scale", help="scale of the adapter's update in [0, 1] (0 = the pretrained model, "
                    "1 = as trained); default: the scale recorded in the bundle, else 1")
     p.add_argument("--id_column", help="a column of the input whose values are written as the IDs (default: the "
@@ -77,15 +71,8 @@ def command(argv: list[str]) -> int:
     p.add_argument("--probabilities", action="store_true",
                    help="add one probability column per class, named by its label")
     a = p.parse_args(argv)
-    recipe = resolve(a.config, []) if a.config else Config()
-    a.text_column_name = a.text_column_name or recipe.data.text_column_name
-    a.per_device_eval_batch_size = a.per_device_eval_batch_size or recipe.train.per_device_eval_batch_size
-    scale = None
-    if a.adapter_scale is not None:
-        scales = scaling.parse_scales(a.adapter_scale)
-        if len(scales) != 1:
-            raise ConfigError(f"--adapter_scale: predict takes one scale, got {a.adapter_scale!r}")
-        scale = scales[0]
+    recipe = inference_recipe(a)
+    scale = scaling.one_scale(a.adapter_scale, "predict")
     predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
             label_format=a.label_format, batch_size=a.per_device_eval_batch_size, adapter_scale=scale,
             probabilities=a.probabilities, id_column=a.id_column, cache_dir=recipe.data.cache_dir)

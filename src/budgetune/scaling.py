@@ -46,6 +46,16 @@ def parse_scales(text: str | float | Sequence, flag: str = "--adapter_scale") ->
     return out
 
 
+def one_scale(text: str | None, verb: str) -> float | None:
+    """A verb's single --adapter_scale (None when not given): a number in [0, 1], refused naming the flag."""
+    if text is None:
+        return None
+    scales = parse_scales(text)
+    if len(scales) != 1:
+        raise ConfigError(f"--adapter_scale: {verb} takes one scale, got {text!r}")
+    return scales[0]
+
+
 def check_scale(value: float, flag: str = "--adapter_scale") -> float:
     if not (0.0 <= value <= 1.0):  # also refuses NaN
         raise ConfigError(f"{flag}: {value} is outside [0, 1] (0 = the base model, 1 = the adapter as trained)")
