@@ -15,6 +15,8 @@ from test_methods import batch_for, outputs, rebuild_trained, reload_plain
 
 from budgetune.config import resolve
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 TOL = 1e-5
 
 

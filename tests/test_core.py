@@ -22,6 +22,8 @@ from budgetune import data as data_lib
 from budgetune.config import ConfigError, resolve
 from budgetune.train import make_optimizer, train
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 
 def flags(args: list[str]) -> list[str]:
     return args[1:]  # without the verb: resolve() takes the options

@@ -21,6 +21,8 @@ from budgetune.inference import table_logits
 from budgetune.loading import load_for_inference, load_model
 from budgetune.unlabeled import normalise
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 TIMING = {"samples_per_second"}  # the only values that may differ between two identical runs
 
 

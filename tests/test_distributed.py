@@ -21,8 +21,9 @@ import pytest
 import torch
 from conftest import ROOT, headline_rows, tiny_train_args
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="needs torch.distributed with gloo"),
+              pytest.mark.slow]  # several processes train: `pytest -m "not slow"` skips the module
 
 # One thread per process: two processes share this machine's cores, and the single-process references must run
 # the same kernels as the ranks for bitwise-equal inference.

@@ -9,6 +9,8 @@ import pickle
 import pytest
 from conftest import KAGGLE_TEST, read_jsonl, run_cli, tiny_train_args
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 
 @pytest.fixture(scope="module")
 def minilm_run(tmp_path_factory):

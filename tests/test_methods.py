@@ -13,6 +13,8 @@ from conftest import run_cli, tiny_train_args
 from budgetune import methods
 from budgetune.config import METHODS, resolve
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 TEXTS = ["Stocks rally as rates fall on hopes of a soft landing", "Rookie scores 38 in debut win",
          "New chip ships with faster cores and a bigger cache", "Peace talks resume in Geneva after a week",

@@ -17,6 +17,8 @@ from conftest import read_jsonl, run_cli, tiny_train_args
 
 from budgetune import checkpoint, cli, methods
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 SMALL = {"max_train_samples": 64, "per_device_train_batch_size": 8, "save_steps": 3}  # 8 steps/epoch, 16 steps
 
 

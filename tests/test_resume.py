@@ -16,6 +16,8 @@ import torch
 from conftest import ROOT, read_jsonl, run_cli, tiny_train_args
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 # 64 training rows in batches of 8: 8 optimizer steps per epoch, 3 epochs = 24 steps; AdaLoRA prunes over
 # steps 4..16 and keeps its final pattern for the last 8. A checkpoint every 3 steps and at each epoch's evaluation.
 RESUME_FLAGS = {"max_train_samples": 64, "per_device_train_batch_size": 8, "num_train_epochs": 3, "save_steps": 3,

@@ -15,6 +15,8 @@ import pytest
 import yaml
 from conftest import ROOT, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 optuna = pytest.importorskip("optuna")
 
 BUDGET = 3000  # on the tiny RoBERTa: 57 planner shapes fit, from 388 to 2,992 trainable

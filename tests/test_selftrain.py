@@ -19,6 +19,8 @@ from budgetune.inference import table_logits
 from budgetune.loading import load_for_inference
 from budgetune.unlabeled import drop_heldout, normalise
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 THRESHOLD = 0.4  # the tiny model is never very sure: a threshold that some of its answers reach
 
 

@@ -24,6 +24,8 @@ from fastapi.testclient import TestClient
 from budgetune.serve import ServeOptions, create_app, field_name, parser, softmax
 from budgetune.serve_models import Registry, parse_runs
 
+pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
+
 TEXTS = [t for _, t in headline_rows()[:48]]
 LIMITS = ServeOptions(max_texts=8, max_chars=200, max_body_bytes=8192)
 

@@ -31,10 +31,13 @@ class Schedule:
         return steps_done > self.final_from
 
     def describe(self) -> str:
-        return (f"AdaLoRA schedule over {self.total_step} optimizer steps: warm-up steps 1-{self.tinit + 1} (all "
-                f"ranks), pruning steps {self.tinit + 2}-{self.final_from + 1} (every {self.deltaT}), final steps "
-                f"{self.final_from + 2}-{self.total_step} (rank pattern fixed); early stopping counts only in the "
-                "final phase")
+        head = (f"AdaLoRA schedule over {self.total_step} optimizer steps: warm-up steps 1-{self.tinit + 1} (all "
+                f"ranks), pruning steps {self.tinit + 2}-{min(self.final_from + 1, self.total_step)} (every "
+                f"{self.deltaT}), ")
+        if self.tfinal == 0:
+            return head + "no final phase (--tfinal 0: the rank pattern is never fixed, early stopping never counts)"
+        return (head + f"final steps {self.final_from + 2}-{self.total_step} (rank pattern fixed); early stopping "
+                "counts only in the final phase")
 
 
 def steps_of(value: int | float, total_step: int) -> int:
