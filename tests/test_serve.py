@@ -343,12 +343,18 @@ def test_not_ready_until_the_models_are_loaded(runs):
         assert c.post("/v1/classify", json={"texts": ["x"], "adapter": "a"}).status_code == 200
 
 
-def test_a_base_model_that_fails_to_load_is_reported(runs, tmp_path):
+def run_with_missing_base(run, tmp_path):
+    """A copy of `run` whose bundle names a base model folder that does not exist."""
     broken = tmp_path / "broken"
-    shutil.copytree(runs["a"] / "adapter", broken / "adapter")
+    shutil.copytree(run / "adapter", broken / "adapter")
     info = json.loads((broken / "adapter" / "budgetune.json").read_text())
     info["base_model_name_or_path"] = str(tmp_path / "gone-model")
     (broken / "adapter" / "budgetune.json").write_text(json.dumps(info))
+    return broken
+
+
+def test_a_base_model_that_fails_to_load_is_reported(runs, tmp_path):
+    broken = run_with_missing_base(runs["a"], tmp_path)
     app = create_app(Registry(parse_runs([str(broken)])))
     with TestClient(app) as c:
         deadline = time.monotonic() + 60
@@ -499,11 +505,7 @@ def test_startup_fails_fast_naming_the_folder(runs, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_loading_failure_stops_the_command_with_exit_2(runs, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(runs["a"] / "adapter", broken / "adapter")
-    info = json.loads((broken / "adapter" / "budgetune.json").read_text())
-    info["base_model_name_or_path"] = str(tmp_path / "gone-model")
-    (broken / "adapter" / "budgetune.json").write_text(json.dumps(info))
+    broken = run_with_missing_base(runs["a"], tmp_path)
     p = subprocess.run([sys.executable, "-m", "budgetune", "serve", str(broken), "--port", "0"], cwd=ROOT,
                        env=serve_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "gone-model" in p.stderr and str(broken / "adapter") in p.stderr
