@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -83,24 +84,6 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def cmd_evaluate(argv: list[str]) -> int:
-    from budgetune.evaluate import command
-
-    return command(argv)
-
-
-def cmd_predict(argv: list[str]) -> int:
-    from budgetune.predict import command
-
-    return command(argv)
-
-
-def cmd_export(argv: list[str]) -> int:
-    from budgetune.export import command
-
-    return command(argv)
-
-
 def cmd_plot(argv: list[str]) -> int:
     from budgetune.plots import plot_run
 
@@ -147,30 +130,6 @@ def count_flag(values: dict, name: str) -> int | None:
     return int(text)
 
 
-def cmd_search(argv: list[str]) -> int:
-    from budgetune.search import command
-
-    return command(argv)
-
-
-def cmd_serve(argv: list[str]) -> int:
-    from budgetune.serve import command
-
-    return command(argv)
-
-
-def cmd_distill(argv: list[str]) -> int:
-    from budgetune.distill import command
-
-    return command(argv)
-
-
-def cmd_selftrain(argv: list[str]) -> int:
-    from budgetune.selftrain import command
-
-    return command(argv)
-
-
 def cmd_demo(argv: list[str]) -> int:
     """Train the default (packaged MiniLM, built-in headlines), evaluate, plot, and write a submission."""
     from budgetune.config import resolve
@@ -197,10 +156,15 @@ def cmd_demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "plot": cmd_plot,
-            "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo, "export": cmd_export, "search": cmd_search}
-COMMANDS["serve"] = cmd_serve
-COMMANDS.update(distill=cmd_distill, selftrain=cmd_selftrain)
+COMMANDS = {"train": cmd_train, "plot": cmd_plot, "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo}
+# Verbs whose module parses its own flags: `command(argv) -> int`, imported only when the verb runs.
+MODULE_VERBS = ("evaluate", "predict", "export", "search", "serve", "distill", "selftrain")
+
+
+def run_verb(command: str, argv: list[str]) -> int:
+    if command in COMMANDS:
+        return COMMANDS[command](argv)
+    return importlib.import_module(f"budgetune.{command}").command(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
+    if command not in COMMANDS and command not in MODULE_VERBS:
         print(f"budgetune: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return COMMANDS[command](rest)
+        return run_verb(command, rest)
     except Interrupted as e:
         print(f"budgetune: {e}", file=sys.stderr)
         return 130
