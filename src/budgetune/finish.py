@@ -45,9 +45,10 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
             run.inner.peft_config["default"].rank_pattern = best.pattern
     acc.wait_for_everyone()
     saved = reload_saved(run)  # what `predict` will load, through plain peft
-    raw = scores(validation_logits(run, saved), run.splits)
-    scale, table = choose_adapter_scale(run, saved, raw["accuracy"])
-    final = raw if scale == 1 else scores(validation_logits(run, saved), run.splits)
+    raw_logits = validation_logits(run, saved)
+    raw = scores(raw_logits, run.splits)
+    scale, table, logits = choose_adapter_scale(run, saved, raw_logits)
+    final = raw if scale == 1 else scores(logits, run.splits)
     final.update(adapter_scale=scale, adapter_scale_validation=table,
                  raw_adapter={k: raw[k] for k in ("accuracy", "macro_f1", "loss")})
     if main:
@@ -80,23 +81,27 @@ def validation_logits(run: Run, model) -> np.ndarray:
                         desc="validation")
 
 
-def choose_adapter_scale(run: Run, saved, raw_accuracy: float) -> tuple[float, dict[float, float] | None]:
-    """The adapter's default scale toward the pretrained model (scaling.auto_scale on validation); the model is
-    left at that scale. (1, None) when switched off (--robust_tolerance null) or for a method without an adapter."""
+def choose_adapter_scale(run: Run, saved, raw_logits: np.ndarray):
+    """(scale, {scale: validation accuracy}, validation logits at that scale): the adapter's default scale toward
+    the pretrained model (scaling.auto_scale on validation); the model is left at that scale. (1, None, raw logits)
+    when switched off (--robust_tolerance null) or for a method without an adapter."""
     tolerance = run.cfg.train.robust_tolerance
     if tolerance is None or run.cfg.method.method == "full":
-        return 1.0, None
+        return 1.0, None, raw_logits
     from budgetune import scaling
 
+    logits = {1.0: raw_logits}  # each scale's validation pass runs once
+
     def validate() -> float:
-        if scaling.current_scale(saved) == 1:
-            return raw_accuracy
-        return scores(validation_logits(run, saved), run.splits)["accuracy"]
+        s = scaling.current_scale(saved)
+        if s not in logits:
+            logits[s] = validation_logits(run, saved)
+        return scores(logits[s], run.splits)["accuracy"]
 
     chosen, table = scaling.auto_scale(saved, validate, scaling.AUTO_SCALES, tolerance)
     scaling.apply_scale(saved, chosen)
     run.accelerator.print(scaling.scale_summary(chosen, table))
-    return chosen, table
+    return chosen, table, logits[chosen]
 
 
 def reload_saved(run: Run):
