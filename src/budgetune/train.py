@@ -37,10 +37,12 @@ def default_loss(model, batch: dict) -> torch.Tensor:
 
 
 def gate(cfg: Config, label_names: list[str] | None) -> tuple[Config, budget.Breakdown | None, str]:
-    """rank: auto resolved and the budget checked, as soon as the number of labels is known."""
+    """rank: auto resolved, AdaLoRA's ranks and the budget checked, as soon as the number of labels is known."""
     if not label_names:
         return cfg, None, ""
     cfg, note = budget.resolve_auto_rank(cfg, len(label_names))
+    if cfg.method.method == "adalora":
+        adalora.check_ranks(cfg.method)
     return cfg, budget.check_budget(cfg, len(label_names)), note
 
 
@@ -101,8 +103,6 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     known = splits.label_names if splits else cfg.data.label_names or (
         data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
     cfg, expected, note = gate(cfg, known)
-    if cfg.method.method == "adalora" and isinstance(cfg.method.rank, int):
-        adalora.check_ranks(cfg.method)
     resuming = bool(t.resume_from_checkpoint)
     if accelerator.is_main_process:
         artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resuming, clear=False)
@@ -110,8 +110,6 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     splits = splits or load_splits(cfg)
     if expected is None:
         cfg, expected, note = gate(cfg, splits.label_names)
-    if cfg.method.method == "adalora":
-        adalora.check_ranks(cfg.method)
     if note:
         accelerator.print(note)
 
