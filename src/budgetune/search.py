@@ -33,6 +33,7 @@ from budgetune.search_space import (
     sample,
     targets_text,
 )
+from budgetune.splits import Splits, load_splits
 
 PRUNERS = ("hyperband", "halving", "median", "none")
 HEARTBEAT_S = 30  # RDB storages: a RUNNING trial silent for GRACE_S is failed by the next worker that starts one
@@ -101,18 +102,6 @@ def fail_dead_trials(study, retry_failed: int) -> list[int]:
     return failed
 
 
-def train_rows(cfg: Config) -> tuple[int, list[str]]:
-    """Training rows a trial sees (after the validation split and max_train_samples) and the label names."""
-    d = cfg.data
-    kw = {"text_column": d.text_column_name, "label_column": d.label_column_name, "label_names": d.label_names,
-          "dataset_config_name": d.dataset_config_name}
-    table = data_lib.load_table(d.dataset_name, split="train", **kw)
-    n = len(table.labels)
-    if not d.validation_file and not data_lib.has_split(d.dataset_name, "validation", d.dataset_config_name):
-        n = len(data_lib.train_validation_split(table, d.validation_split_percentage / 100, cfg.train.seed)[0].labels)
-    return min(n, d.max_train_samples or n), table.label_names
-
-
 def trial_steps(cfg: Config, rows: int) -> int:
     """Optimizer steps of one trial, computed as train() does (one process)."""
     t = cfg.train
@@ -131,6 +120,7 @@ class Setup:
     total_steps: int
     metric: str
     pruner_name: str
+    splits: Splits | None = None  # loaded once per worker: every trial trains on the same rows
     flags: dict = dataclasses.field(default_factory=dict)
 
 
@@ -174,8 +164,11 @@ def objective(setup: Setup, trial) -> float:
             trial.set_user_attr("prune_reason", f"{setup.pruner_name} pruner at step {step}: {key} {value:.4f}")
             raise optuna.TrialPruned()
 
+    # the objective is the raw adapter's validation metric: choosing an adapter scale (5 more validation passes)
+    # is left to the run trained from best.yaml, which keeps the base config's robust_tolerance
+    trial_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, robust_tolerance=None))
     try:
-        result = train(cfg, on_evaluate=on_evaluate)
+        result = train(trial_cfg, splits=setup.splits, on_evaluate=on_evaluate)
     except optuna.TrialPruned:
         raise
     except (Interrupted, KeyboardInterrupt) as e:
@@ -278,7 +271,8 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
                               budget=dataclasses.replace(cfg.budget, max_trainable_params=cap))
     dims = parse_search_group(search_group)
     out = Path(output_dir)
-    rows, names = train_rows(cfg)
+    splits = load_splits(cfg)  # test_file is cleared above: the splits hold no test table
+    rows, names = len(splits.train.labels), splits.label_names
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_names=names))
     total = trial_steps(cfg, rows)
     space = build_space(cfg, len(names), dims, cap)  # BudgetError here: nothing has trained
@@ -301,7 +295,7 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
         study.enqueue_trial(start, skip_if_exists=True)  # trial 0 measures the base config at this fidelity
     for number in fail_dead_trials(study, retry_failed):
         print(f"trial {number}: its worker is gone (killed mid-trial): marked failed", file=sys.stderr)
-    setup = Setup(cfg, space, out, len(names), total, metric, pruner)
+    setup = Setup(cfg, space, out, len(names), total, metric, pruner, splits)
     if verbose:
         print(f"search {study_name!r}: {len(space.shapes)} adapter shapes fit {cap:,} trainable parameters; "
               f"{rows:,} training rows, {total} steps a trial, pruning from step {low} ({pruner}); storage "
