@@ -273,3 +273,49 @@ def test_ctrl_c_ends_the_search_with_the_leaderboard_written(tiny_roberta, headl
     assert rows["0"]["state"] in ("COMPLETE", "PRUNED")
     assert rows["1"]["state"] == "FAIL" and rows["1"]["note"].startswith("interrupted")
     assert (out / "leaderboard.md").exists()
+
+
+@pytest.mark.parametrize("retry_failed", [0, 1])
+def test_a_dead_workers_trial_is_failed_and_retried_by_policy(tmp_path, retry_failed):
+    """--retry_failed N: the trial a killed worker left RUNNING is failed and, by policy, queued again with the same
+    parameters (Optuna's RetryFailedTrialCallback); with 0 it is only failed."""
+    import socket
+
+    from budgetune.search import fail_dead_trials, make_storage, worker_id
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    storage = make_storage(str(tmp_path / "study.log"), tmp_path, retry_failed)
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)})
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}:0.00")
+    alive = study.ask()
+    alive.set_user_attr("worker", worker_id())  # this test's own process
+    assert fail_dead_trials(study, retry_failed) == [trial.number]
+    trials = study.get_trials()
+    assert trials[trial.number].state == optuna.trial.TrialState.FAIL
+    assert trials[alive.number].state == optuna.trial.TrialState.RUNNING  # a live worker's trial is left alone
+    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    if retry_failed:
+        assert len(waiting) == 1 and waiting[0].params == trials[trial.number].params
+        assert waiting[0].system_attrs["failed_trial"] == trial.number
+    else:
+        assert waiting == []
+
+
+def test_database_storage_fails_stale_trials_by_heartbeat(tmp_path):
+    """On a database the heartbeat decides: a trial whose worker stopped beating past the grace period is failed by
+    the next worker, and retried when --retry_failed says so."""
+    from budgetune.search import GRACE_S, HEARTBEAT_S, make_storage
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, 1)
+    assert storage.heartbeat_interval == HEARTBEAT_S and storage.grace_period == GRACE_S
+    storage.grace_period = 1  # a short grace period instead of waiting two minutes
+    study = optuna.create_study(study_name="s", storage=storage)
+    stale = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(stale._trial_id)  # beat once, then the worker "dies"
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    trials = study.get_trials()
+    assert trials[stale.number].state == optuna.trial.TrialState.FAIL
+    assert [t.params for t in trials if t.state == optuna.trial.TrialState.WAITING] == [trials[stale.number].params]
