@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, write_
 from budgetune import data as data_lib
 from budgetune import selftrain
 from budgetune.config import resolve
-from budgetune.errors import ConfigError, DataError
+from budgetune.errors import ConfigError, DataError, RunFolderError
 from budgetune.inference import table_logits
 from budgetune.loading import load_for_inference
 from budgetune.unlabeled import drop_heldout, normalise
@@ -128,7 +129,8 @@ def test_validation_texts_are_never_pseudo_labelled(run):
 def test_best_round_is_chosen_on_validation_and_the_run_folder_shows_the_rounds(run):
     out, record = run["out"], run["record"]
     accs = [r["eval_accuracy"] for r in record["rounds"]]
-    assert record["best_round"] == int(np.argmax(accs))  # ties: the earlier round
+    # the latest round within 0.5 points (the default --round_tolerance) of the best
+    assert record["best_round"] == max(r for r, a in enumerate(accs) if a >= max(accs) - 0.005)
     best = out / f"round-{record['best_round']}"
     assert ((out / "adapter" / "model.safetensors").read_bytes()
             == (best / "adapter" / "model.safetensors").read_bytes())
@@ -182,3 +184,39 @@ def test_train_with_unlabeled_file_self_trains(monkeypatch, tmp_path):
                      "--pseudo_label_threshold", "0.8", "--learning_rate", "2e-3",
                      "--output_dir", str(tmp_path / "r")]) == 0
     assert calls == [(2e-3, str(tmp_path / "r"), "texts.csv", 3, 0.8, 1.5)]
+
+
+def test_the_kept_round_is_the_latest_within_the_tolerance_of_the_best():
+    values = [0.9051, 0.9043, 0.9060, 0.9012]
+    assert selftrain.chosen_round(values, "accuracy", 0.5) == 3  # 0.48 points below the best: within 0.5
+    assert selftrain.chosen_round(values, "accuracy", 0.4) == 2
+    assert selftrain.chosen_round([0.9051, 0.9043], "accuracy", 0.5) == 1  # 0.08 points below the best
+    assert selftrain.chosen_round([0.9051, 0.9043], "accuracy", 0) == 0
+    assert selftrain.chosen_round([0.9051, 0.8990], "accuracy", 0.5) == 0  # 0.61 points below
+    assert selftrain.chosen_round([0.31, 0.29, 0.30], "loss", 0.5) == 1  # loss: the lowest, no tolerance
+    with pytest.raises(ConfigError, match="--round_tolerance"):
+        selftrain.check_options(1, 0.9, 1.5, 0.1, -1)
+
+
+def test_a_killed_run_continues_reusing_finished_rounds(run, tiny_roberta, tmp_path):
+    """The same command after a kill in round 1: round 0 is reused (not trained again), round 1 trains again and
+    ends where an uninterrupted run ends; other options refuse to mix with the rounds already there."""
+    files, out = run["files"], tmp_path / "run"
+    args = tiny_train_args(tiny_roberta, files["train"], out, "full", validation_file=files["validation"],
+                           cache_dir=tmp_path / "cache", learning_rate=3e-3, num_train_epochs=8, seed=1)
+    cfg = resolve(None, args[1:])
+    first = selftrain.self_train(cfg, str(files["unlabelled"]), rounds=1, threshold=THRESHOLD)
+    round0 = (out / "round-0" / "adapter" / "model.safetensors").stat().st_mtime_ns
+    for name in ("adapter", "metrics.jsonl", "selftrain.json", "evaluation.json", "plots"):  # killed in round 1:
+        target = out / name                                                                # RUN not written yet
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    (out / "round-1" / "evaluation.json").unlink()
+    again = selftrain.self_train(cfg, str(files["unlabelled"]), rounds=1, threshold=THRESHOLD)
+    assert [r["reused"] for r in again["rounds"]] == [True, False]
+    assert (out / "round-0" / "adapter" / "model.safetensors").stat().st_mtime_ns == round0
+    strip = lambda rounds: [{k: v for k, v in r.items() if k != "reused"} for r in rounds]  # noqa: E731
+    assert strip(again["rounds"]) == strip(first["rounds"]) and again["best_round"] == first["best_round"]
+    assert (out / "adapter").is_dir() and (out / "selftrain.json").is_file()
+    with pytest.raises(RunFolderError, match=r"round-1 holds a round trained with another configuration"):
+        selftrain.self_train(cfg, str(files["unlabelled"]), rounds=1, threshold=THRESHOLD + 0.05)
+    assert (out / "round-1" / "evaluation.json").is_file()  # nothing already written is lost

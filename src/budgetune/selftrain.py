@@ -2,8 +2,11 @@
 
 Round 0 trains as `budgetune train` does. Each next round labels the unlabelled texts with the best model so far,
 keeps those whose top probability reaches the threshold (no class above its labelled share x cap_factor), and
-trains a fresh student on labelled + pseudo-labelled rows with dropout on. The best round is chosen on the labelled
-validation split. Each round is a run folder (RUN/round-N); RUN itself holds the chosen round's adapter and files.
+trains a fresh student on labelled + pseudo-labelled rows with dropout on. The round kept is chosen on the labelled
+validation split: the latest round within `round_tolerance` points of the best (later rounds have adapted to more
+target text; 0: the best). Each round is a run folder (RUN/round-N); RUN itself holds the chosen round's adapter and
+files. The same command run again continues a killed run: each finished round whose configuration and pseudo-labels
+are the same is reused, not trained again.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from budgetune import splits as splits_lib
 from budgetune import train as train_lib
 from budgetune.config import Config
 from budgetune.devices import is_main_process
-from budgetune.errors import ConfigError
+from budgetune.errors import ConfigError, RunFolderError
 
 DROPOUT_METHODS = ("lora", "dora", "adalora", "vera")  # methods whose adapters have an input dropout
 COPIED = ("config.yaml", "budget.json", "evaluation.json", "evaluation.txt", "evaluation_test.json",
           "evaluation_test.txt")
 
 
-def check_options(rounds: int, threshold: float, cap_factor: float, noise_dropout: float) -> None:
+def check_options(rounds: int, threshold: float, cap_factor: float, noise_dropout: float,
+                  round_tolerance: float = 0.0) -> None:
     if not 0 < threshold < 1:
         raise ConfigError(f"--pseudo_label_threshold must be between 0 and 1 (exclusive), got {threshold}")
     if not isinstance(rounds, int) or rounds < 0:
@@ -40,6 +44,8 @@ def check_options(rounds: int, threshold: float, cap_factor: float, noise_dropou
                           f"got {cap_factor}")
     if not 0 <= noise_dropout < 1:
         raise ConfigError(f"--self_training_dropout must be in [0, 1), got {noise_dropout}")
+    if not 0 <= round_tolerance <= 100:
+        raise ConfigError(f"--round_tolerance must be between 0 and 100 points, got {round_tolerance}")
 
 
 def class_shares(labels: list[int], n_classes: int) -> np.ndarray:
@@ -93,8 +99,8 @@ def label_texts(run: Path, texts: list[str], batch_size: int) -> np.ndarray:
     return torch.softmax(torch.from_numpy(logits).double(), -1).numpy()
 
 
-def write_pseudo_labels(path: Path, texts: list[str], rows: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                        names: list[str]) -> None:
+def pseudo_labels_csv(texts: list[str], rows: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                      names: list[str]) -> str:
     """The round's pseudo-labelled rows, for inspection: text, label id, label name, probability."""
     import csv
     import io
@@ -103,61 +109,143 @@ def write_pseudo_labels(path: Path, texts: list[str], rows: np.ndarray, labels: 
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["text", "label", "label_name", "probability"])
     w.writerows([texts[i], int(c), names[c], f"{probs[i, c]:.6f}"] for i, c in zip(rows, labels))
-    artifacts.atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def better(a: float, b: float | None, metric: str) -> bool:
-    return b is None or (a < b if metric == "loss" else a > b)
+def chosen_round(values: list[float], metric: str, tolerance: float) -> int:
+    """The latest round whose metric is within `tolerance` points of the best (loss: the lowest, no tolerance)."""
+    if metric == "loss":
+        return int(np.argmin(values))
+    best = max(values)
+    return max(r for r, v in enumerate(values) if v >= best - tolerance / 100 - 1e-12)
+
+
+def same_pseudo_labels(path: Path, csv_text: str) -> bool:
+    """The same rows and labels, probabilities equal to 1e-4 (another thread count may change the last digit)."""
+    import csv
+    import io
+
+    if not path.is_file():
+        return False
+    old = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+    new = list(csv.reader(io.StringIO(csv_text)))
+    return len(old) == len(new) and old[:1] == new[:1] and all(
+        a[:3] == b[:3] and abs(float(a[3]) - float(b[3])) <= 1e-4 for a, b in zip(old[1:], new[1:]))
+
+
+def finished_round(folder: Path, cfg: Config, pseudo_csv: str | None) -> dict | None:
+    """train()'s result for a round already trained in `folder` with this configuration and these pseudo-labels
+    (a run continued after a kill), else None."""
+    import yaml
+
+    end, evals = None, {}
+    if not (folder / "evaluation.json").is_file() or not (folder / "metrics.jsonl").is_file():
+        return None
+    for line in (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        ev = json.loads(line)
+        if ev.get("event") == "eval":
+            evals[ev["step"]] = ev
+        end = ev if ev.get("event") == "end" else end
+    if end is None or end.get("best_step") not in evals:
+        return None
+    ignored = {("output", "overwrite_output_dir"), ("train", "resume_from_checkpoint")}
+
+    def comparable(d: dict) -> dict:
+        return {g: {k: v for k, v in sec.items() if (g, k) not in ignored} for g, sec in d.items()}
+
+    saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    if comparable(saved) != comparable(cfg.to_dict()):
+        return None
+    if pseudo_csv is not None and not same_pseudo_labels(folder / "pseudo_labels.csv", pseudo_csv):
+        return None
+    best = evals[end["best_step"]]
+    return {"best_metric": end["best_metric"], "best_step": end["best_step"],
+            **{k: v for k, v in best.items() if k.startswith("eval_")}}
+
+
+@dataclasses.dataclass
+class Pseudo:
+    """One round's pseudo-labelled rows."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    confident: int
+    csv: str
+
+
+def pseudo_label(labeler: Path, texts: list[str], names: list[str], shares: np.ndarray, threshold: float,
+                 cap_factor: float, batch_size: int) -> Pseudo:
+    probs = label_texts(labeler, texts, batch_size)
+    rows, labels = select_confident(probs, threshold, shares, cap_factor)
+    return Pseudo(rows, labels, int((probs.max(-1) >= threshold).sum()),
+                  pseudo_labels_csv(texts, rows, labels, probs, names))
+
+
+def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) -> tuple[dict, bool]:
+    """(train()'s result, whether it was reused): a finished round with this config and these pseudo-labels is
+    reused; an unfinished one (killed) is trained again; one finished otherwise needs --overwrite_output_dir."""
+    folder = Path(rcfg.output.output_dir)
+    done = finished_round(folder, rcfg, pseudo.csv if pseudo else None)
+    if done is not None and not rcfg.output.overwrite_output_dir:
+        return done, True
+    if (folder / "evaluation.json").is_file() and not rcfg.output.overwrite_output_dir:
+        raise RunFolderError(f"{folder} holds a round trained with another configuration or other pseudo-labels; "
+                             "pass --overwrite_output_dir to train every round again, or choose another --output_dir")
+    if (folder / "metrics.jsonl").is_file():  # a round killed before it finished: train it again
+        rcfg = dataclasses.replace(rcfg, output=dataclasses.replace(rcfg.output, overwrite_output_dir=True))
+    if pseudo is not None and is_main_process():
+        artifacts.atomic_write_text(folder / "pseudo_labels.csv", pseudo.csv)
+    return train_lib.train(rcfg, splits=splits), False
 
 
 def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, *, cap_factor: float = 1.5,
-               text_column: str | None = None, noise_dropout: float = 0.1) -> dict:
-    """Rounds 0..rounds in RUN/round-N; the best on validation is copied into RUN. Returns a summary."""
-    check_options(rounds, threshold, cap_factor, noise_dropout)
+               text_column: str | None = None, noise_dropout: float = 0.1, round_tolerance: float = 0.5) -> dict:
+    """Rounds 0..rounds in RUN/round-N; the chosen round (see chosen_round) is copied into RUN. Returns a summary."""
+    check_options(rounds, threshold, cap_factor, noise_dropout, round_tolerance)
     out = Path(cfg.output.output_dir)
-    artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=False, clear=False)
+    continuing = (out / "round-0").is_dir() and not cfg.output.overwrite_output_dir
+    artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=continuing, clear=False)
     splits = splits_lib.load_splits(cfg)
     names = splits.label_names
     dedup = unlabeled.load_unlabeled(unlabeled_file, splits.validation, splits.test, splits.train, text_column)
     print(dedup.summary(unlabeled_file))
-    texts = dedup.kept
-    shares = class_shares(splits.train.labels, len(names))
-    metric = cfg.train.metric_for_best_model
+    texts, shares, metric = dedup.kept, class_shares(splits.train.labels, len(names)), cfg.train.metric_for_best_model
     summary: list[dict] = []
-    best_round, best_value = None, None
+    values: list[float] = []
     for r in range(rounds + 1):
         rcfg = round_config(cfg, out, r, noise_dropout)
-        counts, kept = [0] * len(names), 0
-        train_table = splits.train
+        pseudo, train_table = None, splits.train
         if r > 0:
-            probs = label_texts(out / f"round-{best_round}", texts, cfg.train.per_device_eval_batch_size)
-            rows, labels = select_confident(probs, threshold, shares, cap_factor)
-            counts, kept = np.bincount(labels, minlength=len(names)).tolist(), len(rows)
-            confident = int((probs.max(-1) >= threshold).sum())
-            if not kept:
-                why = (f"none of the {confident} texts at probability >= {threshold} fits the class-balance cap"
-                       if confident else f"no unlabelled text reaches probability {threshold}")
+            labeler = out / f"round-{chosen_round(values, metric, round_tolerance)}"
+            pseudo = pseudo_label(labeler, texts, names, shares, threshold, cap_factor,
+                                  cfg.train.per_device_eval_batch_size)
+            if not len(pseudo.rows):
+                why = (f"none of the {pseudo.confident} texts at probability >= {threshold} fits the class-balance "
+                       "cap" if pseudo.confident else f"no unlabelled text reaches probability {threshold}")
                 print(f"round {r}: {why}; stopping", file=sys.stderr)
-                summary.append({"round": r, "pseudo_labels": 0, "pseudo_per_class": counts, "trained": False,
-                                "confident": confident})
+                summary.append({"round": r, "pseudo_labels": 0, "pseudo_per_class": [0] * len(names),
+                                "trained": False, "confident": pseudo.confident})
                 break
-            train_table = unlabeled.with_unlabeled(splits.train, [texts[i] for i in rows], labels.tolist())
-            if is_main_process():
-                write_pseudo_labels(out / f"round-{r}" / "pseudo_labels.csv", texts, rows, labels, probs, names)
-        result = train_lib.train(rcfg, splits=splits_lib.Splits(train_table, splits.validation, splits.test, names))
-        value = result["best_metric"]
-        summary.append({"round": r, "pseudo_labels": kept, "pseudo_per_class": counts, "trained": True,
-                        "confident": None if r == 0 else confident,
-                        "best_metric": value, "eval_accuracy": result.get("eval_accuracy"),
+            train_table = unlabeled.with_unlabeled(splits.train, [texts[i] for i in pseudo.rows],
+                                                   pseudo.labels.tolist())
+        result, reused = run_round(rcfg, splits_lib.Splits(train_table, splits.validation, splits.test, names),
+                                   pseudo)
+        values.append(result["best_metric"])
+        counts = np.bincount(pseudo.labels, minlength=len(names)).tolist() if pseudo else [0] * len(names)
+        summary.append({"round": r, "pseudo_labels": len(pseudo.rows) if pseudo else 0, "pseudo_per_class": counts,
+                        "trained": True, "reused": reused, "confident": pseudo.confident if pseudo else None,
+                        "labeled_by": int(labeler.name.split("-")[1]) if pseudo else None,
+                        "best_metric": values[-1], "eval_accuracy": result.get("eval_accuracy"),
                         "eval_macro_f1": result.get("eval_macro_f1"), "eval_loss": result.get("eval_loss"),
                         "lora_dropout": rcfg.method.lora_dropout})
-        if better(value, best_value, metric):
-            best_round, best_value = r, value
-        print(f"round {r}: {kept} pseudo-labels {counts}; validation {metric} {value:.4f}"
-              + (" (best so far)" if best_round == r else ""))
+        print(f"round {r}{' (reused: finished before with the same configuration and pseudo-labels)' if reused else ''}"
+              f": {summary[-1]['pseudo_labels']} pseudo-labels {counts}; validation {metric} {values[-1]:.4f}; "
+              f"chosen so far: round {chosen_round(values, metric, round_tolerance)}")
+    best_round = chosen_round(values, metric, round_tolerance)
     record = {"unlabeled_file": unlabeled_file, "threshold": threshold, "class_cap_factor": cap_factor,
-              "labelled_shares": shares.tolist(), "label_names": names, "best_round": best_round,
-              "metric_for_best_model": metric, "rounds": summary, "unlabeled": dedup.to_dict()}
+              "round_tolerance": round_tolerance, "labelled_shares": shares.tolist(), "label_names": names,
+              "best_round": best_round, "metric_for_best_model": metric, "rounds": summary,
+              "unlabeled": dedup.to_dict()}
     if is_main_process():
         finish(out, best_round, summary, record)
     return record
@@ -213,6 +301,9 @@ def parser() -> argparse.ArgumentParser:
                    help="no class may exceed its labelled share x this among the kept pseudo-labels (default 1.5)")
     p.add_argument("--self_training_dropout", type=float, default=0.1,
                    help="adapter dropout (noise) from round 1 on, where the method has one (default 0.1)")
+    p.add_argument("--round_tolerance", type=float, default=0.5,
+                   help="the round kept (and labelling the next) is the latest whose validation metric is within "
+                        "this many points of the best round's; 0: the best (default 0.5)")
     return p
 
 
@@ -224,5 +315,5 @@ def command(argv: list[str]) -> int:
     cfg = resolve(a.config, rest)
     self_train(cfg, a.unlabeled_file, a.self_training_rounds, a.pseudo_label_threshold,
                cap_factor=a.pseudo_label_class_cap, text_column=a.unlabeled_text_column,
-               noise_dropout=a.self_training_dropout)
+               noise_dropout=a.self_training_dropout, round_tolerance=a.round_tolerance)
     return 0
