@@ -353,3 +353,15 @@ def test_predict_takes_its_defaults_from_a_recipe(tiny_run, tmp_path, capsys):
     assert cli.main(["predict", str(tiny_run), "--input", str(texts), "--output", str(tmp_path / "s.csv"),
                      "--config", str(recipe)]) == 0
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 6 and (tmp_path / "cache").is_dir()
+
+
+def test_validation_does_not_change_what_trains(tiny_roberta, headlines_csv, tmp_path):
+    """Evaluating every 3 steps or only at the end trains the same model: validation loaders draw no random numbers
+    from the global generator (dropout is on, so a shifted stream would change every later step)."""
+    losses = {}
+    for name, extra in {"often": {"eval_strategy": "steps", "eval_steps": 3}, "end": {"eval_strategy": "epoch"}}.items():
+        out = tmp_path / name
+        train(resolve(None, flags(tiny_train_args(tiny_roberta, headlines_csv, out, "lora", max_train_samples=96,
+                                                  per_device_train_batch_size=8, lora_dropout=0.1, **extra))))
+        losses[name] = [(e["step"], e["loss"]) for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "train"]
+    assert len(losses["end"]) >= 5 and losses["often"] == losses["end"]

@@ -13,8 +13,10 @@ def inference_loader(dataset, tokenizer, batch_size: int, pad_to_multiple_of: in
                      pin_memory: bool = False, max_tokens: int | None = None) -> DataLoader:
     """Length-sorted batches (least padding); the `idx` column puts outputs back in input order."""
     sampler = batching.SortedBatchSampler(dataset["length"], batch_size, max_tokens=max_tokens)
+    # its own generator: each pass over a DataLoader draws a seed, and from the global generator that draw would
+    # shift the training run's random stream (dropout, data order), so evaluating more often would train another model
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=batching.make_collator(tokenizer, pad_to_multiple_of),
-                      num_workers=num_workers, pin_memory=pin_memory)
+                      num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator())
 
 
 @torch.inference_mode()
