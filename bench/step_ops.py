@@ -14,9 +14,10 @@ orth_reg_weight 0.5, tinit 200, tfinal 1000, deltaT 10, total_step 22,500) and L
 Paths:
 * peft: the loop of peft's documentation: `loss = model(**batch).loss; loss.backward(); optimizer.step();
   model.base_model.update_and_allocate(step); optimizer.zero_grad()`, torch's default AdamW.
-* budgetune: the model, optimizer and scheduler built by budgetune (`methods.wrap`, `train.make_optimizer`, and
-  `train.prepare_adalora` where it exists), stepped in `train.train_step`'s order (forward, backward, gradient
-  clipping, optimizer, scheduler, AdaLoRA's allocation, zero_grad), without accelerate's wrappers.
+* budgetune: the model, optimizer and scheduler built by budgetune (`methods.wrap`, `train.prepare_adalora`,
+  `train.make_optimizer`), stepped in `train.train_step`'s order (forward, backward, gradient clipping, optimizer,
+  scheduler, AdaLoRA's allocation, zero_grad), without accelerate's wrappers. AdaLoRA steps through
+  `budgetune.lean_adalora` (the default); "budgetune, peft step" is the same with `--lean_adalora false`.
 
 What is counted, per phase:
 * ops: every call reaching `torch.utils._python_dispatch.TorchDispatchMode` (ATen operators below autograd,
@@ -186,15 +187,13 @@ def stock_peft(model_name: str, method: str) -> Stepper:
     return Stepper(model, optimizer, 0.0, lambda: None, allocate)
 
 
-def budgetune_path(model_name: str, method: str) -> Stepper:
+def budgetune_path(model_name: str, method: str, lean: bool = True) -> Stepper:
     from budgetune import methods, train
     from budgetune.config import resolve
 
-    cfg = resolve(None, budgetune_flags(method))
+    cfg = resolve(None, budgetune_flags(method) + ["--lean_adalora", str(lean).lower()])
     model = methods.wrap(cfg, base_model(model_name), TOTAL_STEP, [])
-    prepare = getattr(train, "prepare_adalora", None)  # budgetune's lean AdaLoRA, where this version has it
-    if prepare is not None and method == "adalora":
-        prepare(cfg, model)
+    train.prepare_adalora(cfg, model)  # as train.setup does
     model.train()
     optimizer, scheduler = train.make_optimizer(cfg, model, TOTAL_STEP, on_gpu=False)
     allocate = model.base_model.update_and_allocate if method == "adalora" else None
@@ -279,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         batch, small = make_batch(model_name, args.batch, args.tokens), make_batch(model_name, 2, 8)
         for method in args.methods.split(","):
             results = {}
-            for path, build in (("peft", stock_peft), ("budgetune", budgetune_path)):
+            paths = [("peft", stock_peft), ("budgetune", budgetune_path)]
+            if method == "adalora":
+                paths.insert(1, ("budgetune, peft step", lambda m, me: budgetune_path(m, me, lean=False)))
+            for path, build in paths:
                 results[path] = measure(build(model_name, method), batch, small, method)
             block = table(model_name, method, results)
             print("\n".join(block), flush=True)

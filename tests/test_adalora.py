@@ -118,24 +118,30 @@ def train_recorded(monkeypatch, tiny_roberta, data, out: Path, *, accumulation: 
     from peft.tuners.adalora import AdaLoraModel
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    from budgetune.lean_adalora import LeanAdaLoraModel
     from budgetune.train import train
 
-    rec: dict = {"events": [], "micro": 0, "calls": [], "reads": 0}
-    original_ual = AdaLoraModel.update_and_allocate
-    original_forward = AdaLoraModel.forward
+    rec: dict = {"events": [], "micro": 0, "calls": [], "reads": 0, "owners": set()}
+    # Both peft's class and budgetune's lean subclass (the default; it overrides both methods without calling
+    # peft's), each wrapper calling its own class's original: whichever the run uses is recorded, once.
+    originals = {cls: (cls.update_and_allocate, cls.forward) for cls in (AdaLoraModel, LeanAdaLoraModel)}
     original_sched = torch.optim.lr_scheduler.LambdaLR.step
+
+    def owner(self) -> type:
+        return LeanAdaLoraModel if isinstance(self, LeanAdaLoraModel) else AdaLoraModel
 
     def update_and_allocate(self, global_step):
         lora = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
         grads = bool(lora) and all(p.grad is not None for p in lora)
         rec["calls"].append((global_step, grads, rec["micro"]))
         rec["events"].append("ual")
-        return original_ual(self, global_step)
+        rec["owners"].add(owner(self).__name__)
+        return originals[owner(self)][0](self, global_step)
 
     def forward(self, *args, **kwargs):
         if self.model.training:
             rec["micro"] += 1
-        return original_forward(self, *args, **kwargs)
+        return originals[owner(self)][1](self, *args, **kwargs)
 
     def sched_step(self, *args, **kwargs):
         rec["events"].append("sched")
@@ -145,8 +151,9 @@ def train_recorded(monkeypatch, tiny_roberta, data, out: Path, *, accumulation: 
         rec["reads"] += 1
         return rec["reads"] - 1 == skip_step
 
-    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", update_and_allocate)
-    monkeypatch.setattr(AdaLoraModel, "forward", forward)
+    for cls in originals:
+        monkeypatch.setattr(cls, "update_and_allocate", update_and_allocate)
+        monkeypatch.setattr(cls, "forward", forward)
     monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", sched_step)
     if skip_step is not None:
         monkeypatch.setattr(accelerate.Accelerator, "optimizer_step_was_skipped", property(skipped))
@@ -206,6 +213,7 @@ def test_update_and_allocate_once_per_optimizer_step_with_gradients(monkeypatch,
     assert total == 7
     assert_once_per_optimizer_step(rec, total)
     assert [c[2] for c in rec["calls"]] == list(range(1, total + 1))
+    assert rec["owners"] == {"LeanAdaLoraModel"}  # train's default AdaLoRA step
 
 
 def test_gradient_accumulation_calls_once_per_two_micro_batches(monkeypatch, tiny_roberta, small_data, tmp_path):

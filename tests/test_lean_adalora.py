@@ -238,3 +238,20 @@ def test_install_leaves_other_methods_alone():
                                                             task_type=peft.TaskType.SEQ_CLS))
     assert not lean_adalora.install(lora)
     assert type(lora.base_model) is peft.LoraModel
+
+
+def test_train_switches_adalora_to_the_lean_step_unless_told_not_to():
+    import peft
+
+    from budgetune import train
+    from budgetune.config import resolve
+
+    flags = ["--method", "adalora", "--rank", "4", "--target_r", "2", "--target_modules", "query"]
+    for extra, lean in (([], True), (["--lean_adalora", "false"], False)):
+        model = adalora(tiny_base())
+        assert train.prepare_adalora(resolve(None, flags + extra), model) is lean
+        assert isinstance(model.base_model, lean_adalora.LeanAdaLoraModel) is lean
+        assert isinstance(model.base_model, peft.tuners.adalora.AdaLoraModel)
+    lora = peft.get_peft_model(tiny_base(), peft.LoraConfig(r=2, target_modules=["query"],
+                                                            task_type=peft.TaskType.SEQ_CLS))
+    assert not train.prepare_adalora(resolve(None, ["--method", "lora"]), lora)

@@ -123,6 +123,9 @@ class MethodConfig:
     """AdaLoRA: EMA factor of the uncertainty."""
     orth_reg_weight: float = 0.5
     """AdaLoRA: weight of the orthogonality regulariser on P and Q."""
+    lean_adalora: bool = True
+    """AdaLoRA: budgetune's batched step (regulariser, allocator and masks with a fraction of peft's operators and
+    no host sync per step; the same numbers, modules and saved adapter); false: peft's own AdaLoraModel step."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Any further keyword of the peft config class of the method (e.g. {projection_prng_key: 1} for VeRA)."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from budgetune import adalora, artifacts, batching, budget, checkpoint, methods
+from budgetune import adalora, artifacts, batching, budget, checkpoint, lean_adalora, methods
 from budgetune import data as data_lib
 from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.devices import make_accelerator, mixed_precision, release_accelerator, token_cap
@@ -127,6 +127,7 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     set_seed(t.seed)  # before the model: the head's and the adapters' initial weights depend on it
     model, missing = methods.load_base(cfg, splits.label_names)
     model = methods.wrap(cfg, model, total, missing)
+    prepare_adalora(cfg, model)
     methods.first_token_last_layer(model)  # evaluation only: in train mode the layer runs in full
     live = budget.check_live(model, cfg, expected)
     on_gpu = accelerator.device.type == "cuda"
@@ -138,6 +139,12 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     log = MetricsLog(out / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
     return Run(cfg, out, accelerator, splits, tokenizer, prepared, accelerator.unwrap_model(prepared), optimizer,
                scheduler, sampler, train_loader, val_loader, log, live, world, sched, loss_fn or default_loss)
+
+
+def prepare_adalora(cfg: Config, model) -> bool:
+    """AdaLoRA steps through lean_adalora unless --lean_adalora false: peft's step costs ~5x the operators per
+    allocation and reads the masks back to the host (issue 13). Returns whether the model was switched."""
+    return cfg.method.method == "adalora" and cfg.method.lean_adalora and lean_adalora.install(model)
 
 
 def start(run: Run) -> tuple[TrainState, Best]:
