@@ -28,7 +28,8 @@ What is counted, per phase:
   is a host-to-device copy.
 On CPU every tensor is on the host, so these count what would be a sync or a copy on a GPU, with one exception:
 torch's AdamW without `capturable` keeps its `step` counters on the host and reads them (`.item()`) once per
-parameter each step; those reads appear under "optimizer" but are no device sync on a GPU. Each path is stepped
+parameter each step; those reads appear under "optimizer" but are no device sync on a GPU. The one read under
+"forward" is transformers' SDPA mask check (`padding_mask.all()`, to drop the mask of an unpadded batch). Each path is stepped
 once, uncounted, before counting: optimizer and allocator state are created once per run, not per step.
 
 AdaLoRA's allocation differs by step: a normal pruning step (205: sensitivities updated), a masking step (210:

@@ -87,7 +87,7 @@ class PendingPattern:
 
 
 @dataclass
-class Module:
+class Triplet:
     """One adapted matrix's triplet (peft's parameter names, relative to the inner model)."""
 
     e_name: str
@@ -102,7 +102,7 @@ class Module:
 class Layout:
     """The triplets in named_parameters order, their lora_* tensors for the allocator, and shape groups."""
 
-    modules: list[Module]
+    modules: list[Triplet]
     groups: list[list[int]]  # indices into modules with the same (A.shape, B.shape): stacked together
 
     @property
@@ -118,7 +118,7 @@ def layout(model: torch.nn.Module, adapter: str = ADAPTER) -> Layout:
     for name, p in params.items():
         if f".lora_E.{adapter}" in name:
             a, b = name.replace("lora_E", "lora_A"), name.replace("lora_E", "lora_B")
-            modules.append(Module(name, a, b, params[a], p, params[b]))
+            modules.append(Triplet(name, a, b, params[a], p, params[b]))
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(modules):
         groups.setdefault((tuple(m.A.shape), tuple(m.B.shape)), []).append(i)
