@@ -22,7 +22,8 @@ RESUME_MAY_DIFFER = {("output", "output_dir"), ("output", "overwrite_output_dir"
                      ("train", "dataloader_num_workers"), ("train", "save_steps"), ("train", "save_total_limit"),
                      ("train", "logging_steps"), ("train", "per_device_eval_batch_size"), ("data", "cache_dir"),
                      ("train", "robust_tolerance"),
-                     ("method", "lean_adalora")}  # the same numbers either way (tests/test_lean_adalora.py)
+                     ("method", "lean_adalora"),  # the same numbers either way (tests/test_lean_adalora.py)
+                     ("train", "frozen_in_compute_dtype")}  # the same numbers either way (tests/test_precision.py)
 
 
 _STEP = re.compile(r"step-\d+")

@@ -218,6 +218,10 @@ class TrainConfig:
     """Validation metric that selects the best adapter: accuracy, macro_f1 or loss."""
     mixed_precision: str = "auto"
     """auto (bf16 on a GPU that supports it, else fp16 on GPU, none on CPU), no, bf16 or fp16."""
+    frozen_in_compute_dtype: bool = True
+    """Under bf16 mixed precision, store the frozen base's Linear weights in bf16 once instead of autocast
+    re-casting them on every forward (same numbers); adapters, head and optimizer state stay fp32. No effect
+    otherwise."""
     torch_compile: bool = False
     """Compile the model with torch.compile (GPU; slower start, faster steps)."""
     dataloader_num_workers: int = 0

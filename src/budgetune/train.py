@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from budgetune import adalora, artifacts, batching, budget, checkpoint, lean_adalora, methods
+from budgetune import adalora, artifacts, batching, budget, checkpoint, lean_adalora, methods, precision
 from budgetune import data as data_lib
 from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.devices import make_accelerator, mixed_precision, release_accelerator, token_cap
@@ -130,6 +130,9 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     prepare_adalora(cfg, model)
     methods.first_token_last_layer(model)  # evaluation only: in train mode the layer runs in full
     live = budget.check_live(model, cfg, expected)
+    # after wrapping (peft has made adapters and head fp32 and trainable), before prepare (DDP, the optimizer)
+    precision.store_frozen_in(model, precision.compute_dtype(accelerator.mixed_precision,
+                                                             t.frozen_in_compute_dtype))
     on_gpu = accelerator.device.type == "cuda"
     optimizer, scheduler = make_optimizer(cfg, model, total, on_gpu)
     prepared = torch.compile(model) if t.torch_compile and on_gpu else model
