@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -116,7 +116,64 @@ class GlobalBatchSplitter(torch.utils.data.Sampler[list[int]]):
                 yield part.tolist()
 
 
-def make_collator(tokenizer, pad_to_multiple_of: int | None) -> Callable[[list[dict]], dict]:
+def length_buckets(lengths: Sequence[int], n: int, multiple: int = 8) -> list[int]:
+    """At most n fixed padded lengths for training batches, from the data's length histogram (issue 13, item 4).
+
+    A fixed set of shapes is what a captured CUDA graph (or a compiled step) needs. The lengths are chosen to pad
+    the rows least: candidates are the rows' lengths rounded up to `multiple` (tensor cores), the longest row's
+    length is always one, and a dynamic programme over the histogram picks the n that minimise the padding of
+    every row up to its bucket (length-grouped batches pad close to their rows' own lengths).
+    """
+    lens = np.asarray(lengths, dtype=np.int64)
+    if n < 1 or not len(lens):
+        return []
+    top = int(lens.max())
+    cands = np.unique(np.minimum(-(-lens // multiple) * multiple, top))
+    counts = np.array([np.sum((lens > lo) & (lens <= hi)) for lo, hi in zip(np.r_[0, cands[:-1]], cands)])
+    sums = np.array([lens[(lens > lo) & (lens <= hi)].sum() for lo, hi in zip(np.r_[0, cands[:-1]], cands)])
+    cum_n, cum_s = np.r_[0, np.cumsum(counts)], np.r_[0, np.cumsum(sums)]
+
+    def cost(i: int, j: int) -> int:  # rows of candidates i..j (inclusive) padded to cands[j]
+        return int(cands[j] * (cum_n[j + 1] - cum_n[i]) - (cum_s[j + 1] - cum_s[i]))
+
+    k_max, inf = min(n, len(cands)), float("inf")
+    # best[k][j]: least padding of the rows up to cands[j] with k buckets, the last at cands[j]
+    best = [[inf] * len(cands) for _ in range(k_max + 1)]
+    back = [[-1] * len(cands) for _ in range(k_max + 1)]
+    for j in range(len(cands)):
+        best[1][j] = cost(0, j)
+    for k in range(2, k_max + 1):
+        for j in range(k - 1, len(cands)):
+            for i in range(k - 2, j):
+                c = best[k - 1][i] + cost(i + 1, j)
+                if c < best[k][j]:
+                    best[k][j], back[k][j] = c, i
+    out, j = [], len(cands) - 1
+    for k in range(k_max, 0, -1):
+        out.append(int(cands[j]))
+        j = back[k][j]
+    return sorted(out)
+
+
+def batch_maxima(lengths: Sequence[int], batches: Iterable[Sequence[int]]) -> np.ndarray:
+    """Each batch's longest row, once per row of the batch: the lengths the rows are padded to without buckets,
+    so that length_buckets of these minimises the padding of these very batches."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    parts = [np.full(len(b), lens[np.asarray(b)].max()) for b in batches if len(b)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def bucket_length(longest: int, buckets: Sequence[int], multiple: int | None) -> int:
+    """The padded length of a batch whose longest row is `longest`: the smallest bucket that holds it (beyond the
+    last, as without buckets)."""
+    for b in buckets:
+        if b >= longest:
+            return b
+    return -(-longest // multiple) * multiple if multiple else longest
+
+
+def make_collator(tokenizer, pad_to_multiple_of: int | None,
+                  buckets: Sequence[int] | None = None) -> Callable[[list[dict]], dict]:
     """Pad per batch on the tokenizer's side with its pad ids; `idx` and `labels` become tensors, `length` is dropped.
 
     Plain numpy, not `tokenizer.pad`: that walks the rows in Python and, with a GPU waiting, cost more than the
@@ -130,9 +187,7 @@ def make_collator(tokenizer, pad_to_multiple_of: int | None) -> Callable[[list[d
     def collate(features: list[dict]) -> dict:
         if not features:
             return {}
-        longest = max(len(f["input_ids"]) for f in features)
-        if pad_to_multiple_of:
-            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        longest = bucket_length(max(len(f["input_ids"]) for f in features), buckets or (), pad_to_multiple_of)
         batch = {}
         for key, value in pad_values.items():
             if key not in features[0]:

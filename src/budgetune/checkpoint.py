@@ -145,14 +145,18 @@ def load(folder: Path) -> dict[str, Any]:
 _KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "progress", "allocator", "config")
 
 
-def check_compatible(saved: dict, current: dict, folder: Path) -> None:
-    """Refuse a checkpoint written with a configuration that changes the numbers, naming the keys that differ."""
+def check_compatible(saved: dict, current: dict, folder: Path, defaults: dict | None = None) -> None:
+    """Refuse a checkpoint written with a configuration that changes the numbers, naming the keys that differ.
+
+    A key the checkpoint lacks (written before the option existed) counts as its default in `defaults`: the
+    behaviour that checkpoint was trained with, since new options default to the old behaviour.
+    """
     diffs = []
     for group, values in current.items():
         for key, value in values.items():
             if (group, key) in RESUME_MAY_DIFFER:
                 continue
-            old = saved.get(group, {}).get(key, "<absent>")
+            old = saved.get(group, {}).get(key, (defaults or {}).get(group, {}).get(key, "<absent>"))
             if old != value:
                 diffs.append(f"{group}.{key}: checkpoint {old!r}, now {value!r}")
     if diffs:

@@ -72,6 +72,9 @@ class DataConfig:
     """Use only the first N validation rows."""
     group_by_length: bool = True
     """Batch training texts of similar length together (shuffled buckets) to cut padding."""
+    pad_to_buckets: int = 0
+    """Pad each training batch up to one of this many fixed lengths, chosen from the training data's length
+    quantiles (a few shapes, for CUDA graphs or a compiled step); 0: pad each batch to its longest text."""
     cache_dir: str | None = None
     """Where tokenized data is cached (default: ~/.cache/budgetune)."""
 
@@ -82,6 +85,8 @@ class DataConfig:
             )
         if self.max_seq_length < 8:
             raise ConfigError(f"--max_seq_length must be at least 8, got {self.max_seq_length}")
+        if self.pad_to_buckets < 0:
+            raise ConfigError(f"--pad_to_buckets must be 0 (off) or a number of lengths, got {self.pad_to_buckets}")
         for flag in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)
             if value is not None and value < 1:
@@ -222,6 +227,9 @@ class TrainConfig:
     """Under bf16 mixed precision, store the frozen base's Linear weights in bf16 once instead of autocast
     re-casting them on every forward (same numbers); adapters, head and optimizer state stay fp32. No effect
     otherwise."""
+    cuda_graphs: bool = False
+    """Capture the training step in CUDA graphs (GPU only; not built yet): where capture is impossible the run
+    says why in one line and trains eagerly."""
     torch_compile: bool = False
     """Compile the model with torch.compile (GPU; slower start, faster steps)."""
     dataloader_num_workers: int = 0

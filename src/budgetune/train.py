@@ -16,7 +16,13 @@ from torch.utils.data import DataLoader
 from budgetune import adalora, artifacts, batching, budget, checkpoint, lean_adalora, methods, precision
 from budgetune import data as data_lib
 from budgetune.config import BUILTIN_DATA, Config, save_yaml
-from budgetune.devices import make_accelerator, mixed_precision, release_accelerator, token_cap
+from budgetune.devices import (
+    cuda_graphs_fallback,
+    make_accelerator,
+    mixed_precision,
+    release_accelerator,
+    token_cap,
+)
 from budgetune.errors import Interrupted, TrainingError
 from budgetune.finish import BEST_STATE, finish, save_best
 from budgetune.inference import inference_loader, predict_logits
@@ -65,12 +71,22 @@ def make_loaders(cfg: Config, accelerator, splits: Splits, tokenizer):
         sampler = batching.GlobalBatchSplitter(sampler, world, len(train_ds), global_batch)
     # Its own generator: starting an epoch's iterator draws a seed, which must not come from the global RNG that
     # dropout uses, or a run resumed mid-epoch (one draw more than the original) would drop out other units.
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=batching.make_collator(tokenizer, pad),
+    buckets = train_buckets(cfg, train_ds["length"], sampler, pad or 8)
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=batching.make_collator(tokenizer, pad, buckets),
                               num_workers=t.dataloader_num_workers, pin_memory=on_gpu,
                               generator=torch.Generator().manual_seed(t.seed))
     val_loader = inference_loader(val_ds, tokenizer, t.per_device_eval_batch_size, pad, t.dataloader_num_workers,
                                   on_gpu, token_cap(accelerator.device))
     return sampler, train_loader, val_loader
+
+
+def train_buckets(cfg: Config, lengths, sampler, multiple: int) -> list[int]:
+    """--pad_to_buckets' fixed lengths: those that pad the first epoch's batches least (later epochs shuffle the
+    same length groups, so their batches' lengths are alike); [] when off."""
+    if not cfg.data.pad_to_buckets:
+        return []
+    sampler.set_epoch(0)
+    return batching.length_buckets(batching.batch_maxima(lengths, sampler), cfg.data.pad_to_buckets, multiple)
 
 
 def make_optimizer(cfg: Config, model, total_steps: int, on_gpu: bool):
@@ -134,6 +150,8 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     precision.store_frozen_in(model, precision.compute_dtype(accelerator.mixed_precision,
                                                              t.frozen_in_compute_dtype))
     on_gpu = accelerator.device.type == "cuda"
+    if (why := cuda_graphs_fallback(t.cuda_graphs, accelerator.device)) is not None:
+        accelerator.print(why)
     optimizer, scheduler = make_optimizer(cfg, model, total, on_gpu)
     prepared = torch.compile(model) if t.torch_compile and on_gpu else model
     prepared, optimizer, train_loader, val_loader = accelerator.prepare(prepared, optimizer, train_loader, val_loader)
@@ -157,7 +175,7 @@ def start(run: Run) -> tuple[TrainState, Best]:
     saved = None
     if found is not None:  # a checkpoint of another configuration or world is refused before anything is written
         saved = checkpoint.load(found)
-        checkpoint.check_compatible(saved["config"], cfg.to_dict(), found)
+        checkpoint.check_compatible(saved["config"], cfg.to_dict(), found, defaults=Config().to_dict())
         checkpoint.check_world(saved.get("world"), run.world, found)
     if run.accelerator.is_main_process:
         artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=found is not None)
