@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/step_ops.py            # roberta-base and MiniLM shapes, batch 32 x 64: ~2 min
     python bench/step_ops.py --models minilm --batch 4    # quicker (the counts do not depend on the batch)
+    python bench/step_ops.py --bf16 --batch 8             # forward under bf16 autocast, dtype casts counted
 
 Per-step overhead, not arithmetic, bounds an AdaLoRA step on a GPU (issue 13); the number of operators a step
 dispatches is that overhead's measure, and it can be counted on any machine. Models have random weights:
@@ -31,6 +32,11 @@ torch's AdamW without `capturable` keeps its `step` counters on the host and rea
 parameter each step; those reads appear under "optimizer" but are no device sync on a GPU. The one read under
 "forward" is transformers' SDPA mask check (`padding_mask.all()`, to drop the mask of an unpadded batch). Each path is stepped
 once, uncounted, before counting: optimizer and allocator state are created once per run, not per step.
+
+--bf16: the forward runs under `torch.autocast("cpu", dtype=torch.bfloat16)` (what accelerate does under
+`--mixed_precision bf16`), and the table adds the dtype casts (`aten._to_copy`) of forward and backward. The paths
+are then peft, "budgetune, autocast casts" (`--frozen_in_compute_dtype false`: the frozen base stays fp32 and
+autocast casts it on every forward) and budgetune (the default: frozen base Linear weights stored in bf16 once).
 
 AdaLoRA's allocation differs by step: a normal pruning step (205: sensitivities updated), a masking step (210:
 the budget mask too) and a final-phase step (21,501: the fixed rank pattern re-applied). The masking and final rows
@@ -70,6 +76,7 @@ class Counts:
     ops: Counter = field(default_factory=Counter)
     syncs: Counter = field(default_factory=Counter)
     h2d: Counter = field(default_factory=Counter)
+    casts: Counter = field(default_factory=Counter)
 
 
 class OpCounter(TorchDispatchMode):
@@ -85,6 +92,8 @@ class OpCounter(TorchDispatchMode):
             self.counts.syncs[self.phase] += 1
         elif func is torch.ops.aten.lift_fresh.default:
             self.counts.h2d[self.phase] += 1
+        elif func is torch.ops.aten._to_copy.default:  # autocast's casts (and any other dtype/device copy)
+            self.counts.casts[self.phase] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -155,6 +164,7 @@ class Stepper:
     clip: float
     after_optimizer: Callable[[], None]
     allocate: Callable[[int], None] | None
+    bf16: bool = False
 
     def step(self, batch: dict, global_step: int, mode: OpCounter | None) -> None:
         def phase(name: str) -> None:
@@ -162,7 +172,8 @@ class Stepper:
                 mode.phase = name
 
         phase("forward")
-        loss = self.model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(**batch).loss
         phase("backward")
         loss.backward()
         phase("optimizer")
@@ -178,27 +189,31 @@ class Stepper:
         phase("other")
 
 
-def stock_peft(model_name: str, method: str) -> Stepper:
+def stock_peft(model_name: str, method: str, bf16: bool = False) -> Stepper:
     import peft
 
     model = peft.get_peft_model(base_model(model_name), peft_config(method))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     allocate = model.base_model.update_and_allocate if method == "adalora" else None
-    return Stepper(model, optimizer, 0.0, lambda: None, allocate)
+    return Stepper(model, optimizer, 0.0, lambda: None, allocate, bf16)
 
 
-def budgetune_path(model_name: str, method: str, lean: bool = True) -> Stepper:
-    from budgetune import methods, train
+def budgetune_path(model_name: str, method: str, lean: bool = True, bf16: bool = False,
+                   frozen_bf16: bool = True) -> Stepper:
+    from budgetune import methods, precision, train
     from budgetune.config import resolve
 
-    cfg = resolve(None, budgetune_flags(method) + ["--lean_adalora", str(lean).lower()])
+    cfg = resolve(None, budgetune_flags(method) + ["--lean_adalora", str(lean).lower(),
+                                                   "--frozen_in_compute_dtype", str(frozen_bf16).lower()])
     model = methods.wrap(cfg, base_model(model_name), TOTAL_STEP, [])
     train.prepare_adalora(cfg, model)  # as train.setup does
+    precision.store_frozen_in(model, precision.compute_dtype("bf16" if bf16 else "no",
+                                                             cfg.train.frozen_in_compute_dtype))
     model.train()
     optimizer, scheduler = train.make_optimizer(cfg, model, TOTAL_STEP, on_gpu=False)
     allocate = model.base_model.update_and_allocate if method == "adalora" else None
-    return Stepper(model, optimizer, cfg.train.max_grad_norm, scheduler.step, allocate)
+    return Stepper(model, optimizer, cfg.train.max_grad_norm, scheduler.step, allocate, bf16)
 
 
 def make_batch(model_name: str, batch: int, tokens: int) -> dict:
@@ -221,7 +236,9 @@ def measure(stepper: Stepper, batch: dict, small: dict, method: str) -> dict[str
         counts = Counts()
         allocate, stepper.allocate = stepper.allocate, None
         stepper.step(small, step, None)  # uncounted: gradients for the allocator, then zero_grad ...
-        stepper.model(**small).loss.backward()  # ... so gradients again
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=stepper.bf16):
+            loss = stepper.model(**small).loss
+        loss.backward()  # ... so gradients again
         stepper.allocate = allocate
         with counting(counts) as mode:
             mode.phase = "allocate"
@@ -239,19 +256,24 @@ def row_totals(normal: Counts, alloc: Counts | None) -> tuple[int, int, int]:
             total(normal.h2d, alloc and alloc.h2d))
 
 
-def table(model_name: str, method: str, results: dict[str, dict[str, Counts]]) -> list[str]:
+def table(model_name: str, method: str, results: dict[str, dict[str, Counts]], casts: bool = False) -> list[str]:
     paths = list(results)
-    head = f"{'':<26}" + "".join(f"{p:>24}" for p in paths)
+    width = max(24, max(len(p) for p in paths) + 2)
+    head = f"{'':<26}" + "".join(f"{p:>{width}}" for p in paths)
     lines = [f"{model_name}, {method}: operators dispatched (host syncs / host-built tensors)", head]
 
     def cell(ops: int, syncs: int, h2d: int) -> str:
-        return f"{ops:>8,} ({syncs:>3} / {h2d:>3})".rjust(24)
+        return f"{ops:>8,} ({syncs:>3} / {h2d:>3})".rjust(width)
 
     for ph in PHASES:
         lines.append(f"  {ph:<24}" + "".join(cell(r["normal"].ops[ph], r["normal"].syncs[ph], r["normal"].h2d[ph])
                                              for r in results.values()))
     lines.append(f"  {'step total (normal)':<24}" + "".join(cell(*row_totals(r["normal"], None))
                                                            for r in results.values()))
+    if casts:  # under bf16 autocast
+        for ph in ("forward", "backward"):
+            lines.append(f"  {ph + ' dtype casts':<24}" + "".join(f"{r['normal'].casts[ph]:>{width},}"
+                                                                 for r in results.values()))
     if method == "adalora":
         for row, label in (("masking", f"masking step {MASK_STEP}"), ("fix", f"fixing step {FIX_STEP}"),
                            ("final", f"final step {FINAL_STEP}")):
@@ -263,6 +285,18 @@ def table(model_name: str, method: str, results: dict[str, dict[str, Counts]]) -
     return lines
 
 
+def paths_for(method: str, bf16: bool) -> list[tuple[str, Callable[[str, str], Stepper]]]:
+    """The compared paths: fp32 adds budgetune with peft's AdaLoRA step; bf16 budgetune with autocast's casts."""
+    if bf16:
+        return [("peft", lambda m, me: stock_peft(m, me, bf16=True)),
+                ("budgetune, autocast casts", lambda m, me: budgetune_path(m, me, bf16=True, frozen_bf16=False)),
+                ("budgetune", lambda m, me: budgetune_path(m, me, bf16=True))]
+    paths = [("peft", stock_peft), ("budgetune", budgetune_path)]
+    if method == "adalora":
+        paths.insert(1, ("budgetune, peft step", lambda m, me: budgetune_path(m, me, lean=False)))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="roberta-base,minilm")
@@ -270,21 +304,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None, help="also write the report here")
+    ap.add_argument("--bf16", action="store_true", help="forward under bf16 autocast; count the dtype casts")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    lines = [f"bench/step_ops.py: one training step, batch {args.batch} x {args.tokens} tokens, fp32 CPU, "
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    lines = [f"bench/step_ops.py: one training step, batch {args.batch} x {args.tokens} tokens, {precision} CPU, "
              f"torch {torch.__version__}", ""]
     start = time.perf_counter()
     for model_name in args.models.split(","):
         batch, small = make_batch(model_name, args.batch, args.tokens), make_batch(model_name, 2, 8)
         for method in args.methods.split(","):
             results = {}
-            paths = [("peft", stock_peft), ("budgetune", budgetune_path)]
-            if method == "adalora":
-                paths.insert(1, ("budgetune, peft step", lambda m, me: budgetune_path(m, me, lean=False)))
+            paths = paths_for(method, args.bf16)
             for path, build in paths:
                 results[path] = measure(build(model_name, method), batch, small, method)
-            block = table(model_name, method, results)
+            block = table(model_name, method, results, casts=args.bf16)
             print("\n".join(block), flush=True)
             lines += block + [""]
     lines.append(f"({time.perf_counter() - start:.0f} s)")
