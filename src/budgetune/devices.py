@@ -61,6 +61,20 @@ def release_accelerator() -> None:
     GradientState._reset_state()
 
 
+def settle_collectives(accelerator) -> None:
+    """Before a multi-process run's model (and its DDP reducer) is freed: a barrier, then a pause without the GIL.
+
+    gloo's worker threads free finished collectives (their tensors are Python objects, so freeing them takes the
+    GIL) after the caller has its result; freeing the reducer with the GIL held joins those threads, and torch then
+    deadlocks (seen in CI: test_distributed's two-process run hung at exit, one worker in ~ProcessGroupGloo).
+    """
+    import time
+
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(0.2)  # sleeping releases the GIL: the worker threads finish freeing their collectives
+
+
 # On CPU, batches of more padded tokens than this can run slower per token: the feed-forward's activations (tokens
 # x 4 x hidden floats) no longer fit in the cache. bench/inference_parts.py on 2 cores, MiniLM, AG News: 0 to 17 %
 # more texts/s than 256 texts per batch, run to run. A GPU wants the largest batch: no cap there.

@@ -21,6 +21,7 @@ from budgetune.devices import (
     make_accelerator,
     mixed_precision,
     release_accelerator,
+    settle_collectives,
     token_cap,
 )
 from budgetune.errors import Interrupted, TrainingError
@@ -431,6 +432,7 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
             fit(run, state, best, stop_signal, on_evaluate)
         result = finish(run, state, best)
         run.accelerator.end_training()
+        settle_collectives(run.accelerator)
         return result
     finally:
         release_accelerator()
