@@ -90,8 +90,8 @@ def test_without_the_mask_validation_scores_another_model(tiny_roberta, headline
     args = ada_args(tiny_roberta, headlines_csv, out)
     train(resolve(None, flags(args)))
     losses = saved_losses(args, out)
-    print(losses)
-    assert all(abs(logged - reloaded) > 1e-5 for logged, reloaded in losses.values()), losses
+    # outside the 1e-6 within which the masked run's logged and reloaded losses agree (test above)
+    assert all(abs(logged - reloaded) > 1e-6 for logged, reloaded in losses.values()), losses
 
 
 def test_early_stopping_waits_for_the_final_rank_pattern(tiny_roberta, headlines_csv, tmp_path, capsys):
