@@ -431,8 +431,8 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
         with StopSignal() as stop_signal, oom_message(run, state):
             fit(run, state, best, stop_signal, on_evaluate)
         result = finish(run, state, best)
+        settle_collectives(run.accelerator)  # while the process group lives: end_training destroys it
         run.accelerator.end_training()
-        settle_collectives(run.accelerator)
         return result
     finally:
         release_accelerator()
