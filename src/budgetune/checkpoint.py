@@ -145,20 +145,29 @@ def load(folder: Path) -> dict[str, Any]:
 _KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "progress", "allocator", "config")
 
 
+def config_differences(saved: dict, current: dict, ignored: set[tuple[str, str]],
+                       defaults: dict | None = None) -> list[tuple[str, object, object]]:
+    """(group.key, saved value, current value) for each option that differs, the `ignored` ones aside; an option
+    `saved` lacks (written before it existed) counts as its value in `defaults`, else as "<absent>"."""
+    diffs = []
+    for group, values in current.items():
+        for key, value in values.items():
+            if (group, key) in ignored:
+                continue
+            old = saved.get(group, {}).get(key, (defaults or {}).get(group, {}).get(key, "<absent>"))
+            if old != value:
+                diffs.append((f"{group}.{key}", old, value))
+    return diffs
+
+
 def check_compatible(saved: dict, current: dict, folder: Path, defaults: dict | None = None) -> None:
     """Refuse a checkpoint written with a configuration that changes the numbers, naming the keys that differ.
 
     A key the checkpoint lacks (written before the option existed) counts as its default in `defaults`: the
     behaviour that checkpoint was trained with, since new options default to the old behaviour.
     """
-    diffs = []
-    for group, values in current.items():
-        for key, value in values.items():
-            if (group, key) in RESUME_MAY_DIFFER:
-                continue
-            old = saved.get(group, {}).get(key, (defaults or {}).get(group, {}).get(key, "<absent>"))
-            if old != value:
-                diffs.append(f"{group}.{key}: checkpoint {old!r}, now {value!r}")
+    diffs = [f"{name}: checkpoint {old!r}, now {value!r}"
+             for name, old, value in config_differences(saved, current, RESUME_MAY_DIFFER, defaults)]
     if diffs:
         raise CheckpointError(f"{folder} was written by a different configuration; refusing to resume. "
                               "Differences: " + "; ".join(diffs))

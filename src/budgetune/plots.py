@@ -13,29 +13,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from budgetune.runlog import read_metrics
+
 _LAYER_RE = re.compile(r"layer\.(\d+)\.")
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Parse metrics.jsonl; a torn last line is dropped, a bad line elsewhere raises ValueError with its number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: metrics file not found")
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
-    records = []
-    for pos, (lineno, line) in enumerate(numbered):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            # The writer may have been killed mid-append, so only the final line may be partial.
-            if pos == len(numbered) - 1:
-                break
-            raise ValueError(f"{path}:{lineno}: corrupt metrics line ({exc.msg})") from exc
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        records.append(obj)
-    return records
 
 
 def _series(events: Iterable[dict], kind: str, key: str) -> tuple[list[float], list[float]]:

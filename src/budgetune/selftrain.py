@@ -20,15 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetune import artifacts, unlabeled
+from budgetune import artifacts, checkpoint, unlabeled
 from budgetune import data as data_lib
 from budgetune import splits as splits_lib
 from budgetune import train as train_lib
 from budgetune.config import Config
 from budgetune.devices import is_main_process
 from budgetune.errors import ConfigError, RunFolderError
+from budgetune.runlog import read_metrics
 
 DROPOUT_METHODS = ("lora", "dora", "adalora", "vera")  # methods whose adapters have an input dropout
+# options that do not change a finished round's files (unlike checkpoint.RESUME_MAY_DIFFER: resuming re-runs finish,
+# which a reused round does not, so e.g. robust_tolerance must match)
+REUSE_MAY_DIFFER = {("output", "overwrite_output_dir"), ("train", "resume_from_checkpoint")}
 COPIED = ("config.yaml", "budget.json", "evaluation.json", "evaluation.txt", "evaluation_test.json",
           "evaluation_test.txt")
 
@@ -138,23 +142,15 @@ def finished_round(folder: Path, cfg: Config, pseudo_csv: str | None) -> dict | 
     (a run continued after a kill), else None."""
     import yaml
 
-    end, evals = None, {}
     if not (folder / "evaluation.json").is_file() or not (folder / "metrics.jsonl").is_file():
         return None
-    for line in (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        ev = json.loads(line)
-        if ev.get("event") == "eval":
-            evals[ev["step"]] = ev
-        end = ev if ev.get("event") == "end" else end
+    events = read_metrics(folder / "metrics.jsonl")
+    evals = {ev["step"]: ev for ev in events if ev.get("event") == "eval"}
+    end = next((ev for ev in reversed(events) if ev.get("event") == "end"), None)
     if end is None or end.get("best_step") not in evals:
         return None
-    ignored = {("output", "overwrite_output_dir"), ("train", "resume_from_checkpoint")}
-
-    def comparable(d: dict) -> dict:
-        return {g: {k: v for k, v in sec.items() if (g, k) not in ignored} for g, sec in d.items()}
-
     saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    if comparable(saved) != comparable(cfg.to_dict()):
+    if checkpoint.config_differences(saved, cfg.to_dict(), REUSE_MAY_DIFFER, defaults=Config().to_dict()):
         return None
     if pseudo_csv is not None and not same_pseudo_labels(folder / "pseudo_labels.csv", pseudo_csv):
         return None
