@@ -73,8 +73,8 @@ class DataConfig:
     group_by_length: bool = True
     """Batch training texts of similar length together (shuffled buckets) to cut padding."""
     pad_to_buckets: int = 0
-    """Pad each training batch up to one of this many fixed lengths, chosen from the training data's length
-    quantiles (a few shapes, for CUDA graphs or a compiled step); 0: pad each batch to its longest text."""
+    """Pad each training batch up to one of this many fixed lengths, those that pad the first epoch's batches least
+    (a few shapes, for CUDA graphs or a compiled step); 0: pad each batch to its longest text."""
     cache_dir: str | None = None
     """Where tokenized data is cached (default: ~/.cache/budgetune)."""
 

@@ -195,14 +195,20 @@ def bake_scale(model, adapter_name: str = "default") -> None:
     model.__dict__[SCALE_ATTR] = 1.0
 
 
-def choose_scale(table: dict[float, float], tolerance: float) -> float:
-    """The smallest scale whose validation accuracy (a fraction) is within `tolerance` points (percent) of the best."""
+def near_best(table: dict, tolerance: float) -> list:
+    """The keys whose validation accuracy (a fraction) is within `tolerance` points (percent) of the best: the
+    candidates of the robust rule (the smallest adapter scale here, the latest self-training round in selftrain)."""
     if not table:
-        raise ValueError("choose_scale: no validation accuracies")
+        raise ValueError("near_best: no validation accuracies")
     if tolerance < 0:
         raise ConfigError(f"robust_tolerance: {tolerance} is negative (points of validation accuracy, e.g. 0.5)")
     best = max(table.values())
-    return min(s for s, acc in table.items() if (best - acc) * 100 <= tolerance + 1e-9)
+    return [k for k, acc in table.items() if (best - acc) * 100 <= tolerance + 1e-9]
+
+
+def choose_scale(table: dict[float, float], tolerance: float) -> float:
+    """The smallest scale whose validation accuracy (a fraction) is within `tolerance` points (percent) of the best."""
+    return min(near_best(table, tolerance))
 
 
 def auto_scale(model, validate: Callable[[], float], scales: Iterable[float] = AUTO_SCALES,

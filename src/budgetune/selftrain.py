@@ -28,6 +28,7 @@ from budgetune.config import Config
 from budgetune.devices import is_main_process
 from budgetune.errors import ConfigError, RunFolderError
 from budgetune.runlog import read_metrics
+from budgetune.scaling import near_best
 
 DROPOUT_METHODS = ("lora", "dora", "adalora", "vera")  # methods whose adapters have an input dropout
 # options that do not change a finished round's files (unlike checkpoint.RESUME_MAY_DIFFER: resuming re-runs finish,
@@ -120,8 +121,7 @@ def chosen_round(values: list[float], metric: str, tolerance: float) -> int:
     """The latest round whose metric is within `tolerance` points of the best (loss: the lowest, no tolerance)."""
     if metric == "loss":
         return int(np.argmin(values))
-    best = max(values)
-    return max(r for r, v in enumerate(values) if v >= best - tolerance / 100 - 1e-12)
+    return max(near_best(dict(enumerate(values)), tolerance))
 
 
 def same_pseudo_labels(path: Path, csv_text: str) -> bool:
