@@ -211,7 +211,7 @@ def budgetune_path(model_name: str, method: str, lean: bool = True, bf16: bool =
     precision.store_frozen_in(model, precision.compute_dtype("bf16" if bf16 else "no",
                                                              cfg.train.frozen_in_compute_dtype))
     model.train()
-    optimizer, scheduler = train.make_optimizer(cfg, model, TOTAL_STEP, on_gpu=False)
+    optimizer, scheduler = train.make_optimizer(cfg, model, TOTAL_STEP, torch.device("cpu"))
     allocate = model.base_model.update_and_allocate if method == "adalora" else None
     return Stepper(model, optimizer, cfg.train.max_grad_norm, scheduler.step, allocate, bf16)
 

@@ -146,7 +146,7 @@ def test_weight_decay_follows_the_parameter_role(tiny_roberta, headlines_csv, me
             "--tinit", "10", "--tfinal", "10"]
     cfg = resolve(None, args)
     model = methods.wrap(cfg, methods.load_base(cfg, data_lib.AG_NEWS_LABELS)[0], total_step=100)
-    optimizer, _ = make_optimizer(cfg, model, 100, on_gpu=False)
+    optimizer, _ = make_optimizer(cfg, model, 100, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     group = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert len(group) == sum(p.requires_grad for p in model.parameters())

@@ -228,8 +228,9 @@ class TrainConfig:
     re-casting them on every forward (same numbers); adapters, head and optimizer state stay fp32. No effect
     otherwise."""
     cuda_graphs: bool = False
-    """Capture the training step in CUDA graphs (GPU only; not built yet): where capture is impossible the run
-    says why in one line and trains eagerly."""
+    """Capture the training step (forward, backward, clipping, AdamW) in a CUDA graph per batch shape and replay
+    it (GPU only; needs --pad_to_buckets). Where capture is impossible (CPU, several processes, accumulation, fp16,
+    a custom loss) the run says why in one line and trains eagerly, with the same fused AdamW."""
     torch_compile: bool = False
     """Compile the model with torch.compile (GPU; slower start, faster steps)."""
     dataloader_num_workers: int = 0
@@ -294,6 +295,11 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        if self.train.cuda_graphs and not self.data.pad_to_buckets:
+            raise ConfigError("--cuda_graphs true needs --pad_to_buckets N (e.g. 6): a graph is captured per batch "
+                              "shape, and without fixed lengths nearly every batch would have a shape of its own")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

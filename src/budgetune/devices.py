@@ -35,15 +35,6 @@ def make_accelerator(**kwargs):
     return accelerator
 
 
-def cuda_graphs_fallback(requested: bool, device) -> str | None:
-    """Why a run asked for --cuda_graphs trains eagerly (one line), or None when it did not ask."""
-    if not requested:
-        return None
-    if torch.device(device).type != "cuda":
-        return f"--cuda_graphs: no CUDA device (training on {torch.device(device).type}); training eagerly"
-    return "--cuda_graphs: step capture is not built yet (issue 13, item 4); training eagerly"
-
-
 def is_main_process() -> bool:
     """Outside a training run (which has its accelerator): whether this process writes the shared files."""
     return int(os.environ.get("RANK", "0")) == 0

@@ -61,6 +61,7 @@ class Run:
     world: dict[str, int]  # processes, batches, steps: a resume must find the same
     schedule: adalora.Schedule | None
     loss_fn: LossFn
+    graphs: Any = None  # graphs.StepGraphs under --cuda_graphs where the step can be captured
 
     @property
     def per_epoch(self) -> int:

@@ -13,11 +13,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from budgetune import adalora, artifacts, batching, budget, checkpoint, lean_adalora, methods, precision
+from budgetune import (
+    adalora,
+    artifacts,
+    batching,
+    budget,
+    checkpoint,
+    graphs,
+    lean_adalora,
+    methods,
+    precision,
+)
 from budgetune import data as data_lib
 from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.devices import (
-    cuda_graphs_fallback,
     make_accelerator,
     mixed_precision,
     release_accelerator,
@@ -90,17 +99,24 @@ def train_buckets(cfg: Config, lengths, sampler, multiple: int) -> list[int]:
     return batching.length_buckets(batching.batch_maxima(lengths, sampler), cfg.data.pad_to_buckets, multiple)
 
 
-def make_optimizer(cfg: Config, model, total_steps: int, on_gpu: bool):
-    """AdamW with decay on projection matrices only (methods.decays), and the warm-up schedule."""
+def make_optimizer(cfg: Config, model, total_steps: int, device: torch.device):
+    """AdamW with decay on projection matrices only (methods.decays), and the warm-up schedule.
+
+    Under --cuda_graphs (captured or not, so that a fallback trains the same numbers) AdamW is fused and its
+    learning rate a tensor on the device, which the scheduler fills in place: a captured step reads the current
+    rate, where a float would stay the one captured. On a GPU it is also capturable (its step count on the device).
+    """
     from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-    t = cfg.train
+    t, on_gpu = cfg.train, device.type == "cuda"
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (decay if methods.decays(n, p) else no_decay).append(p)
+    lr = torch.tensor(t.learning_rate, device=device) if t.cuda_graphs else t.learning_rate
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.learning_rate, fused=on_gpu)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                                  fused=on_gpu or t.cuda_graphs, capturable=on_gpu and t.cuda_graphs)
     warmup = int(t.warmup_ratio * total_steps)
     if t.lr_scheduler_type == "linear":
         return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
@@ -151,16 +167,28 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     precision.store_frozen_in(model, precision.compute_dtype(accelerator.mixed_precision,
                                                              t.frozen_in_compute_dtype))
     on_gpu = accelerator.device.type == "cuda"
-    if (why := cuda_graphs_fallback(t.cuda_graphs, accelerator.device)) is not None:
-        accelerator.print(why)
-    optimizer, scheduler = make_optimizer(cfg, model, total, on_gpu)
+    optimizer, scheduler = make_optimizer(cfg, model, total, accelerator.device)
     prepared = torch.compile(model) if t.torch_compile and on_gpu else model
     prepared, optimizer, train_loader, val_loader = accelerator.prepare(prepared, optimizer, train_loader, val_loader)
+    step_graphs = make_graphs(cfg, accelerator, prepared, optimizer, custom_loss=loss_fn is not None)
     if cfg.output.report_to:
         accelerator.init_trackers(cfg.output.run_name or out.name, config=flat(cfg.to_dict()))
     log = MetricsLog(out / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
     return Run(cfg, out, accelerator, splits, tokenizer, prepared, accelerator.unwrap_model(prepared), optimizer,
-               scheduler, sampler, train_loader, val_loader, log, live, world, sched, loss_fn or default_loss)
+               scheduler, sampler, train_loader, val_loader, log, live, world, sched, loss_fn or default_loss,
+               step_graphs)
+
+
+def make_graphs(cfg: Config, accelerator, model, optimizer, custom_loss: bool) -> graphs.StepGraphs | None:
+    """The captured step for --cuda_graphs, or None (with a one-line reason when it was asked for)."""
+    t = cfg.train
+    if not t.cuda_graphs:
+        return None
+    if (why := graphs.unsupported(cfg, accelerator, custom_loss)) is not None:
+        accelerator.print(f"--cuda_graphs: {why}; training eagerly")
+        return None
+    return graphs.StepGraphs(model, optimizer.optimizer, t.max_grad_norm, t.per_device_train_batch_size,
+                             say=accelerator.print)
 
 
 def prepare_adalora(cfg: Config, model) -> bool:
@@ -191,6 +219,7 @@ def start(run: Run) -> tuple[TrainState, Best]:
         return TrainState(), Best()
     checkpoint.restore_model(run.inner, saved["model"])
     run.optimizer.optimizer.load_state_dict(saved["optimizer"])
+    graphs.lr_on_device(run.optimizer.optimizer)
     run.scheduler.load_state_dict(saved["scheduler"])
     if saved["scaler"] is not None and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(saved["scaler"])
@@ -260,6 +289,8 @@ def train_step(run: Run, batch: dict, steps_done: int) -> tuple[torch.Tensor, to
 
     Returns (loss, grad norm or None, whether the optimizer stepped); nothing here waits for the device.
     """
+    if run.graphs is not None and (replayed := run.graphs.step(batch)) is not None:
+        return graph_step(run, replayed, steps_done)
     acc, model = run.accelerator, run.model
     with acc.accumulate(model):
         loss = run.loss_fn(model, batch)
@@ -275,6 +306,16 @@ def train_step(run: Run, batch: dict, steps_done: int) -> tuple[torch.Tensor, to
                 run.inner.base_model.update_and_allocate(steps_done)  # 0-based optimizer step
         run.optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm, stepped
+
+
+def graph_step(run: Run, replayed: tuple, steps_done: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """After a replay (forward, backward, clipping, AdamW): what train_step does after the optimizer step."""
+    run.scheduler.step()
+    if run.schedule is not None:
+        run.graphs.expose_grads()
+        run.inner.base_model.update_and_allocate(steps_done)
+    run.optimizer.zero_grad(set_to_none=True)
+    return replayed[0], replayed[1], True
 
 
 class StopSignal:
@@ -406,7 +447,7 @@ class Window:
 def log_window(run: Run, state: TrainState, window: Window, bar) -> None:
     w = window.read(run, state)
     run.log.log("train", step=state.step, epoch=run.epoch_of(state.step), loss=w["loss"],
-                learning_rate=run.scheduler.get_last_lr()[0], grad_norm=w["grad_norm"],
+                learning_rate=float(run.scheduler.get_last_lr()[0]), grad_norm=w["grad_norm"],
                 samples_per_second=w["samples_per_second"])
     bar.set_postfix(loss=f"{w['loss']:.4f}")
     if run.schedule is not None and (pattern := methods.rank_pattern(run.inner)):
