@@ -19,6 +19,11 @@ Paths:
   `train.make_optimizer`), stepped in `train.train_step`'s order (forward, backward, gradient clipping, optimizer,
   scheduler, AdaLoRA's allocation, zero_grad), without accelerate's wrappers. AdaLoRA steps through
   `budgetune.lean_adalora` (the default); "budgetune, peft step" is the same with `--lean_adalora false`.
+* budgetune, graphs: `--cuda_graphs true` (fp32 only): `graphs.StepGraphs` replays the captured forward, backward,
+  clipping and AdamW, then scheduler, allocation and zero_grad run as `train.graph_step` runs them. On CPU the
+  graph is `graph_tape`'s stand-in; its replay runs outside the counter and counts as one operator (the one graph
+  launch it is on a GPU); the row "replay" also holds the copies of the batch into the graph's inputs and of the
+  loss and grad norm out of it. Capture (once per batch shape) is not counted.
 
 What is counted, per phase:
 * ops: every call reaching `torch.utils._python_dispatch.TorchDispatchMode` (ATen operators below autograd,
@@ -47,6 +52,7 @@ forward/backward on a small batch (the allocator needs gradients; its operators 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -67,7 +73,7 @@ TOTAL_STEP, TINIT, TFINAL, DELTA_T = 22_500, 200, 1000, 10
 NORMAL_STEP, MASK_STEP = 205, 210
 FIX_STEP = TOTAL_STEP - TFINAL  # the step that fixes the rank pattern
 FINAL_STEP = FIX_STEP + 1
-PHASES = ("forward", "backward", "optimizer", "allocate", "zero_grad")
+PHASES = ("replay", "forward", "backward", "optimizer", "allocate", "zero_grad")
 SYNC_METHODS = ("tolist", "cpu", "numpy")
 
 
@@ -189,6 +195,66 @@ class Stepper:
         phase("other")
 
 
+@dataclass
+class GraphStepper(Stepper):
+    """budgetune's step under --cuda_graphs: graphs.StepGraphs replays the captured forward, backward, clipping
+    and AdamW (graph_tape's CPU stand-in; the replay counts as the one launch it is on a GPU), then the scheduler,
+    the allocation and zero_grad run eagerly, as train.graph_step does."""
+
+    graphs: object = None
+
+    def step(self, batch: dict, global_step: int, mode: OpCounter | None) -> None:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        from budgetune import graphs
+
+        if mode is not None and graphs.shape_key(batch) not in self.graphs.graphs:
+            with _disable_current_modes():  # capturing is once per shape, not per step
+                self.graphs.graphs[graphs.shape_key(batch)] = self.graphs.capture(batch)
+        if mode is not None:
+            mode.phase = "replay"
+        with replay_uncounted(self.graphs, mode) if mode is not None else contextlib.nullcontext():
+            self.graphs.step(batch)
+        if mode is not None:
+            mode.phase = "optimizer"
+        self.after_optimizer()
+        if mode is not None:
+            mode.phase = "allocate"
+        if self.allocate is not None:
+            self.graphs.expose_grads()
+            self.allocate(global_step)
+        if mode is not None:
+            mode.phase = "zero_grad"
+        self.optimizer.zero_grad(set_to_none=True)
+        if mode is not None:
+            mode.phase = "other"
+
+
+@contextmanager
+def replay_uncounted(step_graphs, mode: OpCounter) -> Iterator[None]:
+    """Inside, a tape replay dispatches its operators outside the counter and counts as one operator."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    originals = {id(c.graph): c.graph.replay for c in step_graphs.graphs.values() if c is not None}
+
+    def launch(graph):
+        def replay() -> None:
+            with _disable_current_modes():
+                originals[id(graph)]()
+            mode.counts.ops[mode.phase] += 1
+        return replay
+
+    for c in step_graphs.graphs.values():
+        if c is not None:
+            c.graph.replay = launch(c.graph)
+    try:
+        yield
+    finally:
+        for c in step_graphs.graphs.values():
+            if c is not None:
+                c.graph.replay = originals[id(c.graph)]
+
+
 def stock_peft(model_name: str, method: str, bf16: bool = False) -> Stepper:
     import peft
 
@@ -200,12 +266,14 @@ def stock_peft(model_name: str, method: str, bf16: bool = False) -> Stepper:
 
 
 def budgetune_path(model_name: str, method: str, lean: bool = True, bf16: bool = False,
-                   frozen_bf16: bool = True) -> Stepper:
-    from budgetune import methods, precision, train
+                   frozen_bf16: bool = True, cuda_graphs: bool = False) -> Stepper:
+    from budgetune import graph_tape, graphs, methods, precision, train
     from budgetune.config import resolve
 
     cfg = resolve(None, budgetune_flags(method) + ["--lean_adalora", str(lean).lower(),
-                                                   "--frozen_in_compute_dtype", str(frozen_bf16).lower()])
+                                                   "--frozen_in_compute_dtype", str(frozen_bf16).lower(),
+                                                   "--cuda_graphs", str(cuda_graphs).lower(),
+                                                   "--pad_to_buckets", "6" if cuda_graphs else "0"])
     model = methods.wrap(cfg, base_model(model_name), TOTAL_STEP, [])
     train.prepare_adalora(cfg, model)  # as train.setup does
     precision.store_frozen_in(model, precision.compute_dtype("bf16" if bf16 else "no",
@@ -213,6 +281,10 @@ def budgetune_path(model_name: str, method: str, lean: bool = True, bf16: bool =
     model.train()
     optimizer, scheduler = train.make_optimizer(cfg, model, TOTAL_STEP, torch.device("cpu"))
     allocate = model.base_model.update_and_allocate if method == "adalora" else None
+    if cuda_graphs:
+        step_graphs = graphs.StepGraphs(model, optimizer, cfg.train.max_grad_norm, full_batch=None,
+                                        backend=graph_tape.TapeBackend())
+        return GraphStepper(model, optimizer, cfg.train.max_grad_norm, scheduler.step, allocate, bf16, step_graphs)
     return Stepper(model, optimizer, cfg.train.max_grad_norm, scheduler.step, allocate, bf16)
 
 
@@ -291,7 +363,8 @@ def paths_for(method: str, bf16: bool) -> list[tuple[str, Callable[[str, str], S
         return [("peft", lambda m, me: stock_peft(m, me, bf16=True)),
                 ("budgetune, autocast casts", lambda m, me: budgetune_path(m, me, bf16=True, frozen_bf16=False)),
                 ("budgetune", lambda m, me: budgetune_path(m, me, bf16=True))]
-    paths = [("peft", stock_peft), ("budgetune", budgetune_path)]
+    paths = [("peft", stock_peft), ("budgetune", budgetune_path),
+             ("budgetune, graphs", lambda m, me: budgetune_path(m, me, cuda_graphs=True))]
     if method == "adalora":
         paths.insert(1, ("budgetune, peft step", lambda m, me: budgetune_path(m, me, lean=False)))
     return paths

@@ -64,7 +64,8 @@ class CudaBackend:
         return torch.cuda.CUDAGraph()
 
     def capture(self, graph):
-        return torch.cuda.graph(graph)
+        # thread_local: the DataLoader's pin-memory thread may allocate while this thread captures
+        return torch.cuda.graph(graph, capture_error_mode="thread_local")
 
     @contextlib.contextmanager
     def side_stream(self):
@@ -110,7 +111,8 @@ def shape_key(batch: dict[str, torch.Tensor]) -> tuple:
 class StepGraphs:
     """Captures the training step per full-batch shape and replays it; `step` returns None where it cannot."""
 
-    def __init__(self, model, optimizer, max_grad_norm: float, full_batch: int, say=print, backend=None):
+    def __init__(self, model, optimizer, max_grad_norm: float, full_batch: int | None, say=print, backend=None):
+        """full_batch: capture only batches of this many rows (None: any)."""
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
         self.params = [p for p in model.parameters() if p.requires_grad]  # model order, as accelerate clips
         self.full_batch, self.say, self.backend = full_batch, say, backend or BACKEND
@@ -121,7 +123,7 @@ class StepGraphs:
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Forward, backward, clipping and AdamW on `batch` by replaying its shape's graph (captured on first
         sight); (loss, grad norm) as fresh tensors, or None when this batch must take the eager step."""
-        if batch["input_ids"].shape[0] != self.full_batch:
+        if self.full_batch is not None and batch["input_ids"].shape[0] != self.full_batch:
             return None  # an epoch's last, short batch: once per epoch, not worth a capture
         key = shape_key(batch)
         if key not in self.graphs:

@@ -384,7 +384,8 @@ def fit(run: Run, state: TrainState, best: Best, stop_signal: StopSignal, on_eva
             elif t.save_steps and state.step % t.save_steps == 0:
                 window.check(run, state)
                 save_checkpoint(run, state, best)
-            if stop_signal.agreed(acc) is not None:
+            # Several processes agree on a signal with a collective (a host sync): once per logging window.
+            if (acc.num_processes == 1 or state.step % t.logging_steps == 0 or stop) and stop_signal.agreed(acc):
                 folder = save_checkpoint(run, state, best)
                 raise Interrupted(f"stopped by signal {stop_signal.signum} at step {state.step}; checkpoint: "
                                   f"{folder}. Resume with: budgetune train --config {run.out / 'config.yaml'} "
