@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = paths_for(method, args.bf16)
             for path, build in paths:
                 results[path] = measure(build(model_name, method), batch, small, method)
+                gc.collect()  # peft models hold reference cycles; a tape holds every tensor of its step
             block = table(model_name, method, results, casts=args.bf16)
             print("\n".join(block), flush=True)
             lines += block + [""]
