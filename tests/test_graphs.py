@@ -96,6 +96,48 @@ class HostRead(torch.nn.Module):
         return type("Out", (), {"loss": torch.nn.functional.cross_entropy(logits, labels)})()
 
 
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 2)
+        self.drop = torch.nn.Dropout(0.2)
+
+    def forward(self, input_ids, labels):
+        logits = self.linear(self.drop(input_ids.float()))
+        return type("Out", (), {"loss": torch.nn.functional.cross_entropy(logits, labels)})()
+
+
+def toy_steps(n: int, graphed: bool, reload_at: int | None = None) -> tuple[torch.Tensor, int]:
+    """n steps of Toy (dropout, a decaying learning rate); optimizer state reloaded from itself before step
+    `reload_at` (as a resume does: new state and learning-rate tensors). (weights, graphs captured)."""
+    model, tape = Toy(), graph_tape.TapeBackend()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.1), fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.8 ** s)
+    step = graphs.StepGraphs(model, optimizer, 1.0, full_batch=4, backend=tape)
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(2)
+    for i in range(n):
+        if i == reload_at:
+            optimizer.load_state_dict(optimizer.state_dict())
+        batch = {"input_ids": torch.randint(0, 5, (4, 4), generator=g), "labels": torch.randint(0, 2, (4,), generator=g)}
+        if not graphed or step.step(batch) is None:
+            step.body(batch)
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return model.linear.weight.detach().clone(), len(tape.graphs)
+
+
+def test_graphs_are_captured_anew_when_the_optimizer_state_is_replaced():
+    """A graph reads the learning rate and AdamW's moments in place: after load_state_dict (a resume) it would
+    read the old, freed tensors. StepGraphs notices and captures again; the weights stay the eager ones."""
+    eager, _ = toy_steps(6, graphed=False)
+    graphed, captured = toy_steps(6, graphed=True)
+    assert torch.equal(graphed, eager) and captured == 1
+    reloaded, captured = toy_steps(6, graphed=True, reload_at=3)
+    assert captured == 2 and torch.equal(reloaded, eager)
+
+
 def test_a_shape_whose_capture_fails_steps_eagerly_saying_why():
     model, said = HostRead(), []
     optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.1), fused=True)
@@ -106,6 +148,15 @@ def test_a_shape_whose_capture_fails_steps_eagerly_saying_why():
     assert len(said) == 1 and "train eagerly: capture failed" in said[0] and "(4, 4)" in said[0], said
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # warm-up steps undone
     assert not optimizer.state or all(float(s["step"]) == 0 for s in optimizer.state.values())
+
+
+@pytest.mark.parametrize("read", [lambda x: x.sum().item(), lambda x: bool(x.sum() > 0), lambda x: x.nonzero(),
+                                  lambda x: x[x > 0], lambda x: x.unique()])
+def test_the_tape_refuses_what_a_cuda_capture_refuses(read):
+    graph = graph_tape.TapeGraph()
+    with pytest.raises(RuntimeError, match="reads a value back to the host"):
+        with graph_tape.TapeBackend().capture(graph):
+            read(torch.arange(-2.0, 3.0))
 
 
 def test_the_tape_replays_only_tensor_operators():

@@ -19,8 +19,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-              torch.ops.aten.equal.default}
+aten = torch.ops.aten
+# Operators that read device values on the host on a GPU: scalars, and those whose output size depends on values.
+HOST_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default,
+              aten.masked_select.default, aten._unique2.default, aten.unique_consecutive.default,
+              aten.unique_dim.default}
+
+
+def reads_host(func, args, kwargs) -> bool:
+    if func in HOST_READS:
+        return True
+    if func is aten.repeat_interleave.Tensor:  # sizes its output from the repeats unless told
+        return kwargs.get("output_size") is None
+    if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):  # boolean-mask indexing
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    return False
 
 
 class Recorder(TorchDispatchMode):
@@ -30,7 +44,7 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in HOST_READS:
+        if reads_host(func, args, kwargs):
             raise RuntimeError(f"operation not permitted when stream is capturing: {func} reads a value back "
                                "to the host")
         out = func(*args, **kwargs)
@@ -86,6 +100,9 @@ class TapeBackend:
 
     def side_stream(self):
         return contextlib.nullcontext()
+
+    def settle(self) -> None:
+        pass  # CPU operators finish before they return
 
     def rng_state(self):
         return torch.get_rng_state()

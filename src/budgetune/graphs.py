@@ -63,17 +63,31 @@ class CudaBackend:
     def new_graph(self):
         return torch.cuda.CUDAGraph()
 
+    @contextlib.contextmanager
     def capture(self, graph):
-        # thread_local: the DataLoader's pin-memory thread may allocate while this thread captures
-        return torch.cuda.graph(graph, capture_error_mode="thread_local")
+        """torch.cuda.graph, and the ambient stream back even when capture fails: torch.cuda.graph's exit ends the
+        capture before it restores the stream, so a failed capture would leave the run on the capture stream."""
+        ambient = torch.cuda.current_stream()
+        try:
+            # thread_local: the DataLoader's pin-memory thread may allocate while this thread captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                yield
+        finally:
+            torch.cuda.set_stream(ambient)
 
     @contextlib.contextmanager
     def side_stream(self):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            yield
-        torch.cuda.current_stream().wait_stream(stream)
+        stream, ambient = torch.cuda.Stream(), torch.cuda.current_stream()
+        stream.wait_stream(ambient)
+        try:
+            with torch.cuda.stream(stream):
+                yield
+        finally:  # a failed warm-up too: what follows must not overtake its kernels
+            ambient.wait_stream(stream)
+
+    def settle(self) -> None:
+        """Wait for everything queued (after a failed capture, before weights are put back)."""
+        torch.cuda.synchronize()
 
     def rng_state(self):
         return torch.cuda.get_rng_state(), torch.get_rng_state()
@@ -119,12 +133,17 @@ class StepGraphs:
         self.graphs: dict[tuple, Captured | None] = {}
         self.last: Captured | None = None
         self.replays = 0
+        self.bound = self.addresses()
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Forward, backward, clipping and AdamW on `batch` by replaying its shape's graph (captured on first
         sight); (loss, grad norm) as fresh tensors, or None when this batch must take the eager step."""
         if self.full_batch is not None and batch["input_ids"].shape[0] != self.full_batch:
             return None  # an epoch's last, short batch: once per epoch, not worth a capture
+        now = self.addresses()
+        if len(now) != len(self.bound) or not all(a is b for a, b in zip(now, self.bound)):
+            self.graphs.clear()  # a graph would read the freed learning rate or optimizer state: capture anew
+            self.bound = now
         key = shape_key(batch)
         if key not in self.graphs:
             self.graphs[key] = self.capture(batch)
@@ -138,6 +157,11 @@ class StepGraphs:
         # copies: the next replay overwrites the graph's own tensors, and the loop sums losses between log lines
         norm = captured.grad_norm.clone() if captured.grad_norm is not None else None
         return captured.loss.clone(), norm
+
+    def addresses(self) -> tuple:
+        """What the graphs read in place that an optimizer's load_state_dict would replace: its state mapping and
+        its learning-rate tensors."""
+        return (self.optimizer.state, *(group["lr"] for group in self.optimizer.param_groups))
 
     def expose_grads(self) -> None:
         """Point each parameter's .grad at the last replay's gradients (AdaLoRA's allocator reads them)."""
@@ -166,10 +190,14 @@ class StepGraphs:
             graph = self.backend.new_graph()
             with self.backend.capture(graph):
                 loss, norm = self.body(inputs)
+        except torch.cuda.OutOfMemoryError:
+            raise  # as an eager step would: train's message says which flags to lower
         except RuntimeError as e:
+            self.backend.settle()
             self.restore(saved)
             self.optimizer.zero_grad(set_to_none=True)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            cause = e.__context__ or e  # a failed capture's own error hides the operation that broke it
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             self.say(f"--cuda_graphs: batches of shape {tuple(batch['input_ids'].shape)} train eagerly: "
                      f"capture failed ({first})")
             return None

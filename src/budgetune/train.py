@@ -99,12 +99,13 @@ def train_buckets(cfg: Config, lengths, sampler, multiple: int) -> list[int]:
     return batching.length_buckets(batching.batch_maxima(lengths, sampler), cfg.data.pad_to_buckets, multiple)
 
 
-def make_optimizer(cfg: Config, model, total_steps: int, device: torch.device):
+def make_optimizer(cfg: Config, model, total_steps: int, device: torch.device, capturable: bool = False):
     """AdamW with decay on projection matrices only (methods.decays), and the warm-up schedule.
 
     Under --cuda_graphs (captured or not, so that a fallback trains the same numbers) AdamW is fused and its
     learning rate a tensor on the device, which the scheduler fills in place: a captured step reads the current
-    rate, where a float would stay the one captured. On a GPU it is also capturable (its step count on the device).
+    rate, where a float would stay the one captured. `capturable` (a GPU run whose step will be captured) keeps
+    AdamW's step count on the device too.
     """
     from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
@@ -116,7 +117,7 @@ def make_optimizer(cfg: Config, model, total_steps: int, device: torch.device):
     lr = torch.tensor(t.learning_rate, device=device) if t.cuda_graphs else t.learning_rate
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                                  fused=on_gpu or t.cuda_graphs, capturable=on_gpu and t.cuda_graphs)
+                                  fused=on_gpu or t.cuda_graphs, capturable=on_gpu and capturable)
     warmup = int(t.warmup_ratio * total_steps)
     if t.lr_scheduler_type == "linear":
         return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
@@ -131,7 +132,8 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     t, out = cfg.train, Path(cfg.output.output_dir)
     accelerator = make_accelerator(mixed_precision=mixed_precision(t.mixed_precision),
                                    gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                   log_with=cfg.output.report_to or None, project_dir=str(out))
+                                   log_with=cfg.output.report_to or None, project_dir=str(out),
+                                   kwargs_handlers=autocast_kwargs(t.cuda_graphs))
     # The gate comes first: a configuration over budget is refused before data or weights are loaded.
     known = splits.label_names if splits else cfg.data.label_names or (
         data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
@@ -167,10 +169,12 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     precision.store_frozen_in(model, precision.compute_dtype(accelerator.mixed_precision,
                                                              t.frozen_in_compute_dtype))
     on_gpu = accelerator.device.type == "cuda"
-    optimizer, scheduler = make_optimizer(cfg, model, total, accelerator.device)
+    capture = graphs_wanted(cfg, accelerator, custom_loss=loss_fn is not None)
+    optimizer, scheduler = make_optimizer(cfg, model, total, accelerator.device, capturable=capture)
     prepared = torch.compile(model) if t.torch_compile and on_gpu else model
     prepared, optimizer, train_loader, val_loader = accelerator.prepare(prepared, optimizer, train_loader, val_loader)
-    step_graphs = make_graphs(cfg, accelerator, prepared, optimizer, custom_loss=loss_fn is not None)
+    step_graphs = graphs.StepGraphs(prepared, optimizer.optimizer, t.max_grad_norm, t.per_device_train_batch_size,
+                                    say=accelerator.print) if capture else None
     if cfg.output.report_to:
         accelerator.init_trackers(cfg.output.run_name or out.name, config=flat(cfg.to_dict()))
     log = MetricsLog(out / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
@@ -179,16 +183,23 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
                step_graphs)
 
 
-def make_graphs(cfg: Config, accelerator, model, optimizer, custom_loss: bool) -> graphs.StepGraphs | None:
-    """The captured step for --cuda_graphs, or None (with a one-line reason when it was asked for)."""
-    t = cfg.train
-    if not t.cuda_graphs:
-        return None
+def graphs_wanted(cfg: Config, accelerator, custom_loss: bool) -> bool:
+    """Whether --cuda_graphs will capture this run's step; where it was asked for and cannot, says why."""
+    if not cfg.train.cuda_graphs:
+        return False
     if (why := graphs.unsupported(cfg, accelerator, custom_loss)) is not None:
         accelerator.print(f"--cuda_graphs: {why}; training eagerly")
-        return None
-    return graphs.StepGraphs(model, optimizer.optimizer, t.max_grad_norm, t.per_device_train_batch_size,
-                             say=accelerator.print)
+        return False
+    return True
+
+
+def autocast_kwargs(cuda_graphs: bool) -> list:
+    """Under --cuda_graphs, autocast without its weight-cast cache: a cast cached outside a capture and reused
+    inside it would freeze the weights the graph reads (PyTorch requires this of graphed callables). Each forward
+    enters and leaves autocast today, which clears the cache; this keeps it so."""
+    from accelerate.utils import AutocastKwargs
+
+    return [AutocastKwargs(cache_enabled=False)] if cuda_graphs else []
 
 
 def prepare_adalora(cfg: Config, model) -> bool:
