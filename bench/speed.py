@@ -2,7 +2,8 @@
 
     python bench/speed.py                                  # packaged MiniLM on CPU; a few minutes on 2 cores
     python bench/speed.py --train-steps 20 --warmup-steps 3 --infer-texts 1024 --repeats 3
-    python bench/speed.py --device cuda --model /path/to/roberta-base
+    python bench/speed.py --device cuda --model /path/to/roberta-base   # + budgetune+graphs (--graphs auto)
+    python bench/speed.py --graphs tape --train-steps 2 --warmup-steps 3   # graphs' plumbing on CPU (slow)
 
 seed       transformers' Trainer (batch 32, fp32, random sampler, no eval, no saving) on peft's AdaLoRA model
            (init_r 8, target_r 4, alpha 16, dropout 0.1, query+value), texts padded to max_length; inference:
@@ -11,13 +12,20 @@ budgetune  budgetune.train.train(cfg) itself (AdaLoRA with the same numbers; dyn
            batches, SDPA, accelerate's mixed precision: bf16 on a GPU, fp32 on CPU); inference: predict's path,
            data.tokenize + inference_loader (batch 256 as `budgetune predict`, length-sorted, on CPU capped at 2048
            padded tokens) + predict_logits, adapters merged, last layer for the first token only.
+budgetune+graphs  training only: the same budgetune config with --cuda_graphs true --pad_to_buckets 6 (the step
+           captured per batch shape in a CUDA graph and replayed). --graphs auto: run on cuda, skipped on CPU;
+           off: skipped; tape: on CPU with graph_tape.TapeBackend, a plumbing dry-run whose speed means nothing.
 
-Training throughput is timed by a forward pre-hook on the model: from the start of training step W+1 to the start
-of step W+N+1 (W warmup steps, N measured steps), so model loading, tokenization, evaluation and checkpoints are
-outside the window, and both pipelines are stopped there. Inference is timed from the texts to the predicted
-labels, tokenization included, for both. The pipelines alternate --repeats times; medians and their ratio are
-reported, with the padding overhead (padded / real tokens) and a floor: the FLOPs the real tokens need divided by
-the matmul rate measured on this machine.
+Training throughput is timed from the start of training step W+1 to the start of step W+N+1 (W warmup steps, N
+measured steps): for the seed by a forward pre-hook on the model, for budgetune by wrapping budgetune.train.
+train_step (a replayed graph does not run the model's Python forward, so a hook would not see it); model loading,
+tokenization, evaluation and checkpoints are outside the window, and every pipeline is stopped there. A step that
+captures a graph (first sight of a batch shape) inside the window is taken out of it, time and rows, between two
+device synchronizations, and the window grows by one step (it always times N steps); the captures, replays and eager steps of the window are counted and printed. Inference is
+timed from the texts to the predicted labels, tokenization included, for both. The pipelines take turns going
+first over --repeats repeats; medians and their ratios (with ms per step) are reported, with the padding overhead
+(padded / real tokens) and a floor: the FLOPs the real tokens need divided by the matmul rate measured on this
+machine.
 """
 
 from __future__ import annotations
@@ -57,10 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training rows both pipelines sample from (default 4000: several length-grouping "
                         "mega-batches of 1600, as in a real run)")
     p.add_argument("--mm-size", type=int, default=None, help="matrix size for the matmul rate (2048 CPU, 8192 GPU)")
-    p.add_argument("--only", choices=["seed", "budgetune"], help="run one pipeline (for profiling)")
+    p.add_argument("--graphs", choices=["auto", "off", "tape"], default="auto",
+                   help="the budgetune+graphs training pipeline (--cuda_graphs true --pad_to_buckets 6): auto = on "
+                        "cuda only (default), off = never, tape = on CPU through graph_tape.TapeBackend (a plumbing "
+                        "dry-run: slow, its speed means nothing)")
+    p.add_argument("--only", choices=["seed", "budgetune", "graphs"], help="run one pipeline (for profiling)")
     a = p.parse_args(argv)
     if a.train_steps < 1 or a.warmup_steps < 0 or a.infer_texts < 1 or a.repeats < 1:
         p.error("--train-steps, --infer-texts and --repeats must be >= 1, --warmup-steps >= 0")
+    if a.graphs == "tape" and a.device != "cpu":
+        p.error("--graphs tape runs on CPU only (graph_tape stands in for CUDA graphs there)")
     return a
 
 
@@ -69,40 +83,56 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class StepTimer:
-    """A forward pre-hook: timestamps of training forwards W+1 .. W+N+1, and the batches of the window."""
+    """Timestamps of the starts of training steps W+1 .. W+N+1, and the batches of the window.
+
+    `tick` is called at the start of every training step: as a forward pre-hook (the seed's Trainer) or from a
+    wrapper of budgetune.train.train_step (budgetune_train's `timed_step`, which also sees replays). A step taken
+    out of the window (a graph capture) is `tick`ed with count=False, its time (between two synchronizations) is
+    added to `excluded_s` by the caller, and the window grows by one step: it always counts N steps."""
 
     def __init__(self, warmup: int, steps: int, device):
         self.warmup, self.steps, self.device = warmup, steps, device
         self.calls, self.stamps, self.masks, self.padded, self.rows = 0, [], [], 0, 0
+        self.excluded_s, self.excluded_steps = 0.0, []  # window indices (0-based) of steps not counted
 
     def __call__(self, module, args, kwargs):
-        if not module.training:
-            return None
+        if module.training:
+            self.tick(kwargs.get("input_ids"), kwargs.get("attention_mask"))
+        return None
+
+    def next_in_window(self) -> bool:
+        """Whether the next step to be ticked falls in the window (as it stands now)."""
+        return 1 <= self.calls + 1 - self.warmup <= self.steps + len(self.excluded_steps)
+
+    def tick(self, ids, mask, count: bool = True) -> None:
         import torch
 
         self.calls += 1
         k = self.calls - self.warmup  # 1 = first measured step
-        if 1 <= k <= self.steps + 1:
-            if self.device.type == "cuda" and k in (1, self.steps + 1):
-                torch.cuda.synchronize()
-            self.stamps.append(time.perf_counter())
-        if k == self.steps + 1:
+        if k < 1:
+            return
+        last = k == self.steps + len(self.excluded_steps) + 1  # the start of the first step after the window
+        if self.device.type == "cuda" and (k == 1 or last):
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        if last:
             raise StopBench
-        if 1 <= k <= self.steps:
-            ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-            self.padded += ids.numel()
-            self.rows += ids.shape[0]
-            self.masks.append(mask)
-        return None
+        if not count:
+            self.excluded_steps.append(k - 1)
+            return
+        self.padded += ids.numel()
+        self.rows += ids.shape[0]
+        self.masks.append(mask)
 
     def result(self) -> dict:
-        if len(self.stamps) != self.steps + 1:
-            raise RuntimeError(f"the training loop ended after {self.calls} forwards, before the measured window")
-        seconds = self.stamps[-1] - self.stamps[0]
+        if len(self.stamps) != self.steps + len(self.excluded_steps) + 1:
+            raise RuntimeError(f"the training loop ended after {self.calls} steps, before the measured window")
+        counted = self.steps
+        seconds = self.stamps[-1] - self.stamps[0] - self.excluded_s
         real = sum(int(m.sum()) for m in self.masks)
-        return {"seconds": seconds, "samples": self.rows, "padded": self.padded, "real": real,
-                "step_s": [b - a for a, b in zip(self.stamps, self.stamps[1:])],
-                "lengths": [int(x) for m in self.masks for x in m.sum(-1).tolist()]}
+        step_s = [b - a for i, (a, b) in enumerate(zip(self.stamps, self.stamps[1:])) if i not in self.excluded_steps]
+        return {"seconds": seconds, "samples": self.rows, "padded": self.padded, "real": real, "steps": counted,
+                "step_s": step_s, "lengths": [int(x) for m in self.masks for x in m.sum(-1).tolist()]}
 
 
 class TokenCounter:
@@ -226,47 +256,119 @@ def seed_infer(model, tokenizer, texts, max_len, device) -> tuple[float, object,
     return seconds, preds, counter
 
 
-def budgetune_cfg(a, data_csv: Path, out: Path, cache: Path, max_steps: int):
+GRAPH_BUCKETS = 6  # --pad_to_buckets of the budgetune+graphs pipeline: at most 6 full-batch shapes, 6 captures
+
+
+def budgetune_steps(a) -> int:
+    """--max_steps of both budgetune pipelines (the same config but for the graphs): the window, plus room for the
+    window to grow by a step per capture inside it."""
+    return a.warmup_steps + a.train_steps + 1 + GRAPH_BUCKETS
+
+
+def budgetune_cfg(a, data_csv: Path, out: Path, cache: Path, max_steps: int, graphs: bool = False):
     from budgetune.config import build_config
     from budgetune.data import AG_NEWS_LABELS
 
     return build_config({
         "model": {"model_name_or_path": a.model},
         "data": {"dataset_name": str(data_csv), "label_names": AG_NEWS_LABELS, "max_seq_length": a.max_seq_length,
-                 "validation_split_percentage": 1, "cache_dir": str(cache)},
+                 "validation_split_percentage": 1, "cache_dir": str(cache),
+                 "pad_to_buckets": GRAPH_BUCKETS if graphs else 0},
         "method": {"method": "adalora", "rank": 8, "target_r": 4, "lora_alpha": 16, "lora_dropout": 0.1,
                    "target_modules": ["query", "value"], "tinit": 0, "tfinal": 1, "deltaT": 10},
         "budget": {"max_trainable_params": None},
         "train": {"per_device_train_batch_size": 32, "max_steps": max_steps, "learning_rate": 2e-4,
-                  "weight_decay": 0.0, "warmup_ratio": 0.0, "seed": 42},
+                  "weight_decay": 0.0, "warmup_ratio": 0.0, "seed": 42, "cuda_graphs": graphs},
         "output": {"output_dir": str(out), "overwrite_output_dir": True},
     }, "bench")
 
 
-def budgetune_train(a, data_csv, workdir, device, run: int) -> dict:
-    """budgetune.train.train(cfg) itself; a hook on the model methods.wrap returns times the loop and stops it."""
-    from budgetune import methods
+def budgetune_train(a, data_csv, workdir, device, run: int, graphs: bool = False) -> dict:
+    """budgetune.train.train(cfg) itself, timed by wrapping train.train_step (replays included) and stopped there.
+
+    graphs: --cuda_graphs true --pad_to_buckets 6, on CUDA (or graph_tape's CPU stand-in under --graphs tape). The
+    result then says what the window ran: replayed steps, eager steps, captures (taken out of the window), and why
+    the run fell back to eager if it did."""
+    import gc
+
+    import torch
+
+    from budgetune import graph_tape
+    from budgetune import graphs as graphs_lib
     from budgetune import train as train_lib
 
     reset_accelerate()
     timer = StepTimer(a.warmup_steps, a.train_steps, device)
-    cfg = budgetune_cfg(a, data_csv, workdir / f"budgetune-{run}", workdir / "cache",
-                        a.warmup_steps + a.train_steps + 1)
-    real_wrap = methods.wrap
+    name = f"budgetune{'-graphs' if graphs else ''}-{run}"
+    cfg = budgetune_cfg(a, data_csv, workdir / name, workdir / "cache", budgetune_steps(a), graphs)
+    info = {"fallback": None, "capture_failures": [], "step_graphs": None,
+            "window": {"replayed": 0, "eager": 0, "captures": 0, "captures_timed": 0}}
+    real_step, real_wanted = train_lib.train_step, train_lib.graphs_wanted
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def wrap_and_time(*args, **kwargs):
-        model = real_wrap(*args, **kwargs)
-        model.register_forward_pre_hook(timer, with_kwargs=True)
-        return model
+    def graphs_wanted(cfg, accelerator, custom_loss):
+        wanted = real_wanted(cfg, accelerator, custom_loss)
+        if not wanted and cfg.train.cuda_graphs:  # graphs_wanted has printed the reason too
+            info["fallback"] = (graphs_lib.unsupported(cfg, accelerator, custom_loss)
+                                or "train.graphs_wanted said no")
+        return wanted
 
-    methods.wrap = wrap_and_time
+    def timed_step(run_, batch, steps_done):
+        g = run_.graphs
+        if g is not None and info["step_graphs"] is not g:  # keep the run's StepGraphs and its capture failures
+            info["step_graphs"], say = g, g.say
+
+            def say_and_keep(msg):  # a capture that failed: that shape trains eagerly
+                info["capture_failures"].append(msg)
+                say(msg)
+
+            g.say = say_and_keep
+        key = graphs_lib.shape_key(batch)
+        full = g is not None and (g.full_batch is None or batch["input_ids"].shape[0] == g.full_batch)
+        capture = full and key not in g.graphs  # first sight of this shape: StepGraphs.step captures it
+        in_window = timer.next_in_window()
+        timer.tick(batch["input_ids"], batch["attention_mask"], count=not (capture and in_window))
+        replays = g.replays if g is not None else 0
+        before = g.graphs.get(key) if g is not None else None
+        if capture and in_window:  # the capture's warm-up steps and capture: outside the timed window
+            sync()
+            t0 = time.perf_counter()
+            out = real_step(run_, batch, steps_done)
+            sync()
+            timer.excluded_s += time.perf_counter() - t0
+            info["window"]["captures"] += 1
+            return out
+        out = real_step(run_, batch, steps_done)
+        if in_window:
+            info["window"]["replayed" if g is not None and g.replays > replays else "eager"] += 1
+            if full and not capture and g.graphs.get(key) is not before:  # re-captured (graphs.clear()): timed
+                info["window"]["captures_timed"] += 1
+        return out
+
+    saved_backend = graphs_lib.BACKEND
+    if graphs and a.graphs == "tape":
+        graphs_lib.BACKEND = graph_tape.TapeBackend()
+    train_lib.train_step, train_lib.graphs_wanted = timed_step, graphs_wanted
     try:
         train_lib.train(cfg)
     except StopBench:
         pass
     finally:
-        methods.wrap = real_wrap
-    return timer.result()
+        train_lib.train_step, train_lib.graphs_wanted = real_step, real_wanted
+        graphs_lib.BACKEND = saved_backend
+    result = timer.result()
+    if graphs:
+        g = info.pop("step_graphs")
+        shapes = g.graphs if g is not None else {}
+        result["graphs"] = {**info, "captured": sum(v is not None for v in shapes.values()),
+                            "failed_shapes": sum(v is None for v in shapes.values()),
+                            "replays": g.replays if g is not None else 0}
+        del g, shapes
+    info.clear()
+    gc.collect()  # the graphs and their memory pool go with the run
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 def budgetune_infer(template, tokenizer, texts, max_len, device) -> tuple[float, object, TokenCounter]:
@@ -338,7 +440,7 @@ def main(argv=None) -> int:
     names = table.label_names or data_lib.AG_NEWS_LABELS
     rng = np.random.default_rng(0)
     order = rng.permutation(len(table.texts))
-    need_train = (a.warmup_steps + a.train_steps + 1) * 32 * 2
+    need_train = (a.warmup_steps + a.train_steps + 1 + GRAPH_BUCKETS) * 32 * 2
     n_pool = min(max(a.pool, need_train), len(order) - a.infer_texts)
     if n_pool < need_train or a.infer_texts > len(order) // 2:
         print(f"error: {data_path} has {len(order)} rows: too few for these sizes", file=sys.stderr)
@@ -387,14 +489,27 @@ def main(argv=None) -> int:
     budgetune_infer(bt_inf, tokenizer, infer_texts[:16], a.max_seq_length, device)
     n_seed_inf = min(a.seed_infer_texts or a.infer_texts, a.infer_texts)
 
-    R: dict[str, list] = {k: [] for k in ("seed_train", "bt_train", "seed_inf", "bt_inf", "rate32", "rate_bt")}
+    graphs_on = a.graphs == "tape" or (a.graphs == "auto" and device.type == "cuda")
+    if a.only == "graphs" and not graphs_on:
+        print(f"error: --only graphs but the graphs pipeline is off (--graphs {a.graphs} on {device.type})",
+              file=sys.stderr)
+        return 2
+    if graphs_on:
+        print(f"budgetune+graphs: the budgetune config with --cuda_graphs true --pad_to_buckets {GRAPH_BUCKETS}"
+              + (" -- TAPE DRY-RUN: graph_tape.TapeBackend replays the recorded operators on CPU; this checks the "
+                 "plumbing only, its speed says nothing about CUDA graphs" if a.graphs == "tape" else ""), flush=True)
+    else:
+        print(f"budgetune+graphs: skipped (--graphs {a.graphs} on {device.type}; --graphs tape: a CPU dry-run)",
+              flush=True)
+    pipelines = [w for w in ("seed", "budgetune", "graphs")
+                 if (w != "graphs" or graphs_on) and (not a.only or w == a.only)]
+
+    R: dict[str, list] = {k: [] for k in ("seed_train", "bt_train", "gr_train", "seed_inf", "bt_inf", "rate32")}
     agree = None
     for r in range(a.repeats):
         R["rate32"].append(matmul_rate(device, torch.float32, mm_n))
-        first, second = ("seed", "budgetune") if r % 2 == 0 else ("budgetune", "seed")
-        for which in (first, second):
-            if a.only and which != a.only:
-                continue
+        order = pipelines[r % len(pipelines):] + pipelines[:r % len(pipelines)]  # each goes first in turn
+        for which in order:
             # the matmul rate right before each phase: the machine may be shared, and its load changes
             dtype = torch.float32 if which == "seed" else bt_dtype
             if which == "seed":
@@ -405,19 +520,24 @@ def main(argv=None) -> int:
                 s, seed_preds, cnt = seed_infer(seed_inf, tokenizer, infer_texts[:n_seed_inf], a.max_seq_length,
                                                 device)
                 R["seed_inf"].append({**cnt.result(s), "rate": rate})
-            else:
+            elif which == "budgetune":
                 rate = matmul_rate(device, dtype, mm_n)
                 R["bt_train"].append({**budgetune_train(a, data_csv, work, device, r), "rate": rate})
                 rate = matmul_rate(device, dtype, mm_n)
                 s, bt_preds, cnt = budgetune_infer(bt_inf, tokenizer, infer_texts, a.max_seq_length, device)
                 R["bt_inf"].append({**cnt.result(s), "rate": rate})
-        if not a.only and same_weights:
+            else:
+                rate = matmul_rate(device, dtype, mm_n)
+                x = {**budgetune_train(a, data_csv, work, device, r, graphs=True), "rate": rate}
+                R["gr_train"].append(x)
+                print(graphs_line(x, a), flush=True)
+        if R["seed_inf"] and R["bt_inf"] and same_weights:
             agree = float((np.asarray(seed_preds) == np.asarray(bt_preds)[:n_seed_inf]).mean())
         line = [f"repeat {r + 1}/{a.repeats}: matmul {R['rate32'][-1] / 1e9:.1f} GFLOP/s"]
-        for key, label in (("seed_train", "seed train"), ("bt_train", "budgetune train")):
+        for key in ("seed_train", "bt_train", "gr_train"):
             if R[key]:
                 x = R[key][-1]
-                line.append(f"{label} {x['samples'] / x['seconds']:.2f}/s")
+                line.append(f"{train_label(key, R, a)} train {x['samples'] / x['seconds']:.2f}/s")
         for key, label in (("seed_inf", "seed infer"), ("bt_inf", "budgetune infer")):
             if R[key]:
                 line.append(f"{label} {len(R[key][-1]['lengths']) / R[key][-1]['seconds']:.1f}/s")
@@ -427,32 +547,70 @@ def main(argv=None) -> int:
     return 0
 
 
+def graphs_line(x: dict, a) -> str:
+    """What a budgetune+graphs run did: its window's replays, eager steps and captures, and any fallback."""
+    g, w = x["graphs"], x["graphs"]["window"]
+    tape = " (tape, CPU dry-run)" if a.graphs == "tape" else ""
+    line = (f"graphs{tape}: {g['captured']} shape(s) captured, {g['failed_shapes']} failed, {g['replays']} replays "
+            f"in the run; timed window of {a.train_steps} steps: {w['replayed']} replayed, {w['eager']} eager; "
+            f"{w['captures']} capture(s) inside the window taken out of the timing (the window grew by as many)")
+    if w["captures_timed"]:
+        line += (f"\n*** {w['captures_timed']} re-capture(s) inside the window (StepGraphs dropped its graphs) were "
+                 "timed: the budgetune+graphs row includes them ***")
+    if g["fallback"]:
+        line += f"\n*** GRAPHS FELL BACK TO EAGER: {g['fallback']} -- the budgetune+graphs row is eager numbers ***"
+    for msg in g["capture_failures"]:
+        line += f"\n*** capture failed: {msg} ***"
+    if w["replayed"] == 0 and not g["fallback"]:
+        line += "\n*** NO REPLAYED STEP IN THE MEASURED WINDOW: the budgetune+graphs row is eager numbers ***"
+    return line
+
+
+def train_label(key: str, R, a) -> str:
+    """The row name of a training pipeline; budgetune+graphs says when its window was not (all) replayed."""
+    if key == "seed_train":
+        return "seed"
+    if key == "bt_train":
+        return "budgetune"
+    name = "budgetune+graphs" + (" (tape, CPU dry-run)" if a.graphs == "tape" else "")
+    runs = R[key]
+    replayed = sum(x["graphs"]["window"]["replayed"] for x in runs)
+    counted = sum(x["graphs"]["window"]["replayed"] + x["graphs"]["window"]["eager"] for x in runs)
+    if replayed == 0:
+        return name + " [EAGER FALLBACK, no replays]"
+    if replayed < counted:
+        return name + f" [partly eager: {replayed} of {counted} timed steps replayed]"
+    return name
+
+
 def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
     rate32 = med([x["rate"] for k in ("seed_train", "seed_inf") for x in R[k]] or R["rate32"])
-    rate_bt = med([x["rate"] for k in ("bt_train", "bt_inf") for x in R[k]] or R["rate32"])
-    rows = []  # (pipeline, task, samples/s, padded/real, floor samples/s)
+    rate_bt = med([x["rate"] for k in ("bt_train", "bt_inf", "gr_train") for x in R[k]] or R["rate32"])
+    rows = []  # (key, pipeline, task, samples/s, ms/step or None, padded/real, floor samples/s)
 
-    def train_row(name, runs, rate):
+    def train_row(key, runs, rate):
         if not runs:
             return
         sps = med([x["samples"] / x["seconds"] for x in runs])
         x = runs[0]  # the same batches every repeat (fixed seeds)
         floor = x["samples"] / (2 * forward_flops(x["lengths"], shape) / rate)
-        rows.append((name, "train", sps, x["padded"] / x["real"], floor))
+        batch = x["samples"] / x["steps"]
+        rows.append((key, train_label(key, R, a), "train", sps, 1000 * batch / sps, x["padded"] / x["real"], floor))
 
-    def infer_row(name, runs, rate, lengths):
+    def infer_row(key, name, runs, rate, lengths):
         if not runs:
             return
         sps = med([len(x["lengths"]) / x["seconds"] for x in runs])
         floor = len(lengths) / (forward_flops(lengths, shape) / rate)
-        rows.append((name, "infer", sps, runs[0]["padded"] / runs[0]["real"], floor))
+        rows.append((key, name, "infer", sps, None, runs[0]["padded"] / runs[0]["real"], floor))
 
-    train_row("seed", R["seed_train"], rate32)
-    train_row("budgetune", R["bt_train"], rate_bt)
+    train_row("seed_train", R["seed_train"], rate32)
+    train_row("bt_train", R["bt_train"], rate_bt)
+    train_row("gr_train", R["gr_train"], rate_bt)
     for name, key, rate in (("seed", "seed_inf", rate32), ("budgetune", "bt_inf", rate_bt)):
         runs = R[key]
         if runs:
-            infer_row(name, runs, rate, runs[0]["lengths"])
+            infer_row(key, name, runs, rate, runs[0]["lengths"])
 
     print()
     print(f"matmul rate (best of 5 {mm_n}x{mm_n} torch.mm before each phase, median): fp32 {rate32 / 1e9:.1f} GFLOP/s"
@@ -468,34 +626,43 @@ def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
         print(f"inference predictions of the two pipelines agree on {agree:.2%} of the texts (same weights)")
     elif not same_weights:
         print("note: the two inference models' parameter names differ; predictions were not compared")
-    for name, key in (("seed", "seed_train"), ("budgetune", "bt_train")):
+    for key in ("seed_train", "bt_train", "gr_train"):
         if R[key]:
-            steps = R[key][0]["step_s"]
-            print(f"{name} train: {len(steps)} steps of {R[key][0]['samples'] // len(steps)} rows per repeat, "
-                  f"median step {med([med(x['step_s']) for x in R[key]]):.3f}s")
+            x = R[key][0]
+            print(f"{train_label(key, R, a)} train: {x['steps']} timed steps of {x['samples'] // x['steps']} rows "
+                  f"per repeat, median step {med([med(y['step_s']) for y in R[key]]):.3f}s")
+    for i, x in enumerate(R["gr_train"]):
+        print(f"repeat {i + 1}: {graphs_line(x, a)}")
+    if R["gr_train"] and a.graphs == "tape":
+        print("graphs: TAPE DRY-RUN on CPU -- the budgetune+graphs numbers check the plumbing, not CUDA graphs' speed")
     print()
-    print(f"| pipeline | task | samples/s (median of {a.repeats}) | padded/real tokens | floor samples/s "
+    print(f"| pipeline | task | samples/s (median of {a.repeats}) | ms/step | padded/real tokens | floor samples/s "
           "| x slower than floor |")
-    print("|---|---|---|---|---|---|")
-    for name, task, sps, pad, floor in rows:
-        print(f"| {name} | {task} | {sps:.2f} | {pad:.2f} | {floor:.1f} | {floor / sps:.1f} |")
-    by = {(n, t): s for n, t, s, _, _ in rows}
-    for task in ("train", "infer"):
-        if ("seed", task) in by and ("budgetune", task) in by:
-            ratios = [b / s for b, s in zip(_sps(R, "bt", task, a), _sps(R, "seed", task, a))]
-            print(f"| budgetune / seed | {task} | {by[('budgetune', task)] / by[('seed', task)]:.1f}x "
-                  f"(per repeat: {', '.join(f'{x:.1f}' for x in ratios)}) | | | |")
-            norm = [r * x["rate"] / y["rate"] for r, x, y in zip(ratios, R[_key("seed", task)], R[_key("bt", task)])]
-            if not bf16:  # one precision: the ratio per unit of machine speed measured next to each phase
-                print(f"| budgetune / seed, load-normalized | {task} | {med(norm):.1f}x (per repeat: "
-                      f"{', '.join(f'{x:.1f}' for x in norm)}) | | | |")
+    print("|---|---|---|---|---|---|---|")
+    for _, name, task, sps, ms, pad, floor in rows:
+        ms_text = f"{ms:.1f}" if ms is not None else ""
+        print(f"| {name} | {task} | {sps:.2f} | {ms_text} | {pad:.2f} | {floor:.1f} | {floor / sps:.1f} |")
+    by = {(k, t): (n, s) for k, n, t, s, _, _, _ in rows}
+    pairs = [("bt", "seed", "train"), ("gr", "bt", "train"), ("gr", "seed", "train"), ("bt", "seed", "infer")]
+    for num, den, task in pairs:
+        kn, kd = _key(num, task), _key(den, task)
+        if (kn, task) not in by or (kd, task) not in by:
+            continue
+        ratios = [b / s for b, s in zip(_sps(R, num, task), _sps(R, den, task))]
+        label = f"{by[(kn, task)][0]} / {by[(kd, task)][0]}"
+        print(f"| {label} | {task} | {by[(kn, task)][1] / by[(kd, task)][1]:.2f}x "
+              f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}) | | | | |")
+        if not bf16 or den != "seed":  # one precision: the ratio per unit of machine speed measured next to each
+            norm = [r * x["rate"] / y["rate"] for r, x, y in zip(ratios, R[kd], R[kn])]
+            print(f"| {label}, load-normalized | {task} | {med(norm):.2f}x (per repeat: "
+                  f"{', '.join(f'{x:.2f}' for x in norm)}) | | | | |")
 
 
 def _key(who, task):
     return f"{who}_{'train' if task == 'train' else 'inf'}"
 
 
-def _sps(R, who, task, a):
+def _sps(R, who, task):
     key = _key(who, task)
     if task == "train":
         return [x["samples"] / x["seconds"] for x in R[key]]
