@@ -51,9 +51,12 @@ def test_captured_steps_train_exactly_as_eager_ones(tiny_roberta, short_csv, tmp
     assert "--cuda_graphs: no CUDA device (training on cpu); training eagerly" in capsys.readouterr().out
     tape = graph_tape.TapeBackend()
     train_with(tape, monkeypatch, graph_args(tiny_roberta, short_csv, graph_out, method))
-    assert "--cuda_graphs" not in capsys.readouterr().out  # captured, nothing fell back
+    out = capsys.readouterr().out
+    assert "eager" not in out and f"--cuda_graphs: {len(tape.graphs)} batch shape(s) captured, 0 failed" in out, out[-2000:]
     replays = sum(g.replays for g in tape.graphs)
     steps = events(graph_out, "train")[-1]["step"]
+    assert events(graph_out, "graphs") == [{"event": "graphs", "step": steps, "captured": len(tape.graphs),
+                                            "failed": 0, "replays": replays}]
     print(f"{len(tape.graphs)} graphs, {replays} of {steps} steps replayed")
     assert 1 < len(tape.graphs) <= 3  # one per bucket seen with a full batch
     assert steps - 2 <= replays < steps  # each epoch's short last batch steps eagerly

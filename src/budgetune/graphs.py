@@ -158,6 +158,10 @@ class StepGraphs:
         norm = captured.grad_norm.clone() if captured.grad_norm is not None else None
         return captured.loss.clone(), norm
 
+    def summary(self) -> dict[str, int]:
+        return {"captured": sum(c is not None for c in self.graphs.values()),
+                "failed": sum(c is None for c in self.graphs.values()), "replays": self.replays}
+
     def addresses(self) -> tuple:
         """What the graphs read in place that an optimizer's load_state_dict would replace: its state mapping and
         its learning-rate tensors."""

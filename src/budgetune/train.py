@@ -453,6 +453,7 @@ class Window:
                "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
                "samples_per_second": (state.samples - self.samples0) / max(time.perf_counter() - self.t0, 1e-9)}
         self.loss, self.n, self.first_step = None, 0, state.step + 1
+        self.t0, self.samples0 = time.perf_counter(), state.samples  # the rate is this window's, not the run's
         return out
 
 
@@ -464,6 +465,14 @@ def log_window(run: Run, state: TrainState, window: Window, bar) -> None:
     bar.set_postfix(loss=f"{w['loss']:.4f}")
     if run.schedule is not None and (pattern := methods.rank_pattern(run.inner)):
         run.log.log("ranks", step=state.step, ranks=pattern)
+
+
+def log_graphs(run: Run, state: TrainState) -> None:
+    """What --cuda_graphs did: shapes captured and failed, steps replayed (the rest ran eagerly)."""
+    g = run.graphs.summary()
+    run.log.log("graphs", step=state.step, **g)
+    run.accelerator.print(f"--cuda_graphs: {g['captured']} batch shape(s) captured, {g['failed']} failed; "
+                          f"{g['replays']} step(s) replayed from graphs this session")
 
 
 def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None = None,
@@ -483,6 +492,8 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
         state, best = start(run)
         with StopSignal() as stop_signal, oom_message(run, state):
             fit(run, state, best, stop_signal, on_evaluate)
+        if run.graphs is not None:
+            log_graphs(run, state)
         result = finish(run, state, best)
         settle_collectives(run.accelerator)  # while the process group lives: end_training destroys it
         run.accelerator.end_training()
