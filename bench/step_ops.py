@@ -20,7 +20,7 @@ Paths:
   scheduler, AdaLoRA's allocation, zero_grad), without accelerate's wrappers. AdaLoRA steps through
   `budgetune.lean_adalora` (the default); "budgetune, peft step" is the same with `--lean_adalora false`.
 * budgetune, graphs: `--cuda_graphs true` (fp32 only): `graphs.StepGraphs` replays the captured forward, backward,
-  clipping and AdamW, then scheduler, allocation and zero_grad run as `train.graph_step` runs them. On CPU the
+  clipping and AdamW, then scheduler, allocation and zero_grad run as `train.train_step` runs them after a replay. On CPU the
   graph is `graph_tape`'s stand-in; its replay runs outside the counter and counts as one operator (the one graph
   launch it is on a GPU); the row "replay" also holds the copies of the batch into the graph's inputs and of the
   loss and grad norm out of it. Capture (once per batch shape) is not counted.
@@ -200,7 +200,7 @@ class Stepper:
 class GraphStepper(Stepper):
     """budgetune's step under --cuda_graphs: graphs.StepGraphs replays the captured forward, backward, clipping
     and AdamW (graph_tape's CPU stand-in; the replay counts as the one launch it is on a GPU), then the scheduler,
-    the allocation and zero_grad run eagerly, as train.graph_step does."""
+    the allocation and zero_grad run eagerly, as train.train_step does after a replay."""
 
     graphs: object = None
 

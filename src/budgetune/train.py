@@ -301,7 +301,11 @@ def train_step(run: Run, batch: dict, steps_done: int) -> tuple[torch.Tensor, to
     Returns (loss, grad norm or None, whether the optimizer stepped); nothing here waits for the device.
     """
     if run.graphs is not None and (replayed := run.graphs.step(batch)) is not None:
-        return graph_step(run, replayed, steps_done)
+        if run.schedule is not None:
+            run.graphs.expose_grads()  # the allocator reads the replayed step's gradients
+        step_schedules(run, steps_done)
+        run.optimizer.zero_grad(set_to_none=True)
+        return replayed[0], replayed[1], True
     acc, model = run.accelerator, run.model
     with acc.accumulate(model):
         loss = run.loss_fn(model, batch)
@@ -312,21 +316,17 @@ def train_step(run: Run, batch: dict, steps_done: int) -> tuple[torch.Tensor, to
         run.optimizer.step()
         stepped = acc.sync_gradients and not acc.optimizer_step_was_skipped
         if stepped:
-            run.scheduler.step()
-            if run.schedule is not None:  # after optimizer.step, before zero_grad: it reads the gradients
-                run.inner.base_model.update_and_allocate(steps_done)  # 0-based optimizer step
+            step_schedules(run, steps_done)
         run.optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm, stepped
 
 
-def graph_step(run: Run, replayed: tuple, steps_done: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """After a replay (forward, backward, clipping, AdamW): what train_step does after the optimizer step."""
+def step_schedules(run: Run, steps_done: int) -> None:
+    """After an optimizer step (eager or replayed): the learning rate, then AdaLoRA's allocation, which reads the
+    gradients (before zero_grad)."""
     run.scheduler.step()
     if run.schedule is not None:
-        run.graphs.expose_grads()
-        run.inner.base_model.update_and_allocate(steps_done)
-    run.optimizer.zero_grad(set_to_none=True)
-    return replayed[0], replayed[1], True
+        run.inner.base_model.update_and_allocate(steps_done)  # 0-based optimizer step
 
 
 class StopSignal:
