@@ -18,21 +18,21 @@ TEXTS = ["Stocks rally as rates fall", "Team wins the cup final", "New chip doub
          "Leaders meet for peace talks", "a"]
 
 
-def peft_config(method: str):
+def peft_config(method: str, alpha: int = 8):
     import peft
 
     common = {"task_type": peft.TaskType.SEQ_CLS, "target_modules": ["query", "value", "dense"]}
     if method in ("lora", "dora"):
-        return peft.LoraConfig(r=4, lora_alpha=8, use_dora=method == "dora", lora_bias=method == "lora", **common)
+        return peft.LoraConfig(r=4, lora_alpha=alpha, use_dora=method == "dora", lora_bias=method == "lora", **common)
     if method == "adalora":
-        return peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10, **common)
+        return peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=alpha, total_step=10, **common)
     if method == "ia3":
         return peft.IA3Config(feedforward_modules=["dense"], **common)
     if method == "vera":
         return peft.VeraConfig(r=4, target_modules=["query", "value"], task_type=peft.TaskType.SEQ_CLS)
     if method == "loha":
-        return peft.LoHaConfig(r=4, alpha=8, **common)
-    return peft.LoKrConfig(r=4, alpha=8, **common)
+        return peft.LoHaConfig(r=4, alpha=alpha, **common)
+    return peft.LoKrConfig(r=4, alpha=alpha, **common)
 
 
 def base_model(folder):
@@ -42,12 +42,12 @@ def base_model(folder):
     return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=4).eval()
 
 
-def trained_like(folder, method: str):
+def trained_like(folder, method: str, seed: int = 3, alpha: int = 8):
     """A peft model whose adapter and head moved well away from their initial values (as training moves them)."""
     import peft
 
-    model = peft.get_peft_model(base_model(folder), peft_config(method))
-    gen = torch.Generator().manual_seed(3)
+    model = peft.get_peft_model(base_model(folder), peft_config(method, alpha))
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -135,6 +135,49 @@ def test_baked_scale_reloads_with_plain_peft(tiny_roberta, batch, tmp_path, meth
     model.save_pretrained(tmp_path)
     reloaded = peft.PeftModel.from_pretrained(base_model(tiny_roberta), tmp_path).eval()
     assert (logits(reloaded, batch) - expected).abs().max() < 1e-5
+
+
+def saved_bundle(folder: Path, tiny_roberta, method: str, seed: int, alpha: int, scale: float) -> Path:
+    """A trained-like adapter saved as a budgetune bundle that records `scale` as its default adapter scale."""
+    from transformers import AutoTokenizer
+
+    from budgetune.config import Config
+
+    artifacts.save_bundle(trained_like(tiny_roberta, method, seed, alpha), AutoTokenizer.from_pretrained(tiny_roberta),
+                          folder, label_names=["w", "s", "b", "t"], base_model=str(tiny_roberta), head="default",
+                          config=Config().to_dict(), budget=None, metrics=None)
+    artifacts.record_adapter_scale(folder, scale, None, None)
+    return folder
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_several_scaled_adapters_on_one_model_each_equal_that_adapter_alone(tiny_roberta, tmp_path, method):
+    """serve groups two bundles of one method on one base, each at its recorded scale: each adapter must be
+    scaled from its own trained values, not from the first adapter's (kept under the same module names)."""
+    from budgetune.loading import load_model
+    from budgetune.serve_models import Registry, parse_runs
+
+    scales = {"one": 0.5, "two": 0.3}
+    folders = {n: saved_bundle(tmp_path / n, tiny_roberta, method, seed, alpha, scales[n])
+               for n, seed, alpha in (("one", 3, 8), ("two", 4, 16))}
+    registry = Registry(parse_runs([f"{n}={f}" for n, f in folders.items()]), device="cpu")
+    registry.load()
+    assert len(registry.groups) == 1 and not registry.groups[0].merged  # both adapters on one model
+    model = registry.groups[0].model
+    for name, folder in folders.items():
+        got = registry.logits(registry.tokenize(name, TEXTS))
+        alone, tok, info = load_model(folder, merge=False)
+        assert info["applied_adapter_scale"] == scales[name]
+        enc = dict(tok(TEXTS, return_tensors="pt", padding=True))
+        expected = logits(alone, enc).numpy()
+        assert abs(got - expected).max() < 1e-5, name
+        assert abs(got - logits(load_model(folder, merge=False, adapter_scale=1.0)[0], enc).numpy()).max() > 1e-4
+    for name in folders:  # back to 1 in any order: each adapter exactly as trained
+        scaling.apply_scale(model, 1.0, registry.adapters[name].key)
+    for name, folder in folders.items():
+        alone, tok, _ = load_model(folder, merge=False, adapter_scale=1.0)
+        enc = dict(tok(TEXTS, return_tensors="pt", padding=True))
+        assert abs(registry.logits(registry.tokenize(name, TEXTS)) - logits(alone, enc).numpy()).max() < 1e-5
 
 
 @pytest.mark.parametrize("text", ["1.5", "-0.1", "nan", "abc", "0.5,x", ""])

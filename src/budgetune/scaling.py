@@ -11,8 +11,9 @@ adapter as trained, and the classification head (modules_to_save) stays as train
   g W + s r c BA (r = m/||W + cBA||, g = 1 - s + s r) is written back in DoRA's own form: B's row times s r / g and
   the magnitude g ||W + c B'A||. Exact, and it merges like any DoRA adapter.
 
-A merged model is unmerged, scaled and merged again. The trained values are kept on the model, so any scale can
-follow any other and scale 1 restores the trained adapter bit for bit.
+A merged model is unmerged, scaled and merged again. The trained values are kept on the model per adapter (a model
+may hold several adapters on the same modules, as `serve` groups them), so any scale can follow any other, each
+adapter is scaled from its own trained values, and scale 1 restores the trained adapter bit for bit.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 
 from budgetune.errors import AdapterError, ConfigError
 
-SCALE_ATTR = "budgetune_adapter_scale"  # the scale the model currently carries
-TRAINED_ATTR = "budgetune_trained"  # trained values overwritten by a scale: {key: tensor or float}
+SCALE_ATTR = "budgetune_adapter_scale"  # the scale each adapter currently carries: {adapter name: scale}
+TRAINED_ATTR = "budgetune_trained"  # trained values overwritten by a scale: {adapter name: {key: tensor or float}}
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.6, 0.75, 1.0)  # what a user plots first
 # What the automatic choice tries: below 0.5 the measured validation loss is several points (issue 15's table).
 AUTO_SCALES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -62,8 +63,8 @@ def check_scale(value: float, flag: str = "--adapter_scale") -> float:
     return float(value)
 
 
-def current_scale(model) -> float:
-    return getattr(model, SCALE_ATTR, 1.0)
+def current_scale(model, adapter_name: str = "default") -> float:
+    return model.__dict__.get(SCALE_ATTR, {}).get(adapter_name, 1.0)
 
 
 def apply_scale(model, scale: float, adapter_name: str = "default") -> None:
@@ -72,16 +73,24 @@ def apply_scale(model, scale: float, adapter_name: str = "default") -> None:
     layers = adapter_layers(model, adapter_name)
     if not layers:
         raise AdapterError(f"no adapter named {adapter_name!r} in this model")
-    trained = model.__dict__.setdefault(TRAINED_ATTR, {})
-    merged = any(getattr(layer, "merged", False) for _, layer in layers)
+    trained = model.__dict__.setdefault(TRAINED_ATTR, {}).setdefault(adapter_name, {})
+    merged = merged_adapters(model)
     if merged:
         model.unmerge_adapter()
     with torch.no_grad():
         for name, layer in layers:
             scale_layer(layer, name, adapter_name, scale, trained)
     if merged:
-        model.merge_adapter()
-    model.__dict__[SCALE_ATTR] = scale
+        model.merge_adapter(merged)  # the adapters that were merged, not whichever is active
+    model.__dict__.setdefault(SCALE_ATTR, {})[adapter_name] = scale
+
+
+def merged_adapters(model) -> list[str]:
+    """The adapters merged into the model's weights (unmerging takes them all out; these go back)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return list(dict.fromkeys(a for m in model.modules() if isinstance(m, BaseTunerLayer)
+                              for a in m.merged_adapters))
 
 
 def adapter_layers(model, adapter_name: str) -> list[tuple[str, torch.nn.Module]]:
@@ -166,7 +175,7 @@ def bake_scale(model, adapter_name: str = "default") -> None:
     from peft.tuners.lokr.layer import LoKrLayer
     from peft.tuners.lora.layer import LoraLayer
 
-    s = current_scale(model)
+    s = current_scale(model, adapter_name)
     if s == 1:
         return
     if any(getattr(layer, "merged", False) for _, layer in adapter_layers(model, adapter_name)):
@@ -188,11 +197,11 @@ def bake_scale(model, adapter_name: str = "default") -> None:
             else:
                 continue  # IA3, VeRA: the parameters hold the scale
             if isinstance(layer, AdaLoraLayer):
-                layer.scaling[adapter_name] = model.__dict__[TRAINED_ATTR][f"{name}.scaling"]
+                layer.scaling[adapter_name] = model.__dict__[TRAINED_ATTR][adapter_name][f"{name}.scaling"]
             else:
                 layer.set_scale(adapter_name, 1.0)
-    model.__dict__.pop(TRAINED_ATTR, None)  # the baked values are the new "as trained"
-    model.__dict__[SCALE_ATTR] = 1.0
+    model.__dict__[TRAINED_ATTR].pop(adapter_name, None)  # the baked values are the new "as trained"
+    model.__dict__[SCALE_ATTR][adapter_name] = 1.0
 
 
 def near_best(table: dict, tolerance: float) -> list:
