@@ -143,3 +143,55 @@ def test_sigterm_checkpoints_and_resumes(tiny_roberta, headlines_csv, tmp_path):
     assert len(_events(out, "end")) == 1
     assert [r["step"] for r in _events(out, "eval")] == [8, 16, 24]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+class KilledAfterBest(Exception):
+    """Stands for a kill right after a validation's best adapter was written, before its checkpoint."""
+
+
+def test_resume_from_an_earlier_checkpoint_ships_the_best_it_reports(tiny_roberta, headlines_csv, tmp_path,
+                                                                      monkeypatch):
+    """The killed run wrote a later best into adapter/ and best_state.pt; the resumed run (from a checkpoint that
+    knew only an earlier best) never beats that earlier best, as a continuation that is not bit-exact (a GPU run
+    without --deterministic) may not: adapter/, best_state.pt, evaluation.json and the reported best step must
+    all be the checkpoint's best."""
+    from budgetune import train as train_mod
+    from budgetune.config import resolve
+    from budgetune.loading import load_model
+
+    out = tmp_path / "run"
+    args = _args(tiny_roberta, headlines_csv, out, "lora", num_train_epochs=1, eval_strategy="steps", eval_steps=2,
+                 save_steps=0, save_total_limit=10, metric_for_best_model="loss", robust_tolerance="null",
+                 learning_rate=5e-2)  # validation loss at steps 2, 4, 6: best, worse, best
+    cfg = resolve(None, args[1:])
+
+    def kill_at_step_6(step: int, metrics: dict) -> None:
+        if step == 6:
+            raise KilledAfterBest
+
+    with pytest.raises(KilledAfterBest):
+        train_mod.train(cfg, on_evaluate=kill_at_step_6)
+    assert _checkpoint_steps(out) == [2, 4]
+    assert torch.load(out / "best_state.pt", map_location="cpu")["metrics"]["step"] == 6  # a later best, written
+    earlier = torch.load(out / "checkpoints" / "step-000004" / "state.pt", map_location="cpu")["best"]
+    assert earlier["metrics"]["step"] == 2
+
+    real_validate = train_mod.validate
+
+    def never_better(run) -> dict:  # the continuation's validations all fall short of step 2's
+        return {**real_validate(run), "loss": earlier["metrics"]["eval_loss"] + 1.0}
+
+    monkeypatch.setattr(train_mod, "validate", never_better)
+    cfg = resolve(None, [*args[1:], "--resume_from_checkpoint", "auto"])  # step 4, which knew step 2's best
+    result = train_mod.train(cfg)
+
+    assert result["best_step"] == 2 and _events(out, "end")[0]["best_step"] == 2
+    best = torch.load(out / "best_state.pt", map_location="cpu")
+    assert best["metrics"] == earlier["metrics"] and _max_diff(best["model"], earlier["model"]) == 0
+    shipped, _, info = load_model(out, merge=False)
+    assert info["metrics"] == earlier["metrics"]
+    params = dict(shipped.named_parameters())
+    assert _max_diff({k: params[k].detach() for k in earlier["model"]}, earlier["model"]) == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["loss"] == pytest.approx(earlier["metrics"]["eval_loss"], abs=1e-5)
+    assert evaluation["accuracy"] == earlier["metrics"]["eval_accuracy"]

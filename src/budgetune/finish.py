@@ -3,6 +3,7 @@ chosen, evaluation files and plots written."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +30,20 @@ def save_best(run: Run, best: Best) -> None:
                                 run.out / BEST_STATE)
 
 
+def saved_best_is(out: Path, best: Best) -> bool:
+    """Whether adapter/ and best_state.pt both hold `best` (their recorded metrics name its step).
+
+    A resume continues with its checkpoint's best, but the killed run may have written a later one after that
+    checkpoint; a continuation that is not bit-exact (no --deterministic on a GPU) may never find it again.
+    """
+    try:
+        bundle = json.loads((out / "adapter" / artifacts.BUNDLE_FILE).read_text()).get("metrics")
+        state = torch.load(out / BEST_STATE, map_location="cpu", mmap=True, weights_only=True).get("metrics")
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return bundle == best.metrics and state == best.metrics
+
+
 def portable_model_id(name: str) -> str:
     """What the bundle stores as its base: a Hub id or the packaged alias as given, a local folder made absolute."""
     if name == PACKAGED_MINILM or not Path(name).exists():
@@ -43,6 +58,8 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
         checkpoint.restore_model(run.inner, best.state)
         if best.pattern is not None:
             run.inner.peft_config["default"].rank_pattern = best.pattern
+        if main and not saved_best_is(out, best):  # a resumed run: the killed one may have saved a later best
+            save_best(run, best)
     acc.wait_for_everyone()
     saved = reload_saved(run)  # what `predict` will load, through plain peft
     raw_logits = validation_logits(run, saved)
