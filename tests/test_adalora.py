@@ -245,3 +245,50 @@ def test_skipped_optimizer_step_advances_neither_allocator_nor_scheduler(monkeyp
     assert all(s == ["sched", "ual"] for i, s in enumerate(steps) if i != skip), steps
     assert [c[0] for c in rec["calls"]] == [s for s in range(total) if s != skip]
     assert all(c[1] for c in rec["calls"])
+
+
+# ---------------------------------------------------------------- the shipped adapter: the final rank pattern
+
+# 64 rows in batches of 8, 3 epochs: 24 optimizer steps; warm-up to step 5, pruning to step 17, final from 18.
+SHIPPED_FLAGS = {"max_train_samples": 64, "per_device_train_batch_size": 8, "num_train_epochs": 3, "tinit": 4,
+                 "deltaT": 2, "target_r": 2, "eval_strategy": "steps", "robust_tolerance": "null"}
+
+
+def shipped_ranks(run: Path) -> int:
+    """Ranks the saved adapter file keeps (the rows of its lora_E tensors)."""
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return sum(v.shape[0] for k, v in tensors.items() if ".lora_E" in k)
+
+
+def test_the_best_adapter_comes_from_the_final_rank_pattern(tiny_roberta, tmp_path):
+    """Validations every 2 steps from warm-up on; patience 1: the shipped adapter has the final pattern's
+    target_r ranks, early stopping did not end the run before that pattern, and budget.json says what shipped."""
+    out = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_roberta, "builtin:headlines", out, "adalora", tfinal=7, eval_steps=2,
+                             early_stopping_patience=1, **SHIPPED_FLAGS))
+    events = read_jsonl(out / "metrics.jsonl")
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals[0]["step"] == 2 and evals[-1]["step"] >= 18  # validated in warm-up, stopped only in the final phase
+    target = 2 * 2 * 2  # target_r x (query, value) x 2 layers
+    best_step = [e for e in events if e["event"] == "end"][0]["best_step"]
+    assert shipped_ranks(out) == target, f"shipped the adapter of step {best_step}"
+    assert best_step >= 18 and all(not e["best"] for e in evals if e["step"] < 18)
+    best = torch.load(out / "best_state.pt", map_location="cpu")
+    assert best["metrics"]["step"] == best_step and sum(sum(m) for m in best["rank_pattern"].values()) == target
+    shipped = json.loads((out / "budget.json").read_text())["adalora_shipped"]
+    assert shipped == {"step": best_step, "ranks": target, "target_ranks": target, "final_rank_pattern": True}
+
+
+def test_without_a_final_phase_the_last_validation_ships_and_says_so(tiny_roberta, tmp_path):
+    """--tfinal 0 never fixes the pattern: the last validation's adapter ships, in one line and in budget.json."""
+    out = tmp_path / "run"
+    proc = run_cli(*tiny_train_args(tiny_roberta, "builtin:headlines", out, "adalora", tfinal=0, eval_steps=4,
+                                    **SHIPPED_FLAGS))
+    events = read_jsonl(out / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "eval"] == [4, 8, 12, 16, 20, 24]
+    assert [e for e in events if e["event"] == "end"][0]["best_step"] == 24
+    shipped = json.loads((out / "budget.json").read_text())["adalora_shipped"]
+    assert shipped["step"] == 24 and shipped["final_rank_pattern"] is False
+    assert shipped["ranks"] == shipped_ranks(out) and shipped["target_ranks"] == 8
+    lines = [line for line in proc.stdout.splitlines() if "no validation had the final rank pattern" in line]
+    assert lines == [shipped["note"]] and "step 24" in lines[0] and "--tfinal 0" in lines[0]

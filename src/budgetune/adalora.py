@@ -30,14 +30,25 @@ class Schedule:
         """After `steps_done` optimizer steps, is the rank pattern the final one?"""
         return steps_done > self.final_from
 
+    @property
+    def reaches_final(self) -> bool:
+        """Whether the run's last step has the final rank pattern (not with --tfinal 0)."""
+        return self.is_final(self.total_step)
+
+    def may_be_best(self, steps_done: int) -> bool:
+        """Whether a validation after `steps_done` steps may give the shipped adapter: one with the final rank
+        pattern; in a run that never reaches it, only the last validation (the fewest ranks there are)."""
+        return self.is_final(steps_done) or (not self.reaches_final and steps_done >= self.total_step)
+
     def describe(self) -> str:
         head = (f"AdaLoRA schedule over {self.total_step} optimizer steps: warm-up steps 1-{self.tinit + 1} (all "
                 f"ranks), pruning steps {self.tinit + 2}-{min(self.final_from + 1, self.total_step)} (every "
                 f"{self.deltaT}), ")
         if self.tfinal == 0:
-            return head + "no final phase (--tfinal 0: the rank pattern is never fixed, early stopping never counts)"
-        return (head + f"final steps {self.final_from + 2}-{self.total_step} (rank pattern fixed); early stopping "
-                "counts only in the final phase")
+            return head + ("no final phase (--tfinal 0: the rank pattern is never fixed, early stopping never counts, "
+                           "the last validation's adapter is shipped)")
+        return (head + f"final steps {self.final_from + 2}-{self.total_step} (rank pattern fixed); the best adapter "
+                "and early stopping count only validations in the final phase")
 
 
 def steps_of(value: int | float, total_step: int) -> int:
@@ -62,6 +73,20 @@ def schedule(m: MethodConfig, total_step: int) -> Schedule:
             f"({tfinal} steps) >= {total_step} total optimizer steps; lower --tinit/--tfinal (fractions such as "
             "--tinit 0.1 --tfinal 0.3 scale with the run) or train longer")
     return Schedule(total_step, tinit, tfinal, m.deltaT)
+
+
+def kept_ranks(peft_model, pattern: dict[str, list[bool]] | None) -> int:
+    """Ranks an adapter with rank pattern `pattern` keeps, summed over its modules (before the first allocation,
+    with no pattern: every row of every lora_E)."""
+    if pattern:
+        return sum(sum(bool(x) for x in mask) for mask in pattern.values())
+    return sum(p.shape[0] for n, p in peft_model.named_parameters() if ".lora_E." in n)
+
+
+def target_ranks(peft_model) -> int:
+    """target_r times the adapted modules: what the final rank pattern keeps."""
+    modules = sum(1 for n, _ in peft_model.named_parameters() if ".lora_E." in n)
+    return peft_model.peft_config["default"].target_r * modules
 
 
 def _masks(peft_model) -> dict[str, torch.Tensor]:

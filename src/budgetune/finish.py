@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from budgetune import artifacts, checkpoint, methods
+from budgetune import adalora, artifacts, checkpoint, methods
 from budgetune.config import PACKAGED_MINILM
 from budgetune.inference import table_logits
 from budgetune.metrics import classification_metrics, metrics_text
@@ -44,6 +44,25 @@ def saved_best_is(out: Path, best: Best) -> bool:
     return bundle == best.metrics and state == best.metrics
 
 
+def record_shipped_ranks(run: Run, state: TrainState, best: Best) -> None:
+    """AdaLoRA: the shipped adapter's kept ranks in budget.json (`adalora_shipped`). Where no validation had the
+    final rank pattern (a final phase of 0 steps), one line and a note there say the last validation's was shipped."""
+    if run.schedule is None or state.best_step is None:
+        return
+    sched, m = run.schedule, run.cfg.method
+    shipped = {"step": state.best_step, "ranks": adalora.kept_ranks(run.inner, best.pattern),
+               "target_ranks": adalora.target_ranks(run.inner), "final_rank_pattern": sched.is_final(state.best_step)}
+    if not shipped["final_rank_pattern"]:
+        shipped["note"] = (f"AdaLoRA: no validation had the final rank pattern (--tfinal {m.tfinal} leaves "
+                           f"{sched.tfinal} of {sched.total_step} steps to the final phase); shipped the last "
+                           f"validation's adapter (step {state.best_step}): {shipped['ranks']} ranks kept, "
+                           f"{shipped['target_ranks']} at target_r")
+        run.accelerator.print(shipped["note"])
+    if run.accelerator.is_main_process:
+        recorded = json.loads((run.out / "budget.json").read_text())
+        artifacts.atomic_write_json(run.out / "budget.json", {**recorded, "adalora_shipped": shipped})
+
+
 def portable_model_id(name: str) -> str:
     """What the bundle stores as its base: a Hub id or the packaged alias as given, a local folder made absolute."""
     if name == PACKAGED_MINILM or not Path(name).exists():
@@ -60,6 +79,7 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
             run.inner.peft_config["default"].rank_pattern = best.pattern
         if main and not saved_best_is(out, best):  # a resumed run: the killed one may have saved a later best
             save_best(run, best)
+    record_shipped_ranks(run, state, best)
     acc.wait_for_everyone()
     saved = reload_saved(run)  # what `predict` will load, through plain peft
     raw_logits = validation_logits(run, saved)

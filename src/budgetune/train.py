@@ -260,9 +260,13 @@ def improves(value: float, best: float | None, key: str) -> bool:
 
 
 def keep_best(run: Run, state: TrainState, best: Best, m: dict) -> bool:
-    """Record an evaluation; keep (and save) the adapter if it is the best so far. True if it was."""
+    """Record an evaluation; keep (and save) the adapter if it is the best so far. True if it was.
+
+    AdaLoRA: only validations with the final rank pattern compete (adalora.Schedule.may_be_best): one from the
+    warm-up or mid-pruning would ship more than target_r ranks."""
     key = run.cfg.train.metric_for_best_model
-    better = improves(m[key], state.best_metric, key)
+    eligible = run.schedule is None or run.schedule.may_be_best(state.step)
+    better = eligible and improves(m[key], state.best_metric, key)
     if better:
         state.best_metric, state.best_step, state.bad_evals = m[key], state.step, 0
         best.state, best.pattern = checkpoint.trainable_state(run.inner), methods.rank_pattern_masks(run.inner)
