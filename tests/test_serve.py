@@ -3,6 +3,7 @@ as a real subprocess on loopback, plus the page in a real headless Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -390,26 +391,35 @@ def test_bad_flags_exit_2_before_loading(runs, capsys, flags, needle):
 
 # --- a live server on loopback: concurrency, the page ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def live(runs):
-    """The app under uvicorn in this process on a free loopback port; batches gather for up to 50 ms."""
+@contextlib.contextmanager
+def serving(app):
+    """The app under uvicorn in this process on a free loopback port, ready; its URL."""
     import uvicorn
 
-    app = create_app(Registry(parse_runs([str(p) for p in runs.values()])),
-                     ServeOptions(max_texts=64, batch_wait_ms=50))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60) as c:
-        wait_ready(c.get)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=60) as c:
+            wait_ready(c.get)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live(runs):
+    """The four adapters on a live loopback server; batches gather for up to 50 ms."""
+    app = create_app(Registry(parse_runs([str(p) for p in runs.values()])),
+                     ServeOptions(max_texts=64, batch_wait_ms=50))
+    with serving(app) as url:
+        yield url
 
 
 def classify_concurrently(url: str, requests: list[dict]) -> list[httpx.Response | BaseException]:
@@ -451,6 +461,85 @@ def test_64_concurrent_clients_batched_and_exact(live, offline):
     for r, s in zip(answers, sequential):
         p, q = r.json()["predictions"][0], s["predictions"][0]
         assert np.abs(np.subtract(p["probabilities"], q["probabilities"])).max() < 1e-5
+
+
+# --- hostile input on the live server: a 4xx naming the field, and the server answers on ------------------------
+
+DEEP = 50_000
+MANY_NUMBERS = ("[" + ",".join(["1"] * 200_000) + "]").encode()  # 400 KB: under the 1 MiB body limit
+HOSTILE = [  # a name, the raw body, status, field, words of the message
+    ("deep-arrays", b"[" * DEEP + b"]" * DEEP, 400, "body", "nested too deeply"),
+    ("deep-texts", b'{"texts": ' + b"[" * DEEP + b"]" * DEEP + b', "adapter": "a"}', 400, "body", "nested too deeply"),
+    ("deep-objects", b'{"x": ' * DEEP + b"1" + b"}" * DEEP, 400, "body", "nested too deeply"),
+    ("nested-100", b'{"texts": ' + b"[" * 100 + b"]" * 100 + b', "adapter": "a"}', 422, "texts[0]", "valid string"),
+    ("surrogate-high", rb'{"texts": ["ok", "bad \ud800 here"], "adapter": "a"}', 422, "texts[1]",
+     r"unpaired surrogate \ud800 at character 4"),
+    ("surrogate-low", rb'{"texts": ["\udc00"], "adapter": "a"}', 422, "texts[0]", r"unpaired surrogate \udc00"),
+    ("surrogates-reversed", rb'{"texts": ["\ude00\ud83d"], "adapter": "a"}', 422, "texts[0]", "unpaired surrogate"),
+    ("surrogate-adapter", rb'{"texts": ["x"], "adapter": "\ud800"}', 422, "adapter", "unpaired surrogate"),
+    ("surrogate-key", rb'{"texts": ["x"], "adapter": "a", "\ud800": 1}', 422, "body", "an object key"),
+    ("huge-integer", b'{"texts": ["x"], "adapter": ' + b"9" * 5000 + b"}", 400, "body", "more than 4300 digits"),
+    ("huge-float", b'{"texts": ["x"], "adapter": 1e999}', 422, "adapter", "valid string"),
+    ("nan", b'{"texts": [NaN], "adapter": "a"}', 400, "body", "NaN is not JSON"),
+    ("infinity", b'{"texts": ["x"], "adapter": -Infinity}', 400, "body", "-Infinity is not JSON"),
+    ("utf8-surrogate", b'{"texts": ["\xed\xa0\x80"], "adapter": "a"}', 400, "body", "not UTF-8 (byte 0xed at offset 12)"),
+    ("utf8-overlong", b'{"texts": ["\xc0\xaf"], "adapter": "a"}', 400, "body", "not UTF-8 (byte 0xc0 at offset 12)"),
+    ("null", b"null", 422, "body", "valid dictionary"),
+    ("a-string", b'"texts"', 422, "body", "valid dictionary"),
+    ("texts-object", b'{"texts": {"0": "x"}, "adapter": "a"}', 422, "texts", "valid list"),
+    ("texts-bool", b'{"texts": [true], "adapter": "a"}', 422, "texts[0]", "valid string"),
+    ("200k-numbers", b'{"texts": ' + MANY_NUMBERS + b', "adapter": "a"}', 422, "texts",
+     "at most 64 texts per request (got 200000"),
+    ("long-key", b'{"texts": ["x"], "adapter": "a", "' + b"k" * 100_000 + b'": 1}', 422, "k" * 64 + "…",
+     "Extra inputs are not permitted"),
+    ("long-adapter", b'{"texts": ["x"], "adapter": "' + b"n" * 100_000 + b'"}', 422, "adapter", "unknown adapter"),
+]
+
+
+def post_raw(c: httpx.Client, raw: bytes, content_type: str | None = "application/json") -> httpx.Response:
+    return c.post("/v1/classify", content=raw, headers={"content-type": content_type} if content_type else {})
+
+
+@pytest.mark.parametrize(("raw", "status", "field", "needle"), [pytest.param(*h[1:], id=h[0]) for h in HOSTILE])
+def test_hostile_bodies_are_a_4xx_naming_the_field(live, raw, status, field, needle):
+    with httpx.Client(base_url=live, timeout=60) as c:
+        r = post_raw(c, raw)
+        assert r.status_code == status, r.text[:500]
+        body = r.json()
+        assert body["field"] == field and needle in body["message"] and body["message"].startswith(field)
+        assert len(body["errors"]) <= 20 and len(r.content) < 10_000  # the answer does not echo the flood back
+        assert c.post("/v1/classify", json={"texts": ["still answering"], "adapter": "c"}).status_code == 200
+
+
+def test_endpoints_without_a_body_ignore_one_and_refuse_a_post(live):
+    with httpx.Client(base_url=live, timeout=60) as c:
+        for path in ("/v1/adapters", "/health", "/metrics"):
+            assert c.request("GET", path, content=HOSTILE[0][1]).status_code == 200
+            r = c.post(path, content=HOSTILE[0][1])
+            assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(("content_type", "status"), [
+    ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("multipart/form-data; boundary=x", 415),
+    ("application/json; charset=latin-1", 415), ("application/json; charset=UTF-8", 200),
+    ("application/json;charset=\"utf-8\"", 200), ("application/problem+json", 200), (None, 200)])
+def test_a_body_that_is_not_json_by_its_content_type_is_a_415(live, content_type, status):
+    with httpx.Client(base_url=live, timeout=60) as c:
+        r = post_raw(c, b'{"texts": ["Stocks rally"], "adapter": "a"}', content_type)
+        assert r.status_code == status, r.text
+        if status == 415:
+            body = r.json()
+            assert body["field"] == "Content-Type" and body["error"] == "unsupported_media_type"
+            assert content_type.split(";")[0] in body["message"] and "application/json" in body["message"]
+
+
+def test_odd_but_valid_texts_are_answered(live):
+    texts = ["", " ", "\x00", "\u200b\ufeff", "\U0001F600 a pair of surrogates in JSON", "x" * 100_000, "مرحبا",
+             "a\nb\tc"]
+    with httpx.Client(base_url=live, timeout=60) as c:
+        r = post_raw(c, json.dumps({"texts": texts, "adapter": "d"}, ensure_ascii=True).encode())  # \ud83d\ude00
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == len(texts) and r.json()["truncated_texts"] == 1
 
 
 def chromium() -> str | None:

@@ -10,9 +10,11 @@ import asyncio
 import hmac
 import json
 import os
+import re
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -40,6 +42,11 @@ API_KEY_ENV = "BUDGETUNE_API_KEY"
 # Pages and descriptions that hold no data: a browser cannot send the key when it opens them (the page asks for it).
 PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/health"}
 KNOWN_PATHS = PUBLIC_PATHS | {"/v1/classify", "/v1/adapters", "/metrics"}
+MAX_ERRORS = 20  # field errors listed in one answer
+SURROGATE = re.compile("[\ud800-\udfff]")
+ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # how one reaches a JSON body (UTF-8 cannot carry it)
+ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 503: "not_ready"}
 
 
 @dataclass
@@ -124,24 +131,24 @@ class ErrorResponse(BaseModel):
     error: str
     field: str | None = Field(description="the request field at fault (first of `errors`), e.g. texts[3]")
     message: str
-    errors: list[FieldError]
+    errors: list[FieldError] = Field(description=f"every field at fault (the first {MAX_ERRORS})")
 
 
 def field_name(loc: tuple) -> str:
-    """('body', 'texts', 3) -> 'texts[3]'."""
+    """('body', 'texts', 3) -> 'texts[3]'; a key longer than 64 characters (a client's) is cut, marked '…'."""
     out = ""
     for part in loc:
         if part == "body" and not out:
             continue
+        part = part if isinstance(part, int) or len(str(part)) <= 64 else f"{str(part)[:64]}…"
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
 
 
 def error_response(state: ServeState, e: RequestError, headers: dict | None = None) -> JSONResponse:
     state.metrics.errors[(str(e.status), e.field or "")] += 1
-    kind = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-            413: "too_large", 422: "invalid_request", 503: "not_ready"}.get(e.status, "error")
-    body = ErrorResponse(error=kind, field=e.field, message=str(e), errors=e.errors)
+    body = ErrorResponse(error=e.kind or ERROR_KINDS.get(e.status, "error"), field=e.field, message=str(e),
+                         errors=e.errors[:MAX_ERRORS])
     return JSONResponse(body.model_dump(), status_code=e.status, headers=headers)
 
 
@@ -151,16 +158,81 @@ def validation_error(e: ValidationError | RequestValidationError) -> RequestErro
     return RequestError(422, first["field"], f"{first['field']}: {first['message']}", errors)
 
 
+def check_content_type(content_type: str | None) -> None:
+    """JSON in UTF-8, or a 415 naming the header; a body sent without Content-Type is read as JSON."""
+    if content_type is None:
+        return
+    media, *params = (part.strip() for part in content_type.lower().split(";"))
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise RequestError(415, "Content-Type", f"Content-Type: {media or '(empty)'} is not JSON; send the body as "
+                           "JSON with `Content-Type: application/json`", kind="unsupported_media_type")
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip() == "charset" and value.strip().strip('"') not in ("utf-8", "utf8"):
+            raise RequestError(415, "Content-Type", f"Content-Type: charset {value.strip()} is not UTF-8; send UTF-8 "
+                               "JSON as `Content-Type: application/json`", kind="unsupported_media_type")
+
+
+def not_json(constant: str):
+    raise RequestError(400, "body", f"body: not valid JSON ({constant} is not JSON: numbers are finite)")
+
+
 def parse_json(raw: bytes) -> object:
-    """UTF-8 JSON, or a 400 naming the body and where it breaks."""
+    """UTF-8 JSON with finite numbers and no unpaired surrogate, or a 4xx naming the body, or the field, at fault."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(400, "body", f"body: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     try:
-        return json.loads(text)
+        data = json.loads(text, parse_constant=not_json)
+    except RequestError:
+        raise
     except json.JSONDecodeError as e:
         raise RequestError(400, "body", f"body: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise RequestError(400, "body", "body: JSON nested too deeply (a request is an object of strings and a "
+                           "list of strings)") from None
+    except ValueError:  # past the decoder's own errors, only an integer longer than Python converts
+        raise RequestError(400, "body", f"body: a number with more than {sys.get_int_max_str_digits()} digits"
+                           ) from None
+    if ESCAPED_SURROGATE.search(raw):
+        lone_surrogate(data)
+    return data
+
+
+def lone_surrogate(data: object) -> None:
+    """A 422 naming the first field (breadth first) with an unpaired UTF-16 surrogate, which is no text at all."""
+    todo = deque([((), data)])
+    while todo:
+        loc, value = todo.popleft()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if SURROGATE.search(key):
+                    where = field_name(loc)
+                    raise RequestError(422, where, f"{where}: an object key is not valid Unicode (an unpaired "
+                                       "surrogate: each \\uD800-\\uDFFF escape must be half of a pair)")
+                todo.append(((*loc, key), item))
+        elif isinstance(value, list):
+            todo.extend(((*loc, i), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (m := SURROGATE.search(value)):
+            where = field_name(loc)
+            raise RequestError(422, where, f"{where}: not valid Unicode: unpaired surrogate "
+                               f"\\u{ord(m.group()):04x} at character {m.start()} (each \\uD800-\\uDFFF escape "
+                               "must be half of a pair)")
+
+
+def read_request(raw: bytes, content_type: str | None, max_texts: int) -> ClassifyRequest:
+    """The body as a ClassifyRequest, or a 4xx naming the header or field at fault."""
+    check_content_type(content_type)
+    data = parse_json(raw)
+    texts = data.get("texts") if isinstance(data, dict) else None
+    if isinstance(texts, list) and len(texts) > max_texts:  # before each one is checked: no list of 200,000 errors
+        raise RequestError(422, "texts", f"texts: at most {max_texts} texts per request (got {len(texts)}; "
+                           "--max_texts)")
+    try:
+        return ClassifyRequest.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
 
 
 def require_ready(state: ServeState) -> None:
@@ -255,10 +327,7 @@ async def classify_texts(state: ServeState, payload: ClassifyRequest) -> Classif
     if adapter is None:
         raise RequestError(422, "adapter", f"adapter: required when several are served ({', '.join(names)})")
     if adapter not in registry.adapters:
-        raise RequestError(422, "adapter", f"adapter: unknown adapter {adapter!r} (served: {', '.join(names)})")
-    if len(payload.texts) > opts.max_texts:
-        raise RequestError(422, "texts", f"texts: at most {opts.max_texts} texts per request (got "
-                           f"{len(payload.texts)}; --max_texts)")
+        raise RequestError(422, "adapter", f"adapter: unknown adapter {adapter[:100]!r} (served: {', '.join(names)})")
     cut = [len(t) > opts.max_chars for t in payload.texts]
     texts = [t[:opts.max_chars] for t in payload.texts]
     loop = asyncio.get_running_loop()
@@ -312,7 +381,7 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
     app.state.serve = state
     app.add_middleware(Guard, state=state)
     key_doc = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))]  # the docs' Authorize button
-    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
@@ -337,10 +406,7 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
         """Label, label id and class probabilities for each text, from the named adapter."""
         started = time.perf_counter()
         require_ready(state)
-        try:
-            payload = ClassifyRequest.model_validate(parse_json(await request.body()))
-        except ValidationError as e:
-            raise validation_error(e) from None
+        payload = read_request(await request.body(), request.headers.get("content-type"), state.options.max_texts)
         response = await classify_texts(state, payload)
         state.metrics.latency.observe(time.perf_counter() - started)
         return response
