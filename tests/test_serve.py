@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -123,10 +124,11 @@ def test_one_process_many_adapters_equal_each_alone(runs, offline):
     assert np.abs(offline["a"] - offline["b"]).max() > 1e-3  # the adapters really differ: the test can fail
     names = [["a", "b", "d", "c"][i % 4] for i in range(len(TEXTS))]
     rows = [registry.tokenize(n, [t])[0] for n, t in zip(names, TEXTS)]
-    got = registry.logits(rows)
+    forwards: Counter[str] = Counter()
+    got = registry.logits(rows, forwards)
     for i, n in enumerate(names):
         assert np.abs(got[i] - offline[n][i]).max() < 1e-5, (i, n)
-    assert registry.forwards["mixed"] >= 1 and registry.forwards["single"] >= 1 and registry.forwards["merged"] >= 1
+    assert forwards["mixed"] >= 1 and forwards["single"] >= 1 and forwards["merged"] >= 1
     # and every adapter over all texts at once, one request each
     for n in runs:
         assert np.abs(registry.logits(registry.tokenize(n, TEXTS)) - offline[n]).max() < 1e-5
@@ -266,7 +268,7 @@ def test_errors_never_500_and_the_server_keeps_answering(client):
     assert client.get("/nowhere").json()["error"] == "not_found"
     text = client.get("/metrics").text
     assert not re.search(r'budgetune_requests_total\{[^}]*status="5(?!03)\d\d"\}', text)  # 503: /health, loading
-    assert re.search(r'budgetune_errors_total\{status="422",field="texts\[1\]"\} [1-9]', text)
+    assert re.search(r'budgetune_errors_total\{status="422",field="texts"\} [1-9]', text)
 
 
 def test_field_names():
@@ -540,6 +542,49 @@ def test_odd_but_valid_texts_are_answered(live):
         r = post_raw(c, json.dumps({"texts": texts, "adapter": "d"}, ensure_ascii=True).encode())  # \ud83d\ude00
         assert r.status_code == 200, r.text
         assert len(r.json()["predictions"]) == len(texts) and r.json()["truncated_texts"] == 1
+
+
+# --- bounded metric labels, the model thread's hand-off -----------------------------------------------------
+
+def test_metric_labels_come_from_a_fixed_set_not_from_the_client(client):
+    for i in range(20):
+        client.request(f"BREW{i}", "/v1/classify")
+        client.post("/v1/classify", json={"texts": ["x"], "adapter": "a", f"key{i}": 1})
+        client.post("/v1/classify", json={"texts": ["ok"] * 3 + [i], "adapter": "a"})
+        client.get(f"/path{i}")
+    text = client.get("/metrics").text
+    assert "BREW" not in text and "key1" not in text and "path1" not in text and "texts[" not in text
+    values: dict[str, set[str]] = {}
+    for name, value in re.findall(r'(\w+)="([^"]*)"', text):
+        values.setdefault(name, set()).add(value)
+    assert values["method"] <= {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"}
+    assert "other" in values["method"] and "other" in values["field"]
+    assert values["field"] <= {"", "texts", "adapter", "body", "Authorization", "Content-Type", "other"}
+    assert values["path"] <= {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/health",
+                              "/v1/classify", "/v1/adapters", "/metrics", "other"}
+
+
+def test_forward_counts_are_handed_to_the_event_loop_with_each_batch(runs):
+    """The model thread fills a Counter of its own per batch; only the event loop's thread adds it to /metrics."""
+    registry = Registry(parse_runs([str(runs["a"]), str(runs["b"])]))
+    with TestClient(create_app(registry)) as c:
+        wait_ready(c.get)
+        metrics = c.app.state.serve.metrics
+        writers: set[str] = set()
+
+        class Recording(type(metrics.forwards)):
+            def __setitem__(self, key, value):
+                writers.add(threading.current_thread().name)
+                super().__setitem__(key, value)
+
+        metrics.forwards = Recording(metrics.forwards)
+        for i in range(4):
+            assert c.post("/v1/classify", json={"texts": TEXTS[i:i + 2], "adapter": "ab"[i % 2]}).status_code == 200
+        loop_thread = c.portal.call(lambda: threading.current_thread().name)
+        text = c.get("/metrics").text
+    assert writers == {loop_thread}
+    assert sum(int(n) for n in re.findall(r'^budgetune_forwards_total\{kind="\w+"\} (\d+)$', text, re.M)) >= 4
+    assert not hasattr(registry, "forwards")  # no counter shared between the threads
 
 
 def chromium() -> str | None:

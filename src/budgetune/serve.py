@@ -146,7 +146,7 @@ def field_name(loc: tuple) -> str:
 
 
 def error_response(state: ServeState, e: RequestError, headers: dict | None = None) -> JSONResponse:
-    state.metrics.errors[(str(e.status), e.field or "")] += 1
+    state.metrics.count_error(e.status, e.field)
     body = ErrorResponse(error=e.kind or ERROR_KINDS.get(e.status, "error"), field=e.field, message=str(e),
                          errors=e.errors[:MAX_ERRORS])
     return JSONResponse(body.model_dump(), status_code=e.status, headers=headers)
@@ -271,7 +271,7 @@ class Guard:
             await self.app(scope, receive, send_counted)
         finally:
             metrics.in_flight -= 1
-            metrics.requests[(scope["method"], path, str(status))] += 1
+            metrics.count_request(scope["method"], path, status)
 
     def unauthorized(self, scope) -> RequestError | None:
         key = self.state.options.api_key
@@ -428,7 +428,7 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
     @app.get("/metrics", response_class=Response, dependencies=key_doc)
     async def metrics() -> Response:
         """Prometheus text: requests, texts, errors, in-flight requests, latency and batch-size histograms."""
-        return Response(state.metrics.render(dict(registry.forwards)), media_type=CONTENT_TYPE)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:

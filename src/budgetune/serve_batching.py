@@ -1,13 +1,15 @@
 """Dynamic batching: concurrent requests gathered for a few ms (or up to a token cap), one model call, split answers.
 
 The model runs in one worker thread, never on the event loop: while it computes a batch, new requests queue up
-and form the next one.
+and form the next one. The worker shares nothing with the loop but each call's arguments and result: it counts
+its forwards into a Counter of that call, which the loop adds to the metrics once the call has returned.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -36,7 +38,8 @@ class DynamicBatcher:
     `enabled=False` runs each request on its own (the baseline bench/serve.py compares against).
     """
 
-    def __init__(self, run: Callable[[Sequence[Row]], np.ndarray], executor: Executor, metrics: Metrics, *,
+    def __init__(self, run: Callable[[Sequence[Row], Counter[str]], np.ndarray], executor: Executor,
+                 metrics: Metrics, *,
                  max_wait_s: float = 0.005, max_tokens: int = 4096, enabled: bool = True):
         self.run, self.executor, self.metrics = run, executor, metrics
         self.max_wait_s, self.max_tokens, self.enabled = max_wait_s, max_tokens, enabled
@@ -77,7 +80,6 @@ class DynamicBatcher:
         return jobs, False
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         stopping = False
         while True:
             if stopping and self.queue.empty():
@@ -88,21 +90,31 @@ class DynamicBatcher:
                 continue
             jobs, seen_stop = await self._gather(first)
             stopping = stopping or seen_stop
-            rows = [r for j in jobs for r in j.rows]
-            self.metrics.batch_texts.observe(len(rows))
-            self.metrics.batch_requests.observe(len(jobs))
-            try:
-                logits = await loop.run_in_executor(self.executor, self.run, rows)
-            except Exception as e:  # answered as an error to these requests; the loop and the worker live on
-                for j in jobs:
-                    if not j.future.done():
-                        j.future.set_exception(e)
-                continue
-            start = 0
+            await self._run_batch(jobs)
+
+    def _count(self, forwards: Counter[str]) -> None:
+        for kind, n in forwards.items():
+            self.metrics.forwards[kind] += n
+
+    async def _run_batch(self, jobs: list[Job]) -> None:
+        rows = [r for j in jobs for r in j.rows]
+        self.metrics.batch_texts.observe(len(rows))
+        self.metrics.batch_requests.observe(len(jobs))
+        forwards: Counter[str] = Counter()  # the worker's until its call returns, then the loop's
+        try:
+            logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, rows, forwards)
+        except Exception as e:  # answered as an error to these requests; the loop and the worker live on
+            self._count(forwards)
             for j in jobs:
-                if not j.future.done():  # a client that went away cancelled its future
-                    j.future.set_result(logits[start:start + len(j.rows)])
-                start += len(j.rows)
+                if not j.future.done():
+                    j.future.set_exception(e)
+            return
+        self._count(forwards)
+        start = 0
+        for j in jobs:
+            if not j.future.done():  # a client that went away cancelled its future
+                j.future.set_result(logits[start:start + len(j.rows)])
+            start += len(j.rows)
 
 
 @contextlib.asynccontextmanager

@@ -1,18 +1,36 @@
 """The server's counters and histograms, written in Prometheus' text exposition format (version 0.0.4).
 
 Every update happens on the event loop's thread (request middleware, handlers, the batcher's loop), so plain
-dictionaries need no lock.
+dictionaries need no lock; the model thread hands its forward counts over with each batch's logits.
+
+Label values never come from the client as sent: methods, paths and fields outside a fixed set are counted as
+`other`, so no request can add a time series.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+FIELDS = frozenset({"texts", "adapter", "body", "Authorization", "Content-Type"})
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def field_label(field: str | None) -> str:
+    """'texts[3]' -> 'texts'; a field outside the request's own (an unknown JSON key) -> 'other'."""
+    if not field:
+        return ""
+    head = re.match(r"[^\[.]*", field).group(0)
+    return head if head in FIELDS else "other"
 
 
 def _labels(pairs: Sequence[tuple[str, str]]) -> str:
@@ -48,18 +66,26 @@ class Histogram:
 
 
 class Metrics:
-    """Requests, texts, errors, in-flight requests, classify latency and batch sizes."""
+    """Requests, texts, errors, in-flight requests, forwards, classify latency and batch sizes."""
 
     def __init__(self):
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)  # (method, path, status)
-        self.texts: dict[str, int] = defaultdict(int)  # by adapter
+        self.texts: dict[str, int] = defaultdict(int)  # by adapter (a served one)
         self.errors: dict[tuple[str, str], int] = defaultdict(int)  # (status, field)
+        self.forwards: Counter[str] = Counter()  # model calls by kind, added here as each batch returns
         self.in_flight = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_texts = Histogram(SIZE_BUCKETS)
         self.batch_requests = Histogram(SIZE_BUCKETS)
 
-    def render(self, forwards: Mapping[str, int] | None = None) -> str:
+    def count_request(self, method: str, path: str, status: int) -> None:
+        """`path`: a route of the app or 'other' (the caller maps it)."""
+        self.requests[(method_label(method), path, str(status))] += 1
+
+    def count_error(self, status: int, field: str | None) -> None:
+        self.errors[(str(status), field_label(field))] += 1
+
+    def render(self) -> str:
         out = ["# HELP budgetune_requests_total HTTP requests answered, by method, path and status.",
                "# TYPE budgetune_requests_total counter"]
         out += [f"budgetune_requests_total{_labels([('method', m), ('path', p), ('status', s)])} {n}"
@@ -75,7 +101,7 @@ class Metrics:
         out += ["# HELP budgetune_forwards_total Model calls, by kind: merged (an adapter alone on its base), "
                 "mixed (several LoRA adapters in one call), single (one adapter on a shared base).",
                 "# TYPE budgetune_forwards_total counter"]
-        out += [f"budgetune_forwards_total{_labels([('kind', k)])} {n}" for k, n in sorted((forwards or {}).items())]
+        out += [f"budgetune_forwards_total{_labels([('kind', k)])} {n}" for k, n in sorted(self.forwards.items())]
         for name, hist, text in (
                 ("budgetune_classify_latency_seconds", self.latency, "Time from request to answer of /v1/classify."),
                 ("budgetune_batch_texts", self.batch_texts, "Texts per model batch (all requests gathered)."),
