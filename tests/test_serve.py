@@ -544,7 +544,55 @@ def test_odd_but_valid_texts_are_answered(live):
         assert len(r.json()["predictions"]) == len(texts) and r.json()["truncated_texts"] == 1
 
 
-# --- bounded metric labels, the model thread's hand-off -----------------------------------------------------
+# --- request ids, bounded metric labels, the model thread's hand-off -----------------------------------------
+
+def test_every_response_carries_a_request_id(client):
+    answers = [client.post("/v1/classify", json={"texts": ["x"], "adapter": "a"}), client.get("/health"),
+               client.post("/v1/classify", json={"texts": [], "adapter": "a"}), client.get("/nowhere"),
+               client.get("/metrics"), client.put("/v1/classify")]
+    ids = [r.headers["x-request-id"] for r in answers]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    for r in answers[2:4] + answers[5:]:
+        assert r.status_code >= 400 and r.json()["request_id"] == r.headers["x-request-id"]
+    given = client.post("/v1/classify", json={"texts": []}, headers={"X-Request-ID": "trace-42.a_b:c"})
+    assert given.headers["x-request-id"] == given.json()["request_id"] == "trace-42.a_b:c"  # a caller's own id
+    for bad in ("two words", "x" * 129, "ünï"):  # not echoed: a fresh one instead
+        r = client.get("/health", headers={"X-Request-ID": bad.encode()})
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+
+
+def test_a_500_names_its_request_id_in_the_body_and_the_log_line_with_the_traceback(runs):
+    import logging
+
+    registry = Registry(parse_runs([str(runs["a"])]))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("uvicorn.error")
+    log.addHandler(handler)
+    try:
+        with TestClient(create_app(registry), raise_server_exceptions=False) as c:
+            wait_ready(c.get)
+
+            def broken(adapter, texts):
+                raise RuntimeError("tokenizer exploded")
+
+            registry.tokenize = broken
+            r = c.post("/v1/classify", json={"texts": ["x"]})
+            assert r.status_code == 500 and r.json()["error"] == "error"
+            rid = r.headers["x-request-id"]
+            assert r.json()["request_id"] == rid and rid in r.json()["message"]
+            assert "tokenizer exploded" not in r.text  # the details stay in the log
+            del registry.tokenize
+            assert c.post("/v1/classify", json={"texts": ["x"]}).status_code == 200
+            assert re.search(r'budgetune_requests_total\{method="POST",path="/v1/classify",status="500"\} 1$',
+                             c.get("/metrics").text, re.M)
+    finally:
+        log.removeHandler(handler)
+    (record,) = [x for x in records if rid in x.getMessage()]
+    assert record.exc_info is not None and "/v1/classify" in record.getMessage()
+    assert "tokenizer exploded" in logging.Formatter().format(record)  # the traceback, in that line
+
 
 def test_metric_labels_come_from_a_fixed_set_not_from_the_client(client):
     for i in range(20):

@@ -1,6 +1,7 @@
 """The `serve` verb: trained adapters behind an HTTP API (FastAPI + uvicorn), many adapters on one base, a page.
 
 Endpoints: POST /v1/classify, GET /v1/adapters, GET /health, GET /metrics (Prometheus), GET / (the page), /docs.
+Every answer carries an X-Request-ID; every bad request is a 4xx naming the header or field at fault.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ import argparse
 import asyncio
 import hmac
 import json
+import logging
 import os
 import re
 import signal
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,11 +45,13 @@ API_KEY_ENV = "BUDGETUNE_API_KEY"
 # Pages and descriptions that hold no data: a browser cannot send the key when it opens them (the page asks for it).
 PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/health"}
 KNOWN_PATHS = PUBLIC_PATHS | {"/v1/classify", "/v1/adapters", "/metrics"}
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a caller's own X-Request-ID, kept when it looks like this
 MAX_ERRORS = 20  # field errors listed in one answer
 SURROGATE = re.compile("[\ud800-\udfff]")
 ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # how one reaches a JSON body (UTF-8 cannot carry it)
 ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 503: "not_ready"}
+log = logging.getLogger("uvicorn.error")  # beside uvicorn's own lines, at its --log_level
 
 
 @dataclass
@@ -132,6 +137,7 @@ class ErrorResponse(BaseModel):
     field: str | None = Field(description="the request field at fault (first of `errors`), e.g. texts[3]")
     message: str
     errors: list[FieldError] = Field(description=f"every field at fault (the first {MAX_ERRORS})")
+    request_id: str = Field(description="this request's id, also in the X-Request-ID header and the server log")
 
 
 def field_name(loc: tuple) -> str:
@@ -145,10 +151,13 @@ def field_name(loc: tuple) -> str:
     return out or "body"
 
 
-def error_response(state: ServeState, e: RequestError, headers: dict | None = None) -> JSONResponse:
+def error_response(state: ServeState, e: RequestError, request_id: str, headers: dict | None = None) -> JSONResponse:
+    """The JSON answer to a failed request (counted in /metrics); a 503 says when to retry."""
     state.metrics.count_error(e.status, e.field)
     body = ErrorResponse(error=e.kind or ERROR_KINDS.get(e.status, "error"), field=e.field, message=str(e),
-                         errors=e.errors[:MAX_ERRORS])
+                         errors=e.errors[:MAX_ERRORS], request_id=request_id)
+    if e.status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse(body.model_dump(), status_code=e.status, headers=headers)
 
 
@@ -241,8 +250,26 @@ def require_ready(state: ServeState) -> None:
         raise RequestError(503, None, f"not ready: {what}")
 
 
+def header(scope, name: bytes) -> str | None:
+    """A request header's value (latin-1, as HTTP carries it), or None."""
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == name), None)
+
+
+def request_id(scope) -> str:
+    """The caller's X-Request-ID when it is a plain token (letters, digits, . _ : -), else a fresh one."""
+    given = header(scope, b"x-request-id")
+    return given if given is not None and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def request_id_of(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
 class Guard:
-    """API key, body size and request metrics, before FastAPI sees the request (plain ASGI middleware)."""
+    """Request ids, API key, body size, request metrics and the answer to a bug, around the app (ASGI middleware).
+
+    Every response carries X-Request-ID; a bug's 500 names it, and the server log's line with the traceback too.
+    """
 
     def __init__(self, app, state: ServeState):
         self.app, self.state = app, state
@@ -250,35 +277,48 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        metrics, status = self.state.metrics, 500
+        rid = request_id(scope)
+        scope.setdefault("state", {})["request_id"] = rid  # the handlers' request.state.request_id
+        metrics, status, started = self.state.metrics, 500, False
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
 
-        async def send_counted(message):
-            nonlocal status
+        async def send_tagged(message):
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         metrics.in_flight += 1
         try:
-            problem = self.unauthorized(scope)
-            if problem is None:
-                receive, problem = await self.read_body(scope, receive)
-            if problem is not None:
-                response = error_response(self.state, problem,
-                                          {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None)
-                return await response(scope, receive, send_counted)
-            await self.app(scope, receive, send_counted)
+            await self.guarded(scope, receive, send_tagged)
+        except Exception as e:
+            log.exception("request %s: %s %r answered 500 (internal error)", rid, scope["method"], scope["path"][:200])
+            if started:  # nothing more can be sent
+                raise
+            problem = RequestError(500, None, f"internal error: {type(e).__name__} (request {rid}; the server log "
+                                   "has the traceback)")
+            await error_response(self.state, problem, rid)(scope, receive, send_tagged)
         finally:
             metrics.in_flight -= 1
             metrics.count_request(scope["method"], path, status)
+
+    async def guarded(self, scope, receive, send):
+        """The app, after the API key and the body's size are checked."""
+        problem = self.unauthorized(scope)
+        if problem is None:
+            receive, problem = await self.read_body(scope, receive)
+        if problem is None:
+            return await self.app(scope, receive, send)
+        response = error_response(self.state, problem, scope["state"]["request_id"],
+                                  {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None)
+        await response(scope, receive, send)
 
     def unauthorized(self, scope) -> RequestError | None:
         key = self.state.options.api_key
         if not key or scope["path"] in PUBLIC_PATHS:
             return None
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = header(scope, b"x-api-key") or (header(scope, b"authorization") or "").removeprefix("Bearer ").strip()
         if given and hmac.compare_digest(given.encode(), key.encode()):
             return None
         return RequestError(401, "Authorization", "missing or wrong API key: send `Authorization: Bearer KEY` or "
@@ -381,23 +421,20 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
     app.state.serve = state
     app.add_middleware(Guard, state=state)
     key_doc = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))]  # the docs' Authorize button
-    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
-        return error_response(state, e, {"Retry-After": "1"} if e.status == 503 else None)
+        return error_response(state, e, request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError):
-        return error_response(state, validation_error(e))
+        return error_response(state, validation_error(e), request_id_of(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException):
-        return error_response(state, RequestError(e.status_code, None, str(e.detail)), e.headers)
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, e: Exception):  # a bug, not the client's: still JSON (uvicorn logs it)
-        return error_response(state, RequestError(500, None, f"internal error: {type(e).__name__}"))
+        return error_response(state, RequestError(e.status_code, None, str(e.detail)), request_id_of(request),
+                              e.headers)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=key_doc,
               openapi_extra={"requestBody": {"required": True, "content": {
