@@ -382,8 +382,13 @@ def test_run_folders_are_checked_before_loading(runs, tmp_path):
     assert [a.name for a in parse_runs([str(runs["a"] / "adapter"), f"x={runs['a']}"])] == ["a", "x"]
 
 
-@pytest.mark.parametrize(("flags", "needle"), [(["--max_texts", "0"], "--max_texts must be at least 1"),
-                                               (["--batch_wait_ms", "-1"], "--batch_wait_ms must be 0 or more")])
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--max_texts", "0"], "--max_texts must be at least 1"),
+    (["--batch_wait_ms", "-1"], "--batch_wait_ms must be 0 or more"),
+    (["--max_queue_texts", "0"], "--max_queue_texts must be at least 1"),
+    (["--max_queue_texts", "10"], "--max_queue_texts (10) must be at least --max_texts (64)"),
+    (["--request_timeout", "0"], "--request_timeout must be more than 0 seconds"),
+    (["--request_timeout", "nan"], "--request_timeout must be more than 0 seconds")])
 def test_bad_flags_exit_2_before_loading(runs, capsys, flags, needle):
     from budgetune.cli import main
 
@@ -544,7 +549,7 @@ def test_odd_but_valid_texts_are_answered(live):
         assert len(r.json()["predictions"]) == len(texts) and r.json()["truncated_texts"] == 1
 
 
-# --- request ids, bounded metric labels, the model thread's hand-off -----------------------------------------
+# --- request ids, bounded metric labels, the model thread's hand-off -----------------------------------------------
 
 def test_every_response_carries_a_request_id(client):
     answers = [client.post("/v1/classify", json={"texts": ["x"], "adapter": "a"}), client.get("/health"),
@@ -633,6 +638,86 @@ def test_forward_counts_are_handed_to_the_event_loop_with_each_batch(runs):
     assert writers == {loop_thread}
     assert sum(int(n) for n in re.findall(r'^budgetune_forwards_total\{kind="\w+"\} (\d+)$', text, re.M)) >= 4
     assert not hasattr(registry, "forwards")  # no counter shared between the threads
+
+
+# --- under pressure: a bounded queue, a timeout for waiting in it --------------------------------------------------
+
+@contextlib.contextmanager
+def gated_server(run: Path, **options):
+    """A live server on `run` whose model calls wait for `gate`; `entered` is set once one has started."""
+    registry = Registry(parse_runs([str(run)]))
+    gate, entered, logits = threading.Event(), threading.Event(), registry.logits
+
+    def held(*args):
+        entered.set()
+        assert gate.wait(60), "the test never opened the gate"
+        return logits(*args)
+
+    registry.logits = held
+    try:
+        with serving(create_app(registry, ServeOptions(**options))) as url:
+            yield url, gate, entered
+    finally:
+        gate.set()
+
+
+def metric(text: str, sample: str) -> float:
+    m = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+    assert m is not None, f"{sample} not in /metrics"
+    return float(m.group(1))
+
+
+def test_a_flood_beyond_the_queue_bound_is_refused_and_the_server_keeps_answering(runs):
+    with gated_server(runs["a"], max_texts=2, max_queue_texts=8) as (url, gate, entered):
+        requests = [{"texts": TEXTS[2 * i:2 * i + 2]} for i in range(24)]
+        answers: list = []
+        sender = threading.Thread(target=lambda: answers.extend(classify_concurrently(url, requests)))
+        sender.start()
+        with httpx.Client(base_url=url, timeout=60) as c:
+            deadline = time.monotonic() + 60
+            while metric(c.get("/metrics").text, 'budgetune_rejected_total{reason="queue_full"}') < 20:
+                assert time.monotonic() < deadline, "the flood was not refused"
+                time.sleep(0.02)
+            flooded = c.get("/metrics").text  # 4 requests (8 texts) wait for the model; the server still answers
+            assert metric(flooded, "budgetune_queue_texts") == 8
+            assert c.get("/health").status_code == 200 and c.get("/v1/adapters").status_code == 200
+            refused = c.post("/v1/classify", json={"texts": ["one more"]})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            gate.set()
+            sender.join(timeout=60)
+            assert c.post("/v1/classify", json={"texts": ["after the flood"]}).status_code == 200
+            after = c.get("/metrics").text
+    assert sorted(r.status_code for r in answers) == [200] * 4 + [503] * 20
+    for r in answers:
+        if r.status_code == 503:
+            body = r.json()
+            assert body["error"] == "overloaded" and r.headers["retry-after"] == "1"
+            assert "8 texts" in body["message"] and "--max_queue_texts" in body["message"]
+    assert metric(after, 'budgetune_rejected_total{reason="queue_full"}') == 21
+    assert metric(after, "budgetune_queue_texts") == 0
+    assert metric(after, 'budgetune_errors_total{status="503",field=""}') == 21
+
+
+def test_a_request_waiting_past_request_timeout_is_a_503_and_leaves_the_queue(runs):
+    with gated_server(runs["a"], request_timeout=0.5) as (url, gate, entered):
+        first: list = []
+        sender = threading.Thread(target=lambda: first.extend(classify_concurrently(url, [{"texts": ["first"]}])))
+        sender.start()
+        assert entered.wait(60)  # the first request's batch is on the model, which is held
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/v1/classify", json={"texts": ["second", "third"]})  # waits in the queue behind it
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            body = r.json()
+            assert body["error"] == "timeout" and "0.5 s" in body["message"] and "--request_timeout" in body["message"]
+            assert metric(c.get("/metrics").text, "budgetune_queue_texts") == 1  # only the first one's text
+            gate.set()
+            sender.join(timeout=60)
+            assert c.post("/v1/classify", json={"texts": ["later"]}).status_code == 200
+            text = c.get("/metrics").text
+    assert first[0].status_code == 200  # taken into a batch before its time ran out: answered
+    assert metric(text, 'budgetune_rejected_total{reason="timeout"}') == 1
+    assert metric(text, "budgetune_queue_texts") == 0
+    assert metric(text, "budgetune_batch_texts_sum") == 2  # "first" and "later": the timed-out texts never ran
 
 
 def chromium() -> str | None:

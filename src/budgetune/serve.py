@@ -1,7 +1,8 @@
 """The `serve` verb: trained adapters behind an HTTP API (FastAPI + uvicorn), many adapters on one base, a page.
 
 Endpoints: POST /v1/classify, GET /v1/adapters, GET /health, GET /metrics (Prometheus), GET / (the page), /docs.
-Every answer carries an X-Request-ID; every bad request is a 4xx naming the header or field at fault.
+Every answer carries an X-Request-ID; every bad request is a 4xx naming the header or field at fault; load beyond
+--max_queue_texts queued texts, or a wait past --request_timeout, is a 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -37,7 +39,7 @@ except ImportError as e:  # an optional extra
     raise ImportError(f"budgetune serve needs FastAPI and uvicorn: pip install 'budgetune[serve]' ({e})") from e
 
 from budgetune.errors import ConfigError, RequestError
-from budgetune.serve_batching import DynamicBatcher, running
+from budgetune.serve_batching import Backlog, DynamicBatcher, running
 from budgetune.serve_metrics import CONTENT_TYPE, Metrics
 from budgetune.serve_models import Registry, parse_runs
 
@@ -65,6 +67,8 @@ class ServeOptions:
     batch_wait_ms: float = 5.0
     max_batch_tokens: int = 4096
     dynamic_batching: bool = True
+    max_queue_texts: int = 1024
+    request_timeout: float = 30.0
 
 
 @dataclass
@@ -77,6 +81,10 @@ class ServeState:
     batcher: DynamicBatcher | None = None
     tokenizer_pool: ThreadPoolExecutor | None = None
     on_fatal: Callable[[], None] | None = None  # the command stops uvicorn when loading fails
+    backlog: Backlog = field(init=False)
+
+    def __post_init__(self):
+        self.backlog = Backlog(self.options.max_queue_texts)
 
 
 class ClassifyRequest(BaseModel):
@@ -360,6 +368,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def refused(state: ServeState, reason: str, message: str) -> RequestError:
+    """A 503 for load (queue_full, timeout), counted by reason."""
+    state.metrics.rejected[reason] += 1
+    return RequestError(503, None, message, kind="overloaded" if reason == "queue_full" else reason)
+
+
+async def model_logits(state: ServeState, adapter: str, texts: list[str]) -> np.ndarray:
+    """Logits for the texts, or a 503 when the queue is full or they wait past --request_timeout for the model."""
+    opts, backlog = state.options, state.backlog
+    if not backlog.fits(len(texts)):
+        raise refused(state, "queue_full", f"overloaded: {backlog.texts} texts wait for the model, and the queue "
+                      f"holds at most {opts.max_queue_texts} (--max_queue_texts); retry shortly")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + opts.request_timeout
+    with backlog.hold(len(texts)):
+        try:
+            # Tokenizers are used from one thread only: Rust tokenizers refuse concurrent calls that change
+            # truncation. A wait that runs out there or in the batcher's queue leaves both unrun.
+            rows = await asyncio.wait_for(loop.run_in_executor(state.tokenizer_pool, state.registry.tokenize,
+                                                               adapter, texts), opts.request_timeout)
+            return await state.batcher.submit(rows, deadline)
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+            raise refused(state, "timeout", f"timeout: waited {opts.request_timeout:g} s without a turn on the model "
+                          "(--request_timeout); retry shortly") from None
+
+
 async def classify_texts(state: ServeState, payload: ClassifyRequest) -> ClassifyResponse:
     registry, opts = state.registry, state.options
     names = list(registry.adapters)
@@ -370,11 +404,8 @@ async def classify_texts(state: ServeState, payload: ClassifyRequest) -> Classif
         raise RequestError(422, "adapter", f"adapter: unknown adapter {adapter[:100]!r} (served: {', '.join(names)})")
     cut = [len(t) > opts.max_chars for t in payload.texts]
     texts = [t[:opts.max_chars] for t in payload.texts]
-    loop = asyncio.get_running_loop()
-    # Tokenizers are used from one thread only: Rust tokenizers refuse concurrent calls that change truncation.
-    rows = await loop.run_in_executor(state.tokenizer_pool, registry.tokenize, adapter, texts)
     labels = registry.adapters[adapter].labels
-    probs = softmax((await state.batcher.submit(rows))[:, :len(labels)])
+    probs = softmax((await model_logits(state, adapter, texts))[:, :len(labels)])
     ids = probs.argmax(-1)
     state.metrics.texts[adapter] += len(texts)
     return ClassifyResponse(adapter=adapter, labels=labels, max_chars=opts.max_chars, truncated_texts=sum(cut),
@@ -464,8 +495,9 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
 
     @app.get("/metrics", response_class=Response, dependencies=key_doc)
     async def metrics() -> Response:
-        """Prometheus text: requests, texts, errors, in-flight requests, latency and batch-size histograms."""
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+        """Prometheus text: requests, texts, errors, refusals for load, in-flight requests and queued texts,
+        model calls, latency and batch-size histograms."""
+        return Response(state.metrics.render(state.backlog.texts), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -493,9 +525,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batch_tokens", type=int, default=4096,
                    help="a batch stops gathering at this many tokens (default 4096)")
     p.add_argument("--no_dynamic_batching", action="store_true", help="run every request on its own")
+    p.add_argument("--max_queue_texts", type=int, default=1024, help="texts admitted and not yet answered; a "
+                   "request past it is refused at once with 503 and Retry-After (default 1024, at least --max_texts)")
+    p.add_argument("--request_timeout", type=float, default=30.0, help="seconds a request may wait for its turn on "
+                   "the model; past it, 503 and Retry-After (default 30; a request whose batch has started is "
+                   "answered)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     p.add_argument("--log_level", default="warning", help="uvicorn's log level (default warning)")
     return p
+
+
+def check_flags(a: argparse.Namespace) -> None:
+    for flag in ("max_texts", "max_chars", "max_body_bytes", "max_batch_tokens", "max_queue_texts"):
+        if getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
+    if a.max_queue_texts < a.max_texts:
+        raise ConfigError(f"--max_queue_texts ({a.max_queue_texts}) must be at least --max_texts ({a.max_texts}): "
+                          "one full request has to fit")
+    if not a.batch_wait_ms >= 0:
+        raise ConfigError(f"--batch_wait_ms must be 0 or more, got {a.batch_wait_ms}")
+    if not 0 < a.request_timeout < math.inf:
+        raise ConfigError(f"--request_timeout must be more than 0 seconds (and finite), got {a.request_timeout}")
 
 
 def command(argv: list[str]) -> int:
@@ -503,15 +553,12 @@ def command(argv: list[str]) -> int:
     import uvicorn
 
     a = parser().parse_args(argv)
-    for flag in ("max_texts", "max_chars", "max_body_bytes", "max_batch_tokens"):
-        if getattr(a, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
-    if not a.batch_wait_ms >= 0:
-        raise ConfigError(f"--batch_wait_ms must be 0 or more, got {a.batch_wait_ms}")
+    check_flags(a)
     adapters = parse_runs(a.runs)  # a missing or incompatible folder stops here, named
     options = ServeOptions(api_key=a.api_key or None, max_texts=a.max_texts, max_chars=a.max_chars,
                            max_body_bytes=a.max_body_bytes, batch_wait_ms=a.batch_wait_ms,
-                           max_batch_tokens=a.max_batch_tokens, dynamic_batching=not a.no_dynamic_batching)
+                           max_batch_tokens=a.max_batch_tokens, dynamic_batching=not a.no_dynamic_batching,
+                           max_queue_texts=a.max_queue_texts, request_timeout=a.request_timeout)
     app = create_app(Registry(adapters, device=a.device), options)
     state: ServeState = app.state.serve
 

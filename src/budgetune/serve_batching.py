@@ -3,6 +3,9 @@
 The model runs in one worker thread, never on the event loop: while it computes a batch, new requests queue up
 and form the next one. The worker shares nothing with the loop but each call's arguments and result: it counts
 its forwards into a Counter of that call, which the loop adds to the metrics once the call has returned.
+
+A request may wait in the queue until a deadline; past it, and not yet taken into a batch, it leaves the queue
+unrun. `Backlog` bounds the texts admitted and not yet answered.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -27,6 +30,7 @@ class Job:
     rows: Sequence[Row]
     future: asyncio.Future
     tokens: int = field(init=False)
+    taken: bool = field(default=False, init=False)  # gathered into a batch: answered, however long it runs
 
     def __post_init__(self):
         self.tokens = sum(len(r.features["input_ids"]) for r in self.rows)
@@ -56,11 +60,32 @@ class DynamicBatcher:
             await self.task
             self.task = None
 
-    async def submit(self, rows: Sequence[Row]) -> np.ndarray:
-        """Logits for these rows, computed in some batch with other requests' rows."""
-        job = Job(rows, asyncio.get_running_loop().create_future())
-        await self.queue.put(job)
-        return await job.future
+    async def submit(self, rows: Sequence[Row], deadline: float | None = None) -> np.ndarray:
+        """Logits for these rows, computed in some batch with other requests' rows.
+
+        TimeoutError when no batch has taken them by `deadline` (the loop's clock); they leave the queue unrun.
+        """
+        loop = asyncio.get_running_loop()
+        job = Job(rows, loop.create_future())
+        self.queue.put_nowait(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), None if deadline is None else
+                                          deadline - loop.time())
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+            if not job.taken:
+                raise
+            return await job.future
+        finally:
+            if not job.future.done():  # timed out, or the client went away: the batcher skips it
+                job.future.cancel()
+
+    @staticmethod
+    def _take(job: Job | None) -> bool:
+        """Whether a job from the queue joins a batch (one that left the queue is dropped)."""
+        if job is None or job.future.done():
+            return False
+        job.taken = True
+        return True
 
     async def _gather(self, first: Job) -> tuple[list[Job], bool]:
         """(jobs for one batch, whether the stop marker was seen)."""
@@ -75,8 +100,9 @@ class DynamicBatcher:
                 break
             if job is None:
                 return jobs, True
-            jobs.append(job)
-            tokens += job.tokens
+            if self._take(job):
+                jobs.append(job)
+                tokens += job.tokens
         return jobs, False
 
     async def _loop(self) -> None:
@@ -87,6 +113,8 @@ class DynamicBatcher:
             first = self.queue.get_nowait() if stopping else await self.queue.get()
             if first is None:
                 stopping = True
+                continue
+            if not self._take(first):
                 continue
             jobs, seen_stop = await self._gather(first)
             stopping = stopping or seen_stop
@@ -115,6 +143,24 @@ class DynamicBatcher:
             if not j.future.done():  # a client that went away cancelled its future
                 j.future.set_result(logits[start:start + len(j.rows)])
             start += len(j.rows)
+
+
+class Backlog:
+    """Texts admitted and not yet answered (tokenizing, queued or in a batch): at most `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit, self.texts = limit, 0
+
+    def fits(self, n: int) -> bool:
+        return self.texts + n <= self.limit
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        self.texts += n
+        try:
+            yield
+        finally:
+            self.texts -= n
 
 
 @contextlib.asynccontextmanager

@@ -19,6 +19,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 FIELDS = frozenset({"texts", "adapter", "body", "Authorization", "Content-Type"})
+REJECTIONS = ("queue_full", "timeout")
 
 
 def method_label(method: str) -> str:
@@ -66,12 +67,13 @@ class Histogram:
 
 
 class Metrics:
-    """Requests, texts, errors, in-flight requests, forwards, classify latency and batch sizes."""
+    """Requests, texts, errors, refusals, in-flight requests, forwards, classify latency and batch sizes."""
 
     def __init__(self):
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)  # (method, path, status)
         self.texts: dict[str, int] = defaultdict(int)  # by adapter (a served one)
         self.errors: dict[tuple[str, str], int] = defaultdict(int)  # (status, field)
+        self.rejected: dict[str, int] = dict.fromkeys(REJECTIONS, 0)  # 503s for load, by reason
         self.forwards: Counter[str] = Counter()  # model calls by kind, added here as each batch returns
         self.in_flight = 0
         self.latency = Histogram(LATENCY_BUCKETS)
@@ -85,7 +87,7 @@ class Metrics:
     def count_error(self, status: int, field: str | None) -> None:
         self.errors[(str(status), field_label(field))] += 1
 
-    def render(self) -> str:
+    def render(self, queue_texts: int = 0) -> str:
         out = ["# HELP budgetune_requests_total HTTP requests answered, by method, path and status.",
                "# TYPE budgetune_requests_total counter"]
         out += [f"budgetune_requests_total{_labels([('method', m), ('path', p), ('status', s)])} {n}"
@@ -96,8 +98,15 @@ class Metrics:
                 "# TYPE budgetune_errors_total counter"]
         out += [f"budgetune_errors_total{_labels([('status', s), ('field', f)])} {n}"
                 for (s, f), n in sorted(self.errors.items())]
+        out += ["# HELP budgetune_rejected_total Requests refused for load (503): the text queue was full "
+                "(queue_full) or the request waited past --request_timeout (timeout).",
+                "# TYPE budgetune_rejected_total counter"]
+        out += [f"budgetune_rejected_total{_labels([('reason', r)])} {n}" for r, n in self.rejected.items()]
         out += ["# HELP budgetune_requests_in_flight Requests received and not yet answered.",
-                "# TYPE budgetune_requests_in_flight gauge", f"budgetune_requests_in_flight {self.in_flight}"]
+                "# TYPE budgetune_requests_in_flight gauge", f"budgetune_requests_in_flight {self.in_flight}",
+                "# HELP budgetune_queue_texts Texts admitted to /v1/classify and not yet answered "
+                "(at most --max_queue_texts).", "# TYPE budgetune_queue_texts gauge",
+                f"budgetune_queue_texts {queue_texts}"]
         out += ["# HELP budgetune_forwards_total Model calls, by kind: merged (an adapter alone on its base), "
                 "mixed (several LoRA adapters in one call), single (one adapter on a shared base).",
                 "# TYPE budgetune_forwards_total counter"]
