@@ -3,6 +3,7 @@ as a real subprocess on loopback, plus the page in a real headless Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -122,10 +124,11 @@ def test_one_process_many_adapters_equal_each_alone(runs, offline):
     assert np.abs(offline["a"] - offline["b"]).max() > 1e-3  # the adapters really differ: the test can fail
     names = [["a", "b", "d", "c"][i % 4] for i in range(len(TEXTS))]
     rows = [registry.tokenize(n, [t])[0] for n, t in zip(names, TEXTS)]
-    got = registry.logits(rows)
+    forwards: Counter[str] = Counter()
+    got = registry.logits(rows, forwards)
     for i, n in enumerate(names):
         assert np.abs(got[i] - offline[n][i]).max() < 1e-5, (i, n)
-    assert registry.forwards["mixed"] >= 1 and registry.forwards["single"] >= 1 and registry.forwards["merged"] >= 1
+    assert forwards["mixed"] >= 1 and forwards["single"] >= 1 and forwards["merged"] >= 1
     # and every adapter over all texts at once, one request each
     for n in runs:
         assert np.abs(registry.logits(registry.tokenize(n, TEXTS)) - offline[n]).max() < 1e-5
@@ -265,7 +268,7 @@ def test_errors_never_500_and_the_server_keeps_answering(client):
     assert client.get("/nowhere").json()["error"] == "not_found"
     text = client.get("/metrics").text
     assert not re.search(r'budgetune_requests_total\{[^}]*status="5(?!03)\d\d"\}', text)  # 503: /health, loading
-    assert re.search(r'budgetune_errors_total\{status="422",field="texts\[1\]"\} [1-9]', text)
+    assert re.search(r'budgetune_errors_total\{status="422",field="texts"\} [1-9]', text)
 
 
 def test_field_names():
@@ -379,8 +382,13 @@ def test_run_folders_are_checked_before_loading(runs, tmp_path):
     assert [a.name for a in parse_runs([str(runs["a"] / "adapter"), f"x={runs['a']}"])] == ["a", "x"]
 
 
-@pytest.mark.parametrize(("flags", "needle"), [(["--max_texts", "0"], "--max_texts must be at least 1"),
-                                               (["--batch_wait_ms", "-1"], "--batch_wait_ms must be 0 or more")])
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--max_texts", "0"], "--max_texts must be at least 1"),
+    (["--batch_wait_ms", "-1"], "--batch_wait_ms must be 0 or more"),
+    (["--max_queue_texts", "0"], "--max_queue_texts must be at least 1"),
+    (["--max_queue_texts", "10"], "--max_queue_texts (10) must be at least --max_texts (64)"),
+    (["--request_timeout", "0"], "--request_timeout must be more than 0 seconds"),
+    (["--request_timeout", "nan"], "--request_timeout must be more than 0 seconds")])
 def test_bad_flags_exit_2_before_loading(runs, capsys, flags, needle):
     from budgetune.cli import main
 
@@ -390,26 +398,35 @@ def test_bad_flags_exit_2_before_loading(runs, capsys, flags, needle):
 
 # --- a live server on loopback: concurrency, the page ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def live(runs):
-    """The app under uvicorn in this process on a free loopback port; batches gather for up to 50 ms."""
+@contextlib.contextmanager
+def serving(app):
+    """The app under uvicorn in this process on a free loopback port, ready; its URL."""
     import uvicorn
 
-    app = create_app(Registry(parse_runs([str(p) for p in runs.values()])),
-                     ServeOptions(max_texts=64, batch_wait_ms=50))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60) as c:
-        wait_ready(c.get)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=60) as c:
+            wait_ready(c.get)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live(runs):
+    """The four adapters on a live loopback server; batches gather for up to 50 ms."""
+    app = create_app(Registry(parse_runs([str(p) for p in runs.values()])),
+                     ServeOptions(max_texts=64, batch_wait_ms=50))
+    with serving(app) as url:
+        yield url
 
 
 def classify_concurrently(url: str, requests: list[dict]) -> list[httpx.Response | BaseException]:
@@ -451,6 +468,256 @@ def test_64_concurrent_clients_batched_and_exact(live, offline):
     for r, s in zip(answers, sequential):
         p, q = r.json()["predictions"][0], s["predictions"][0]
         assert np.abs(np.subtract(p["probabilities"], q["probabilities"])).max() < 1e-5
+
+
+# --- hostile input on the live server: a 4xx naming the field, and the server answers on ------------------------
+
+DEEP = 50_000
+MANY_NUMBERS = ("[" + ",".join(["1"] * 200_000) + "]").encode()  # 400 KB: under the 1 MiB body limit
+HOSTILE = [  # a name, the raw body, status, field, words of the message
+    ("deep-arrays", b"[" * DEEP + b"]" * DEEP, 400, "body", "nested too deeply"),
+    ("deep-texts", b'{"texts": ' + b"[" * DEEP + b"]" * DEEP + b', "adapter": "a"}', 400, "body", "nested too deeply"),
+    ("deep-objects", b'{"x": ' * DEEP + b"1" + b"}" * DEEP, 400, "body", "nested too deeply"),
+    ("nested-100", b'{"texts": ' + b"[" * 100 + b"]" * 100 + b', "adapter": "a"}', 422, "texts[0]", "valid string"),
+    ("surrogate-high", rb'{"texts": ["ok", "bad \ud800 here"], "adapter": "a"}', 422, "texts[1]",
+     r"unpaired surrogate \ud800 at character 4"),
+    ("surrogate-low", rb'{"texts": ["\udc00"], "adapter": "a"}', 422, "texts[0]", r"unpaired surrogate \udc00"),
+    ("surrogates-reversed", rb'{"texts": ["\ude00\ud83d"], "adapter": "a"}', 422, "texts[0]", "unpaired surrogate"),
+    ("surrogate-adapter", rb'{"texts": ["x"], "adapter": "\ud800"}', 422, "adapter", "unpaired surrogate"),
+    ("surrogate-key", rb'{"texts": ["x"], "adapter": "a", "\ud800": 1}', 422, "body", "an object key"),
+    ("huge-integer", b'{"texts": ["x"], "adapter": ' + b"9" * 5000 + b"}", 400, "body", "more than 4300 digits"),
+    ("huge-float", b'{"texts": ["x"], "adapter": 1e999}', 422, "adapter", "valid string"),
+    ("nan", b'{"texts": [NaN], "adapter": "a"}', 400, "body", "NaN is not JSON"),
+    ("infinity", b'{"texts": ["x"], "adapter": -Infinity}', 400, "body", "-Infinity is not JSON"),
+    ("utf8-surrogate", b'{"texts": ["\xed\xa0\x80"], "adapter": "a"}', 400, "body", "not UTF-8 (byte 0xed at offset 12)"),
+    ("utf8-overlong", b'{"texts": ["\xc0\xaf"], "adapter": "a"}', 400, "body", "not UTF-8 (byte 0xc0 at offset 12)"),
+    ("null", b"null", 422, "body", "valid dictionary"),
+    ("a-string", b'"texts"', 422, "body", "valid dictionary"),
+    ("texts-object", b'{"texts": {"0": "x"}, "adapter": "a"}', 422, "texts", "valid list"),
+    ("texts-bool", b'{"texts": [true], "adapter": "a"}', 422, "texts[0]", "valid string"),
+    ("200k-numbers", b'{"texts": ' + MANY_NUMBERS + b', "adapter": "a"}', 422, "texts",
+     "at most 64 texts per request (got 200000"),
+    ("long-key", b'{"texts": ["x"], "adapter": "a", "' + b"k" * 100_000 + b'": 1}', 422, "k" * 64 + "…",
+     "Extra inputs are not permitted"),
+    ("long-adapter", b'{"texts": ["x"], "adapter": "' + b"n" * 100_000 + b'"}', 422, "adapter", "unknown adapter"),
+]
+
+
+def post_raw(c: httpx.Client, raw: bytes, content_type: str | None = "application/json") -> httpx.Response:
+    return c.post("/v1/classify", content=raw, headers={"content-type": content_type} if content_type else {})
+
+
+@pytest.mark.parametrize(("raw", "status", "field", "needle"), [pytest.param(*h[1:], id=h[0]) for h in HOSTILE])
+def test_hostile_bodies_are_a_4xx_naming_the_field(live, raw, status, field, needle):
+    with httpx.Client(base_url=live, timeout=60) as c:
+        r = post_raw(c, raw)
+        assert r.status_code == status, r.text[:500]
+        body = r.json()
+        assert body["field"] == field and needle in body["message"] and body["message"].startswith(field)
+        assert len(body["errors"]) <= 20 and len(r.content) < 10_000  # the answer does not echo the flood back
+        assert c.post("/v1/classify", json={"texts": ["still answering"], "adapter": "c"}).status_code == 200
+
+
+def test_endpoints_without_a_body_ignore_one_and_refuse_a_post(live):
+    with httpx.Client(base_url=live, timeout=60) as c:
+        for path in ("/v1/adapters", "/health", "/metrics"):
+            assert c.request("GET", path, content=HOSTILE[0][1]).status_code == 200
+            r = c.post(path, content=HOSTILE[0][1])
+            assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(("content_type", "status"), [
+    ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("multipart/form-data; boundary=x", 415),
+    ("application/json; charset=latin-1", 415), ("application/json; charset=UTF-8", 200),
+    ("application/json;charset=\"utf-8\"", 200), ("application/problem+json", 200), (None, 200)])
+def test_a_body_that_is_not_json_by_its_content_type_is_a_415(live, content_type, status):
+    with httpx.Client(base_url=live, timeout=60) as c:
+        r = post_raw(c, b'{"texts": ["Stocks rally"], "adapter": "a"}', content_type)
+        assert r.status_code == status, r.text
+        if status == 415:
+            body = r.json()
+            assert body["field"] == "Content-Type" and body["error"] == "unsupported_media_type"
+            assert content_type.split(";")[0] in body["message"] and "application/json" in body["message"]
+
+
+def test_odd_but_valid_texts_are_answered(live):
+    texts = ["", " ", "\x00", "\u200b\ufeff", "\U0001F600 a pair of surrogates in JSON", "x" * 100_000, "مرحبا",
+             "a\nb\tc"]
+    with httpx.Client(base_url=live, timeout=60) as c:
+        r = post_raw(c, json.dumps({"texts": texts, "adapter": "d"}, ensure_ascii=True).encode())  # \ud83d\ude00
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == len(texts) and r.json()["truncated_texts"] == 1
+
+
+# --- request ids, bounded metric labels, the model thread's hand-off -----------------------------------------------
+
+def test_every_response_carries_a_request_id(client):
+    answers = [client.post("/v1/classify", json={"texts": ["x"], "adapter": "a"}), client.get("/health"),
+               client.post("/v1/classify", json={"texts": [], "adapter": "a"}), client.get("/nowhere"),
+               client.get("/metrics"), client.put("/v1/classify")]
+    ids = [r.headers["x-request-id"] for r in answers]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    for r in answers[2:4] + answers[5:]:
+        assert r.status_code >= 400 and r.json()["request_id"] == r.headers["x-request-id"]
+    given = client.post("/v1/classify", json={"texts": []}, headers={"X-Request-ID": "trace-42.a_b:c"})
+    assert given.headers["x-request-id"] == given.json()["request_id"] == "trace-42.a_b:c"  # a caller's own id
+    for bad in ("two words", "x" * 129, "ünï"):  # not echoed: a fresh one instead
+        r = client.get("/health", headers={"X-Request-ID": bad.encode()})
+        assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+
+
+def test_a_500_names_its_request_id_in_the_body_and_the_log_line_with_the_traceback(runs):
+    import logging
+
+    registry = Registry(parse_runs([str(runs["a"])]))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("uvicorn.error")
+    log.addHandler(handler)
+    try:
+        with TestClient(create_app(registry), raise_server_exceptions=False) as c:
+            wait_ready(c.get)
+
+            def broken(adapter, texts):
+                raise RuntimeError("tokenizer exploded")
+
+            registry.tokenize = broken
+            r = c.post("/v1/classify", json={"texts": ["x"]})
+            assert r.status_code == 500 and r.json()["error"] == "error"
+            rid = r.headers["x-request-id"]
+            assert r.json()["request_id"] == rid and rid in r.json()["message"]
+            assert "tokenizer exploded" not in r.text  # the details stay in the log
+            del registry.tokenize
+            assert c.post("/v1/classify", json={"texts": ["x"]}).status_code == 200
+            assert re.search(r'budgetune_requests_total\{method="POST",path="/v1/classify",status="500"\} 1$',
+                             c.get("/metrics").text, re.M)
+    finally:
+        log.removeHandler(handler)
+    (record,) = [x for x in records if rid in x.getMessage()]
+    assert record.exc_info is not None and "/v1/classify" in record.getMessage()
+    assert "tokenizer exploded" in logging.Formatter().format(record)  # the traceback, in that line
+
+
+def test_metric_labels_come_from_a_fixed_set_not_from_the_client(client):
+    for i in range(20):
+        client.request(f"BREW{i}", "/v1/classify")
+        client.post("/v1/classify", json={"texts": ["x"], "adapter": "a", f"key{i}": 1})
+        client.post("/v1/classify", json={"texts": ["ok"] * 3 + [i], "adapter": "a"})
+        client.get(f"/path{i}")
+    text = client.get("/metrics").text
+    assert "BREW" not in text and "key1" not in text and "path1" not in text and "texts[" not in text
+    values: dict[str, set[str]] = {}
+    for name, value in re.findall(r'(\w+)="([^"]*)"', text):
+        values.setdefault(name, set()).add(value)
+    assert values["method"] <= {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other"}
+    assert "other" in values["method"] and "other" in values["field"]
+    assert values["field"] <= {"", "texts", "adapter", "body", "Authorization", "Content-Type", "other"}
+    assert values["path"] <= {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/health",
+                              "/v1/classify", "/v1/adapters", "/metrics", "other"}
+
+
+def test_forward_counts_are_handed_to_the_event_loop_with_each_batch(runs):
+    """The model thread fills a Counter of its own per batch; only the event loop's thread adds it to /metrics."""
+    registry = Registry(parse_runs([str(runs["a"]), str(runs["b"])]))
+    with TestClient(create_app(registry)) as c:
+        wait_ready(c.get)
+        metrics = c.app.state.serve.metrics
+        writers: set[str] = set()
+
+        class Recording(type(metrics.forwards)):
+            def __setitem__(self, key, value):
+                writers.add(threading.current_thread().name)
+                super().__setitem__(key, value)
+
+        metrics.forwards = Recording(metrics.forwards)
+        for i in range(4):
+            assert c.post("/v1/classify", json={"texts": TEXTS[i:i + 2], "adapter": "ab"[i % 2]}).status_code == 200
+        loop_thread = c.portal.call(lambda: threading.current_thread().name)
+        text = c.get("/metrics").text
+    assert writers == {loop_thread}
+    assert sum(int(n) for n in re.findall(r'^budgetune_forwards_total\{kind="\w+"\} (\d+)$', text, re.M)) >= 4
+    assert not hasattr(registry, "forwards")  # no counter shared between the threads
+
+
+# --- under pressure: a bounded queue, a timeout for waiting in it --------------------------------------------------
+
+@contextlib.contextmanager
+def gated_server(run: Path, **options):
+    """A live server on `run` whose model calls wait for `gate`; `entered` is set once one has started."""
+    registry = Registry(parse_runs([str(run)]))
+    gate, entered, logits = threading.Event(), threading.Event(), registry.logits
+
+    def held(*args):
+        entered.set()
+        assert gate.wait(60), "the test never opened the gate"
+        return logits(*args)
+
+    registry.logits = held
+    try:
+        with serving(create_app(registry, ServeOptions(**options))) as url:
+            yield url, gate, entered
+    finally:
+        gate.set()
+
+
+def metric(text: str, sample: str) -> float:
+    m = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+    assert m is not None, f"{sample} not in /metrics"
+    return float(m.group(1))
+
+
+def test_a_flood_beyond_the_queue_bound_is_refused_and_the_server_keeps_answering(runs):
+    with gated_server(runs["a"], max_texts=2, max_queue_texts=8) as (url, gate, entered):
+        requests = [{"texts": TEXTS[2 * i:2 * i + 2]} for i in range(24)]
+        answers: list = []
+        sender = threading.Thread(target=lambda: answers.extend(classify_concurrently(url, requests)))
+        sender.start()
+        with httpx.Client(base_url=url, timeout=60) as c:
+            deadline = time.monotonic() + 60
+            while metric(c.get("/metrics").text, 'budgetune_rejected_total{reason="queue_full"}') < 20:
+                assert time.monotonic() < deadline, "the flood was not refused"
+                time.sleep(0.02)
+            flooded = c.get("/metrics").text  # 4 requests (8 texts) wait for the model; the server still answers
+            assert metric(flooded, "budgetune_queue_texts") == 8
+            assert c.get("/health").status_code == 200 and c.get("/v1/adapters").status_code == 200
+            refused = c.post("/v1/classify", json={"texts": ["one more"]})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            gate.set()
+            sender.join(timeout=60)
+            assert c.post("/v1/classify", json={"texts": ["after the flood"]}).status_code == 200
+            after = c.get("/metrics").text
+    assert sorted(r.status_code for r in answers) == [200] * 4 + [503] * 20
+    for r in answers:
+        if r.status_code == 503:
+            body = r.json()
+            assert body["error"] == "overloaded" and r.headers["retry-after"] == "1"
+            assert "8 texts" in body["message"] and "--max_queue_texts" in body["message"]
+    assert metric(after, 'budgetune_rejected_total{reason="queue_full"}') == 21
+    assert metric(after, "budgetune_queue_texts") == 0
+    assert metric(after, 'budgetune_errors_total{status="503",field=""}') == 21
+
+
+def test_a_request_waiting_past_request_timeout_is_a_503_and_leaves_the_queue(runs):
+    with gated_server(runs["a"], request_timeout=0.5) as (url, gate, entered):
+        first: list = []
+        sender = threading.Thread(target=lambda: first.extend(classify_concurrently(url, [{"texts": ["first"]}])))
+        sender.start()
+        assert entered.wait(60)  # the first request's batch is on the model, which is held
+        with httpx.Client(base_url=url, timeout=60) as c:
+            r = c.post("/v1/classify", json={"texts": ["second", "third"]})  # waits in the queue behind it
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            body = r.json()
+            assert body["error"] == "timeout" and "0.5 s" in body["message"] and "--request_timeout" in body["message"]
+            assert metric(c.get("/metrics").text, "budgetune_queue_texts") == 1  # only the first one's text
+            gate.set()
+            sender.join(timeout=60)
+            assert c.post("/v1/classify", json={"texts": ["later"]}).status_code == 200
+            text = c.get("/metrics").text
+    assert first[0].status_code == 200  # taken into a batch before its time ran out: answered
+    assert metric(text, 'budgetune_rejected_total{reason="timeout"}') == 1
+    assert metric(text, "budgetune_queue_texts") == 0
+    assert metric(text, "budgetune_batch_texts_sum") == 2  # "first" and "later": the timed-out texts never ran
 
 
 def chromium() -> str | None:

@@ -54,9 +54,10 @@ class TrainingError(RuntimeError):
 class RequestError(ValueError):
     """A bad request to `budgetune serve`: answered with its HTTP status and a JSON body naming the field."""
 
-    def __init__(self, status: int, field: str | None, message: str, errors: list[dict] | None = None):
+    def __init__(self, status: int, field: str | None, message: str, errors: list[dict] | None = None,
+                 kind: str | None = None):
         super().__init__(message)
-        self.status, self.field = status, field
+        self.status, self.field, self.kind = status, field, kind  # kind: the body's `error` (default: by status)
         self.errors = errors or [{"field": field, "message": message}]
 
 

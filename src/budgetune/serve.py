@@ -1,6 +1,8 @@
 """The `serve` verb: trained adapters behind an HTTP API (FastAPI + uvicorn), many adapters on one base, a page.
 
 Endpoints: POST /v1/classify, GET /v1/adapters, GET /health, GET /metrics (Prometheus), GET / (the page), /docs.
+Every answer carries an X-Request-ID; every bad request is a 4xx naming the header or field at fault; load beyond
+--max_queue_texts queued texts, or a wait past --request_timeout, is a 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -9,10 +11,15 @@ import argparse
 import asyncio
 import hmac
 import json
+import logging
+import math
 import os
+import re
 import signal
 import sys
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -32,7 +39,7 @@ except ImportError as e:  # an optional extra
     raise ImportError(f"budgetune serve needs FastAPI and uvicorn: pip install 'budgetune[serve]' ({e})") from e
 
 from budgetune.errors import ConfigError, RequestError
-from budgetune.serve_batching import DynamicBatcher, running
+from budgetune.serve_batching import Backlog, DynamicBatcher, running
 from budgetune.serve_metrics import CONTENT_TYPE, Metrics
 from budgetune.serve_models import Registry, parse_runs
 
@@ -40,6 +47,13 @@ API_KEY_ENV = "BUDGETUNE_API_KEY"
 # Pages and descriptions that hold no data: a browser cannot send the key when it opens them (the page asks for it).
 PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/health"}
 KNOWN_PATHS = PUBLIC_PATHS | {"/v1/classify", "/v1/adapters", "/metrics"}
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a caller's own X-Request-ID, kept when it looks like this
+MAX_ERRORS = 20  # field errors listed in one answer
+SURROGATE = re.compile("[\ud800-\udfff]")
+ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # how one reaches a JSON body (UTF-8 cannot carry it)
+ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 503: "not_ready"}
+log = logging.getLogger("uvicorn.error")  # beside uvicorn's own lines, at its --log_level
 
 
 @dataclass
@@ -53,6 +67,8 @@ class ServeOptions:
     batch_wait_ms: float = 5.0
     max_batch_tokens: int = 4096
     dynamic_batching: bool = True
+    max_queue_texts: int = 1024
+    request_timeout: float = 30.0
 
 
 @dataclass
@@ -65,6 +81,10 @@ class ServeState:
     batcher: DynamicBatcher | None = None
     tokenizer_pool: ThreadPoolExecutor | None = None
     on_fatal: Callable[[], None] | None = None  # the command stops uvicorn when loading fails
+    backlog: Backlog = field(init=False)
+
+    def __post_init__(self):
+        self.backlog = Backlog(self.options.max_queue_texts)
 
 
 class ClassifyRequest(BaseModel):
@@ -124,24 +144,28 @@ class ErrorResponse(BaseModel):
     error: str
     field: str | None = Field(description="the request field at fault (first of `errors`), e.g. texts[3]")
     message: str
-    errors: list[FieldError]
+    errors: list[FieldError] = Field(description=f"every field at fault (the first {MAX_ERRORS})")
+    request_id: str = Field(description="this request's id, also in the X-Request-ID header and the server log")
 
 
 def field_name(loc: tuple) -> str:
-    """('body', 'texts', 3) -> 'texts[3]'."""
+    """('body', 'texts', 3) -> 'texts[3]'; a key longer than 64 characters (a client's) is cut, marked '…'."""
     out = ""
     for part in loc:
         if part == "body" and not out:
             continue
+        part = part if isinstance(part, int) or len(str(part)) <= 64 else f"{str(part)[:64]}…"
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
 
 
-def error_response(state: ServeState, e: RequestError, headers: dict | None = None) -> JSONResponse:
-    state.metrics.errors[(str(e.status), e.field or "")] += 1
-    kind = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-            413: "too_large", 422: "invalid_request", 503: "not_ready"}.get(e.status, "error")
-    body = ErrorResponse(error=kind, field=e.field, message=str(e), errors=e.errors)
+def error_response(state: ServeState, e: RequestError, request_id: str, headers: dict | None = None) -> JSONResponse:
+    """The JSON answer to a failed request (counted in /metrics); a 503 says when to retry."""
+    state.metrics.count_error(e.status, e.field)
+    body = ErrorResponse(error=e.kind or ERROR_KINDS.get(e.status, "error"), field=e.field, message=str(e),
+                         errors=e.errors[:MAX_ERRORS], request_id=request_id)
+    if e.status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse(body.model_dump(), status_code=e.status, headers=headers)
 
 
@@ -151,16 +175,81 @@ def validation_error(e: ValidationError | RequestValidationError) -> RequestErro
     return RequestError(422, first["field"], f"{first['field']}: {first['message']}", errors)
 
 
+def check_content_type(content_type: str | None) -> None:
+    """JSON in UTF-8, or a 415 naming the header; a body sent without Content-Type is read as JSON."""
+    if content_type is None:
+        return
+    media, *params = (part.strip() for part in content_type.lower().split(";"))
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise RequestError(415, "Content-Type", f"Content-Type: {media or '(empty)'} is not JSON; send the body as "
+                           "JSON with `Content-Type: application/json`", kind="unsupported_media_type")
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip() == "charset" and value.strip().strip('"') not in ("utf-8", "utf8"):
+            raise RequestError(415, "Content-Type", f"Content-Type: charset {value.strip()} is not UTF-8; send UTF-8 "
+                               "JSON as `Content-Type: application/json`", kind="unsupported_media_type")
+
+
+def not_json(constant: str):
+    raise RequestError(400, "body", f"body: not valid JSON ({constant} is not JSON: numbers are finite)")
+
+
 def parse_json(raw: bytes) -> object:
-    """UTF-8 JSON, or a 400 naming the body and where it breaks."""
+    """UTF-8 JSON with finite numbers and no unpaired surrogate, or a 4xx naming the body, or the field, at fault."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(400, "body", f"body: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     try:
-        return json.loads(text)
+        data = json.loads(text, parse_constant=not_json)
+    except RequestError:
+        raise
     except json.JSONDecodeError as e:
         raise RequestError(400, "body", f"body: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise RequestError(400, "body", "body: JSON nested too deeply (a request is an object of strings and a "
+                           "list of strings)") from None
+    except ValueError:  # past the decoder's own errors, only an integer longer than Python converts
+        raise RequestError(400, "body", f"body: a number with more than {sys.get_int_max_str_digits()} digits"
+                           ) from None
+    if ESCAPED_SURROGATE.search(raw):
+        lone_surrogate(data)
+    return data
+
+
+def lone_surrogate(data: object) -> None:
+    """A 422 naming the first field (breadth first) with an unpaired UTF-16 surrogate, which is no text at all."""
+    todo = deque([((), data)])
+    while todo:
+        loc, value = todo.popleft()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if SURROGATE.search(key):
+                    where = field_name(loc)
+                    raise RequestError(422, where, f"{where}: an object key is not valid Unicode (an unpaired "
+                                       "surrogate: each \\uD800-\\uDFFF escape must be half of a pair)")
+                todo.append(((*loc, key), item))
+        elif isinstance(value, list):
+            todo.extend(((*loc, i), item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (m := SURROGATE.search(value)):
+            where = field_name(loc)
+            raise RequestError(422, where, f"{where}: not valid Unicode: unpaired surrogate "
+                               f"\\u{ord(m.group()):04x} at character {m.start()} (each \\uD800-\\uDFFF escape "
+                               "must be half of a pair)")
+
+
+def read_request(raw: bytes, content_type: str | None, max_texts: int) -> ClassifyRequest:
+    """The body as a ClassifyRequest, or a 4xx naming the header or field at fault."""
+    check_content_type(content_type)
+    data = parse_json(raw)
+    texts = data.get("texts") if isinstance(data, dict) else None
+    if isinstance(texts, list) and len(texts) > max_texts:  # before each one is checked: no list of 200,000 errors
+        raise RequestError(422, "texts", f"texts: at most {max_texts} texts per request (got {len(texts)}; "
+                           "--max_texts)")
+    try:
+        return ClassifyRequest.model_validate(data)
+    except ValidationError as e:
+        raise validation_error(e) from None
 
 
 def require_ready(state: ServeState) -> None:
@@ -169,8 +258,26 @@ def require_ready(state: ServeState) -> None:
         raise RequestError(503, None, f"not ready: {what}")
 
 
+def header(scope, name: bytes) -> str | None:
+    """A request header's value (latin-1, as HTTP carries it), or None."""
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == name), None)
+
+
+def request_id(scope) -> str:
+    """The caller's X-Request-ID when it is a plain token (letters, digits, . _ : -), else a fresh one."""
+    given = header(scope, b"x-request-id")
+    return given if given is not None and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def request_id_of(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
 class Guard:
-    """API key, body size and request metrics, before FastAPI sees the request (plain ASGI middleware)."""
+    """Request ids, API key, body size, request metrics and the answer to a bug, around the app (ASGI middleware).
+
+    Every response carries X-Request-ID; a bug's 500 names it, and the server log's line with the traceback too.
+    """
 
     def __init__(self, app, state: ServeState):
         self.app, self.state = app, state
@@ -178,35 +285,48 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        metrics, status = self.state.metrics, 500
+        rid = request_id(scope)
+        scope.setdefault("state", {})["request_id"] = rid  # the handlers' request.state.request_id
+        metrics, status, started = self.state.metrics, 500, False
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
 
-        async def send_counted(message):
-            nonlocal status
+        async def send_tagged(message):
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         metrics.in_flight += 1
         try:
-            problem = self.unauthorized(scope)
-            if problem is None:
-                receive, problem = await self.read_body(scope, receive)
-            if problem is not None:
-                response = error_response(self.state, problem,
-                                          {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None)
-                return await response(scope, receive, send_counted)
-            await self.app(scope, receive, send_counted)
+            await self.guarded(scope, receive, send_tagged)
+        except Exception as e:
+            log.exception("request %s: %s %r answered 500 (internal error)", rid, scope["method"], scope["path"][:200])
+            if started:  # nothing more can be sent
+                raise
+            problem = RequestError(500, None, f"internal error: {type(e).__name__} (request {rid}; the server log "
+                                   "has the traceback)")
+            await error_response(self.state, problem, rid)(scope, receive, send_tagged)
         finally:
             metrics.in_flight -= 1
-            metrics.requests[(scope["method"], path, str(status))] += 1
+            metrics.count_request(scope["method"], path, status)
+
+    async def guarded(self, scope, receive, send):
+        """The app, after the API key and the body's size are checked."""
+        problem = self.unauthorized(scope)
+        if problem is None:
+            receive, problem = await self.read_body(scope, receive)
+        if problem is None:
+            return await self.app(scope, receive, send)
+        response = error_response(self.state, problem, scope["state"]["request_id"],
+                                  {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None)
+        await response(scope, receive, send)
 
     def unauthorized(self, scope) -> RequestError | None:
         key = self.state.options.api_key
         if not key or scope["path"] in PUBLIC_PATHS:
             return None
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = header(scope, b"x-api-key") or (header(scope, b"authorization") or "").removeprefix("Bearer ").strip()
         if given and hmac.compare_digest(given.encode(), key.encode()):
             return None
         return RequestError(401, "Authorization", "missing or wrong API key: send `Authorization: Bearer KEY` or "
@@ -248,6 +368,32 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def refused(state: ServeState, reason: str, message: str) -> RequestError:
+    """A 503 for load (queue_full, timeout), counted by reason."""
+    state.metrics.rejected[reason] += 1
+    return RequestError(503, None, message, kind="overloaded" if reason == "queue_full" else reason)
+
+
+async def model_logits(state: ServeState, adapter: str, texts: list[str]) -> np.ndarray:
+    """Logits for the texts, or a 503 when the queue is full or they wait past --request_timeout for the model."""
+    opts, backlog = state.options, state.backlog
+    if not backlog.fits(len(texts)):
+        raise refused(state, "queue_full", f"overloaded: {backlog.texts} texts wait for the model, and the queue "
+                      f"holds at most {opts.max_queue_texts} (--max_queue_texts); retry shortly")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + opts.request_timeout
+    with backlog.hold(len(texts)):
+        try:
+            # Tokenizers are used from one thread only: Rust tokenizers refuse concurrent calls that change
+            # truncation. A wait that runs out there or in the batcher's queue leaves both unrun.
+            rows = await asyncio.wait_for(loop.run_in_executor(state.tokenizer_pool, state.registry.tokenize,
+                                                               adapter, texts), opts.request_timeout)
+            return await state.batcher.submit(rows, deadline)
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+            raise refused(state, "timeout", f"timeout: waited {opts.request_timeout:g} s without a turn on the model "
+                          "(--request_timeout); retry shortly") from None
+
+
 async def classify_texts(state: ServeState, payload: ClassifyRequest) -> ClassifyResponse:
     registry, opts = state.registry, state.options
     names = list(registry.adapters)
@@ -255,17 +401,11 @@ async def classify_texts(state: ServeState, payload: ClassifyRequest) -> Classif
     if adapter is None:
         raise RequestError(422, "adapter", f"adapter: required when several are served ({', '.join(names)})")
     if adapter not in registry.adapters:
-        raise RequestError(422, "adapter", f"adapter: unknown adapter {adapter!r} (served: {', '.join(names)})")
-    if len(payload.texts) > opts.max_texts:
-        raise RequestError(422, "texts", f"texts: at most {opts.max_texts} texts per request (got "
-                           f"{len(payload.texts)}; --max_texts)")
+        raise RequestError(422, "adapter", f"adapter: unknown adapter {adapter[:100]!r} (served: {', '.join(names)})")
     cut = [len(t) > opts.max_chars for t in payload.texts]
     texts = [t[:opts.max_chars] for t in payload.texts]
-    loop = asyncio.get_running_loop()
-    # Tokenizers are used from one thread only: Rust tokenizers refuse concurrent calls that change truncation.
-    rows = await loop.run_in_executor(state.tokenizer_pool, registry.tokenize, adapter, texts)
     labels = registry.adapters[adapter].labels
-    probs = softmax((await state.batcher.submit(rows))[:, :len(labels)])
+    probs = softmax((await model_logits(state, adapter, texts))[:, :len(labels)])
     ids = probs.argmax(-1)
     state.metrics.texts[adapter] += len(texts)
     return ClassifyResponse(adapter=adapter, labels=labels, max_chars=opts.max_chars, truncated_texts=sum(cut),
@@ -312,23 +452,20 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
     app.state.serve = state
     app.add_middleware(Guard, state=state)
     key_doc = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))]  # the docs' Authorize button
-    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
-        return error_response(state, e, {"Retry-After": "1"} if e.status == 503 else None)
+        return error_response(state, e, request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError):
-        return error_response(state, validation_error(e))
+        return error_response(state, validation_error(e), request_id_of(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException):
-        return error_response(state, RequestError(e.status_code, None, str(e.detail)), e.headers)
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, e: Exception):  # a bug, not the client's: still JSON (uvicorn logs it)
-        return error_response(state, RequestError(500, None, f"internal error: {type(e).__name__}"))
+        return error_response(state, RequestError(e.status_code, None, str(e.detail)), request_id_of(request),
+                              e.headers)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=key_doc,
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -337,10 +474,7 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
         """Label, label id and class probabilities for each text, from the named adapter."""
         started = time.perf_counter()
         require_ready(state)
-        try:
-            payload = ClassifyRequest.model_validate(parse_json(await request.body()))
-        except ValidationError as e:
-            raise validation_error(e) from None
+        payload = read_request(await request.body(), request.headers.get("content-type"), state.options.max_texts)
         response = await classify_texts(state, payload)
         state.metrics.latency.observe(time.perf_counter() - started)
         return response
@@ -361,8 +495,9 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
 
     @app.get("/metrics", response_class=Response, dependencies=key_doc)
     async def metrics() -> Response:
-        """Prometheus text: requests, texts, errors, in-flight requests, latency and batch-size histograms."""
-        return Response(state.metrics.render(dict(registry.forwards)), media_type=CONTENT_TYPE)
+        """Prometheus text: requests, texts, errors, refusals for load, in-flight requests and queued texts,
+        model calls, latency and batch-size histograms."""
+        return Response(state.metrics.render(state.backlog.texts), media_type=CONTENT_TYPE)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -390,9 +525,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batch_tokens", type=int, default=4096,
                    help="a batch stops gathering at this many tokens (default 4096)")
     p.add_argument("--no_dynamic_batching", action="store_true", help="run every request on its own")
+    p.add_argument("--max_queue_texts", type=int, default=1024, help="texts admitted and not yet answered; a "
+                   "request past it is refused at once with 503 and Retry-After (default 1024, at least --max_texts)")
+    p.add_argument("--request_timeout", type=float, default=30.0, help="seconds a request may wait for its turn on "
+                   "the model; past it, 503 and Retry-After (default 30; a request whose batch has started is "
+                   "answered)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     p.add_argument("--log_level", default="warning", help="uvicorn's log level (default warning)")
     return p
+
+
+def check_flags(a: argparse.Namespace) -> None:
+    for flag in ("max_texts", "max_chars", "max_body_bytes", "max_batch_tokens", "max_queue_texts"):
+        if getattr(a, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
+    if a.max_queue_texts < a.max_texts:
+        raise ConfigError(f"--max_queue_texts ({a.max_queue_texts}) must be at least --max_texts ({a.max_texts}): "
+                          "one full request has to fit")
+    if not a.batch_wait_ms >= 0:
+        raise ConfigError(f"--batch_wait_ms must be 0 or more, got {a.batch_wait_ms}")
+    if not 0 < a.request_timeout < math.inf:
+        raise ConfigError(f"--request_timeout must be more than 0 seconds (and finite), got {a.request_timeout}")
 
 
 def command(argv: list[str]) -> int:
@@ -400,15 +553,12 @@ def command(argv: list[str]) -> int:
     import uvicorn
 
     a = parser().parse_args(argv)
-    for flag in ("max_texts", "max_chars", "max_body_bytes", "max_batch_tokens"):
-        if getattr(a, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
-    if not a.batch_wait_ms >= 0:
-        raise ConfigError(f"--batch_wait_ms must be 0 or more, got {a.batch_wait_ms}")
+    check_flags(a)
     adapters = parse_runs(a.runs)  # a missing or incompatible folder stops here, named
     options = ServeOptions(api_key=a.api_key or None, max_texts=a.max_texts, max_chars=a.max_chars,
                            max_body_bytes=a.max_body_bytes, batch_wait_ms=a.batch_wait_ms,
-                           max_batch_tokens=a.max_batch_tokens, dynamic_batching=not a.no_dynamic_batching)
+                           max_batch_tokens=a.max_batch_tokens, dynamic_batching=not a.no_dynamic_batching,
+                           max_queue_texts=a.max_queue_texts, request_timeout=a.request_timeout)
     app = create_app(Registry(adapters, device=a.device), options)
     state: ServeState = app.state.serve
 

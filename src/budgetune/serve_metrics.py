@@ -1,18 +1,37 @@
 """The server's counters and histograms, written in Prometheus' text exposition format (version 0.0.4).
 
 Every update happens on the event loop's thread (request middleware, handlers, the batcher's loop), so plain
-dictionaries need no lock.
+dictionaries need no lock; the model thread hands its forward counts over with each batch's logits.
+
+Label values never come from the client as sent: methods, paths and fields outside a fixed set are counted as
+`other`, so no request can add a time series.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+FIELDS = frozenset({"texts", "adapter", "body", "Authorization", "Content-Type"})
+REJECTIONS = ("queue_full", "timeout")
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def field_label(field: str | None) -> str:
+    """'texts[3]' -> 'texts'; a field outside the request's own (an unknown JSON key) -> 'other'."""
+    if not field:
+        return ""
+    head = re.match(r"[^\[.]*", field).group(0)
+    return head if head in FIELDS else "other"
 
 
 def _labels(pairs: Sequence[tuple[str, str]]) -> str:
@@ -48,18 +67,27 @@ class Histogram:
 
 
 class Metrics:
-    """Requests, texts, errors, in-flight requests, classify latency and batch sizes."""
+    """Requests, texts, errors, refusals, in-flight requests, forwards, classify latency and batch sizes."""
 
     def __init__(self):
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)  # (method, path, status)
-        self.texts: dict[str, int] = defaultdict(int)  # by adapter
+        self.texts: dict[str, int] = defaultdict(int)  # by adapter (a served one)
         self.errors: dict[tuple[str, str], int] = defaultdict(int)  # (status, field)
+        self.rejected: dict[str, int] = dict.fromkeys(REJECTIONS, 0)  # 503s for load, by reason
+        self.forwards: Counter[str] = Counter()  # model calls by kind, added here as each batch returns
         self.in_flight = 0
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_texts = Histogram(SIZE_BUCKETS)
         self.batch_requests = Histogram(SIZE_BUCKETS)
 
-    def render(self, forwards: Mapping[str, int] | None = None) -> str:
+    def count_request(self, method: str, path: str, status: int) -> None:
+        """`path`: a route of the app or 'other' (the caller maps it)."""
+        self.requests[(method_label(method), path, str(status))] += 1
+
+    def count_error(self, status: int, field: str | None) -> None:
+        self.errors[(str(status), field_label(field))] += 1
+
+    def render(self, queue_texts: int = 0) -> str:
         out = ["# HELP budgetune_requests_total HTTP requests answered, by method, path and status.",
                "# TYPE budgetune_requests_total counter"]
         out += [f"budgetune_requests_total{_labels([('method', m), ('path', p), ('status', s)])} {n}"
@@ -70,12 +98,19 @@ class Metrics:
                 "# TYPE budgetune_errors_total counter"]
         out += [f"budgetune_errors_total{_labels([('status', s), ('field', f)])} {n}"
                 for (s, f), n in sorted(self.errors.items())]
+        out += ["# HELP budgetune_rejected_total Requests refused for load (503): the text queue was full "
+                "(queue_full) or the request waited past --request_timeout (timeout).",
+                "# TYPE budgetune_rejected_total counter"]
+        out += [f"budgetune_rejected_total{_labels([('reason', r)])} {n}" for r, n in self.rejected.items()]
         out += ["# HELP budgetune_requests_in_flight Requests received and not yet answered.",
-                "# TYPE budgetune_requests_in_flight gauge", f"budgetune_requests_in_flight {self.in_flight}"]
+                "# TYPE budgetune_requests_in_flight gauge", f"budgetune_requests_in_flight {self.in_flight}",
+                "# HELP budgetune_queue_texts Texts admitted to /v1/classify and not yet answered "
+                "(at most --max_queue_texts).", "# TYPE budgetune_queue_texts gauge",
+                f"budgetune_queue_texts {queue_texts}"]
         out += ["# HELP budgetune_forwards_total Model calls, by kind: merged (an adapter alone on its base), "
                 "mixed (several LoRA adapters in one call), single (one adapter on a shared base).",
                 "# TYPE budgetune_forwards_total counter"]
-        out += [f"budgetune_forwards_total{_labels([('kind', k)])} {n}" for k, n in sorted((forwards or {}).items())]
+        out += [f"budgetune_forwards_total{_labels([('kind', k)])} {n}" for k, n in sorted(self.forwards.items())]
         for name, hist, text in (
                 ("budgetune_classify_latency_seconds", self.latency, "Time from request to answer of /v1/classify."),
                 ("budgetune_batch_texts", self.batch_texts, "Texts per model batch (all requests gathered)."),

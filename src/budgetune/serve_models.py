@@ -269,7 +269,6 @@ class Registry:
         self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else token_cap(self.device)
         precision = mixed_precision("auto") if self.device.type == "cuda" else "no"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.forwards: Counter[str] = Counter()  # model calls by kind: merged, mixed, single (one adapter)
 
     def load(self) -> None:
         for g in self.groups:
@@ -285,8 +284,13 @@ class Registry:
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
         return [Row(adapter, {k: enc[k][i] for k in keys}) for i in range(len(texts))]
 
-    def logits(self, rows: Sequence[Row]) -> np.ndarray:
-        """float32 logits [len(rows), max labels] in row order (columns past an adapter's labels are unused)."""
+    def logits(self, rows: Sequence[Row], forwards: Counter[str] | None = None) -> np.ndarray:
+        """float32 logits [len(rows), max labels] in row order (columns past an adapter's labels are unused).
+
+        `forwards`, when given, counts this call's model calls by kind (merged, mixed, single: one adapter). It
+        belongs to the caller: the registry keeps no counter that another thread reads while the model runs.
+        """
+        forwards = Counter() if forwards is None else forwards
         width = max(len(self.adapters[r.adapter].labels) for r in rows)
         out = np.zeros((len(rows), width), dtype=np.float32)
         by_group: dict[int, list[int]] = {}
@@ -294,10 +298,11 @@ class Registry:
             by_group.setdefault(id(self.group_of[r.adapter]), []).append(i)
         for members in by_group.values():
             group = self.group_of[rows[members[0]].adapter]
-            self._group_logits(group, [rows[i] for i in members], np.asarray(members), out)
+            self._group_logits(group, [rows[i] for i in members], np.asarray(members), out, forwards)
         return out
 
-    def _group_logits(self, group: BaseGroup, rows: list[Row], where: np.ndarray, out: np.ndarray) -> None:
+    def _group_logits(self, group: BaseGroup, rows: list[Row], where: np.ndarray, out: np.ndarray,
+                      forwards: Counter[str]) -> None:
         from budgetune.batching import SortedBatchSampler, make_collator
 
         collate = make_collator(group.adapters[0].tokenizer, 8 if self.device.type == "cuda" else None)
@@ -307,16 +312,16 @@ class Registry:
             names = [rows[i].adapter for i in batch_idx]
             batch = collate([{**rows[i].features, "idx": i} for i in batch_idx])
             batch.pop("idx")
-            logits = self._forward(group, batch, names)
+            logits = self._forward(group, batch, names, forwards)
             out[where[batch_idx], :logits.shape[1]] = logits
 
-    def _forward(self, group: BaseGroup, batch: dict, names: list[str]) -> np.ndarray:
+    def _forward(self, group: BaseGroup, batch: dict, names: list[str], forwards: Counter[str]) -> np.ndarray:
         """One forward for the rows of merged or mixable adapters, one per other adapter in the batch."""
         import torch
 
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if group.merged:
-            self.forwards["merged"] += 1
+            forwards["merged"] += 1
             return self._run(group.model, batch)
         parts: dict[str, list[int]] = {}
         mixed = group.mixed
@@ -331,10 +336,10 @@ class Registry:
                 k: v.index_select(0, torch.as_tensor(rows, device=self.device)) for k, v in batch.items()}
             if key:
                 group.model.set_adapter(self.adapters[key].key)
-                self.forwards["single"] += 1
+                forwards["single"] += 1
                 part = self._run(group.model, sub)
             else:
-                self.forwards["mixed"] += 1
+                forwards["mixed"] += 1
                 part = self._run(group.model, sub, adapter_names=[self.adapters[names[i]].key for i in rows])
             if logits is None:
                 logits = np.zeros((len(names), part.shape[1]), dtype=np.float32)
