@@ -42,13 +42,19 @@ def public(name: str):
     package = importlib.import_module("budgetune")
     if hasattr(package, name):
         return getattr(package, name)
+    skipped = []
     for info in sorted(pkgutil.walk_packages(package.__path__, "budgetune."), key=lambda i: i.name):
         if info.name.rsplit(".", 1)[-1] == "__main__":  # running it would run the command line
             continue
-        module = importlib.import_module(info.name)
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError as e:  # an optional extra that is not installed
+            skipped.append(f"{info.name} ({e})")
+            continue
         if hasattr(module, name):
             return getattr(module, name)
-    raise LookupError(f"docs/hooks.py: nothing in the budgetune package is named {name!r}")
+    raise LookupError(f"docs/hooks.py: nothing in the budgetune package is named {name!r}"
+                      + (f"; not importable: {', '.join(skipped)}" if skipped else ""))
 
 
 # ---- configuration reference ------------------------------------------------------------------------------------
@@ -108,16 +114,18 @@ def console_main():
 @functools.cache
 def help_output(*args: str) -> str:
     """What `budgetune ARGS` prints, at a fixed width of 100 columns."""
-    out, width = io.StringIO(), os.environ.get("COLUMNS")
+    out, err, width = io.StringIO(), io.StringIO(), os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "100"
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                console_main()(list(args))
-            except SystemExit:  # argparse exits after printing help
-                pass
+                status = console_main()(list(args))
+            except SystemExit as e:  # argparse exits after printing help
+                status = e.code
     finally:
         os.environ.pop("COLUMNS") if width is None else os.environ.__setitem__("COLUMNS", width)
+    if status not in (0, None) or not out.getvalue().strip():
+        raise RuntimeError(f"budgetune {' '.join(args)} exited {status}: {err.getvalue().strip()[-2000:]}")
     return out.getvalue().rstrip() + "\n"
 
 
