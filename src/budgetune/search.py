@@ -1,8 +1,10 @@
 """`budgetune search`: the best adapter under the budget, found by Optuna, on one process or many sharing a study.
 
 Each trial draws an adapter shape, rank and schedule that fit the budget (search_space.py), checks the count before
-any weight is loaded, and trains in-process with `train(cfg, on_evaluate=...)`, reporting every validation to the
-pruner. Outputs (search_report.py) are rebuilt from the study, so any worker can write them.
+any weight is loaded, and trains in-process with `train(cfg, on_evaluate=...)`, reporting to the pruner the
+validations that compare across trials: all of them, except AdaLoRA's before its rank pattern is final (its warm-up
+and pruning phases dip by design; every sampled AdaLoRA schedule has a final phase, so at least its last validation
+is reported). Outputs (search_report.py) are rebuilt from the study, so any worker can write them.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ def objective(setup: Setup, trial) -> float:
             trial.set_user_attr("val_macro_f1", m["eval_macro_f1"])
         trial.set_user_attr("steps", step)
         trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 1))
+        if not m["final_ranks"]:  # AdaLoRA's warm-up and pruning phases dip by design: not comparable
+            return
         trial.report(value, step)
         if trial.should_prune():
             trial.set_user_attr("prune_reason", f"{setup.pruner_name} pruner at step {step}: {key} {value:.4f}")
@@ -298,8 +302,10 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
     setup = Setup(cfg, space, out, len(names), total, metric, pruner, splits)
     if verbose:
         print(f"search {study_name!r}: {len(space.shapes)} adapter shapes fit {cap:,} trainable parameters; "
-              f"{rows:,} training rows, {total} steps a trial, pruning from step {low} ({pruner}); storage "
-              f"{storage or out / 'study.db'}", flush=True)
+              f"{rows:,} training rows, {total} steps a trial, pruning from step {low} ({pruner})"
+              + ("; AdaLoRA trials are judged only on validations with their final rank pattern"
+                 if any(s.method == "adalora" for s in space.shapes) else "")
+              + f"; storage {storage or out / 'study.db'}", flush=True)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
     def after_trial(study, trial) -> None:
