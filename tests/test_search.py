@@ -106,8 +106,12 @@ def test_only_the_top_k_run_folders_stay(searched):
     assert kept == sorted(f"{t.number:04d}" for t in done[:2])
 
 
-def test_best_yaml_retrains_to_the_same_validation_accuracy(searched):
+def test_best_yaml_retrains_to_the_same_validation_accuracy_and_the_test_figure_is_its_models(searched,
+                                                                                               headlines_csv):
+    """best.yaml's retrain chooses an adapter scale on validation (trials do not): --test_file's figure is the
+    selected trial at that scale, which is what the retrained bundle gives; the figure as trained is given too."""
     from budgetune.config import resolve
+    from budgetune.evaluate import evaluate
     from budgetune.train import train
 
     study, out, _ = searched
@@ -121,6 +125,17 @@ def test_best_yaml_retrains_to_the_same_validation_accuracy(searched):
     assert result["best_metric"] == best.value
     assert result["eval_accuracy"] == best.user_attrs["val_accuracy"]
     assert Path(cfg.output.output_dir, "adapter").exists()
+    shipped = json.loads((out / "best_test_evaluation.json").read_text())
+    retrained = evaluate(cfg.output.output_dir, str(headlines_csv), output=str(out / "retrained-test"))  # its scale
+    keys = ("adapter_scale", "accuracy", "macro_f1", "loss")
+    assert {k: shipped[k] for k in keys} == {k: retrained[k] for k in keys}
+    assert retrained["adapter_scale"] == json.loads(Path(cfg.output.output_dir, "evaluation.json").read_text())[
+        "adapter_scale"]
+    md = (out / "leaderboard.md").read_text()
+    assert f"at adapter scale {shipped['adapter_scale']:g}, " in md
+    if shipped["adapter_scale"] != 1:
+        raw = json.loads((out / "best_test_evaluation_as_trained.json").read_text())
+        assert raw["adapter_scale"] == 1.0 and f"as trained (scale 1): accuracy {raw['accuracy']:.4f}" in md
 
 
 def test_adalora_is_not_pruned_for_its_pruning_phase_dip(tiny_roberta, headlines_csv, tmp_path):
