@@ -251,33 +251,100 @@ def test_teacher_checks_note_another_tokenizer_and_another_validation_split(file
     assert distill.same_split(other / "adapter", carved) is None  # a bare bundle: unknown
 
 
-def test_kd_loss_is_gold_cross_entropy_plus_scaled_kl_and_ignores_unlabelled_rows(tiny_roberta):
+def tiny_batch(tiny_roberta, labels: list[int]) -> dict:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_roberta)
+    texts = [t for _, t in headline_rows()[:len(labels)]]
+    enc = dict(tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=48))
+    return {**enc, "labels": torch.tensor(labels), "idx": torch.tensor([9, 3, 0, 7, 5, 1][:len(labels)])}
+
+
+def teacher_log_probs() -> torch.Tensor:
+    teachers = [np.random.default_rng(s).normal(size=(10, 4)).astype(np.float32) for s in (1, 2)]
+    log_p = torch.from_numpy(distill.ensemble_log_probs(teachers, 2.0))
+    expected_p = (torch.softmax(torch.from_numpy(teachers[0]) / 2, -1)
+                  + torch.softmax(torch.from_numpy(teachers[1]) / 2, -1)) / 2
+    assert torch.allclose(log_p.exp(), expected_p, atol=1e-6)  # probabilities averaged, not logits
+    return log_p
+
+
+def per_row(model, batch: dict, log_p: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """The documented loss, row by row: alpha x CE_i (0 unlabelled) + (1 - alpha) x T^2 x KL_i, averaged over rows."""
     import torch.nn.functional as F
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "idx")}).logits
+    labels = batch["labels"]
+    ce = torch.stack([F.cross_entropy(logits[i:i + 1], labels[i:i + 1]) if labels[i] != -100 else logits.new_zeros(())
+                      for i in range(len(labels))])
+    q = torch.log_softmax(logits / temperature, -1)
+    p = log_p[batch["idx"]]
+    kl = (p.exp() * (p - q)).sum(-1) * temperature ** 2
+    return (alpha * ce + (1 - alpha) * kl).mean()
+
+
+def test_kd_loss_is_a_mean_over_rows_and_a_labelled_row_weighs_the_same_among_unlabelled_ones(tiny_roberta):
+    from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_roberta, num_labels=4).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_roberta)
-    texts = [t for _, t in headline_rows()[:6]]
-    enc = dict(tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=48))
-    labels = torch.tensor([0, 2, -100, 1, -100, 3])  # rows 2 and 4: unlabelled texts
-    teachers = [np.random.default_rng(s).normal(size=(10, 4)).astype(np.float32) for s in (1, 2)]
-    log_p = torch.from_numpy(distill.ensemble_log_probs(teachers, 2.0))
-    expected_p = (torch.softmax(torch.from_numpy(teachers[0]) / 2, -1) + torch.softmax(torch.from_numpy(teachers[1]) / 2, -1)) / 2
-    assert torch.allclose(log_p.exp(), expected_p, atol=1e-6)  # probabilities averaged, not logits
-    idx = torch.tensor([9, 3, 0, 7, 5, 1])
-    batch = {**enc, "labels": labels, "idx": idx}
+    log_p = teacher_log_probs()
+    mixed = tiny_batch(tiny_roberta, [0, 2, -100, 1, -100, 3])  # rows 2 and 4: unlabelled texts
+    one_gold = tiny_batch(tiny_roberta, [2, -100, -100, -100, -100, -100])
+    unlabelled = tiny_batch(tiny_roberta, [-100] * 6)
+    gold = tiny_batch(tiny_roberta, [0, 2, 3, 1, 0, 3])
     with torch.no_grad():
-        logits = model(**enc).logits
-        gold = labels != -100
-        ce = F.cross_entropy(logits[gold], labels[gold])
-        q = torch.log_softmax(logits / 2, -1)
-        kl = (log_p[idx].exp() * (log_p[idx] - q)).sum(-1).mean() * 4
-        got = distill.kd_loss(log_p, 0.3, 2.0)(model, dict(batch))
-        assert torch.allclose(got, 0.3 * ce + 0.7 * kl, atol=1e-5)
-        assert torch.equal(distill.kd_loss(log_p, 1.0, 2.0)(model, dict(batch)), model(**enc, labels=labels).loss)
-        only_unlabelled = {**enc, "labels": torch.full((6,), -100), "idx": idx}
-        assert torch.allclose(distill.kd_loss(log_p, 0.3, 2.0)(model, only_unlabelled), 0.7 * kl, atol=1e-5)
+        for batch in (mixed, one_gold, unlabelled, gold):
+            for alpha in (0.0, 0.3, 1.0):
+                got = distill.kd_loss(log_p, alpha, 2.0)(model, dict(batch))
+                assert torch.allclose(got, per_row(model, batch, log_p, alpha, 2.0), atol=1e-6), (batch["labels"], alpha)
+        # one labelled row of six counts 1/6 of its cross-entropy, as it does in a batch of six labelled rows
+        inputs = {k: v for k, v in one_gold.items() if k not in ("labels", "idx")}
+        ce0 = model(**inputs, labels=one_gold["labels"]).loss  # transformers: averaged over the labelled row only
+        assert torch.allclose(distill.kd_loss(log_p, 1.0, 2.0)(model, dict(one_gold)), ce0 / 6, atol=1e-7)
+        # every row labelled, alpha 1: exactly the model's own loss (a run then equals ordinary training)
+        plain = model(**{k: v for k, v in gold.items() if k != "idx"}).loss
+        assert torch.equal(distill.kd_loss(log_p, 1.0, 2.0)(model, dict(gold)), plain)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_kd_loss_keeps_adalora_orthogonal_regulariser_at_its_weight(tiny_roberta, lean):
+    """Whatever alpha, and on a batch with no labelled row, the loss carries orth_reg_weight x R as AdaLoRA's own
+    forward adds it (measured there: its loss at the configured weight minus its loss at weight 0)."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    from budgetune import lean_adalora
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_roberta, num_labels=4)
+    config = peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
+                                tinit=2, tfinal=2, deltaT=1, orth_reg_weight=0.7, total_step=10,
+                                task_type=peft.TaskType.SEQ_CLS)
+    model = peft.get_peft_model(base, config).eval()
+    if lean:
+        assert lean_adalora.install(model)  # the default training path; False: peft's own AdaLoraModel
+    settings = model.peft_config["default"]
+    log_p = teacher_log_probs()
+    gold = tiny_batch(tiny_roberta, [0, 2, 3, 1, 0, 3])
+
+    def at_weight(weight: float, fn, *args) -> torch.Tensor:
+        settings.orth_reg_weight = weight
+        with torch.no_grad():
+            return fn(*args)
+
+    own = at_weight(0.7, lambda b: model(**b).loss, {k: v for k, v in gold.items() if k != "idx"})
+    penalty = own - at_weight(0.0, lambda b: model(**b).loss, {k: v for k, v in gold.items() if k != "idx"})
+    assert penalty > 0.1  # the random adapters are far from orthogonal
+    for labels in ([0, 2, -100, 1, -100, 3], [-100] * 6, [0, 2, 3, 1, 0, 3]):
+        batch = tiny_batch(tiny_roberta, labels)
+        for alpha in (0.0, 0.3, 1.0):
+            loss = distill.kd_loss(log_p, alpha, 2.0)
+            with_reg, without = (at_weight(w, loss, model, dict(batch)) for w in (0.7, 0.0))
+            assert torch.allclose(with_reg - without, penalty, atol=1e-5), (labels, alpha, with_reg - without)
+            assert torch.allclose(without, at_weight(0.0, per_row, model, batch, log_p, alpha, 2.0), atol=1e-6)
+    # every row labelled, alpha 1: the model's own loss, regulariser included
+    assert torch.allclose(at_weight(0.7, distill.kd_loss(log_p, 1.0, 2.0), model, dict(gold)), own, atol=1e-6)
 
 
 def test_the_student_may_not_overwrite_its_teacher(files, tiny_roberta, teacher):

@@ -106,8 +106,12 @@ def test_only_the_top_k_run_folders_stay(searched):
     assert kept == sorted(f"{t.number:04d}" for t in done[:2])
 
 
-def test_best_yaml_retrains_to_the_same_validation_accuracy(searched):
+def test_best_yaml_retrains_to_the_same_validation_accuracy_and_the_test_figure_is_its_models(searched,
+                                                                                               headlines_csv):
+    """best.yaml's retrain chooses an adapter scale on validation (trials do not): --test_file's figure is the
+    selected trial at that scale, which is what the retrained bundle gives; the figure as trained is given too."""
     from budgetune.config import resolve
+    from budgetune.evaluate import evaluate
     from budgetune.train import train
 
     study, out, _ = searched
@@ -121,6 +125,59 @@ def test_best_yaml_retrains_to_the_same_validation_accuracy(searched):
     assert result["best_metric"] == best.value
     assert result["eval_accuracy"] == best.user_attrs["val_accuracy"]
     assert Path(cfg.output.output_dir, "adapter").exists()
+    shipped = json.loads((out / "best_test_evaluation.json").read_text())
+    retrained = evaluate(cfg.output.output_dir, str(headlines_csv), output=str(out / "retrained-test"))  # its scale
+    keys = ("adapter_scale", "accuracy", "macro_f1", "loss")
+    assert {k: shipped[k] for k in keys} == {k: retrained[k] for k in keys}
+    assert retrained["adapter_scale"] == json.loads(Path(cfg.output.output_dir, "evaluation.json").read_text())[
+        "adapter_scale"]
+    md = (out / "leaderboard.md").read_text()
+    assert f"at adapter scale {shipped['adapter_scale']:g}, " in md
+    if shipped["adapter_scale"] != 1:
+        raw = json.loads((out / "best_test_evaluation_as_trained.json").read_text())
+        assert raw["adapter_scale"] == 1.0 and f"as trained (scale 1): accuracy {raw['accuracy']:.4f}" in md
+
+
+def test_adalora_is_not_pruned_for_its_pruning_phase_dip(tiny_roberta, headlines_csv, tmp_path):
+    """A fixed-seed AdaLoRA trial whose validation loss rises while it prunes ranks, against finished trials that
+    scored between its pruning-phase worst and its final-phase worst at every step. The successive-halving pruner
+    (as Hyperband's brackets) judges a trial by its value at each rung: it pruned the trial at its dip; now it sees
+    only the validations with the final rank pattern and the trial completes."""
+    from budgetune import adalora
+    from budgetune.config import resolve
+    from budgetune.search import make_pruner, search
+
+    flags = tiny_flags(tiny_roberta, headlines_csv, tmp_path / "cache", epochs=2) | {"metric_for_best_model": "loss"}
+    cfg = resolve(None, as_args(flags))
+    group = {"method": ["adalora"], "target_modules": ["query,value"], "head": ["default"], "rank": [4],
+             "learning_rate": [2e-2], "alpha_ratio": [2.0], "lora_dropout": [0.0], "target_r_fraction": [0.5],
+             "tinit_fraction": [0.1], "tfinal_fraction": [0.3]}
+    common = {"search_group": group, "budget_cap": BUDGET, "min_steps": 9, "verbose": False}
+    search(cfg, n_trials=1, output_dir=tmp_path / "alone", pruner="none", **common)  # the trial on its own
+    run = tmp_path / "alone" / "trials" / "0000"
+    curve = {e["step"]: e["eval_loss"] for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "eval"}
+    schedule = adalora.schedule(resolve(str(run / "config.yaml"), []).method, max(curve))
+    final = {s: v for s, v in curve.items() if schedule.is_final(s)}
+    pruning = {s: v for s, v in curve.items() if s not in final}
+    assert final and pruning and max(pruning.values()) > max(final.values()), curve  # it dips while pruning
+    between = (max(pruning.values()) + max(final.values())) / 2
+
+    out = tmp_path / "s"
+    out.mkdir()
+    study = optuna.create_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}", direction="minimize",
+                                pruner=make_pruner("halving", 9, max(curve)))
+    for _ in range(3):  # finished trials, `between` at every validation step, judged at every rung on the way
+        other = study.ask()
+        for step in curve:
+            other.report(between, step)
+            other.should_prune()
+        study.tell(other, between)
+    search(cfg, n_trials=4, output_dir=out, pruner="halving", **common)
+    trial = study.get_trials()[3]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("prune_reason")
+    assert trial.intermediate_values == final  # reported: the final-phase validations only
+    alone = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'alone' / 'study.db'}")
+    assert trial.value == alone.best_value  # the same training, to the bit
 
 
 def test_a_space_that_fits_nothing_is_refused_before_training(tiny_roberta, headlines_csv, tmp_path):
@@ -139,7 +196,7 @@ def test_a_space_that_fits_nothing_is_refused_before_training(tiny_roberta, head
 
 def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, headlines_csv, tmp_path):
     """Many draws of the default space, none trained: each fits, AdaLoRA keeps target_r < init_r and a schedule."""
-    from budgetune import budget
+    from budgetune import adalora, budget
     from budgetune.config import resolve
     from budgetune.search_space import build_space, parse_search_group, sample
 
@@ -156,6 +213,15 @@ def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, head
         m = point.method
         if m.method == "adalora":
             assert 1 <= m.target_r < m.rank and m.tinit + m.tfinal < 100
+        study.tell(trial, 0.0)
+    # however short the trial, an AdaLoRA schedule reaches its final rank pattern: its last validation is comparable
+    short_final = parse_search_group({"method": ["adalora"], "tfinal_fraction": [0.0, 0.1]})  # 0 or 0.8 steps
+    adalora_only = build_space(cfg, 4, short_final, BUDGET)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        m = sample(trial, adalora_only, cfg, total_steps=8).method
+        assert adalora.schedule(m, 8).is_final(8), (m.tinit, m.tfinal)
         study.tell(trial, 0.0)
 
 

@@ -1,7 +1,8 @@
 """Knowledge distillation: big (unbudgeted) teachers' probabilities train a student under the budget.
 
-loss = alpha x cross-entropy on gold labels (labelled rows only) + (1 - alpha) x T^2 x KL(teacher_T || student_T) on
-every row, labelled and unlabelled. Teacher logits are computed once per text with the fast inference path and
+Per row i of a batch of N rows: alpha x cross-entropy on the gold label (0 for an unlabelled row) + (1 - alpha) x T^2 x
+KL(teacher_T || student_T); the loss is the mean over all N rows, plus AdaLoRA's orthogonal regulariser at its
+configured weight (see kd_loss). Teacher logits are computed once per text with the fast inference path and
 cached on disk, keyed by the teacher's files and the texts; temperature and ensembling are applied afterwards.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from budgetune import artifacts, budget, unlabeled
+from budgetune import artifacts, budget, lean_adalora, unlabeled
 from budgetune import data as data_lib
 from budgetune import splits as splits_lib
 from budgetune import train as train_lib
@@ -89,23 +90,32 @@ def ensemble_log_probs(logits: list[np.ndarray], temperature: float) -> np.ndarr
 def kd_loss(teacher_log_probs: torch.Tensor, alpha: float, temperature: float):
     """loss_fn(model, batch) for train(): rows are looked up in teacher_log_probs by the batch's `idx`.
 
-    With alpha = 1 it is exactly the model's own loss (transformers' cross-entropy, -100 rows ignored), so such a
-    run equals ordinary training.
+    Defined per row and averaged over all N rows of the batch, labelled or not:
+
+        loss = 1/N sum_i [alpha x CE_i + (1 - alpha) x T^2 x KL_i] + orth_reg_weight x R
+
+    CE_i: cross-entropy on row i's gold label (0 for an unlabelled row); KL_i: KL(teacher_T || student_T) of row i;
+    R: AdaLoRA's orthogonal regulariser (absent for other methods), at its configured weight on every batch,
+    whatever alpha and whether or not the batch has a labelled row. A labelled row weighs the same in a batch of
+    labelled rows as among unlabelled ones. With alpha = 1 and every row labelled it is the model's own loss
+    (transformers' mean cross-entropy, plus AdaLoRA's regulariser), so such a run equals ordinary training.
     """
     t2 = temperature * temperature
 
     def loss_fn(model, batch: dict) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k not in ("idx", "labels")}
-        labels = batch.get("labels")
-        gold = labels is not None and bool((labels != unlabeled.UNLABELED).any())
-        out = model(**inputs, labels=labels) if gold else model(**inputs)
-        ce = out.loss if gold else out.logits.sum() * 0.0  # a batch of unlabelled rows only: no gold term
-        if alpha == 1:
-            return ce
-        log_q = F.log_softmax(out.logits.float() / temperature, dim=-1)
-        log_p = teacher_log_probs[batch["idx"].to(teacher_log_probs.device)].to(log_q.device)
-        kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * t2
-        return alpha * ce + (1 - alpha) * kl if alpha > 0 else kl
+        out = model(**{k: v for k, v in batch.items() if k not in ("idx", "labels")})
+        rows, labels = out.logits.shape[0], batch.get("labels")
+        terms = []
+        if alpha > 0 and labels is not None:  # unlabelled rows (ignored) add 0 to the sum
+            ce = F.cross_entropy(out.logits, labels.view(-1), ignore_index=unlabeled.UNLABELED, reduction="sum")
+            terms.append(alpha * ce / rows)
+        if alpha < 1:
+            log_q = F.log_softmax(out.logits.float() / temperature, dim=-1)
+            log_p = teacher_log_probs[batch["idx"].to(teacher_log_probs.device)].to(log_q.device)
+            terms.append((1 - alpha) * t2 * F.kl_div(log_q, log_p, reduction="sum", log_target=True) / rows)
+        if (penalty := lean_adalora.orth_penalty(model)) is not None:
+            terms.append(penalty)
+        return sum(terms[1:], terms[0]) if terms else out.logits.sum() * 0.0
 
     return loss_fn
 
@@ -238,9 +248,10 @@ def write_record(out: Path, record: dict) -> None:
 
 def card_section(record: dict) -> str:
     lines = ["## Distilled from", "",
-             f"Trained by `budgetune distill`: loss = {record['alpha']} x cross-entropy on gold labels + "
-             f"{1 - record['alpha']:g} x T^2 x KL(teacher || student), T = {record['temperature']}; "
-             + ("the teachers' probabilities are averaged." if len(record["teachers"]) > 1 else ""), ""]
+             f"Trained by `budgetune distill`: loss = mean over a batch's rows of {record['alpha']} x cross-entropy "
+             f"on the gold label (0 for an unlabelled row) + {1 - record['alpha']:g} x T^2 x KL(teacher || student), "
+             f"T = {record['temperature']} (+ AdaLoRA's orthogonal regulariser at its configured weight)"
+             + ("; the teachers' probabilities are averaged." if len(record["teachers"]) > 1 else "."), ""]
     for t in record["teachers"]:
         acc = (t.get("validation") or {}).get("eval_accuracy")
         lines.append(f"- `{t['path']}` ({t['method']} on {t['base_model']}"

@@ -231,13 +231,18 @@ class LeanAdaLoraModel(AdaLoraModel):
         outputs = self.model.forward(*args, **kwargs)
         loss = getattr(outputs, "loss", None)
         if isinstance(loss, torch.Tensor):
-            weight = self.peft_config[self.trainable_adapter_name].orth_reg_weight
-            if weight < 0:
-                raise ValueError("orth_reg_weight should be greater than or equal to 0. ")
-            lay = self.lean_layout()
-            if lay.modules:
-                outputs.loss = loss + weight * orth_regulariser(lay, self._lean_eyes)
+            penalty = self.orth_penalty()
+            if penalty is not None:
+                outputs.loss = loss + penalty
         return outputs
+
+    def orth_penalty(self) -> torch.Tensor | None:
+        """orth_reg_weight x the regulariser (None without adapted modules): what forward adds to a loss."""
+        weight = self.peft_config[self.trainable_adapter_name].orth_reg_weight
+        if weight < 0:
+            raise ValueError("orth_reg_weight should be greater than or equal to 0. ")
+        lay = self.lean_layout()
+        return weight * orth_regulariser(lay, self._lean_eyes) if lay.modules else None
 
     def update_and_allocate(self, global_step: int) -> None:
         """peft's three phases: averages (+ a mask every deltaT), the fixing step, then the fixed pattern."""
@@ -271,6 +276,22 @@ class LeanAdaLoraModel(AdaLoraModel):
             masks = self.rankallocator.masks_from_pattern(lay, config.rank_pattern, lay.modules[0].E.dtype)
             self._lean_final = (config.pattern_version, masks)
         return self._lean_final[1]
+
+
+def orth_penalty(model: torch.nn.Module) -> torch.Tensor | None:
+    """The term AdaLoRA's forward adds to a loss it computes (orth_reg_weight x the orthogonal regulariser), for a
+    loss computed outside the model (distillation); None for any other model. `model` may be wrapped (DDP,
+    torch.compile); a peft AdaLoRA model that is not lean gets the same mean from `orth_regulariser`."""
+    from accelerate.utils import extract_model_from_parallel
+
+    tuner = getattr(extract_model_from_parallel(model, keep_torch_compile=False), "base_model", None)
+    if isinstance(tuner, LeanAdaLoraModel):
+        return tuner.orth_penalty()
+    if not isinstance(tuner, AdaLoraModel):
+        return None
+    weight = tuner.peft_config[tuner.trainable_adapter_name].orth_reg_weight
+    lay = layout(tuner.model, tuner.trainable_adapter_name)
+    return weight * orth_regulariser(lay, {}) if lay.modules else None
 
 
 def install(peft_model) -> bool:

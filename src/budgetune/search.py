@@ -1,8 +1,10 @@
 """`budgetune search`: the best adapter under the budget, found by Optuna, on one process or many sharing a study.
 
 Each trial draws an adapter shape, rank and schedule that fit the budget (search_space.py), checks the count before
-any weight is loaded, and trains in-process with `train(cfg, on_evaluate=...)`, reporting every validation to the
-pruner. Outputs (search_report.py) are rebuilt from the study, so any worker can write them.
+any weight is loaded, and trains in-process with `train(cfg, on_evaluate=...)`, reporting to the pruner the
+validations that compare across trials: all of them, except AdaLoRA's before its rank pattern is final (its warm-up
+and pruning phases dip by design; every sampled AdaLoRA schedule has a final phase, so at least its last validation
+is reported). Outputs (search_report.py) are rebuilt from the study, so any worker can write them.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ def objective(setup: Setup, trial) -> float:
             trial.set_user_attr("val_macro_f1", m["eval_macro_f1"])
         trial.set_user_attr("steps", step)
         trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 1))
+        if not m["final_ranks"]:  # AdaLoRA's warm-up and pruning phases dip by design: not comparable
+            return
         trial.report(value, step)
         if trial.should_prune():
             trial.set_user_attr("prune_reason", f"{setup.pruner_name} pruner at step {step}: {key} {value:.4f}")
@@ -219,7 +223,7 @@ def progress_line(study, trial, n_trials: int) -> str:
             f"{trial.state.name.lower()}: {shape}") + (f" ({note})" if note else "")
 
 
-def write_outputs(study, out: Path, test_file: str | None, metric: str) -> dict:
+def write_outputs(study, out: Path, test_file: str | None, metric: str, splits: Splits | None = None) -> dict:
     """leaderboard.csv/.md, pareto.png, best.yaml; the best's test metrics (once, after selection) when asked."""
     import optuna
 
@@ -232,16 +236,56 @@ def write_outputs(study, out: Path, test_file: str | None, metric: str) -> dict:
                  f"{best.user_attrs.get('trainable')} trainable parameters; re-train it with `budgetune train "
                  f"--config {out / 'best.yaml'}`.")
         run = out / "trials" / f"{best.number:04d}"
-        if test_file and (run / "adapter").exists():
-            from budgetune.evaluate import evaluate
-
-            m = evaluate(run, test_file, output=str(out / "best_test_evaluation"))
-            written["test"] = m
-            extra += (f"\n\nTest ({test_file}), the selected trial evaluated once after the search: accuracy "
-                      f"{m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} (never used for selection).")
+        if test_file and splits is not None and (run / "adapter").exists() and "config_yaml" in best.user_attrs:
+            cfg = build_config(yaml.safe_load(best.user_attrs["config_yaml"]), f"trial {best.number}")
+            written.update(evaluate_selected(run, cfg, splits, test_file, out))
+            extra += "\n\n" + selected_test_text(test_file, written)
     written["leaderboard"] = search_report.write_leaderboard(study, out, extra)
     written["pareto"] = search_report.write_pareto(study, out / "pareto.png")
     return written
+
+
+def shipped_scale(run: Path, cfg: Config, splits: Splits) -> tuple[float, dict | None]:
+    """The adapter scale the run trained from best.yaml records (what it ships): trials train without choosing one,
+    so its robust rule (finish.choose_adapter_scale: scaling.auto_scale with cfg's robust_tolerance) is applied here
+    to the selected trial's adapter on the same validation rows; (1, None) when the rule is off."""
+    from budgetune import scaling
+    from budgetune.inference import table_logits
+    from budgetune.loading import load_for_inference
+    from budgetune.splits import cache_dir, scores
+
+    if cfg.train.robust_tolerance is None or cfg.method.method == "full":
+        return 1.0, None
+    accelerator, model, tokenizer, info = load_for_inference(run, merge=False, adapter_scale=1.0)
+
+    def validate() -> float:
+        logits = table_logits(model, tokenizer, splits.validation, accelerator, cfg.train.per_device_eval_batch_size,
+                              info["max_seq_length"], cache_dir(cfg), desc="validation")
+        return scores(logits, splits)["accuracy"]
+
+    return scaling.auto_scale(model, validate, scaling.AUTO_SCALES, cfg.train.robust_tolerance)
+
+
+def evaluate_selected(run: Path, cfg: Config, splits: Splits, test_file: str, out: Path) -> dict:
+    """The selected trial on the test file at the scale its best.yaml retrain ships (best_test_evaluation.*) and,
+    when that is not 1, as trained (best_test_evaluation_as_trained.*)."""
+    from budgetune.evaluate import evaluate
+
+    scale, table = shipped_scale(run, cfg, splits)
+    shipped = evaluate(run, test_file, output=str(out / "best_test_evaluation"), adapter_scale=scale)
+    raw = shipped if scale == 1 else evaluate(run, test_file, output=str(out / "best_test_evaluation_as_trained"),
+                                               adapter_scale=1.0)
+    return {"test": shipped, "test_as_trained": raw, "adapter_scale_validation": table}
+
+
+def selected_test_text(test_file: str, written: dict) -> str:
+    m, raw = written["test"], written["test_as_trained"]
+    head = (f"Test ({test_file}), the selected trial evaluated once after the search (never used for selection): "
+            f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} at adapter scale {m['adapter_scale']:g}, ")
+    if written["adapter_scale_validation"] is None:
+        return head + "as trained (best.yaml's retrain chooses no scale: robust_tolerance null)."
+    return head + (f"the scale best.yaml's retrain chooses on validation and ships; as trained (scale 1): accuracy "
+                   f"{raw['accuracy']:.4f}, macro-F1 {raw['macro_f1']:.4f}.")
 
 
 def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20, timeout: float | None = None,
@@ -298,8 +342,10 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
     setup = Setup(cfg, space, out, len(names), total, metric, pruner, splits)
     if verbose:
         print(f"search {study_name!r}: {len(space.shapes)} adapter shapes fit {cap:,} trainable parameters; "
-              f"{rows:,} training rows, {total} steps a trial, pruning from step {low} ({pruner}); storage "
-              f"{storage or out / 'study.db'}", flush=True)
+              f"{rows:,} training rows, {total} steps a trial, pruning from step {low} ({pruner})"
+              + ("; AdaLoRA trials are judged only on validations with their final rank pattern"
+                 if any(s.method == "adalora" for s in space.shapes) else "")
+              + f"; storage {storage or out / 'study.db'}", flush=True)
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
     def after_trial(study, trial) -> None:
@@ -318,7 +364,7 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
         interrupted = True
     finally:
         prune_run_folders(study, out, keep_top_k)
-        written = write_outputs(study, out, None if interrupted or setup.flags else test_file, metric)
+        written = write_outputs(study, out, None if interrupted or setup.flags else test_file, metric, splits)
     if interrupted or setup.flags.get("interrupted"):
         raise Interrupted(f"search interrupted; leaderboard: {written['leaderboard'][1]}. Run the same command "
                           "again to continue the study")

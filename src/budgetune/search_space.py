@@ -37,7 +37,9 @@ HELP = """search: group of the YAML (every key optional; a list = choices, {low,
   alpha_ratio                    lora_alpha / rank; default [1, 2, 4]
   lora_dropout                   default [0.0, 0.1]
   target_r_fraction              AdaLoRA target_r / init_r; default {low: 0.25, high: 0.75}
-  tinit_fraction, tfinal_fraction   AdaLoRA warmup / final phase as fractions of the trial's steps"""
+  tinit_fraction, tfinal_fraction   AdaLoRA warmup / final phase as fractions of the trial's steps (the final
+                                 phase is at least one step: the pruner judges AdaLoRA only on its final rank
+                                 pattern's validations)"""
 
 
 @dataclass
@@ -247,7 +249,9 @@ def sample(trial, space: Space, cfg: Config, total_steps: int) -> Config:
         m["target_r"] = min(rank - 1, max(1, round(rank * float(d["target_r_fraction"].suggest(trial)))))
         tinit = float(d["tinit_fraction"].suggest(trial))
         tfinal = min(float(d["tfinal_fraction"].suggest(trial)), 0.95 - tinit)  # leave steps to re-allocate
-        m["tinit"], m["tfinal"] = int(tinit * total_steps), int(tfinal * total_steps)
+        # at least one final step: the last validation then has the final rank pattern, which the pruner sees
+        m["tfinal"] = max(1, int(tfinal * total_steps))
+        m["tinit"] = max(0, min(int(tinit * total_steps), total_steps - m["tfinal"] - 1))
         m["deltaT"] = max(1, min(cfg.method.deltaT, total_steps // 20))
     lr = float(d["learning_rate"].suggest(trial))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, head=shape.head),

@@ -392,7 +392,8 @@ def fit(run: Run, state: TrainState, best: Best, stop_signal: StopSignal, on_eva
                 keep_best(run, state, best, m := validate(run))
                 if on_evaluate is not None:
                     on_evaluate(state.step, {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"],
-                                             "eval_loss": m["loss"], "epoch": run.epoch_of(state.step)})
+                                             "eval_loss": m["loss"], "epoch": run.epoch_of(state.step),
+                                             "final_ranks": run.schedule is None or run.schedule.is_final(state.step)})
                 patience = t.early_stopping_patience
                 stop = stop or (patience is not None and state.bad_evals >= patience)
                 save_checkpoint(run, state, best)
@@ -486,7 +487,8 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
     splits: train on these tables instead of loading cfg's data (self-training, distillation add rows).
     loss_fn(model, batch): the loss instead of the model's cross-entropy; the batch keeps its `idx` column (the
     row's index into splits.train). on_evaluate(step, metrics): called after every validation with
-    {eval_accuracy, eval_macro_f1, eval_loss, epoch}; anything it raises ends the run and propagates.
+    {eval_accuracy, eval_macro_f1, eval_loss, epoch, final_ranks} (final_ranks: False while AdaLoRA's rank pattern
+    may still change, where the metric dips by design); anything it raises ends the run and propagates.
     Can be called many times in one process: signal handlers and accelerate's state are restored afterwards.
     """
     if cfg.train.deterministic:
