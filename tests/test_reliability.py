@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import types
 from pathlib import Path
 
@@ -319,6 +320,23 @@ def test_pickle_that_runs_code_is_refused(run_copy, tmp_path):
     assert re.search(rf"budgetune: error: {re.escape(str(evil))}: refusing to unpickle '(posix|os)\.system'",
                      proc.stderr), proc.stderr[-2000:]
     assert not marker.exists()
+    assert snapshot(run_copy) == before
+
+
+def test_crafted_arrow_pickle_is_a_usage_error_not_a_crash(run_copy, tmp_path):
+    """A DataFrame pickle whose Arrow string offsets point far past their data (it exited 139, SIGSEGV)."""
+    import pandas as pd
+
+    good, bad = struct.pack("<3q", 0, 2, 4), struct.pack("<3q", 0, 2, 1 << 40)
+    frame = pickle.dumps(pd.DataFrame({"text": pd.array(["ab", "cd"], dtype="string[pyarrow]")}), protocol=5)
+    assert frame.count(good) == 1
+    evil = tmp_path / "test_unlabelled.pkl"
+    evil.write_bytes(frame.replace(good, bad))
+    before = snapshot(run_copy)
+    proc = run_cli("predict", str(run_copy), "--input", str(evil), check=False)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (2, (
+        f"budgetune: error: {evil}: the pickle holds an invalid Arrow array (Length spanned by binary offsets "
+        "(1099511627776) larger than values array (size 4))")), proc.stderr[-2000:]
     assert snapshot(run_copy) == before
 
 

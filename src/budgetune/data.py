@@ -348,10 +348,18 @@ def _read_parquet(path: Path) -> Columns:
 
 
 def _read_pickle(path: Path, split: str) -> Columns:
+    obj = load_pickle(path)
+    try:
+        return _pickle_columns(path, obj, split)
+    except DataError:
+        raise
+    except Exception as e:  # what the allow-list lets through is data, but it may still be inconsistent
+        raise DataError(f"{path}: the pickled {type(obj).__name__} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _pickle_columns(path: Path, obj: object, split: str) -> Columns:
     import pandas as pd
 
-
-    obj = load_pickle(path)
     if isinstance(obj, datasets.DatasetDict):
         if split not in obj:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(obj)})")
