@@ -354,6 +354,26 @@ def test_checkpoint_that_runs_code_is_refused(tiny_roberta, headlines_csv, run_c
     assert snapshot(run_copy) == before
 
 
+def test_best_state_that_runs_code_is_refused(tiny_roberta, headlines_csv, run_copy, tmp_path, capsys, monkeypatch):
+    """A resume reads best_state.pt when the checkpoint predates keeping its own best: weights only, even where
+    torch would unpickle anything (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, or torch < 2.6), and before writing."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    found = checkpoint.find("auto", run_copy)
+    state = checkpoint.load(found)
+    del state["best"]
+    torch.save(state, found / "state.pt")
+    torch.save({"model": _RunsCode(marker), "rank_pattern": None, "metrics": {}}, run_copy / "best_state.pt")
+    before = snapshot(run_copy)
+    args = tiny_train_args(tiny_roberta, headlines_csv, run_copy, "lora", max_train_samples=32, num_train_epochs=1)
+    rc, err = main(capsys, *args, "--resume_from_checkpoint", "auto")
+    assert rc == 2
+    assert f"budgetune: error: {run_copy / 'best_state.pt'}: refusing to load: it is not a plain budgetune " \
+           "checkpoint" in err, err[-2000:]
+    assert not marker.exists()
+    assert snapshot(run_copy) == before
+
+
 def test_checkpoint_from_other_configuration_is_refused(tiny_roberta, headlines_csv, run_copy, capsys):
     before = snapshot(run_copy)
     args = tiny_train_args(tiny_roberta, headlines_csv, run_copy, "lora", max_train_samples=32, num_train_epochs=1,
