@@ -17,6 +17,7 @@ import torch
 from conftest import read_jsonl, run_cli, tiny_train_args
 
 from budgetune import checkpoint, cli, methods
+from budgetune import data as data_lib
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
 
@@ -267,6 +268,25 @@ def test_several_megabyte_text_trains_and_predicts(tiny_roberta, headlines_csv, 
     assert rc == 0, err[-3000:]
     lines = (tmp_path / "sub.csv").read_text().splitlines()
     assert lines[0] == "ID,Label" and [line.split(",")[0] for line in lines[1:]] == ["0", "1"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_blank_texts_are_predicted_kept_and_warned_once(stream, run_copy, tmp_path, capsys, monkeypatch):
+    """Empty or whitespace-only texts keep their rows (so IDs stay aligned); one warning counts them, whatever the
+    number of chunks, and names the first rows."""
+    if stream:  # several chunks: the count and the rows run on across them
+        monkeypatch.setattr(data_lib, "STREAM_BYTES", 0)
+        monkeypatch.setattr(data_lib, "CHUNK_ROWS", 4)
+    blank = [2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    texts = ["" if r in blank[::2] else " \t " if r in blank else f"headline {r}" for r in range(1, 16)]
+    inputs, sub = tmp_path / "texts.csv", tmp_path / "sub.csv"
+    inputs.write_text("id,text\n" + "".join(f"a{r},{t}\n" for r, t in enumerate(texts, 1)), encoding="utf-8")
+    rc, err = main(capsys, "predict", str(run_copy), "--input", str(inputs), "--output", str(sub), "--id_column", "id")
+    assert rc == 0, err[-2000:]
+    assert [line.split(",")[0] for line in sub.read_text().splitlines()] == ["ID"] + [f"a{r}" for r in range(1, 16)]
+    warnings = [line for line in err.splitlines() if line.startswith("budgetune: warning:")]
+    assert warnings == [f"budgetune: warning: {inputs}: 12 rows with empty or whitespace-only text (rows 2, 3, 5, "
+                        "6, 7, 8, 9, 10, 11, 12, ...), predicted from no text at all and kept in the submission"]
 
 
 @pytest.mark.parametrize("yaml_text, message", [
