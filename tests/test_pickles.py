@@ -243,3 +243,11 @@ def test_inconsistent_dataset_state_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{p}: the pickled Dataset cannot be read (AttributeError: ")):
         load_table(str(p), require_labels=False)
 
+
+def test_surrogate_text_in_a_pickle_names_the_row(tmp_path):
+    p = tmp_path / "s.pkl"
+    pd.DataFrame({"text": ["fine", "bad \ud800"]}, dtype=object).to_pickle(p)
+    with pytest.raises(DataError) as info:
+        load_table(str(p), require_labels=False)
+    assert str(info.value) == (f"{p}, row 2, column 'text': 'bad \\ud800' holds a lone UTF-16 surrogate ('\\ud800', "
+                               "character 5), which is not Unicode text")

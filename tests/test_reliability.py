@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import read_jsonl, run_cli, tiny_train_args
 
-from budgetune import checkpoint, cli, methods
+from budgetune import checkpoint, cli, methods, unlabeled
 from budgetune import data as data_lib
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
@@ -268,6 +268,53 @@ def test_several_megabyte_text_trains_and_predicts(tiny_roberta, headlines_csv, 
     assert rc == 0, err[-3000:]
     lines = (tmp_path / "sub.csv").read_text().splitlines()
     assert lines[0] == "ID,Label" and [line.split(",")[0] for line in lines[1:]] == ["0", "1"]
+
+
+SURROGATE = "holds a lone UTF-16 surrogate ('\\ud800', character {at}), which is not Unicode text"
+HOSTILE_INPUTS = {  # file name: (bytes, expected message after "budgetune: error: PATH"); labelled for every verb
+    "surrogate.jsonl": (b'{"text": "fine", "label": 0}\n{"text": "bad \\ud800", "label": 1}\n',
+                        ", line 2: 'bad \\ud800' " + SURROGATE.format(at=5)),
+    "surrogate.json": (b'[{"text": "fine", "label": 0}, {"text": "\\ud800", "label": 1}]',
+                       ", row 2: '\\ud800' " + SURROGATE.format(at=1)),
+    "deep.json": (b'[{"text": "fine", "label": 0, "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}]",
+                  ": invalid JSON (nested more deeply than Python's JSON parser allows)"),
+    "not_utf8.jsonl": (b'{"text": "fine", "label": 0}\n{"text": "caf\xe9", "label": 1}\n',
+                       ": not UTF-8 text (invalid byte 0xe9 at offset 42, line 2)"),
+}
+
+
+def test_surrogate_in_prediction_input_through_the_real_cli(run_copy, tmp_path):
+    """It died with a UnicodeEncodeError traceback (exit 1); now one line naming the file and line, exit 2."""
+    content, message = HOSTILE_INPUTS["surrogate.jsonl"]
+    bad = tmp_path / "x.jsonl"
+    bad.write_bytes(content)
+    before = snapshot(run_copy)
+    proc = run_cli("predict", str(run_copy), "--input", str(bad), check=False)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (2, f"budgetune: error: {bad}{message}"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("verb", ["predict", "evaluate", "train", "unlabeled"])
+@pytest.mark.parametrize("case", sorted(HOSTILE_INPUTS))
+def test_hostile_input_is_refused_by_every_verb(case, verb, tiny_roberta, run_copy, tmp_path, capsys):
+    """One check in the data layer serves predict --input, evaluate --data_file, train --dataset_name and the
+    unlabelled files of distill and selftrain."""
+    content, message = HOSTILE_INPUTS[case]
+    bad = tmp_path / case
+    bad.write_bytes(content)
+    before = snapshot(run_copy)
+    if verb == "unlabeled":
+        with pytest.raises(data_lib.DataError) as info:
+            unlabeled.load_texts(str(bad))
+        assert str(info.value) == f"--unlabeled_file: {bad}{message}"
+        return
+    args = {"predict": ["predict", str(run_copy), "--input", str(bad)],
+            "evaluate": ["evaluate", str(run_copy), "--data_file", str(bad)],
+            "train": tiny_train_args(tiny_roberta, bad, run_copy, "lora", overwrite_output_dir="true")}[verb]
+    rc, err = main(capsys, *args)
+    assert (rc, err.splitlines()[-1]) == (2, f"budgetune: error: {bad}{message}"), err[-2000:]
+    assert snapshot(run_copy) == before
 
 
 @pytest.mark.parametrize("stream", [False, True])
