@@ -10,6 +10,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -207,6 +209,50 @@ def test_long_text_loads(tmp_path):
     assert load_table(str(p)).texts[0] == long
 
 
+SURROGATE = "holds a lone UTF-16 surrogate ('\\ud800', character {at}), which is not Unicode text"
+HOSTILE_TEXT_FILES = {  # name: (file bytes, the error after "PATH")
+    "surrogate.jsonl": (b'{"text": "fine"}\n\n{"text": "bad \\ud800 here"}\n',
+                        ", line 3: 'bad \\ud800 here' " + SURROGATE.format(at=5)),
+    "surrogate_key.jsonl": (b'{"text": "fine", "\\ud800": 1}\n', ", line 1: '\\ud800' " + SURROGATE.format(at=1)),
+    "surrogate_nested.jsonl": (b'{"text": "fine", "meta": [{"k": ["\\ud800"]}]}\n',
+                               ", line 1: '\\ud800' " + SURROGATE.format(at=1)),
+    "surrogate.json": (b'[{"text": "fine"}, {"text": "x\\ud800"}]', ", row 2: 'x\\ud800' " + SURROGATE.format(at=2)),
+    "deep.jsonl": (b'{"text": "fine"}\n{"text": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+                   ", line 2: invalid JSON (nested more deeply than Python's JSON parser allows)"),
+    "deep.json": (b"[" * 100_000 + b"]" * 100_000, ": invalid JSON (nested more deeply than Python's JSON parser allows)"),
+    "digits.jsonl": (b'{"text": "fine", "label": ' + b"1" * 5000 + b"}\n",
+                     ", line 1: invalid JSON (Exceeds the limit (4300 digits) for integer string conversion)"),
+    "huge_label.csv": (b"label,text\n0,a\n100000,b\n", ", row 2: label 100000 would make the classes 0..100000 (at "
+                       "most 100000 are supported); set --label_names, or write the labels as names"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEXT_FILES))
+def test_hostile_text_files_name_the_file_and_line(tmp_path, name):
+    content, message = HOSTILE_TEXT_FILES[name]
+    p = tmp_path / name
+    p.write_bytes(content)
+    raises(p, "{path}" + message, require_labels=False)
+
+
+def test_parquet_strings_that_are_not_utf8(tmp_path):
+    raw = pa.array([b"fine", b"caf\xe9"], pa.binary())
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), 2, raw.buffers())}), tmp_path / "t.parquet")
+    raises(tmp_path / "t.parquet", "{path}: invalid data in the Parquet file (Column 0: In chunk 0: Invalid: Invalid "
+           "UTF8 sequence at string index 1)")
+
+
+def test_jsonl_lines_end_only_at_line_breaks(tmp_path):
+    """JSON strings may hold U+2028, U+0085 and the other characters str.splitlines() splits at; \\r\\n ends a line."""
+    texts = ["a\u2028b", "c\x85d", "e\x1cf", "g\x0bh"]
+    p = tmp_path / "t.jsonl"
+    p.write_bytes("\r\n".join(json.dumps({"text": t, "label": i}, ensure_ascii=False) for i, t in enumerate(texts))
+                  .encode())
+    assert load_table(str(p)).texts == texts
+    p.write_bytes(b'{"text": "a"}\r{"text": "b", label}\r')
+    raises(p, "{path}, line 2: invalid JSON (Expecting property name enclosed in double quotes, column 15)")
+
+
 # ---- property tests over the loaders -----------------------------------------------------------------------
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
@@ -220,7 +266,9 @@ def test_csv_and_jsonl_round_trip(tmp_path, rows, as_names):
     records = [{"label": y, "text": t} for (t, _), y in zip(rows, labels)]
     write_csv(tmp_path / "r.csv", records)
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    for name in ("r.csv", "r.jsonl"):
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                        encoding="utf-8")
+    for name in ("r.csv", "r.jsonl", "raw.jsonl"):
         table = load_table(str(tmp_path / name), label_names=NAMES)
         assert table.texts == [t for t, _ in rows] and table.labels == [y for _, y in rows]
 

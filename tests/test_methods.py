@@ -51,7 +51,7 @@ def rebuild_trained(run: Path) -> torch.nn.Module:
     cfg = resolve(str(run / "config.yaml"), [])
     labels = json.loads((run / "adapter" / "budgetune.json").read_text())["label_names"]
     total_step = json.loads((run / "adapter" / "adapter_config.json").read_text()).get("total_step")
-    saved = torch.load(run / "best_state.pt", map_location="cpu")
+    saved = torch.load(run / "best_state.pt", map_location="cpu", weights_only=True)
     set_seed(cfg.train.seed)  # as train() does: frozen head parts (never in best_state) are seeded inits
     base, missing = methods.load_base(cfg, labels)
     model = methods.wrap(cfg, base, total_step, missing)
@@ -152,7 +152,7 @@ def check_folder(run: Path, tiny_roberta: Path, method: str, head: str = "defaul
 def check_budget(run: Path, trained: torch.nn.Module) -> dict:
     recorded = json.loads((run / "budget.json").read_text())
     live = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    best = torch.load(run / "best_state.pt", map_location="cpu")["model"]
+    best = torch.load(run / "best_state.pt", map_location="cpu", weights_only=True)["model"]
     assert recorded["total_trainable"] == live == sum(t.numel() for t in best.values())
     assert recorded["total_trainable"] <= recorded["budget"]
     return recorded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -58,8 +59,41 @@ def test_streaming_errors_name_the_line(tmp_path, streaming):
         list(data_lib.iter_texts(str(nocol)))
     latin = tmp_path / "latin.csv"
     latin.write_bytes(b"id,text\n0,caf\xe9\n")
-    with pytest.raises(data_lib.DataError, match=r"latin\.csv: not UTF-8 text \(invalid byte 0xe9\)"):
+    with pytest.raises(data_lib.DataError, match=r"latin\.csv: not UTF-8 text \(invalid byte 0xe9 at offset 13, "
+                                                  r"line 2\)$"):
         list(data_lib.iter_texts(str(latin)))
+
+
+def test_streaming_invalid_utf8_past_the_first_megabyte_names_offset_and_line(tmp_path, streaming):
+    """The byte is found by reading in chunks; a character split across two chunks is not an error."""
+    head = b"id,text\n" + b"".join(b"%d,\xc3\xbc\n" % i for i in range(300_000))  # "ü": two bytes each
+    assert head[2**20 - 1] == 0xC3  # a "ü" straddles the first 1 MiB read
+    p = tmp_path / "big.csv"
+    p.write_bytes(head + b"7,caf\xe9\n")
+    at = len(head) + 5
+    with pytest.raises(data_lib.DataError) as info:
+        list(data_lib.iter_texts(str(p)))
+    assert str(info.value) == f"{p}: not UTF-8 text (invalid byte 0xe9 at offset {at}, line 300002)"
+
+
+def test_streaming_jsonl_hostile_lines(tmp_path, streaming):
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "bad \\ud800"}\n')
+    with pytest.raises(data_lib.DataError, match=re.escape(f"{p}, line 2: 'bad \\ud800' holds a lone UTF-16 "
+                                                           "surrogate ('\\ud800', character 5)")):
+        list(data_lib.iter_texts(str(p)))
+    p.write_bytes(b'{"text": "ok"}\n{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n")
+    with pytest.raises(data_lib.DataError, match=re.escape(f"{p}, line 2: invalid JSON (nested more deeply")):
+        list(data_lib.iter_texts(str(p)))
+    p.write_bytes(b'{"text": "ok", "id": "a\\udc00"}\n')
+    with pytest.raises(data_lib.DataError, match=re.escape(f"{p}, line 1: 'a\\udc00' holds a lone UTF-16")):
+        list(data_lib.iter_rows(str(p), id_column="id"))
+
+
+def test_streaming_csv_with_a_byte_order_mark(tmp_path, streaming):
+    p = tmp_path / "bom.csv"
+    p.write_bytes(b"\xef\xbb\xbfid,text\nx1,first\nx2,second\n")
+    assert list(data_lib.iter_rows(str(p), id_column="id")) == [(["first", "second"], ["x1", "x2"])]
 
 
 def test_small_files_load_whole(tmp_path):

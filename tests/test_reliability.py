@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import types
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import pytest
 import torch
 from conftest import read_jsonl, run_cli, tiny_train_args
 
-from budgetune import checkpoint, cli, methods
+from budgetune import checkpoint, cli, methods, unlabeled
+from budgetune import data as data_lib
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
 
@@ -268,6 +270,72 @@ def test_several_megabyte_text_trains_and_predicts(tiny_roberta, headlines_csv, 
     assert lines[0] == "ID,Label" and [line.split(",")[0] for line in lines[1:]] == ["0", "1"]
 
 
+SURROGATE = "holds a lone UTF-16 surrogate ('\\ud800', character {at}), which is not Unicode text"
+HOSTILE_INPUTS = {  # file name: (bytes, expected message after "budgetune: error: PATH"); labelled for every verb
+    "surrogate.jsonl": (b'{"text": "fine", "label": 0}\n{"text": "bad \\ud800", "label": 1}\n',
+                        ", line 2: 'bad \\ud800' " + SURROGATE.format(at=5)),
+    "surrogate.json": (b'[{"text": "fine", "label": 0}, {"text": "\\ud800", "label": 1}]',
+                       ", row 2: '\\ud800' " + SURROGATE.format(at=1)),
+    "deep.json": (b'[{"text": "fine", "label": 0, "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}]",
+                  ": invalid JSON (nested more deeply than Python's JSON parser allows)"),
+    "not_utf8.jsonl": (b'{"text": "fine", "label": 0}\n{"text": "caf\xe9", "label": 1}\n',
+                       ": not UTF-8 text (invalid byte 0xe9 at offset 42, line 2)"),
+}
+
+
+def test_surrogate_in_prediction_input_through_the_real_cli(run_copy, tmp_path):
+    """It died with a UnicodeEncodeError traceback (exit 1); now one line naming the file and line, exit 2."""
+    content, message = HOSTILE_INPUTS["surrogate.jsonl"]
+    bad = tmp_path / "x.jsonl"
+    bad.write_bytes(content)
+    before = snapshot(run_copy)
+    proc = run_cli("predict", str(run_copy), "--input", str(bad), check=False)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (2, f"budgetune: error: {bad}{message}"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("verb", ["predict", "evaluate", "train", "unlabeled"])
+@pytest.mark.parametrize("case", sorted(HOSTILE_INPUTS))
+def test_hostile_input_is_refused_by_every_verb(case, verb, tiny_roberta, run_copy, tmp_path, capsys):
+    """One check in the data layer serves predict --input, evaluate --data_file, train --dataset_name and the
+    unlabelled files of distill and selftrain."""
+    content, message = HOSTILE_INPUTS[case]
+    bad = tmp_path / case
+    bad.write_bytes(content)
+    before = snapshot(run_copy)
+    if verb == "unlabeled":
+        with pytest.raises(data_lib.DataError) as info:
+            unlabeled.load_texts(str(bad))
+        assert str(info.value) == f"--unlabeled_file: {bad}{message}"
+        return
+    args = {"predict": ["predict", str(run_copy), "--input", str(bad)],
+            "evaluate": ["evaluate", str(run_copy), "--data_file", str(bad)],
+            "train": tiny_train_args(tiny_roberta, bad, run_copy, "lora", overwrite_output_dir="true")}[verb]
+    rc, err = main(capsys, *args)
+    assert (rc, err.splitlines()[-1]) == (2, f"budgetune: error: {bad}{message}"), err[-2000:]
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_blank_texts_are_predicted_kept_and_warned_once(stream, run_copy, tmp_path, capsys, monkeypatch):
+    """Empty or whitespace-only texts keep their rows (so IDs stay aligned); one warning counts them, whatever the
+    number of chunks, and names the first rows."""
+    if stream:  # several chunks: the count and the rows run on across them
+        monkeypatch.setattr(data_lib, "STREAM_BYTES", 0)
+        monkeypatch.setattr(data_lib, "CHUNK_ROWS", 4)
+    blank = [2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    texts = ["" if r in blank[::2] else " \t " if r in blank else f"headline {r}" for r in range(1, 16)]
+    inputs, sub = tmp_path / "texts.csv", tmp_path / "sub.csv"
+    inputs.write_text("id,text\n" + "".join(f"a{r},{t}\n" for r, t in enumerate(texts, 1)), encoding="utf-8")
+    rc, err = main(capsys, "predict", str(run_copy), "--input", str(inputs), "--output", str(sub), "--id_column", "id")
+    assert rc == 0, err[-2000:]
+    assert [line.split(",")[0] for line in sub.read_text().splitlines()] == ["ID"] + [f"a{r}" for r in range(1, 16)]
+    warnings = [line for line in err.splitlines() if line.startswith("budgetune: warning:")]
+    assert warnings == [f"budgetune: warning: {inputs}: 12 rows with empty or whitespace-only text (rows 2, 3, 5, "
+                        "6, 7, 8, 9, 10, 11, 12, ...), predicted from no text at all and kept in the submission"]
+
+
 @pytest.mark.parametrize("yaml_text, message", [
     ("train:\n  learning_rat: 0.1\n", "unknown key 'learning_rat' in section 'train' (did you mean 'learning_rate'?)"),
     ("train:\n  per_device_train_batch_size: many\n",
@@ -322,6 +390,23 @@ def test_pickle_that_runs_code_is_refused(run_copy, tmp_path):
     assert snapshot(run_copy) == before
 
 
+def test_crafted_arrow_pickle_is_a_usage_error_not_a_crash(run_copy, tmp_path):
+    """A DataFrame pickle whose Arrow string offsets point far past their data (it exited 139, SIGSEGV)."""
+    import pandas as pd
+
+    good, bad = struct.pack("<3q", 0, 2, 4), struct.pack("<3q", 0, 2, 1 << 40)
+    frame = pickle.dumps(pd.DataFrame({"text": pd.array(["ab", "cd"], dtype="string[pyarrow]")}), protocol=5)
+    assert frame.count(good) == 1
+    evil = tmp_path / "test_unlabelled.pkl"
+    evil.write_bytes(frame.replace(good, bad))
+    before = snapshot(run_copy)
+    proc = run_cli("predict", str(run_copy), "--input", str(evil), check=False)
+    assert (proc.returncode, proc.stderr.splitlines()[-1]) == (2, (
+        f"budgetune: error: {evil}: the pickle holds an invalid Arrow array (Length spanned by binary offsets "
+        "(1099511627776) larger than values array (size 4))")), proc.stderr[-2000:]
+    assert snapshot(run_copy) == before
+
+
 def test_checkpoint_that_runs_code_is_refused(tiny_roberta, headlines_csv, run_copy, tmp_path, capsys):
     marker = tmp_path / "pwned"
     folder = tmp_path / "evil-checkpoint"
@@ -332,6 +417,26 @@ def test_checkpoint_that_runs_code_is_refused(tiny_roberta, headlines_csv, run_c
     rc, err = main(capsys, *args, "--resume_from_checkpoint", str(folder))
     assert rc == 2
     assert f"budgetune: error: {folder / 'state.pt'}: refusing to load" in err, err[-2000:]
+    assert not marker.exists()
+    assert snapshot(run_copy) == before
+
+
+def test_best_state_that_runs_code_is_refused(tiny_roberta, headlines_csv, run_copy, tmp_path, capsys, monkeypatch):
+    """A resume reads best_state.pt when the checkpoint predates keeping its own best: weights only, even where
+    torch would unpickle anything (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD, or torch < 2.6), and before writing."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    found = checkpoint.find("auto", run_copy)
+    state = checkpoint.load(found)
+    del state["best"]
+    torch.save(state, found / "state.pt")
+    torch.save({"model": _RunsCode(marker), "rank_pattern": None, "metrics": {}}, run_copy / "best_state.pt")
+    before = snapshot(run_copy)
+    args = tiny_train_args(tiny_roberta, headlines_csv, run_copy, "lora", max_train_samples=32, num_train_epochs=1)
+    rc, err = main(capsys, *args, "--resume_from_checkpoint", "auto")
+    assert rc == 2
+    assert f"budgetune: error: {run_copy / 'best_state.pt'}: refusing to load: it is not a plain budgetune " \
+           "checkpoint" in err, err[-2000:]
     assert not marker.exists()
     assert snapshot(run_copy) == before
 

@@ -76,8 +76,8 @@ def assert_same_run(ref: Path, got: Path, method: str) -> None:
         assert end_ref[0]["final_ranks"]
     assert _max_diff(load_file(ref / "adapter" / "adapter_model.safetensors"),
                      load_file(got / "adapter" / "adapter_model.safetensors")) < 1e-6
-    best_ref = torch.load(ref / "best_state.pt", map_location="cpu")
-    best_got = torch.load(got / "best_state.pt", map_location="cpu")
+    best_ref = torch.load(ref / "best_state.pt", map_location="cpu", weights_only=True)
+    best_got = torch.load(got / "best_state.pt", map_location="cpu", weights_only=True)
     assert _max_diff(best_ref["model"], best_got["model"]) < 1e-6
     assert best_got["metrics"] == best_ref["metrics"]
     assert json.dumps(best_got["rank_pattern"], default=str) == json.dumps(best_ref["rank_pattern"], default=str)

@@ -124,9 +124,10 @@ def save(folder: Path, *, model, optimizer, scheduler, scaler, progress: dict, c
     return folder
 
 
-def load(folder: Path) -> dict[str, Any]:
-    """Read state.pt with torch's weights-only unpickler: a file that asks to import or call anything is refused."""
-    path = Path(folder) / "state.pt"
+def load_weights(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A dict of tensors and plain values saved by torch.save, read with torch's weights-only unpickler (even where
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, or with torch < 2.6): a file from a copied run folder that asks to
+    import or call anything is refused. `keys`: those it must have."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses globals outside tensors and plain containers
@@ -136,13 +137,19 @@ def load(folder: Path) -> dict[str, Any]:
                               f"code or objects that a checkpoint never holds: {detail.strip()[:300]})") from None
     except Exception as e:  # a torn or foreign file: say which
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
-    missing = [k for k in _KEYS if not isinstance(state, dict) or k not in state]
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a budgetune checkpoint (missing {', '.join(missing)})")
     return state
 
 
+def load(folder: Path) -> dict[str, Any]:
+    """Read a checkpoint's state.pt (load_weights)."""
+    return load_weights(Path(folder) / "state.pt", _KEYS)
+
+
 _KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "progress", "allocator", "config")
+BEST_KEYS = ("model", "rank_pattern", "metrics")  # best_state.pt (finish.save_best)
 
 
 def config_differences(saved: dict, current: dict, ignored: set[tuple[str, str]],

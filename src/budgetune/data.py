@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -18,14 +19,16 @@ import datasets
 import numpy as np
 
 from budgetune.errors import DataError
-from budgetune.pickles import load_pickle
+from budgetune.pickles import arrow_checked, load_pickle
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUILTIN = "builtin:headlines"
 TEXT_COLUMNS = ("text", "sentence", "content", "review")
 LABEL_COLUMNS = ("label", "labels", "class", "Class Index")
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle")
-_INT = re.compile(r"[+-]?\d+")
+_INT = re.compile(r"[+-]?\d{1,18}")  # longer digit strings are names (int() refuses over 4300 digits)
+MAX_CLASSES = 100_000  # integer labels name the classes 0..max: a stray 10**11 would otherwise make 10**11 names
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # A single text may be several MB (the tokenizer truncates later); the default limit is 128 KiB.
 # min(): the limit is a C long, which is 32 bits on Windows.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -101,6 +104,7 @@ def _id_value(src: str, where: str, column: str, value: object) -> str:
         raise DataError(f"{src}, {where}: empty {column!r} (--id_column)")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    check_text(src, f"{where}, {column!r} (--id_column)", str(value))
     return str(value)
 
 
@@ -153,13 +157,69 @@ def _decode(path: Path) -> str:
         text = data[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
         at = e.start + skip
-        line = data.count(b"\n", 0, at) + 1
-        raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{data[at]:02x} at offset {at}, line {line})") from None
+        raise _not_utf8(path, data[at], at, data.count(b"\n", 0, at) + 1) from None
     nul = text.find("\x00")
     if nul >= 0:
         line = text.count("\n", 0, nul) + 1
         raise DataError(f"{path}, line {line}: contains a NUL byte")
     return text
+
+
+def _not_utf8(path: Path, byte: int, offset: int, line: int) -> DataError:
+    return DataError(f"{path}: not UTF-8 text (invalid byte 0x{byte:02x} at offset {offset}, line {line})")
+
+
+def _find_bad_utf8(path: Path) -> DataError:
+    """The error for a file that failed to decode while streaming: its first invalid byte, read in chunks."""
+    decoder, done, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:  # e.object: the bytes the decoder held back, then this chunk
+                at = done - (len(e.object) - len(chunk)) + e.start
+                return _not_utf8(path, e.object[e.start], at, lines + e.object.count(b"\n", 0, e.start))
+            done, lines = done + len(chunk), lines + chunk.count(b"\n")
+    return DataError(f"{path}: not UTF-8 text (it ends inside a character)")
+
+
+def check_text(src: str, where: str, value: object) -> None:
+    """Refuse a str that is not Unicode text: a lone UTF-16 surrogate (from a JSON escape such as "\\ud800", or a
+    pickled str) cannot be encoded, so the tokenizer, a submission or a JSON file would fail on it later."""
+    if not isinstance(value, str) or value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{src}, {where}: {value[max(0, e.start - 20):e.start + 20]!r} holds a lone UTF-16 "
+                        f"surrogate ({value[e.start]!r}, character {e.start + 1}), which is not Unicode text") from None
+
+
+def _check_record(src: str, where: str, record: object) -> None:
+    """check_text on every key and string in a parsed JSON value, however deeply nested (without recursion)."""
+    stack = [record]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        else:
+            check_text(src, where, v)
+
+
+def _parse_json(path: Path, text: str, line: int | None = None) -> object:
+    """json.loads, its failures as DataErrors naming the file and line (`line`: a JSONL record's)."""
+    at = "" if line is None else f", line {line}"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {line or e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}{at}: invalid JSON (nested more deeply than Python's JSON parser allows)") from None
+    except ValueError as e:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise DataError(f"{path}{at}: invalid JSON ({str(e).split(':')[0]})") from None
 
 
 def _read_csv(path: Path, text: str, delimiter: str) -> Columns:
@@ -220,7 +280,7 @@ def iter_rows(source: str, *, text_column: str | None = None, id_column: str | N
         table = load_table(source, split="test", text_column=text_column, require_labels=False, id_column=id_column)
         yield table.texts, table.ids
         return
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM would glue onto the first header
         texts: list[str] = []
         ids: list[str] = []
         try:
@@ -232,8 +292,8 @@ def iter_rows(source: str, *, text_column: str | None = None, id_column: str | N
                 if len(texts) == chunk_rows:
                     yield texts, ids if id_column else None
                     texts, ids = [], []
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x})") from None
+        except UnicodeDecodeError:
+            raise _find_bad_utf8(path) from None
     if texts:
         yield texts, ids if id_column else None
 
@@ -280,10 +340,8 @@ def _stream_jsonl(path: Path, f, text_column: str | None,
             continue
         if "\x00" in raw:
             raise DataError(f"{path}, line {n}: contains a NUL byte")
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+        rec = _parse_json(path, raw, n)
+        _check_record(str(path), f"line {n}", rec)
         if not isinstance(rec, dict):
             raise DataError(f"{path}, line {n}: expected a JSON object, found {type(rec).__name__}")
         key = key or _pick(str(path), rec, text_column, TEXT_COLUMNS, "text", "text_column_name")
@@ -301,15 +359,13 @@ def _records(path: Path, records: list, where: Callable[[int], str]) -> dict[str
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise DataError(f"{path}, {where(i)}: expected a JSON object, found {type(rec).__name__}")
+        _check_record(str(path), where(i), rec)
         keys.update(dict.fromkeys(rec))
     return {k: [rec.get(k) for rec in records] for k in keys}
 
 
 def _read_json(path: Path, text: str) -> dict[str, list]:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+    obj = _parse_json(path, text)
     if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):  # {"text": [...], ...}
         if len({len(v) for v in obj.values()}) > 1:
             raise DataError(f"{path}: the columns have different lengths")
@@ -321,12 +377,10 @@ def _read_json(path: Path, text: str) -> dict[str, list]:
 
 def _read_jsonl(path: Path, text: str) -> dict[str, list]:
     records, lines = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    # Lines end at \n, \r\n or \r only: JSON strings may hold U+2028 and the other breaks splitlines() knows.
+    for n, line in enumerate(_LINE_BREAK.split(text), 1):
         if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            records.append(_parse_json(path, line, n))
             lines.append(n)
     return _records(path, records, lambda i: f"line {lines[i]}")
 
@@ -340,6 +394,7 @@ def _read_parquet(path: Path) -> Columns:
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     if table.num_rows == 0:
         raise DataError(f"{path}: no data rows")
+    arrow_checked(table, f"{path}: invalid data in the Parquet file")  # e.g. strings that are not UTF-8
     try:  # files written by `datasets` carry their features, ClassLabel names included
         names = _class_names(datasets.Features.from_arrow_schema(table.schema))
     except Exception:
@@ -348,10 +403,18 @@ def _read_parquet(path: Path) -> Columns:
 
 
 def _read_pickle(path: Path, split: str) -> Columns:
+    obj = load_pickle(path)
+    try:
+        return _pickle_columns(path, obj, split)
+    except DataError:
+        raise
+    except Exception as e:  # what the allow-list lets through is data, but it may still be inconsistent
+        raise DataError(f"{path}: the pickled {type(obj).__name__} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _pickle_columns(path: Path, obj: object, split: str) -> Columns:
     import pandas as pd
 
-
-    obj = load_pickle(path)
     if isinstance(obj, datasets.DatasetDict):
         if split not in obj:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(obj)})")
@@ -391,6 +454,7 @@ def _to_table(src: str, columns: dict[str, list], classes: dict[str, list[str]],
         if not isinstance(t, str):
             what = "missing" if _missing(t) else f"not a string ({type(t).__name__})"
             raise DataError(f"{src}, row {i + 1}: text is {what} (column {tcol!r})")
+        check_text(src, f"row {i + 1}, column {tcol!r}", t)
     if label_column is None and not require_labels and not any(c in columns for c in LABEL_COLUMNS):
         names = label_names or next(iter(classes.values()), None)
         return TextTable(list(texts), None, None if names is None else list(names), src)
@@ -414,6 +478,7 @@ def _labels(src: str, raw: list, names: list[str] | None) -> tuple[list[int], li
     for i, v in enumerate(raw):
         if _missing(v) or (isinstance(v, str) and not v.strip()):
             raise DataError(f"{src}, row {i + 1}: label is missing")
+        check_text(src, f"row {i + 1}, label", v)
         if not isinstance(v, (int, float, str)):
             v = v.item() if hasattr(v, "item") else v  # numpy scalars from pickled frames
             v = v if isinstance(v, (int, float, str)) else str(v)
@@ -425,7 +490,12 @@ def _labels(src: str, raw: list, names: list[str] | None) -> tuple[list[int], li
     if names is None:
         if all(isinstance(v, int) or _INT.fullmatch(v) for v in vals):
             ints = [int(v) for v in vals]
-            names = [str(k) for k in range(max(max(ints), 0) + 1)]
+            top = max(ints)
+            if top >= MAX_CLASSES:
+                raise DataError(f"{src}, row {ints.index(top) + 1}: label {str(top)[:30]} would make the classes "
+                                f"0..{str(top)[:30]} (at most {MAX_CLASSES} are supported); set --label_names, or "
+                                "write the labels as names")
+            names = [str(k) for k in range(max(top, 0) + 1)]
         else:
             names = sorted({str(v) for v in vals})
     index = {n: k for k, n in enumerate(names)}

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 
 from budgetune.errors import DataError, UnsafePickleError
 
@@ -46,7 +50,67 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset({
 
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def arrow_checked(obj, what: str):
+    """An Arrow array, chunked array or table after a full validation (offsets, indices, UTF-8), else a DataError
+    beginning with `what`: Arrow reads whatever the offsets say, so an unchecked one can crash the process."""
+    try:
+        obj.validate(full=True)
+    except pa.ArrowException as e:
+        raise DataError(f"{what} ({e})") from None
+    return obj
+
+
+def _rebuild_array(data) -> pa.Array:
+    """An Arrow array from the tuple pyarrow pickles it as, through constructors that check its layout first.
+
+    pyarrow's own `_restore_array` hands the tuple to C++ as is: a child, buffer or dictionary that does not fit
+    the type aborts the process, and a negative offset passes even a full validation.
+    """
+    dtype, length, null_count, offset, buffers, children, dictionary = data
+    if not (isinstance(dtype, pa.DataType) and all(isinstance(n, int) for n in (length, null_count, offset))
+            and 0 <= length and 0 <= offset and -1 <= null_count <= length):
+        raise ValueError(f"impossible array header (type {dtype!r}, length {length!r}, offset {offset!r}, "
+                         f"null count {null_count!r})")
+    if not all(b is None or isinstance(b, pa.Buffer) for b in buffers):
+        raise ValueError("a buffer is not an Arrow buffer")
+    kids = [_rebuild_array(c) for c in children]
+    if [k.type for k in kids] != [dtype.field(i).type for i in range(dtype.num_fields)]:
+        raise ValueError(f"the child arrays do not match the type {dtype}")
+    if isinstance(dtype, pa.DictionaryType):
+        if dictionary is None:
+            raise ValueError(f"a {dtype} array without its dictionary")
+        indices = pa.Array.from_buffers(dtype.index_type, length, buffers, null_count, offset)
+        return pa.DictionaryArray.from_arrays(indices, _rebuild_array(dictionary), ordered=dtype.ordered, safe=True)
+    if dictionary is not None:
+        raise ValueError(f"a dictionary for a {dtype} array")
+    return pa.Array.from_buffers(dtype, length, buffers, null_count, offset, kids)
+
+
+def _restore_array(data, *, path: str) -> pa.Array:
+    """What the pickle's `pyarrow.lib._restore_array` call gets instead: the array rebuilt checked, or a DataError."""
+    what = f"{path}: the pickle holds an invalid Arrow array"
+    try:
+        array = _rebuild_array(data)
+    except (pa.ArrowException, ValueError, TypeError, RecursionError) as e:
+        raise DataError(f"{what} ({e})") from None
+    return arrow_checked(array, what)
+
+
+def _check_dtype_state(dtype: np.dtype, state, path: str) -> None:
+    """A numpy dtype's pickled state may set its byte order and (datetimes) its unit, nothing else: fields, a
+    sub-array, another item size or other flags make numpy read outside the buffers it is later given."""
+    fresh = dtype.__reduce__()[2]
+    if not (isinstance(state, tuple) and len(state) == len(fresh) and state[0] == fresh[0]
+            and state[1] in ("<", ">", "|", "=") and state[2:8] == fresh[2:8]):
+        raise UnsafePickleError(f"{path}: refusing to unpickle a numpy dtype with fields, a sub-array or an altered "
+                                f"size or flags (state {str(state)[:200]}): only plain column types are accepted")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """pickle's Python unpickler (its BUILD can be checked, which the C one's cannot) with an allow-list."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file, path: str):
         super().__init__(file)
         self.path = path
@@ -61,19 +125,52 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED:
             raise UnsafePickleError(f"{self.path}: refusing to unpickle '{module}.{name}': only pandas DataFrames "
                                     "and Hugging Face Datasets are accepted")
+        if (module, name) == ("pyarrow.lib", "_restore_array"):
+            return functools.partial(_restore_array, path=self.path)
         try:
             return super().find_class(module, name)
         except (ImportError, AttributeError) as e:  # written by a version whose internals have since moved
             raise DataError(f"{self.path}: the pickle needs '{module}.{name}', which the installed versions lack "
                             f"({e}); re-save it as CSV or Parquet") from None
 
+    def load_build(self) -> None:
+        if isinstance(self.stack[-2], np.dtype):
+            _check_dtype_state(self.stack[-2], self.stack[-1], self.path)
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _check_frame(frame, path: str) -> None:
+    """pandas reads a frame's blocks at the columns their placements name, and a categorical's categories at its
+    codes, without bounds checks: a placement or code out of range would read outside its arrays."""
+    import pandas as pd
+
+    blocks = frame._mgr.blocks
+    placed = [np.asarray(b.mgr_locs.as_array) for b in blocks]
+    if not np.array_equal(np.sort(np.concatenate(placed or [np.zeros(0, np.intp)])), np.arange(frame.shape[1])):
+        raise DataError(f"{path}: the pickled DataFrame's blocks do not place each of its {frame.shape[1]} columns "
+                        f"exactly once (placements {[p.tolist()[:10] for p in placed][:10]})")
+    for block in blocks:
+        values = block.values
+        if isinstance(values, pd.Categorical) and len(values):
+            codes = np.asarray(values.codes)
+            if codes.min() < -1 or codes.max() >= len(values.categories):
+                raise DataError(f"{path}: a pickled categorical column has codes outside its "
+                                f"{len(values.categories)} categories (from {codes.min()} to {codes.max()})")
+
 
 def load_pickle(path: str | os.PathLike) -> object:
     """Unpickle only allow-listed data classes; the caller still has to check the type of what comes back."""
+    import pandas as pd
+
     path = Path(path)
     with open(path, "rb") as f:
         try:
-            return _RestrictedUnpickler(f, str(path)).load()
+            obj = _RestrictedUnpickler(f, str(path)).load()
+            if isinstance(obj, pd.DataFrame):
+                _check_frame(obj, str(path))
+            return obj
         except DataError:
             raise
         except Exception as e:  # truncated or corrupt pickles raise many types (EOFError, UnpicklingError, ...)

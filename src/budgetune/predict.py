@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from budgetune import data as data_lib
 from budgetune.errors import AdapterError
 from budgetune.inference import table_logits
 from budgetune.loading import add_inference_options, inference_recipe, load_for_inference
+
+BLANK_SHOWN = 10  # row numbers listed in the warning about empty texts
 
 
 def predict(run: str | Path, input_file: str, output: str, *, text_column: str | None = None,
@@ -29,7 +32,7 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
         raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
     accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale)
     names = info["label_names"]
-    n = 0
+    n, blank, first_blank = 0, 0, []  # rows with empty text: how many, and the first few
     # Chunk by chunk (a big file streams): memory stays bounded by the chunk, whatever the file's size.
     # Every process computes (the batches are sharded); only the main one writes.
     with contextlib.ExitStack() as stack:
@@ -40,6 +43,8 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["ID", "Label"] + (list(names) if probabilities else []))
         for texts, ids in data_lib.iter_rows(input_file, text_column=text_column, id_column=id_column):
+            rows = [n + i + 1 for i, t in enumerate(texts) if not t.strip()]
+            blank, first_blank = blank + len(rows), (first_blank + rows)[:BLANK_SHOWN]
             table = data_lib.TextTable(texts, None, None, str(input_file))
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
             if w is not None:
@@ -48,8 +53,19 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
                             for i, p, row in zip(ids or range(n, n + len(logits)), logits.argmax(-1), probs))
             n += len(texts)
     if accelerator.is_main_process:
+        warn_blank(input_file, blank, first_blank)
         print(f"wrote {n} predictions to {output} (adapter scale {info['applied_adapter_scale']:g})")
     return Path(output)
+
+
+def warn_blank(input_file: str, count: int, first: list[int]) -> None:
+    """One warning for the rows whose text is empty or whitespace: they are predicted (from no words: the model's
+    prior), and kept so that every ID keeps its row. `first`: the first rows' numbers (1 = the first data row)."""
+    if count:
+        listed = ", ".join(map(str, first)) + (", ..." if count > len(first) else "")
+        print(f"budgetune: warning: {input_file}: {count} row{'s' if count > 1 else ''} with empty or "
+              f"whitespace-only text (row{'s' if count > 1 else ''} {listed}), predicted from no text at all and "
+              "kept in the submission", file=sys.stderr)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -217,6 +217,8 @@ def start(run: Run) -> tuple[TrainState, Best]:
         saved = checkpoint.load(found)
         checkpoint.check_compatible(saved["config"], cfg.to_dict(), found, defaults=Config().to_dict())
         checkpoint.check_world(saved.get("world"), run.world, found)
+        if saved.get("best") is None and (out / BEST_STATE).exists():  # a checkpoint from before it kept its best
+            saved["best"] = checkpoint.load_weights(out / BEST_STATE, checkpoint.BEST_KEYS)
     if run.accelerator.is_main_process:
         artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=found is not None)
         save_yaml(cfg, out / "config.yaml", header=f"# resolved configuration of this run\n# budgetune train "
@@ -238,8 +240,6 @@ def start(run: Run) -> tuple[TrainState, Best]:
     checkpoint.restore_rng(saved["rng"])
     state = TrainState(**saved["progress"])
     best = saved.get("best")  # the best as of that checkpoint: best_state.pt may come from later steps
-    if best is None and (out / BEST_STATE).exists():
-        best = torch.load(out / BEST_STATE, map_location="cpu")
     run.log.truncate_after(state.step)
     say(f"resumed from {found} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
     if best is None or best.get("model") is None:
