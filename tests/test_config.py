@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +251,33 @@ def test_resolved_config_of_a_run_reparses_to_the_same_config(tiny_roberta, tmp_
     assert again.budget.max_trainable_params == 5000
     # build_config of the dict form is the identity as well.
     assert build_config(again.to_dict()) == again
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"train:\n  learning_rate: 1e-3\n  seed: \xff\n", r"cfg.yaml, line 3: not UTF-8 text \(byte 0xff at offset 37\)"),
+    (b"[" * 5000 + b"]" * 5000, "nested too deeply|not valid YAML"),
+    (b'data:\n  label_names: ["a\\ud800b", "c"]\n', r"data.label_names.0: the value is not valid Unicode "
+     r"\(unpaired surrogate \\ud800 at character 2\)"),
+    (b'train:\n  "\\udc00": 1\n', "train: a key is not valid Unicode"),
+])
+def test_hostile_config_files_are_a_config_error_naming_the_file(tmp_path, content, message):
+    """Sibling of the hostile data files (issue 20, item 14): the config YAML is read through the same checks."""
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        resolve(str(path), [])
+
+
+def test_a_flag_value_that_is_not_unicode_is_refused_naming_the_flag():
+    """argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)."""
+    with pytest.raises(ConfigError, match=r"--label_names: the value is not valid Unicode"):
+        resolve(None, ["--label_names", "a,b\udcff"])
+
+
+def test_a_hostile_config_through_the_real_cli_is_exit_2(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"model:\n  model_name_or_path: \xfe\xfe\n")
+    proc = subprocess.run([sys.executable, "-m", "budgetune", "train", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cfg.yaml, line 2: not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr

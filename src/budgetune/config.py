@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from budgetune.errors import ConfigError
+from budgetune.textcheck import lone_surrogate
 
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 BUILTIN_DATA = "builtin:headlines"
@@ -429,15 +430,34 @@ def build_config(sections: dict[str, dict[str, Any]], source: str = "config") ->
     return Config(**groups)
 
 
+def refuse_lone_surrogate(value: object, source: str) -> None:
+    """A config value (from a YAML file or the command line) must be Unicode text: name the key that is not."""
+    found = lone_surrogate(value)
+    if found is not None:
+        key = "".join(f"{p}: " for p in [".".join(str(p) for p in found.path)] if p)
+        raise ConfigError(f"{source}: {key}{'a key' if found.in_key else 'the value'} is not valid Unicode "
+                          f"({found.describe()})")
+
+
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a config YAML into sections; errors name the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        raw = yaml.safe_load(data.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"--config: no such file {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config: {path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                          f"{e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    refuse_lone_surrogate(raw, str(path))
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -471,6 +491,7 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
             if group in GROUPS and typing.get_type_hints(GROUPS[group]).get(name) is not bool:
                 raise ConfigError(f"--{name} needs a value, e.g. --{name} VALUE (budgetune train --help)")
             value = "true"
+        refuse_lone_surrogate(value, f"--{name}")
         out.setdefault(group, {})[name] = value
         i += 1
     return out

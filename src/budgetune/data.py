@@ -20,6 +20,7 @@ import numpy as np
 
 from budgetune.errors import DataError
 from budgetune.pickles import arrow_checked, load_pickle
+from budgetune.textcheck import lone_surrogate
 
 AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUILTIN = "builtin:headlines"
@@ -184,29 +185,14 @@ def _find_bad_utf8(path: Path) -> DataError:
 
 
 def check_text(src: str, where: str, value: object) -> None:
-    """Refuse a str that is not Unicode text: a lone UTF-16 surrogate (from a JSON escape such as "\\ud800", or a
-    pickled str) cannot be encoded, so the tokenizer, a submission or a JSON file would fail on it later."""
-    if not isinstance(value, str) or value.isascii():
-        return
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{src}, {where}: {value[max(0, e.start - 20):e.start + 20]!r} holds a lone UTF-16 "
-                        f"surrogate ({value[e.start]!r}, character {e.start + 1}), which is not Unicode text") from None
-
-
-def _check_record(src: str, where: str, record: object) -> None:
-    """check_text on every key and string in a parsed JSON value, however deeply nested (without recursion)."""
-    stack = [record]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v)
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-        else:
-            check_text(src, where, v)
+    """Refuse a string (or any key or string nested in a parsed JSON value) that is not Unicode text: a lone UTF-16
+    surrogate (from a JSON escape such as "\\ud800", or a pickled str) cannot be encoded, so the tokenizer, a
+    submission or a JSON file would fail on it later."""
+    found = lone_surrogate(value)
+    if found is not None:
+        t, i = found.text, found.index
+        raise DataError(f"{src}, {where}: {t[max(0, i - 20):i + 20]!r} holds a lone UTF-16 surrogate ({t[i]!r}, "
+                        f"character {i + 1}), which is not Unicode text")
 
 
 def _parse_json(path: Path, text: str, line: int | None = None) -> object:
@@ -341,7 +327,7 @@ def _stream_jsonl(path: Path, f, text_column: str | None,
         if "\x00" in raw:
             raise DataError(f"{path}, line {n}: contains a NUL byte")
         rec = _parse_json(path, raw, n)
-        _check_record(str(path), f"line {n}", rec)
+        check_text(str(path), f"line {n}", rec)
         if not isinstance(rec, dict):
             raise DataError(f"{path}, line {n}: expected a JSON object, found {type(rec).__name__}")
         key = key or _pick(str(path), rec, text_column, TEXT_COLUMNS, "text", "text_column_name")
@@ -359,7 +345,7 @@ def _records(path: Path, records: list, where: Callable[[int], str]) -> dict[str
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise DataError(f"{path}, {where(i)}: expected a JSON object, found {type(rec).__name__}")
-        _check_record(str(path), where(i), rec)
+        check_text(str(path), where(i), rec)
         keys.update(dict.fromkeys(rec))
     return {k: [rec.get(k) for rec in records] for k in keys}
 

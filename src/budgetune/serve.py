@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -42,6 +41,7 @@ from budgetune.errors import ConfigError, RequestError
 from budgetune.serve_batching import Backlog, DynamicBatcher, running
 from budgetune.serve_metrics import CONTENT_TYPE, Metrics
 from budgetune.serve_models import Registry, parse_runs
+from budgetune.textcheck import lone_surrogate
 
 API_KEY_ENV = "BUDGETUNE_API_KEY"
 # Pages and descriptions that hold no data: a browser cannot send the key when it opens them (the page asks for it).
@@ -49,7 +49,6 @@ PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"
 KNOWN_PATHS = PUBLIC_PATHS | {"/v1/classify", "/v1/adapters", "/metrics"}
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a caller's own X-Request-ID, kept when it looks like this
 MAX_ERRORS = 20  # field errors listed in one answer
-SURROGATE = re.compile("[\ud800-\udfff]")
 ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # how one reaches a JSON body (UTF-8 cannot carry it)
 ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 503: "not_ready"}
@@ -213,29 +212,22 @@ def parse_json(raw: bytes) -> object:
         raise RequestError(400, "body", f"body: a number with more than {sys.get_int_max_str_digits()} digits"
                            ) from None
     if ESCAPED_SURROGATE.search(raw):
-        lone_surrogate(data)
+        refuse_lone_surrogate(data)
     return data
 
 
-def lone_surrogate(data: object) -> None:
+def refuse_lone_surrogate(data: object) -> None:
     """A 422 naming the first field (breadth first) with an unpaired UTF-16 surrogate, which is no text at all."""
-    todo = deque([((), data)])
-    while todo:
-        loc, value = todo.popleft()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if SURROGATE.search(key):
-                    where = field_name(loc)
-                    raise RequestError(422, where, f"{where}: an object key is not valid Unicode (an unpaired "
-                                       "surrogate: each \\uD800-\\uDFFF escape must be half of a pair)")
-                todo.append(((*loc, key), item))
-        elif isinstance(value, list):
-            todo.extend(((*loc, i), item) for i, item in enumerate(value))
-        elif isinstance(value, str) and (m := SURROGATE.search(value)):
-            where = field_name(loc)
-            raise RequestError(422, where, f"{where}: not valid Unicode: unpaired surrogate "
-                               f"\\u{ord(m.group()):04x} at character {m.start()} (each \\uD800-\\uDFFF escape "
-                               "must be half of a pair)")
+    found = lone_surrogate(data)
+    if found is None:
+        return
+    where = field_name(found.path)
+    if found.in_key:
+        raise RequestError(422, where, f"{where}: an object key is not valid Unicode (an unpaired "
+                           "surrogate: each \\uD800-\\uDFFF escape must be half of a pair)")
+    raise RequestError(422, where, f"{where}: not valid Unicode: unpaired surrogate "
+                       f"\\u{ord(found.text[found.index]):04x} at character {found.index} (each \\uD800-\\uDFFF "
+                       "escape must be half of a pair)")
 
 
 def read_request(raw: bytes, content_type: str | None, max_texts: int) -> ClassifyRequest:
