@@ -26,7 +26,8 @@ commands:
   selftrain --config FILE --unlabeled_file FILE   rounds of confident pseudo-labels on unlabelled target texts
   demo      [--output_dir DIR]                 the whole job on the packaged MiniLM + built-in headlines
 
-`budgetune train --help` lists every training option.
+--verbose (anywhere on the line) also shows the libraries' own output: their warnings, weight-loading reports and
+progress bars, hidden by default. `budgetune train --help` lists every training option.
 """
 
 
@@ -159,6 +160,8 @@ def cmd_demo(argv: list[str]) -> int:
 COMMANDS = {"train": cmd_train, "plot": cmd_plot, "params": cmd_params, "plan": cmd_plan, "demo": cmd_demo}
 # Verbs whose module parses its own flags: `command(argv) -> int`, imported only when the verb runs.
 MODULE_VERBS = ("evaluate", "predict", "export", "search", "serve", "distill", "selftrain")
+NO_MODEL_VERBS = ("plot",)  # never load a model: transformers is not even imported
+VERBOSE = "--verbose"  # global: the libraries' own output too (budgetune.quiet)
 
 
 def run_verb(command: str, argv: list[str]) -> int:
@@ -168,7 +171,11 @@ def run_verb(command: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from budgetune.quiet import library_output
+
     argv = sys.argv[1:] if argv is None else argv
+    verbose = VERBOSE in argv
+    argv = [a for a in argv if a != VERBOSE]
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return run_verb(command, rest)
+        with library_output(verbose, progress_bars=command not in NO_MODEL_VERBS):
+            return run_verb(command, rest)
     except Interrupted as e:
         print(f"budgetune: {e}", file=sys.stderr)
         return 130
