@@ -182,6 +182,24 @@ def test_teacher_cache_follows_the_base_models_weights(files, tiny_roberta, tmp_
                        atol=1e-5)
 
 
+def test_a_hub_base_is_fingerprinted_by_the_commit_its_revision_resolves_to(tmp_path, monkeypatch):
+    """The Hub cache's layout: refs/<branch> names a commit, snapshots/<commit>/ holds that commit's files."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--org--encoder"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert distill.base_fingerprint("org/encoder", None) == f"org/encoder@{'a' * 40}"
+    (repo / "refs" / "main").write_text("b" * 40)  # main moved on: another base, another key
+    assert distill.base_fingerprint("org/encoder", None) == f"org/encoder@{'b' * 40}"
+    assert distill.base_fingerprint("org/encoder", "a" * 40) == f"org/encoder@{'a' * 40}"
+    assert distill.base_fingerprint("org/not-downloaded", None) is None
+
+
 def test_a_teacher_whose_split_cannot_be_checked_is_warned_about(files, tiny_roberta, teacher, tmp_path, capsys):
     from transformers import AutoTokenizer
 
