@@ -70,7 +70,8 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
     return {"best_metric": state.best_metric, "best_step": state.best_step, **(best.metrics or {}),
             "validation": {k: final[k] for k in ("accuracy", "macro_f1", "loss", "n")},
             "validation_source": run.splits.validation_source, "adapter_scale": scale, "adapter_scale_reason": why,
-            "test": test and {k: test[k] for k in ("accuracy", "macro_f1", "n")}, "output_dir": str(out)}
+            "test": None if test is None else {k: test[k] for k in ("accuracy", "macro_f1", "n")},
+            "output_dir": str(out)}
 
 
 def evaluate_test(run: Run, saved) -> dict:
