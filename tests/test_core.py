@@ -289,6 +289,7 @@ def test_the_automatic_adapter_scale_respects_the_tolerance(tiny_roberta, headli
     assert evaluation["raw_adapter"]["accuracy"] == pytest.approx(table[1.0])
     info = json.loads((out / "adapter" / "budgetune.json").read_text())
     assert info["adapter_scale"] == chosen and info["robust_tolerance"] == 3
+    assert evaluation["adapter_scale_reason"].startswith("the smallest scale within 3 points of the best validation")
     off = tmp_path / "off"
     train(resolve(None, flags(tiny_train_args(tiny_roberta, headlines_csv, off, "lora", num_train_epochs=1,
                                               max_train_samples=128, robust_tolerance="null"))))

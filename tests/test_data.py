@@ -335,6 +335,43 @@ def test_tokenize_and_cache(tmp_path, tokenizer, monkeypatch):
     assert "labels" not in unlabelled.column_names
 
 
+def swap_token_ids(folder: Path, a: str, b: str) -> None:
+    """Two tokens trade ids in a byte-level BPE tokenizer's files: same folder, class and size, other ids."""
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    for v in (spec["model"]["vocab"], vocab):
+        v[a], v[b] = v[b], v[a]
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+
+
+def test_tokenize_cache_is_keyed_by_the_tokenizers_content(tmp_path, tiny_roberta):
+    """A tokenizer whose files changed under the same name (another revision, a retrained folder) is not served the
+    cache of the old one; the same content loaded from another folder is."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_roberta, folder)
+    table = TextTable(["Stocks rally as the market rises", "Cup final tonight"], [2, 1], None, "mem")
+    old = AutoTokenizer.from_pretrained(folder)
+    first = tokenize(table, old, 32, tmp_path / "cache")
+    ids = first["input_ids"][0]
+    a, b = old.convert_ids_to_tokens([ids[1], ids[2]])
+    swap_token_ids(folder, a, b)
+    new = AutoTokenizer.from_pretrained(folder)
+    assert len(new) == len(old) and new.name_or_path == old.name_or_path
+    expected = new(table.texts, truncation=True, max_length=32)["input_ids"]
+    assert expected != first["input_ids"]  # the change matters
+    assert tokenize(table, new, 32, tmp_path / "cache")["input_ids"] == expected
+    assert len(list((tmp_path / "cache").glob("tokenized-*.arrow"))) == 2
+    elsewhere = tmp_path / "copy"
+    shutil.copytree(folder, elsewhere)  # the same content elsewhere: the cache is shared
+    tokenize(table, AutoTokenizer.from_pretrained(elsewhere), 32, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("tokenized-*.arrow"))) == 2
+
+
 def test_collator(tokenizer):
     ds = tokenize(TextTable(["one", "two words here", "three"], [1, 0, 1], None, "m"), tokenizer, 16, None)
     batch = make_collator(tokenizer, pad_to_multiple_of=8)([ds[i] for i in range(3)])

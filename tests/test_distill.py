@@ -157,6 +157,63 @@ def test_teacher_cache_is_reused_and_invalidated_when_the_teacher_changes(files,
     assert not hit4 and path4 != path3 and np.allclose(other, changed[:-1], atol=1e-5)
 
 
+def test_teacher_cache_follows_the_base_models_weights(files, tiny_roberta, tmp_path):
+    """An adapter teacher's logits depend on its base model's weights, which its bundle only names: new weights
+    under the same name are a cache miss, recomputed with them."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_roberta, base)
+    run = tmp_path / "lora-teacher"
+    train_lib.train(config(files, base, run, "lora", max_steps=2, eval_strategy="steps", eval_steps=2))
+    texts = data_lib.load_table(str(files["train"])).texts[:40]
+    first, path, hit = distill.teacher_logits(run, texts, tmp_path / "cache")
+    assert not hit and distill.teacher_logits(run, texts, tmp_path / "cache")[2]
+    weights = load_file(base / "model.safetensors")
+    key = next(k for k in weights if k.endswith("layer.1.output.LayerNorm.weight"))
+    weights[key] = weights[key] * 3
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    changed, path2, hit2 = distill.teacher_logits(run, texts, tmp_path / "cache")
+    assert not hit2 and path2 != path
+    assert not np.allclose(changed, first, atol=1e-4)  # recomputed on the new base weights
+    accelerator, model, tokenizer, info = load_for_inference(run)
+    table = data_lib.TextTable(texts, None, info["label_names"], "check")
+    assert np.allclose(changed, table_logits(model, tokenizer, table, accelerator, 64, info["max_seq_length"]),
+                       atol=1e-5)
+
+
+def test_a_hub_base_is_fingerprinted_by_the_commit_its_revision_resolves_to(tmp_path, monkeypatch):
+    """The Hub cache's layout: refs/<branch> names a commit, snapshots/<commit>/ holds that commit's files."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--org--encoder"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert distill.base_fingerprint("org/encoder", None) == f"org/encoder@{'a' * 40}"
+    (repo / "refs" / "main").write_text("b" * 40)  # main moved on: another base, another key
+    assert distill.base_fingerprint("org/encoder", None) == f"org/encoder@{'b' * 40}"
+    assert distill.base_fingerprint("org/encoder", "a" * 40) == f"org/encoder@{'a' * 40}"
+    assert distill.base_fingerprint("org/not-downloaded", None) is None
+
+
+def test_a_teacher_whose_split_cannot_be_checked_is_warned_about(files, tiny_roberta, teacher, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    cfg = config(files, tiny_roberta, tmp_path / "s", "lora")
+    tok = AutoTokenizer.from_pretrained(tiny_roberta)
+    distill.check_teachers([str(teacher)], ["0", "1", "2", "3"], tok, cfg)
+    assert "warning" not in capsys.readouterr().err  # a run folder: its config.yaml says it held out the same rows
+    (entry,) = distill.check_teachers([str(teacher / "adapter")], ["0", "1", "2", "3"], tok, cfg)
+    err = capsys.readouterr().err
+    assert entry["same_validation_split"] is None
+    assert f"warning: teacher {teacher / 'adapter'}: {teacher / 'adapter' / 'config.yaml'} is missing" in err
+    assert "cannot check that it held out the student's validation rows" in err
+
+
 def test_distilled_lora_student_loads_with_plain_peft(files, tiny_roberta, teacher, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -205,6 +205,20 @@ def test_choose_scale_respects_the_tolerance():
     assert "adapter_scale 0.5 chosen" in line and "92.10%" in line and "92.60%" in line and "-0.50 points" in line
 
 
+def test_a_validation_split_too_small_for_the_tolerance_cannot_choose_a_scale():
+    """One row weighs 100/n points: above the tolerance, only exact ties are 'within' it, and a tie (all 100 % on a
+    small, easy split) can hide almost a row of loss."""
+    why = scaling.unresolved(48, 0.5)
+    assert "48 validation rows cannot resolve the 0.5-point --robust_tolerance" in why
+    assert "one row is 2.08 points" in why and "at least 200 rows" in why
+    assert scaling.unresolved(200, 0.5) is None and scaling.unresolved(120, 1.0) is None
+    assert "at least 334 rows" in scaling.unresolved(333, 0.3) and scaling.unresolved(334, 0.3) is None
+    assert "a tolerance above 0" in scaling.unresolved(10_000, 0.0)
+    reason = scaling.scale_reason(0.7, {0.5: 0.89, 0.7: 0.8995, 1.0: 0.9041}, 0.5)
+    assert reason.startswith("the smallest scale within 0.5 points of the best validation accuracy (89.95% at 0.7, "
+                             "90.41% as trained)") and "--adapter_scale 1 restores" in reason
+
+
 def test_auto_scale_validates_each_scale_and_restores_the_trained_adapter(tiny_roberta, batch):
     model = trained_like(tiny_roberta, "lora")
     trained = logits(model, batch)

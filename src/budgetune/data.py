@@ -11,6 +11,7 @@ import math
 import os
 import re
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -527,14 +528,43 @@ def train_validation_split(table: TextTable, fraction: float, seed: int) -> tupl
     return take(~is_val), take(is_val)
 
 
-def _cache_key(table: TextTable, tokenizer, max_seq_length: int) -> str:
-    h = hashlib.sha256()
-    meta = [getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__, max_seq_length,
-            getattr(tokenizer, "truncation_side", "right"), "budgetune-tokenize-v1"]
-    h.update(json.dumps(meta).encode())
-    for t in table.texts:  # length-prefixed, so ["ab", "c"] and ["a", "bc"] differ
+def hash_texts(h, texts: list[str]) -> None:
+    """Feed texts into hash `h`, each length-prefixed, so ["ab", "c"] and ["a", "bc"] differ."""
+    for t in texts:
         b = t.encode("utf-8", "surrogatepass")
         h.update(len(b).to_bytes(8, "little") + b)
+
+
+PER_CALL_STATE = ("truncation", "padding")  # what the last call left in a fast tokenizer's state, not its identity
+_TOKENIZER_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what the tokenizer does to a text, not of its name: vocabulary, merges, normaliser, pre- and
+    post-processing, added and special tokens, the inputs it returns and its truncation side. Two revisions of one Hub
+    id, or a folder whose files changed, differ. Computed once per tokenizer object (it is not cheap)."""
+    known = _TOKENIZER_FINGERPRINTS.get(tokenizer)
+    if known is not None and known[0] == len(tokenizer):
+        return known[1]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: its whole pipeline, as tokenizers serialises it
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in PER_CALL_STATE}
+    else:
+        state = {"vocab": sorted(tokenizer.get_vocab().items()),
+                 "init": sorted((k, repr(v)) for k, v in tokenizer.init_kwargs.items()
+                                if k != "name_or_path" and not k.endswith("_file"))}
+    state.update(type=type(tokenizer).__name__, inputs=list(tokenizer.model_input_names),
+                 truncation_side=getattr(tokenizer, "truncation_side", "right"),
+                 special=repr(sorted(tokenizer.special_tokens_map.items())))
+    digest = hashlib.sha256(json.dumps(state, sort_keys=True, default=repr).encode()).hexdigest()
+    _TOKENIZER_FINGERPRINTS[tokenizer] = (len(tokenizer), digest)
+    return digest
+
+
+def _cache_key(table: TextTable, tokenizer, max_seq_length: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([tokenizer_fingerprint(tokenizer), max_seq_length, "budgetune-tokenize-v2"]).encode())
+    hash_texts(h, table.texts)
     h.update(b"labels" + (b"none" if table.labels is None else np.asarray(table.labels, np.int64).tobytes()))
     return h.hexdigest()
 

@@ -25,31 +25,58 @@ from budgetune import train as train_lib
 from budgetune.config import Config
 from budgetune.devices import is_main_process
 from budgetune.errors import AdapterError, ConfigError
-from budgetune.loading import adapter_dir, bundle_info
+from budgetune.loading import adapter_dir, bundle_info, is_full_model
 
-CACHE_VERSION = "budgetune-teacher-logits-v1"
+CACHE_VERSION = "budgetune-teacher-logits-v2"
 SKIP_IN_FINGERPRINT = {"README.md"}  # the model card may be rewritten (e.g. by distil) without changing a logit
+BASE_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
-def fingerprint(teacher: str | Path) -> str:
-    """A hash of every file of the teacher's bundle (weights, configs, tokenizer, labels): its identity."""
+def fingerprint(teacher: str | Path) -> str | None:
+    """The teacher's identity by content: every file of its bundle (weights, configs, tokenizer, labels) and, for an
+    adapter, its base model's weights (`base_fingerprint`). None when the base is a Hub model not downloaded yet."""
     folder = adapter_dir(teacher)
     h = hashlib.sha256(CACHE_VERSION.encode())
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in SKIP_IN_FINGERPRINT):
+    hash_files(h, folder, [p for p in folder.rglob("*") if p.is_file() and p.name not in SKIP_IN_FINGERPRINT])
+    if is_full_model(folder):  # every weight is in the folder
+        return h.hexdigest()
+    info = bundle_info(folder)
+    base = base_fingerprint(info["base_model_name_or_path"], info.get("revision"))
+    if base is None:
+        return None
+    h.update(f"base={base}".encode())
+    return h.hexdigest()
+
+
+def base_fingerprint(name: str, revision: str | None) -> str | None:
+    """An adapter's base model by content: the weight and config files of a local (or the packaged) model folder;
+    for a Hub id, the commit its revision resolves to in the local Hub cache (a commit fixes every file's content),
+    None when the model is not in that cache yet."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from budgetune.methods import resolve_model_path
+
+    folder = Path(resolve_model_path(name))
+    if folder.is_dir():
+        h = hashlib.sha256()
+        hash_files(h, folder, list({p for pattern in BASE_FILES for p in folder.glob(pattern) if p.is_file()}))
+        return h.hexdigest()
+    found = try_to_load_from_cache(name, "config.json", revision=revision)
+    return f"{name}@{Path(found).parent.name}" if isinstance(found, str) else None
+
+
+def hash_files(h, folder: Path, files: list[Path]) -> None:
+    """Feed each file's path (relative to `folder`) and bytes into hash `h`, in path order."""
+    for f in sorted(files):
         h.update(str(f.relative_to(folder)).encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-    info = bundle_info(folder)  # an adapter's base weights are not in the folder: its name and revision stand in
-    h.update(f"base={info['base_model_name_or_path']}@{info.get('revision')}".encode())
-    return h.hexdigest()
 
 
 def texts_digest(texts: list[str], max_seq_length: int) -> str:
     h = hashlib.sha256(f"{max_seq_length}\0".encode())
-    for t in texts:  # length-prefixed, so ["ab", "c"] and ["a", "bc"] differ
-        b = t.encode("utf-8", "surrogatepass")
-        h.update(len(b).to_bytes(8, "little") + b)
+    data_lib.hash_texts(h, texts)
     return h.hexdigest()
 
 
@@ -58,15 +85,17 @@ def cache_path(cache_dir: str | Path, teacher_fp: str, texts_fp: str) -> Path:
 
 
 def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
-                   batch_size: int = 128) -> tuple[np.ndarray, Path, bool]:
-    """(logits [n, labels] in text order, cache file, whether it was a cache hit); computed once per text."""
+                   batch_size: int = 128) -> tuple[np.ndarray, Path | None, bool]:
+    """(logits [n, labels] in text order, cache file, whether it was a cache hit); computed once per text and
+    teacher content (`fingerprint`). No cache file (None) when the teacher's base cannot be fingerprinted."""
     from budgetune.devices import release_accelerator
     from budgetune.inference import table_logits
     from budgetune.loading import load_for_inference
 
     info = bundle_info(teacher)
-    path = cache_path(cache_dir, fingerprint(teacher), texts_digest(texts, info["max_seq_length"]))
-    if path.is_file():
+    digest = texts_digest(texts, info["max_seq_length"])
+    teacher_fp = fingerprint(teacher)
+    if teacher_fp is not None and (path := cache_path(cache_dir, teacher_fp, digest)).is_file():
         logits = np.load(path)
         if logits.shape == (len(texts), len(info["label_names"])):
             return logits, path, True
@@ -76,6 +105,10 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
                           desc=f"teacher {Path(teacher).name}")
     del model
     release_accelerator()  # the student's training starts its own accelerator in this process
+    teacher_fp = teacher_fp or fingerprint(teacher)  # a Hub base is in the Hub cache now that it has loaded
+    if teacher_fp is None:
+        return logits, None, False
+    path = cache_path(cache_dir, teacher_fp, digest)
     with artifacts.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, logits.astype(np.float32))
     return logits, path, False
@@ -141,6 +174,12 @@ def same_split(teacher: str | Path, cfg: Config) -> bool | None:
     return all(tcfg.get(g, {}).get(k) == s[g][k] for g, k in keys)
 
 
+def unknown_split(teacher: str | Path) -> str:
+    """Why `same_split` cannot tell (it returned None)."""
+    path = Path(teacher) / "config.yaml"
+    return f"{path} is missing (a bare bundle)" if not path.is_file() else "it trained on another dataset"
+
+
 def check_teachers(teachers: list[str], label_names: list[str], student_tokenizer, cfg: Config) -> list[dict]:
     """Each teacher's identity; other label names or another label order is refused, another tokenizer noted."""
     out = []
@@ -159,6 +198,10 @@ def check_teachers(teachers: list[str], label_names: list[str], student_tokenize
             print(f"warning: teacher {t} held out another validation split (seed or split settings differ): it "
                   "may have trained on the student's validation rows, so the student's validation figures may be "
                   "optimistic", file=sys.stderr)
+        elif entry["same_validation_split"] is None:
+            print(f"warning: teacher {t}: {unknown_split(t)}, so budgetune cannot check that it held out the "
+                  "student's validation rows: if it trained on them, the student's validation figures are optimistic",
+                  file=sys.stderr)
         if not same:
             print(f"note: teacher {t} has another tokenizer than the student: allowed, each model tokenizes the "
                   "texts for itself", file=sys.stderr)
@@ -215,7 +258,7 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     for entry in identities:
         logits, path, hit = teacher_logits(entry["path"], splits.train.texts, cache,
                                            batch_size or cfg.train.per_device_eval_batch_size)
-        entry.update(cache_file=str(path), cache_hit=hit,
+        entry.update(cache_file=str(path) if path else None, cache_hit=hit,
                      agreement_with_gold=_agreement(logits[:n_labelled], splits.train.labels[:n_labelled]))
         all_logits.append(logits)
     log_p = torch.from_numpy(ensemble_log_probs(all_logits, temperature))

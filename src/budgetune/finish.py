@@ -71,7 +71,10 @@ def portable_model_id(name: str) -> str:
 
 
 def finish(run: Run, state: TrainState, best: Best) -> dict:
-    """The best adapter back in the model; evaluation files computed from the saved adapter reloaded; plots."""
+    """The best adapter back in the model; evaluation files computed from the saved adapter reloaded; plots.
+
+    Returns the best step's metrics and what the closing `summary` says: validation (and test) figures of the saved
+    adapter at its scale, the scale and why, the run folder."""
     acc, out, main = run.accelerator, run.out, run.accelerator.is_main_process
     if best.state is not None:
         checkpoint.restore_model(run.inner, best.state)
@@ -84,9 +87,9 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
     saved = reload_saved(run)  # what `predict` will load, through plain peft
     raw_logits = validation_logits(run, saved)
     raw = scores(raw_logits, run.splits)
-    scale, table, logits = choose_adapter_scale(run, saved, raw_logits)
+    scale, table, logits, why = choose_adapter_scale(run, saved, raw_logits)
     final = raw if scale == 1 else scores(logits, run.splits)
-    final.update(adapter_scale=scale, adapter_scale_validation=table,
+    final.update(adapter_scale=scale, adapter_scale_reason=why, adapter_scale_validation=table,
                  raw_adapter={k: raw[k] for k in ("accuracy", "macro_f1", "loss")})
     if main:
         if table is not None:
@@ -94,14 +97,7 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
         artifacts.atomic_write_json(out / "evaluation.json", {"split": "validation", **final})
         artifacts.atomic_write_text(out / "evaluation.txt", metrics_text(
             final, f"validation (saved adapter at adapter_scale {scale:g}: what predict loads)"))
-    if run.splits.test is not None:  # reported once, never used to choose
-        tl = table_logits(saved, run.tokenizer, run.splits.test, acc, run.cfg.train.per_device_eval_batch_size,
-                          run.cfg.data.max_seq_length, cache_dir(run.cfg), desc="test")
-        tm = classification_metrics(run.splits.test.labels, tl.argmax(-1), run.splits.label_names)
-        if main:
-            artifacts.atomic_write_json(out / "evaluation_test.json", {"split": "test", **tm})
-            artifacts.atomic_write_text(out / "evaluation_test.txt", metrics_text(tm, "test (saved adapter)"))
-        acc.print(f"test accuracy {tm['accuracy']:.4f}")
+    test = evaluate_test(run, saved) if run.splits.test is not None else None
     run.log.log("end", step=state.step, best_step=state.best_step, best_metric=state.best_metric,
                 final_ranks=methods.rank_pattern(run.inner), replica_digests=replica_digests(run))
     if main:
@@ -109,7 +105,36 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
     acc.print(f"best validation {run.cfg.train.metric_for_best_model} {state.best_metric:.4f} at step "
               f"{state.best_step}; adapter: {out / 'adapter'}")
     return {"best_metric": state.best_metric, "best_step": state.best_step, **(best.metrics or {}),
-            "validation": {k: final[k] for k in ("accuracy", "macro_f1", "loss")}}
+            "validation": {k: final[k] for k in ("accuracy", "macro_f1", "loss", "n")},
+            "validation_source": run.splits.validation_source, "adapter_scale": scale, "adapter_scale_reason": why,
+            "test": None if test is None else {k: test[k] for k in ("accuracy", "macro_f1", "n")},
+            "output_dir": str(out)}
+
+
+def evaluate_test(run: Run, saved) -> dict:
+    """The test split's metrics with the saved adapter: reported once (files and a line), never used to choose."""
+    tl = table_logits(saved, run.tokenizer, run.splits.test, run.accelerator, run.cfg.train.per_device_eval_batch_size,
+                      run.cfg.data.max_seq_length, cache_dir(run.cfg), desc="test")
+    tm = classification_metrics(run.splits.test.labels, tl.argmax(-1), run.splits.label_names)
+    if run.accelerator.is_main_process:
+        artifacts.atomic_write_json(run.out / "evaluation_test.json", {"split": "test", **tm})
+        artifacts.atomic_write_text(run.out / "evaluation_test.txt", metrics_text(tm, "test (saved adapter)"))
+    run.accelerator.print(f"test accuracy {tm['accuracy']:.4f}")
+    return tm
+
+
+def summary(result: dict, next_steps: list[str]) -> str:
+    """A run's closing lines (train, demo): how good the saved model is, on which rows; its adapter scale and why;
+    where the files are; what to run next."""
+    v, out = result["validation"], result["output_dir"]
+    lines = [f"validation accuracy {v['accuracy']:.2%} (macro-F1 {v['macro_f1']:.2%}) on {v['n']} rows: "
+             f"{result['validation_source']}",
+             f"adapter scale {result['adapter_scale']:g}: {result['adapter_scale_reason']}"]
+    if result.get("test"):
+        t = result["test"]
+        lines.append(f"test accuracy {t['accuracy']:.2%} on {t['n']} rows (reported once, never used to choose)")
+    lines.append(f"files: {out}/ (adapter/: the model; evaluation.txt; plots/; metrics.jsonl)")
+    return "\n".join(lines + [f"next: {step}" for step in next_steps])
 
 
 def validation_logits(run: Run, model) -> np.ndarray:
@@ -119,14 +144,21 @@ def validation_logits(run: Run, model) -> np.ndarray:
 
 
 def choose_adapter_scale(run: Run, saved, raw_logits: np.ndarray):
-    """(scale, {scale: validation accuracy}, validation logits at that scale): the adapter's default scale toward
-    the pretrained model (scaling.auto_scale on validation); the model is left at that scale. (1, None, raw logits)
-    when switched off (--robust_tolerance null) or for a method without an adapter."""
+    """(scale, {scale: validation accuracy}, validation logits at that scale, why): the adapter's default scale toward
+    the pretrained model (scaling.auto_scale on validation); the model is left at that scale. Scale 1 without a
+    table when switched off (--robust_tolerance null), for a method without an adapter, or when the validation
+    split is too small to resolve the tolerance (scaling.unresolved)."""
     tolerance = run.cfg.train.robust_tolerance
-    if tolerance is None or run.cfg.method.method == "full":
-        return 1.0, None, raw_logits
+    if tolerance is None:
+        return 1.0, None, raw_logits, "as trained (--robust_tolerance null: no scale chosen)"
+    if run.cfg.method.method == "full":
+        return 1.0, None, raw_logits, "as trained (method full: no adapter to scale)"
     from budgetune import scaling
 
+    too_few = scaling.unresolved(len(run.splits.validation.texts), tolerance)
+    if too_few is not None:
+        run.accelerator.print(f"adapter_scale 1 kept (as trained): {too_few}")
+        return 1.0, None, raw_logits, f"kept as trained, because {too_few}"
     logits = {1.0: raw_logits}  # each scale's validation pass runs once
 
     def validate() -> float:
@@ -138,7 +170,7 @@ def choose_adapter_scale(run: Run, saved, raw_logits: np.ndarray):
     chosen, table = scaling.auto_scale(saved, validate, scaling.AUTO_SCALES, tolerance)
     scaling.apply_scale(saved, chosen)
     run.accelerator.print(scaling.scale_summary(chosen, table))
-    return chosen, table, logits[chosen]
+    return chosen, table, logits[chosen], scaling.scale_reason(chosen, table, tolerance)
 
 
 def reload_saved(run: Run):

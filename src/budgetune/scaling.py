@@ -18,6 +18,7 @@ adapter is scaled from its own trained values, and scale 1 restores the trained 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -243,3 +244,25 @@ def scale_summary(chosen: float, table: dict[float, float]) -> str:
     return (f"adapter_scale {chosen:g} chosen: validation accuracy {table[chosen]:.2%} at {chosen:g} vs "
             f"{raw:.2%} as trained ({change:+.2f} points); --adapter_scale 1 restores the raw adapter")
 
+
+
+def unresolved(rows: int, tolerance: float) -> str | None:
+    """Why a validation split of `rows` rows cannot choose a scale within `tolerance` points (None: it can).
+
+    One row weighs 100 / rows points. Where that is more than the tolerance, the only scales the split sees within
+    it are exact ties with the best, and a tie may hide a loss of almost a row: all scales tie at 100 % on a small,
+    easy split. Choosing then means nothing, so the adapter stays as trained.
+    """
+    if rows * tolerance >= 100 - 1e-9:
+        return None
+    need = f"at least {math.ceil(100 / tolerance - 1e-9)} rows" if tolerance > 0 else "a tolerance above 0"
+    return (f"{rows} validation rows cannot resolve the {tolerance:g}-point --robust_tolerance (one row is "
+            f"{100 / rows:.2f} points; choosing a scale needs {need})")
+
+
+def scale_reason(chosen: float, table: dict[float, float], tolerance: float) -> str:
+    """Why `chosen` is the adapter's scale, in words (for a run's closing summary)."""
+    raw = table.get(1.0, max(table.values()))
+    restore = "; --adapter_scale 1 restores the raw adapter" if chosen != 1 else ""
+    return (f"the smallest scale within {tolerance:g} points of the best validation accuracy ({table[chosen]:.2%} at "
+            f"{chosen:g}, {raw:.2%} as trained){restore}")

@@ -18,6 +18,7 @@ class Splits:
     validation: data_lib.TextTable
     test: data_lib.TextTable | None
     label_names: list[str]
+    validation_source: str = "the validation split"  # where the validation rows come from, in words
 
 
 def load_splits(cfg: Config) -> Splits:
@@ -29,11 +30,13 @@ def load_splits(cfg: Config) -> Splits:
     names = train.label_names
     kw["label_names"] = names
     if d.validation_file:
-        val = data_lib.load_table(d.validation_file, split="validation", **kw)
+        val, source = data_lib.load_table(d.validation_file, split="validation", **kw), d.validation_file
     elif data_lib.has_split(d.dataset_name, "validation", d.dataset_config_name):
         val = data_lib.load_table(d.dataset_name, split="validation", **kw)
+        source = f"the validation split of {d.dataset_name}"
     else:  # never the test split: it must not choose the model
         train, val = data_lib.train_validation_split(train, d.validation_split_percentage / 100, cfg.train.seed)
+        source = f"{d.validation_split_percentage:g}% held out of the training data"
     test = None
     if d.test_file:
         test = data_lib.load_table(d.test_file, split="test", **kw)
@@ -44,7 +47,7 @@ def load_splits(cfg: Config) -> Splits:
                                    names, train.source)
     if d.max_eval_samples:
         val = data_lib.TextTable(val.texts[: d.max_eval_samples], val.labels[: d.max_eval_samples], names, val.source)
-    return Splits(train, val, test, names)
+    return Splits(train, val, test, names, source)
 
 
 def cache_dir(cfg: Config) -> str:
