@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from budgetune import artifacts, methods, scaling
@@ -68,6 +70,19 @@ def bundle_scale(info: dict, adapter_scale: float | None = None) -> float:
     return scaling.check_scale(float(info.get("adapter_scale", 1.0) if adapter_scale is None else adapter_scale))
 
 
+@contextlib.contextmanager
+def readable(folder: Path) -> Iterator[None]:
+    """A bundle whose weight files cannot be read (truncated, corrupt, another shape) is an AdapterError naming the
+    folder, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+        raise AdapterError(f"{folder}: the saved weights cannot be loaded ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:300] if str(e) else 'no detail'})") from e
+
+
 def load_model(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None):
     """(peft model in eval mode, tokenizer, bundle info); merged into the base weights for speed unless merge=False.
 
@@ -83,11 +98,14 @@ def load_model(run_or_adapter: str | Path, merge: bool = True, adapter_scale: fl
         if adapter_scale not in (None, 1):
             raise AdapterError(f"{folder}: a fully fine-tuned model has no adapter to scale (--adapter_scale "
                                f"{adapter_scale})")
-        model = load_full(folder, info).eval()
+        with readable(folder):
+            model = load_full(folder, info).eval()
         methods.first_token_last_layer(model)
         info["applied_adapter_scale"] = 1.0
         return model, AutoTokenizer.from_pretrained(folder), info
-    model = PeftModel.from_pretrained(load_base_for(info), folder).eval()
+    base = load_base_for(info)
+    with readable(folder):
+        model = PeftModel.from_pretrained(base, folder).eval()
     info["applied_adapter_scale"] = scale = bundle_scale(info, adapter_scale)
     if scale != 1:
         scaling.apply_scale(model, scale)  # before merging: the merge then carries the scale
