@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, headline_rows, run_cli
 
-from budgetune import budget, cli
+from budgetune import budget, cli, methods
 from budgetune.config import (
     GROUPS,
     METHODS,
@@ -241,8 +241,9 @@ def test_resolved_config_of_a_run_reparses_to_the_same_config(tiny_roberta, tmp_
     assert written.read_text().startswith("# resolved configuration of this run\n")
     assert f"budgetune train --config {written}" in written.read_text().splitlines()[1]
     again = resolve(str(written), [])
-    expected, _ = budget.resolve_auto_rank(cfg, 4)
+    expected, _ = methods.resolve_attention(budget.resolve_auto_rank(cfg, 4)[0])
     assert isinstance(again.method.rank, int) and again.method.rank > 1  # auto was resolved before writing
+    assert again.model.attn_implementation == "sdpa"  # so was --attn_implementation auto
     assert again == expected
     assert again.method.method_options == {"use_rslora": True}
     assert again.data.label_names == ["World", "Sports", "Business", "Sci/Tech"]

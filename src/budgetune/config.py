@@ -36,14 +36,15 @@ class ModelConfig:
     `frozen_dense` (the model's own head with its dense layer frozen: only the output projection trains)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: `sdpa` (PyTorch fused attention) or `eager`."""
+    attn_implementation: str = "auto"
+    """Attention kernel: `auto` (SDPA where transformers has it for the architecture, eager otherwise, e.g. for
+    MPNet and DeBERTa), `sdpa` (PyTorch fused attention) or `eager`; the run's header says which it used."""
 
     def __post_init__(self):
         if self.head not in ("default", "linear", "frozen_dense"):
             raise ConfigError(f"--head must be default, linear or frozen_dense, got {self.head!r}")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(f"--attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
+        if self.attn_implementation not in ("auto", "sdpa", "eager"):
+            raise ConfigError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -238,6 +239,32 @@ def freeze_saved_copies(peft_model: nn.Module, frozen: list[str]) -> None:
             p.requires_grad_(False)
 
 
+def attention(hf_config, requested: str) -> tuple[str, str]:
+    """(the attention kernel to load with, the run header's line saying so). `auto`: SDPA where transformers has it
+    for the architecture, eager otherwise (MPNet, DeBERTa); an explicit sdpa where it has none is an error."""
+    from transformers import __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING as CLASSES
+
+    cls = CLASSES[type(hf_config)] if type(hf_config) in CLASSES else None
+    name = cls.__name__ if cls is not None else f"model type {hf_config.model_type!r}"
+    has_sdpa = bool(getattr(cls, "_supports_sdpa", False))
+    if requested == "sdpa" and not has_sdpa:
+        raise ConfigError(f"--attn_implementation sdpa: {name} has no SDPA attention in transformers {__version__}; "
+                          "use --attn_implementation auto (which picks eager for it) or eager")
+    if requested != "auto":
+        return requested, f"attention: {requested} (--attn_implementation {requested})"
+    if has_sdpa:
+        return "sdpa", "attention: sdpa (auto)"
+    return "eager", f"attention: eager (auto: {name} has no SDPA attention in transformers {__version__})"
+
+
+def resolve_attention(cfg: Config) -> tuple[Config, str]:
+    """cfg with --attn_implementation auto replaced by the kernel it means for this model, and the header line."""
+    hf_config = load_hf_config(cfg.model.model_name_or_path, 2, revision=cfg.model.revision, shipped_ok=False)
+    kernel, line = attention(hf_config, cfg.model.attn_implementation)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=kernel)), line
+
+
 def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]]:
     """Pretrained encoder + fresh head (seeded by the caller); also the head modules missing from the checkpoint."""
     from transformers import AutoModelForSequenceClassification
@@ -249,10 +276,10 @@ def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]
         f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(path)
     ):
         raise ModelLoadError(f"{path}: no model weights (model.safetensors or pytorch_model.bin) in this folder")
+    kernel, _ = attention(hf_config, cfg.model.attn_implementation)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=hf_config, revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
-            output_loading_info=True)
+            path, config=hf_config, revision=cfg.model.revision, attn_implementation=kernel, output_loading_info=True)
     except OSError as e:
         raise ModelLoadError(_download_hint(cfg.model.model_name_or_path, "weights", e)) from None
     # Head parts missing from the checkpoint are freshly initialised: they must be saved with the adapter.
