@@ -32,8 +32,10 @@ class ModelConfig:
     model_name_or_path: str = PACKAGED_MINILM
     """Hub id or local folder of the pretrained encoder; `packaged:all-MiniLM-L6-v2` is the MiniLM shipped with pip."""
     head: str = "default"
-    """Classification head: `default` (the model's own, trained), `linear` (one Linear on the first token), or
-    `frozen_dense` (the model's own head with its dense layer frozen: only the output projection trains)."""
+    """Classification head: `default` (the model's own, trained), `linear` (one Linear on the first token, in place
+    of a dense+out_proj head; where the dense layer sits beside the output layer, DeBERTa's pooler or DistilBERT's
+    pre_classifier, only the output layer trains), or `frozen_dense` (the model's own head with its dense layer
+    frozen: only the output projection trains)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
     attn_implementation: str = "auto"
@@ -106,7 +108,9 @@ class MethodConfig:
     """Rank (AdaLoRA: the initial rank init_r); `auto` picks the largest rank that fits the budget."""
     target_modules: list[str] | str | None = "all-linear"
     """Modules to adapt, e.g. [query, value], or `all-linear` (every Linear inside the encoder layers); null:
-    query,value (IA3: peft's defaults)."""
+    query,value (IA3: peft's defaults). The seed's (BERT's) names query, key, value, dense work on every encoder,
+    mapped to its own (MPNet q,k,v,o; DistilBERT q_lin,k_lin,v_lin,out_lin; DeBERTa query_proj,...); the
+    architecture's own names work too."""
     lora_alpha: float = 32
     """Scaling numerator (LoRA, DoRA, AdaLoRA, LoHa, LoKr)."""
     lora_dropout: float = 0.0
