@@ -51,7 +51,7 @@ def test_shipped_config_parses_names_itself_and_fits_its_budget(path: Path):
     assert bd.budget == cfg.budget.max_trainable_params
     if bd.budget is not None:
         assert 0 < bd.total_trainable <= bd.budget, (path.name, bd.table())
-    if path.name == "seed_adalora_roberta_agnews.yaml":
+    if path.name in ("seed_adalora_roberta_agnews.yaml", "seed_adalora_mpnet_agnews.yaml"):  # the same shapes
         assert bd.total_trainable == 888_772, bd.table()
         assert bd.head == 593_668
         assert bd.total_trainable - bd.head == 295_104

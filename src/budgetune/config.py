@@ -23,6 +23,7 @@ import yaml
 from budgetune.errors import ConfigError
 
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+PACKAGED_MPNET = "packaged:all-mpnet-base-v2"  # the `mpnet` extra (budgetune.packaged)
 BUILTIN_DATA = "builtin:headlines"
 
 
@@ -30,7 +31,8 @@ BUILTIN_DATA = "builtin:headlines"
 @dataclass
 class ModelConfig:
     model_name_or_path: str = PACKAGED_MINILM
-    """Hub id or local folder of the pretrained encoder; `packaged:all-MiniLM-L6-v2` is the MiniLM shipped with pip."""
+    """Hub id or local folder of the pretrained encoder; `packaged:all-MiniLM-L6-v2` is the MiniLM shipped with pip,
+    `packaged:all-mpnet-base-v2` the base-size MPNet whose weights the `mpnet` extra installs."""
     head: str = "default"
     """Classification head: `default` (the model's own, trained), `linear` (one Linear on the first token, in place
     of a dense+out_proj head; where the dense layer sits beside the output layer, DeBERTa's pooler or DistilBERT's

