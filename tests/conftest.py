@@ -38,6 +38,23 @@ def tiny_roberta(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    """model_type -> a random 2-layer encoder folder of that architecture (hidden 32), built once per session, with
+    a tokenizer of its own kind: bert, electra, distilbert, mpnet, deberta-v2 or roberta."""
+    from budgetune.testing import tiny_encoder as build
+
+    built: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in built:
+            folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            built[model_type] = build(folder, model_type, [t for _, t in headline_rows()] * 2)
+        return built[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def headlines_csv(tmp_path_factory) -> Path:
     """The built-in headlines as a plain CSV file (label,text)."""
     path = tmp_path_factory.mktemp("data") / "headlines.csv"

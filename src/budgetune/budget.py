@@ -269,13 +269,12 @@ def resolve_auto_rank(cfg: Config, num_labels: int) -> tuple[Config, str]:
     return _with(cfg, rank=rank), f"rank auto: picked {rank} ({bd.total_trainable:,} trainable <= {budget:,})"
 
 
-def _target_sets(cfg: Config, num_labels: int) -> list:
-    """Configured targets, query+value, query+key+value and all-linear, deduplicated."""
-    model_type = _meta_base(cfg, num_labels, False).config.model_type
-    qv = methods.QV_TARGETS.get(model_type, ["query", "value"])
-    qkv = methods.QKV_TARGETS.get(model_type, ["query", "key", "value"])
+def _target_sets(cfg: Config) -> list:
+    """Configured targets, query+value, query+key+value and all-linear (the seed's names, which every architecture
+    maps to its own: methods.native_names), deduplicated."""
+    qv = methods.DEFAULT_TARGETS
     out: list = []
-    for t in (cfg.method.target_modules or qv, qv, qkv, "all-linear"):
+    for t in (cfg.method.target_modules or qv, qv, ["query", "key", "value"], "all-linear"):
         if t not in out:
             out.append(t)
     return out
@@ -304,7 +303,7 @@ def plan(cfg: Config, num_labels: int, budget: int) -> list[dict]:
     rows = []
     heads = _heads(cfg, num_labels)
     for method in RANK_METHODS + ("ia3",):
-        for targets in _target_sets(cfg, num_labels) if method != "ia3" else [None]:
+        for targets in _target_sets(cfg) if method != "ia3" else [None]:
             for head in heads:
                 try:
                     c = _with(cfg, method=method, targets=targets, head=head)

@@ -24,6 +24,7 @@ from budgetune.errors import ConfigError
 from budgetune.textcheck import lone_surrogate
 
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
+PACKAGED_MPNET = "packaged:all-mpnet-base-v2"  # the `mpnet` extra (budgetune.packaged)
 BUILTIN_DATA = "builtin:headlines"
 
 
@@ -31,20 +32,24 @@ BUILTIN_DATA = "builtin:headlines"
 @dataclass
 class ModelConfig:
     model_name_or_path: str = PACKAGED_MINILM
-    """Hub id or local folder of the pretrained encoder; `packaged:all-MiniLM-L6-v2` is the MiniLM shipped with pip."""
+    """Hub id or local folder of the pretrained encoder; `packaged:all-MiniLM-L6-v2` is the MiniLM shipped with pip,
+    `packaged:all-mpnet-base-v2` the base-size MPNet whose weights the `mpnet` extra installs."""
     head: str = "default"
-    """Classification head: `default` (the model's own, trained), `linear` (one Linear on the first token), or
-    `frozen_dense` (the model's own head with its dense layer frozen: only the output projection trains)."""
+    """Classification head: `default` (the model's own, trained), `linear` (one Linear on the first token, in place
+    of a dense+out_proj head; where the dense layer sits beside the output layer, DeBERTa's pooler or DistilBERT's
+    pre_classifier, only the output layer trains), or `frozen_dense` (the model's own head with its dense layer
+    frozen: only the output projection trains)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the model."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: `sdpa` (PyTorch fused attention) or `eager`."""
+    attn_implementation: str = "auto"
+    """Attention kernel: `auto` (SDPA where transformers has it for the architecture, eager otherwise, e.g. for
+    MPNet and DeBERTa), `sdpa` (PyTorch fused attention) or `eager`; the run's header says which it used."""
 
     def __post_init__(self):
         if self.head not in ("default", "linear", "frozen_dense"):
             raise ConfigError(f"--head must be default, linear or frozen_dense, got {self.head!r}")
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise ConfigError(f"--attn_implementation must be sdpa or eager, got {self.attn_implementation!r}")
+        if self.attn_implementation not in ("auto", "sdpa", "eager"):
+            raise ConfigError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
 
 
 @dataclass
@@ -106,7 +111,9 @@ class MethodConfig:
     """Rank (AdaLoRA: the initial rank init_r); `auto` picks the largest rank that fits the budget."""
     target_modules: list[str] | str | None = "all-linear"
     """Modules to adapt, e.g. [query, value], or `all-linear` (every Linear inside the encoder layers); null:
-    query,value (IA3: peft's defaults)."""
+    query,value (IA3: peft's defaults). The seed's (BERT's) names query, key, value, dense work on every encoder,
+    mapped to its own (MPNet q,k,v,o; DistilBERT q_lin,k_lin,v_lin,out_lin; DeBERTa query_proj,...); the
+    architecture's own names work too."""
     lora_alpha: float = 32
     """Scaling numerator (LoRA, DoRA, AdaLoRA, LoHa, LoKr)."""
     lora_dropout: float = 0.0

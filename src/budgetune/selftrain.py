@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetune import artifacts, checkpoint, unlabeled
+from budgetune import artifacts, checkpoint, methods, unlabeled
 from budgetune import data as data_lib
 from budgetune import splits as splits_lib
 from budgetune import train as train_lib
@@ -150,7 +150,8 @@ def finished_round(folder: Path, cfg: Config, pseudo_csv: str | None) -> dict | 
     if end is None or end.get("best_step") not in evals:
         return None
     saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    if checkpoint.config_differences(saved, cfg.to_dict(), REUSE_MAY_DIFFER, defaults=Config().to_dict()):
+    recorded, _ = methods.resolve_attention(cfg)  # config.yaml holds the kernel that attn_implementation auto meant
+    if checkpoint.config_differences(saved, recorded.to_dict(), REUSE_MAY_DIFFER, defaults=Config().to_dict()):
         return None
     if pseudo_csv is not None and not same_pseudo_labels(folder / "pseudo_labels.csv", pseudo_csv):
         return None

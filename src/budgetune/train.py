@@ -138,6 +138,7 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     known = splits.label_names if splits else cfg.data.label_names or (
         data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
     cfg, expected, note = gate(cfg, known)
+    cfg, attention = methods.resolve_attention(cfg)  # the kernel it means is what config.yaml records
     resuming = bool(t.resume_from_checkpoint)
     if accelerator.is_main_process:
         artifacts.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resuming, clear=False)
@@ -145,8 +146,7 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     splits = splits or load_splits(cfg)
     if expected is None:
         cfg, expected, note = gate(cfg, splits.label_names)
-    if note:
-        accelerator.print(note)
+    accelerator.print("\n".join(filter(None, [attention, note])))
 
     tokenizer = AutoTokenizer.from_pretrained(methods.resolve_model_path(cfg.model.model_name_or_path),
                                               revision=cfg.model.revision)
