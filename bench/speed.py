@@ -9,7 +9,8 @@ seed       transformers' Trainer (batch 32, fp32, random sampler, no eval, no sa
            (init_r 8, target_r 4, alpha 16, dropout 0.1, query+value), texts padded to max_length; inference:
            batches of 64 tokenized and padded to max_length in the loop, torch.no_grad, argmax.
 budgetune  budgetune.train.train(cfg) itself (AdaLoRA with the same numbers; dynamic padding, length-grouped
-           batches, SDPA, accelerate's mixed precision: bf16 on a GPU, fp32 on CPU); inference: predict's path,
+           batches, SDPA, mixed_precision auto: bf16 on a GPU and on a CPU with native bf16 matrix instructions,
+           else fp32; BUDGETUNE_MIXED_PRECISION=fp32 forces fp32); inference: predict's path,
            data.tokenize + inference_loader (batch 256 as `budgetune predict`, length-sorted, on CPU capped at 2048
            padded tokens) + predict_logits, adapters merged, last layer for the first token only.
 budgetune+graphs  training only: the same budgetune config with --cuda_graphs true --pad_to_buckets 6 (the step
@@ -24,8 +25,10 @@ captures a graph (first sight of a batch shape) inside the window is taken out o
 device synchronizations, and the window grows by one step (it always times N steps); the captures, replays and eager steps of the window are counted and printed. Inference is
 timed from the texts to the predicted labels, tokenization included, for both. The pipelines take turns going
 first over --repeats repeats; medians and their ratios (with ms per step) are reported, with the padding overhead
-(padded / real tokens) and a floor: the FLOPs the real tokens need divided by the matmul rate measured on this
-machine.
+(padded / real tokens) and floors: the FLOPs the real tokens need divided by each matmul rate measured on this
+machine at the start of every repeat (fp32, bf16, and int8 x int8 -> int32 for inference), in samples/s; "x slower
+than floor" is against the floor of the precision the pipeline computes in (the seed fp32, budgetune what
+mixed_precision auto picks), and the report's first lines name the machine's bf16/int8 instructions and its rates.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ag_news" / "train.csv"
 PACKAGED = "packaged:all-MiniLM-L6-v2"
+
+
+TORCH_DTYPES: dict = {}  # filled by main(): "fp32" -> torch.float32, ... (torch is imported lazily)
 
 
 class StopBench(Exception):
@@ -150,24 +156,63 @@ class TokenCounter:
         return {"seconds": seconds, "padded": self.padded, "real": sum(lengths), "lengths": lengths}
 
 
-def matmul_rate(device, dtype, n: int, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n matmul over `reps` tries (after two untimed ones)."""
+FLOOR_DTYPES = ("fp32", "bf16", "int8")  # the matmul rates measured for the floors; int8 is inference only
+
+
+def matmul_rate(device, dtype: str, n: int, reps: int = 5) -> float | None:
+    """Best FLOP/s of an n x n matmul in `dtype` (fp32, bf16, fp16; int8: int8 x int8 -> int32 through
+    torch._int_mm, the path of VNNI / AMX-INT8 / int8 tensor cores) over `reps` tries after two untimed ones; None
+    where this torch cannot run it."""
     import torch
 
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b)
+    if dtype == "int8":
+        mm = getattr(torch, "_int_mm", None)
+        a, b = (torch.randint(-64, 64, (n, n), device=device, dtype=torch.int8) for _ in range(2))
+    else:
+        mm = torch.mm
+        a, b = (torch.randn(n, n, device=device, dtype=TORCH_DTYPES[dtype]) for _ in range(2))
+    try:
+        for _ in range(2):
+            mm(a, b)
+    except (RuntimeError, TypeError, NotImplementedError):  # TypeError: no torch._int_mm in this torch
+        return None
     best = float("inf")
     for _ in range(reps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        torch.mm(a, b)
+        mm(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def matmul_rates(device, n: int, extra: str | None = None) -> dict[str, float | None]:
+    """{dtype: FLOP/s} for the floors (FLOOR_DTYPES, plus `extra`: the precision budgetune computes in)."""
+    names = FLOOR_DTYPES + ((extra,) if extra and extra not in FLOOR_DTYPES else ())
+    return {name: matmul_rate(device, name, n) for name in names}
+
+
+def machine_line(device, rates: dict[str, float | None], mm_n: int, repeats: int) -> str:
+    """The machine's capability, which every floor is against: its matmul rates and (CPU) matrix instructions."""
+    from budgetune.devices import cpu_capabilities
+
+    def rate(name):
+        r = rates.get(name)
+        return "not measured (this torch cannot)" if r is None else f"{r / 1e9:.1f} G{'OP' if name == 'int8' else 'FLOP'}/s"
+
+    parts = [f"{name} {rate(name)}" for name in rates]
+    if rates.get("fp32"):
+        parts += [f"({name} / fp32 {rates[name] / rates['fp32']:.1f}x)" for name in rates
+                  if name != "fp32" and rates.get(name)]
+    line = (f"matmul rates (best of 5 {mm_n}x{mm_n} before each repeat, median of {repeats}; int8 = int8 x int8 "
+            f"-> int32, torch._int_mm): " + ", ".join(parts))
+    if device.type == "cpu":
+        caps = cpu_capabilities()
+        found = [k for k in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni") if caps.get(k)]
+        line += f"; CPU matrix instructions (torch.cpu.get_capabilities): {', '.join(found) or 'none of AMX, AVX512-BF16, VNNI'}"
+    return line
 
 
 def model_shape(model) -> dict:
@@ -191,7 +236,8 @@ def forward_flops(lengths, shape: dict) -> float:
 
 
 def reset_accelerate() -> None:
-    """The Trainer (fp32) and budgetune (bf16 on GPU) each build an Accelerator; its state is a singleton."""
+    """The Trainer (fp32) and budgetune (mixed_precision auto) each build an Accelerator; its state is a
+    singleton."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -377,11 +423,12 @@ def budgetune_infer(template, tokenizer, texts, max_len, device) -> tuple[float,
 
     from budgetune import data as data_lib
     from budgetune import methods
-    from budgetune.devices import mixed_precision, token_cap
+    from budgetune.devices import resolve_precision, token_cap
     from budgetune.inference import inference_loader, predict_logits
 
     reset_accelerate()
-    accelerator = Accelerator(mixed_precision=mixed_precision("auto"), cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=resolve_precision("auto", device.type).mixed_precision,
+                              cpu=device.type == "cpu")
     model = copy.deepcopy(template).eval()
     methods.merge_for_inference(model)  # as predict.load_model does
     methods.first_token_last_layer(model)
@@ -426,6 +473,7 @@ def main(argv=None) -> int:
 
     from budgetune import data as data_lib
     from budgetune import methods
+    from budgetune.devices import resolve_precision
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -478,11 +526,13 @@ def main(argv=None) -> int:
     shape = model_shape(seed_inf)
 
     mm_n = a.mm_size or (8192 if device.type == "cuda" else 2048)
-    bt_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    TORCH_DTYPES.update(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+    bt_precision = resolve_precision("auto", device.type)  # budgetune_cfg leaves mixed_precision at auto
+    bt_dtype = bt_precision.name
     print(f"model {a.model} ({shape['non_embedding'] / 1e6:.1f}M non-embedding parameters, hidden {shape['hidden']}, "
           f"{shape['layers']} layers) on {device} ({torch.get_num_threads()} threads); torch {torch.__version__}, "
           f"transformers {transformers.__version__}; training pool {n_pool} rows, inference {a.infer_texts} texts; "
-          f"budgetune precision {'bf16' if bt_dtype == torch.bfloat16 else 'fp32'}, seed fp32", flush=True)
+          f"budgetune {bt_precision.line()}; seed fp32", flush=True)
 
     # untimed warmup of both inference paths (lazy initialisation of kernels and thread pools)
     seed_infer(seed_inf, tokenizer, infer_texts[:16], a.max_seq_length, device)
@@ -504,14 +554,14 @@ def main(argv=None) -> int:
     pipelines = [w for w in ("seed", "budgetune", "graphs")
                  if (w != "graphs" or graphs_on) and (not a.only or w == a.only)]
 
-    R: dict[str, list] = {k: [] for k in ("seed_train", "bt_train", "gr_train", "seed_inf", "bt_inf", "rate32")}
+    R: dict[str, list] = {k: [] for k in ("seed_train", "bt_train", "gr_train", "seed_inf", "bt_inf", "rates")}
     agree = None
     for r in range(a.repeats):
-        R["rate32"].append(matmul_rate(device, torch.float32, mm_n))
+        R["rates"].append(matmul_rates(device, mm_n, bt_dtype))
         order = pipelines[r % len(pipelines):] + pipelines[:r % len(pipelines)]  # each goes first in turn
         for which in order:
             # the matmul rate right before each phase: the machine may be shared, and its load changes
-            dtype = torch.float32 if which == "seed" else bt_dtype
+            dtype = "fp32" if which == "seed" else bt_dtype
             if which == "seed":
                 rate = matmul_rate(device, dtype, mm_n)
                 R["seed_train"].append({**seed_train(a, model_path, tokenizer, seed_ds, len(names), device, work),
@@ -533,7 +583,8 @@ def main(argv=None) -> int:
                 print(graphs_line(x, a), flush=True)
         if R["seed_inf"] and R["bt_inf"] and same_weights:
             agree = float((np.asarray(seed_preds) == np.asarray(bt_preds)[:n_seed_inf]).mean())
-        line = [f"repeat {r + 1}/{a.repeats}: matmul {R['rate32'][-1] / 1e9:.1f} GFLOP/s"]
+        line = [f"repeat {r + 1}/{a.repeats}: matmul " + ", ".join(
+            f"{k} {v / 1e9:.1f}" for k, v in R["rates"][-1].items() if v) + " G(FL)OP/s"]
         for key in ("seed_train", "bt_train", "gr_train"):
             if R[key]:
                 x = R[key][-1]
@@ -543,7 +594,7 @@ def main(argv=None) -> int:
                 line.append(f"{label} {len(R[key][-1]['lengths']) / R[key][-1]['seconds']:.1f}/s")
         print(", ".join(line), flush=True)
 
-    report(a, R, shape, agree, same_weights, bt_dtype == torch.bfloat16, mm_n, device)
+    report(a, R, shape, agree, same_weights, bt_dtype, mm_n, device)
     return 0
 
 
@@ -583,42 +634,64 @@ def train_label(key: str, R, a) -> str:
     return name
 
 
-def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
-    rate32 = med([x["rate"] for k in ("seed_train", "seed_inf") for x in R[k]] or R["rate32"])
-    rate_bt = med([x["rate"] for k in ("bt_train", "bt_inf", "gr_train") for x in R[k]] or R["rate32"])
-    rows = []  # (key, pipeline, task, samples/s, ms/step or None, padded/real, floor samples/s)
+def machine_rates(R) -> dict[str, float | None]:
+    """Each dtype's matmul rate, median over the repeats (None where this torch could not run it)."""
+    names = list(R["rates"][0]) if R["rates"] else list(FLOOR_DTYPES)
+    return {n: med(xs) if (xs := [r[n] for r in R["rates"] if r.get(n)]) else None for n in names}
 
-    def train_row(key, runs, rate):
-        if not runs:
-            return
-        sps = med([x["samples"] / x["seconds"] for x in runs])
-        x = runs[0]  # the same batches every repeat (fixed seeds)
-        floor = x["samples"] / (2 * forward_flops(x["lengths"], shape) / rate)
-        batch = x["samples"] / x["steps"]
-        rows.append((key, train_label(key, R, a), "train", sps, 1000 * batch / sps, x["padded"] / x["real"], floor))
 
-    def infer_row(key, name, runs, rate, lengths):
-        if not runs:
-            return
-        sps = med([len(x["lengths"]) / x["seconds"] for x in runs])
-        floor = len(lengths) / (forward_flops(lengths, shape) / rate)
-        rows.append((key, name, "infer", sps, None, runs[0]["padded"] / runs[0]["real"], floor))
+def floor_rows(a, R, shape, bt_dtype: str, rates: dict) -> list[dict]:
+    """A row per pipeline and task: samples/s (median), ms/step, padding, precision, and floors in samples/s
+    against each measured rate (int8 for inference only: nothing trains in int8)."""
+    rows = []
+    specs = (("seed_train", "train", "fp32"), ("bt_train", "train", bt_dtype), ("gr_train", "train", bt_dtype),
+             ("seed_inf", "infer", "fp32"), ("bt_inf", "infer", bt_dtype))
+    for key, task, precision in specs:
+        if not (runs := R[key]):
+            continue
+        x = runs[0]  # the same batches and texts every repeat (fixed seeds)
+        if task == "train":
+            sps, n, flops = med([y["samples"] / y["seconds"] for y in runs]), x["samples"], 2 * forward_flops(
+                x["lengths"], shape)
+            name, ms = train_label(key, R, a), 1000 * x["samples"] / x["steps"] / sps
+        else:
+            sps, n, flops = med([len(y["lengths"]) / y["seconds"] for y in runs]), len(x["lengths"]), forward_flops(
+                x["lengths"], shape)
+            name, ms = ("seed" if key == "seed_inf" else "budgetune"), None
+        floors = {d: n * r / flops for d, r in rates.items() if r and (task == "infer" or d != "int8")}
+        rows.append({"key": key, "name": name, "task": task, "precision": precision, "sps": sps, "ms": ms,
+                     "pad": x["padded"] / x["real"], "floors": floors})
+    return rows
 
-    train_row("seed_train", R["seed_train"], rate32)
-    train_row("bt_train", R["bt_train"], rate_bt)
-    train_row("gr_train", R["gr_train"], rate_bt)
-    for name, key, rate in (("seed", "seed_inf", rate32), ("budgetune", "bt_inf", rate_bt)):
-        runs = R[key]
-        if runs:
-            infer_row(key, name, runs, rate, runs[0]["lengths"])
 
+def report(a, R, shape, agree, same_weights, bt_dtype: str, mm_n, device) -> None:
+    rates = machine_rates(R)
+    rows = floor_rows(a, R, shape, bt_dtype, rates)
     print()
-    print(f"matmul rate (best of 5 {mm_n}x{mm_n} torch.mm before each phase, median): fp32 {rate32 / 1e9:.1f} GFLOP/s"
-          + (f", bf16 {rate_bt / 1e9:.1f} GFLOP/s" if bf16 else ""))
-    print("floor = FLOPs of the real (unpadded) tokens / that rate; forward FLOPs per text of n tokens = "
+    print(machine_line(device, rates, mm_n, a.repeats))
+    print("floor at a dtype = samples whose real (unpadded) tokens' FLOPs that dtype's matmul rate computes in a "
+          "second; forward FLOPs per text of n tokens = "
           f"2*N*n + 4*n^2*d*L (N = {shape['non_embedding'] / 1e6:.2f}M non-embedding parameters, d = "
           f"{shape['hidden']}, L = {shape['layers']}); training = 2 x forward (the frozen base needs the "
           "activations' gradients, about one forward, but no weight gradients; the adapters' are negligible)")
+    report_notes(a, R, agree, same_weights)
+    print()
+    cols = [d for d, r in rates.items() if r]
+    print(f"| pipeline | task | precision | samples/s (median of {a.repeats}) | ms/step | padded/real tokens | "
+          + " | ".join(f"floor samples/s at {d}" for d in cols) + " | x slower than the floor at its precision |")
+    print("|---|---|---|---|---|---|" + "---|" * (len(cols) + 1))
+    for row in rows:
+        ms_text = f"{row['ms']:.1f}" if row["ms"] is not None else ""
+        floors = " | ".join(f"{row['floors'][d]:.1f}" if d in row["floors"] else "n/a" for d in cols)
+        own = row["floors"].get(row["precision"])
+        slower = f"{own / row['sps']:.1f} ({row['precision']})" if own else "n/a"
+        print(f"| {row['name']} | {row['task']} | {row['precision']} | {row['sps']:.2f} | {ms_text} | "
+              f"{row['pad']:.2f} | {floors} | {slower} |")
+    report_ratios(R, rows, bt_dtype, filler=" |" * (len(cols) + 4))
+
+
+def report_notes(a, R, agree, same_weights) -> None:
+    """What was run: texts, agreement of the predictions, steps, graphs."""
     if R["seed_inf"] and R["bt_inf"]:
         print(f"inference: budgetune classified {len(R['bt_inf'][0]['lengths'])} texts per run, the seed the first "
               f"{len(R['seed_inf'][0]['lengths'])} of them (its cost per text is the same for every text)")
@@ -635,14 +708,12 @@ def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
         print(f"repeat {i + 1}: {graphs_line(x, a)}")
     if R["gr_train"] and a.graphs == "tape":
         print("graphs: TAPE DRY-RUN on CPU -- the budgetune+graphs numbers check the plumbing, not CUDA graphs' speed")
-    print()
-    print(f"| pipeline | task | samples/s (median of {a.repeats}) | ms/step | padded/real tokens | floor samples/s "
-          "| x slower than floor |")
-    print("|---|---|---|---|---|---|---|")
-    for _, name, task, sps, ms, pad, floor in rows:
-        ms_text = f"{ms:.1f}" if ms is not None else ""
-        print(f"| {name} | {task} | {sps:.2f} | {ms_text} | {pad:.2f} | {floor:.1f} | {floor / sps:.1f} |")
-    by = {(k, t): (n, s) for k, n, t, s, _, _, _ in rows}
+
+
+def report_ratios(R, rows, bt_dtype: str, filler: str) -> None:
+    """The pipelines' speed ratios per repeat; load-normalized (by the matmul rate measured right before each
+    phase) where both compute in one precision."""
+    by = {(r["key"], r["task"]): (r["name"], r["sps"]) for r in rows}
     pairs = [("bt", "seed", "train"), ("gr", "bt", "train"), ("gr", "seed", "train"), ("bt", "seed", "infer")]
     for num, den, task in pairs:
         kn, kd = _key(num, task), _key(den, task)
@@ -651,11 +722,11 @@ def report(a, R, shape, agree, same_weights, bf16, mm_n, device) -> None:
         ratios = [b / s for b, s in zip(_sps(R, num, task), _sps(R, den, task))]
         label = f"{by[(kn, task)][0]} / {by[(kd, task)][0]}"
         print(f"| {label} | {task} | {by[(kn, task)][1] / by[(kd, task)][1]:.2f}x "
-              f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}) | | | | |")
-        if not bf16 or den != "seed":  # one precision: the ratio per unit of machine speed measured next to each
+              f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}) |{filler}")
+        if bt_dtype == "fp32" or den != "seed":  # one precision: the ratio per unit of machine speed next to each
             norm = [r * x["rate"] / y["rate"] for r, x, y in zip(ratios, R[kd], R[kn])]
             print(f"| {label}, load-normalized | {task} | {med(norm):.2f}x (per repeat: "
-                  f"{', '.join(f'{x:.2f}' for x in norm)}) | | | | |")
+                  f"{', '.join(f'{x:.2f}' for x in norm)}) |{filler}")
 
 
 def _key(who, task):

@@ -230,7 +230,10 @@ class TrainConfig:
     metric_for_best_model: str = "accuracy"
     """Validation metric that selects the best adapter: accuracy, macro_f1 or loss."""
     mixed_precision: str = "auto"
-    """auto (bf16 on a GPU that supports it, else fp16 on GPU, none on CPU), no, bf16 or fp16."""
+    """auto, no (fp32), bf16 or fp16. auto: bf16 on a GPU that has it (else fp16); on CPU bf16 where torch
+    detects native bf16 matrix instructions (AMX or AVX512-BF16), else fp32; the environment variable
+    BUDGETUNE_MIXED_PRECISION=fp32|bf16|fp16 overrides what auto picks. The run's first line and its
+    metrics.jsonl (a `precision` event) say which, and why. Saved adapters are fp32 either way."""
     frozen_in_compute_dtype: bool = True
     """Under bf16 mixed precision, store the frozen base's Linear weights in bf16 once instead of autocast
     re-casting them on every forward (same numbers); adapters, head and optimizer state stay fp32. No effect

@@ -23,7 +23,7 @@ from budgetune import data as data_lib
 from budgetune import splits as splits_lib
 from budgetune import train as train_lib
 from budgetune.config import Config
-from budgetune.devices import is_main_process
+from budgetune.devices import is_main_process, resolve_precision
 from budgetune.errors import AdapterError, ConfigError
 from budgetune.loading import adapter_dir, bundle_info, is_full_model
 
@@ -259,6 +259,7 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
         logits, path, hit = teacher_logits(entry["path"], splits.train.texts, cache,
                                            batch_size or cfg.train.per_device_eval_batch_size)
         entry.update(cache_file=str(path) if path else None, cache_hit=hit,
+                     precision=None if hit else resolve_precision("auto").name,
                      agreement_with_gold=_agreement(logits[:n_labelled], splits.train.labels[:n_labelled]))
         all_logits.append(logits)
     log_p = torch.from_numpy(ensemble_log_probs(all_logits, temperature))

@@ -31,7 +31,7 @@ def evaluate(run: str | Path, data_file: str, *, split: str = "test", text_colum
     accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
     m = file_metrics(table, logits, names)
-    m["adapter_scale"] = info["applied_adapter_scale"]
+    m["adapter_scale"], m["precision"] = info["applied_adapter_scale"], info["precision"]["precision"]
     if accelerator.is_main_process:
         stem = Path(output) if output else Path(run) / f"evaluation-{Path(data_file).stem}"
         title = f"{data_file} (adapter scale {m['adapter_scale']:g})"
@@ -68,7 +68,8 @@ def evaluate_scales(run: str | Path, data_files: list[str], scales: list[float],
                                   cache_dir, desc=f"scale {s:g}")
             results.append({"adapter_scale": s, **file_metrics(table, logits, names), "data_file": str(f)})
     report = {"run": str(run), "data_files": [str(f) for f in data_files], "adapter_scales": scales,
-              "bundle_adapter_scale": info.get("adapter_scale"), "results": results}
+              "bundle_adapter_scale": info.get("adapter_scale"), "precision": info["precision"]["precision"],
+              "results": results}
     if accelerator.is_main_process:
         stem = Path(output) if output else Path(run) / "evaluation-scales"
         text = scale_table(report)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from budgetune import artifacts, methods, scaling
-from budgetune.devices import make_accelerator, mixed_precision
+from budgetune.devices import make_accelerator, resolve_precision
 from budgetune.errors import AdapterError
 
 
@@ -116,9 +116,14 @@ def load_model(run_or_adapter: str | Path, merge: bool = True, adapter_scale: fl
 
 
 def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None):
-    """(accelerator, model on its device, tokenizer, info): bf16 on a GPU that has it, fp32 on CPU."""
-    accelerator = make_accelerator(mixed_precision=mixed_precision("auto"))
+    """(accelerator, model on its device, tokenizer, info), in the precision `auto` picks for this machine (bf16
+    on a GPU or on a CPU with native bf16 matrix instructions, else fp16 on a GPU, fp32 on CPU): printed, and
+    in info["precision"] ({precision, mixed_precision, reason}). The weights stay fp32; autocast computes."""
+    chosen = resolve_precision("auto")
+    accelerator = make_accelerator(mixed_precision=chosen.mixed_precision)
     model, tokenizer, info = load_model(run_or_adapter, merge=merge, adapter_scale=adapter_scale)
+    info["precision"] = chosen.to_dict()
+    accelerator.print(chosen.line())
     # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
     return accelerator, accelerator.prepare_model(model, evaluation_mode=True), tokenizer, info
 

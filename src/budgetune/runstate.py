@@ -62,6 +62,7 @@ class Run:
     schedule: adalora.Schedule | None
     loss_fn: LossFn
     graphs: Any = None  # graphs.StepGraphs under --cuda_graphs where the step can be captured
+    precision: Any = None  # devices.Precision: what the run computes in, and why
 
     @property
     def per_epoch(self) -> int:

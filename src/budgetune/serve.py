@@ -131,6 +131,7 @@ class Health(BaseModel):
     status: str = Field(description="loading, ready or failed")
     ready: bool
     adapters: int
+    precision: str = Field(description="what the models compute in (fp32, bf16 or fp16) and why")
     message: str | None = None
 
 
@@ -482,6 +483,7 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
         """200 once every model is loaded; 503 while loading or after loading failed."""
         status = "ready" if state.ready else ("failed" if state.load_error else "loading")
         body = Health(status=status, ready=state.ready, adapters=len(registry.adapters),
+                      precision=registry.precision.line(),
                       message=str(state.load_error) if state.load_error else None)
         return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
 
@@ -551,7 +553,8 @@ def command(argv: list[str]) -> int:
                            max_body_bytes=a.max_body_bytes, batch_wait_ms=a.batch_wait_ms,
                            max_batch_tokens=a.max_batch_tokens, dynamic_batching=not a.no_dynamic_batching,
                            max_queue_texts=a.max_queue_texts, request_timeout=a.request_timeout)
-    app = create_app(Registry(adapters, device=a.device), options)
+    registry = Registry(adapters, device=a.device)
+    app = create_app(registry, options)
     state: ServeState = app.state.serve
 
     class Server(uvicorn.Server):
@@ -561,7 +564,7 @@ def command(argv: list[str]) -> int:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
                     print(f"budgetune serve: listening on http://{host}:{port}/ ({len(adapters)} adapters "
-                          "loading; /health says when ready)", flush=True)
+                          f"loading; /health says when ready; {registry.precision.line()})", flush=True)
 
     server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, lifespan="on",
                                    timeout_graceful_shutdown=60))

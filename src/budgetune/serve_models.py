@@ -259,7 +259,7 @@ class Registry:
                  max_batch_tokens: int | None = None):
         import torch
 
-        from budgetune.devices import mixed_precision, token_cap
+        from budgetune.devices import resolve_precision, token_cap
 
         self.adapters = {a.name: a for a in adapters}
         self.groups = group_adapters(adapters)
@@ -267,8 +267,8 @@ class Registry:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.max_batch_texts = max_batch_texts
         self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else token_cap(self.device)
-        precision = mixed_precision("auto") if self.device.type == "cuda" else "no"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.precision = resolve_precision("auto", self.device.type)  # as predict and evaluate pick it
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision.mixed_precision)
 
     def load(self) -> None:
         for g in self.groups:

@@ -28,8 +28,8 @@ from budgetune import data as data_lib
 from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.devices import (
     make_accelerator,
-    mixed_precision,
     release_accelerator,
+    resolve_precision,
     settle_collectives,
     token_cap,
 )
@@ -130,10 +130,12 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     from transformers import AutoTokenizer
 
     t, out = cfg.train, Path(cfg.output.output_dir)
-    accelerator = make_accelerator(mixed_precision=mixed_precision(t.mixed_precision),
+    chosen = resolve_precision(t.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=chosen.mixed_precision,
                                    gradient_accumulation_steps=t.gradient_accumulation_steps,
                                    log_with=cfg.output.report_to or None, project_dir=str(out),
                                    kwargs_handlers=autocast_kwargs(t.cuda_graphs))
+    accelerator.print(chosen.line())  # the run's header: what it computes in, and why
     # The gate comes first: a configuration over budget is refused before data or weights are loaded.
     known = splits.label_names if splits else cfg.data.label_names or (
         data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
@@ -180,7 +182,7 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     log = MetricsLog(out / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
     return Run(cfg, out, accelerator, splits, tokenizer, prepared, accelerator.unwrap_model(prepared), optimizer,
                scheduler, sampler, train_loader, val_loader, log, live, world, sched, loss_fn or default_loss,
-               step_graphs)
+               step_graphs, chosen)
 
 
 def graphs_wanted(cfg: Config, accelerator, custom_loss: bool) -> bool:
@@ -229,6 +231,7 @@ def start(run: Run) -> tuple[TrainState, Best]:
         say(run.schedule.describe())
     if saved is None:
         run.log.log("budget", step=0, **run.live.to_dict())
+        run.log.log("precision", step=0, **run.precision.to_dict())
         return TrainState(), Best()
     checkpoint.restore_model(run.inner, saved["model"])
     run.optimizer.optimizer.load_state_dict(saved["optimizer"])
@@ -241,6 +244,7 @@ def start(run: Run) -> tuple[TrainState, Best]:
     state = TrainState(**saved["progress"])
     best = saved.get("best")  # the best as of that checkpoint: best_state.pt may come from later steps
     run.log.truncate_after(state.step)
+    run.log.log("precision", step=state.step, **run.precision.to_dict())  # this session's: the machine may differ
     say(f"resumed from {found} at step {state.step} (epoch {state.epoch}, batch {state.batches_done})")
     if best is None or best.get("model") is None:
         return state, Best()
