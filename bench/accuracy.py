@@ -31,7 +31,7 @@ def main() -> int:
         print(f"skipped: {a.train_file} not found (it comes from ../shared/data; see its README)")
         return 0
     from budgetune.config import resolve
-    from budgetune.train import train
+    from budgetune.training.train import train
 
     flags = ["--dataset_name", a.train_file, "--output_dir", a.output_dir, "--overwrite_output_dir", "true"]
     if a.test_file:

@@ -48,13 +48,15 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-    from budgetune import batching, methods
-    from budgetune import data as data_lib
-    from budgetune.devices import CPU_BATCH_TOKENS
+    from budgetune.config import PACKAGED_MINILM
+    from budgetune.data import batching
+    from budgetune.data import readers as data_lib
+    from budgetune.hardware.devices import CPU_BATCH_TOKENS
+    from budgetune.modeling import backbone, fast_forward
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    path = methods.resolve_model_path(methods.PACKAGED_MINILM)
+    path = backbone.resolve_model_path(PACKAGED_MINILM)
     tokenizer = AutoTokenizer.from_pretrained(path)
     table = data_lib.load_table(a.data)
     order = np.random.default_rng(0).permutation(len(table.texts))[:a.texts]
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     ours = batching.make_collator(tokenizer, None)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=4).eval()
     trimmed = AutoModelForSequenceClassification.from_pretrained(path, num_labels=4).eval()
-    assert methods.first_token_last_layer(trimmed)
+    assert fast_forward.first_token_last_layer(trimmed)
 
     def batches(cap):
         return [[rows[i] for i in b] for b in batching.SortedBatchSampler(ds["length"], 256, max_tokens=cap)]

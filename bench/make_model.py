@@ -27,15 +27,15 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from budgetune import methods
-    from budgetune.data import AG_NEWS_LABELS
+    from budgetune.data.readers import AG_NEWS_LABELS
+    from budgetune.modeling import backbone
 
     out = Path(a.output_dir)
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} exists and is not empty", file=sys.stderr)
         return 2
-    tokenizer = AutoTokenizer.from_pretrained(methods.resolve_model_path(a.tokenizer))
-    config = methods.load_hf_config(a.architecture, len(AG_NEWS_LABELS), AG_NEWS_LABELS)
+    tokenizer = AutoTokenizer.from_pretrained(backbone.resolve_model_path(a.tokenizer))
+    config = backbone.load_hf_config(a.architecture, len(AG_NEWS_LABELS), AG_NEWS_LABELS)
     if len(tokenizer) > config.vocab_size:
         print(f"error: the tokenizer has {len(tokenizer)} tokens, more than {a.architecture}'s vocabulary "
               f"({config.vocab_size})", file=sys.stderr)

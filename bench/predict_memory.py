@@ -3,7 +3,7 @@
     python bench/predict_memory.py                      # 10k and 30k rows: about 3 minutes on 2 CPU cores
     python bench/predict_memory.py --sizes 10000,1000000
 
-Builds a tiny random RoBERTa (budgetune.testing, as the tests do) and a throwaway LoRA adapter for it in a temp dir, writes
+Builds a tiny random RoBERTa (tiny_models, as the tests do) and a throwaway LoRA adapter for it in a temp dir, writes
 CSV files of short texts, and runs `python -m budgetune predict` on each in a fresh subprocess; the peak resident
 set size of that subprocess (getrusage RUSAGE_CHILDREN, measured from a fresh parent per size) is printed per size.
 Flat peaks mean prediction streams; peaks that grow with the rows mean something holds the whole file.
@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test scaffolding (tiny models, graph_tape)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("stocks rally as markets rise team wins final election results storm hits coast new phone launch "
@@ -40,7 +42,7 @@ def env() -> dict:
 
 
 def tiny_model(folder: Path) -> Path:
-    from budgetune.testing import tiny_roberta
+    from tiny_models import tiny_roberta
 
     folder.mkdir(parents=True)
     return tiny_roberta(folder, [" ".join(WORDS)] * 20, vocab_size=300, min_frequency=1)

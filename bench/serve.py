@@ -32,7 +32,7 @@ AG_NEWS = ROOT.parent / "shared" / "data" / "ag_news" / "train.csv"
 
 def texts(n: int, path: Path) -> list[str]:
     """The first n texts of a CSV with a text column (AG News: real lengths), else the built-in headlines, repeated."""
-    from budgetune.data import builtin_path
+    from budgetune.data.readers import builtin_path
 
     path = path if path.is_file() else builtin_path()
     with open(path, encoding="utf-8") as f:
@@ -50,9 +50,9 @@ def train_adapter(workdir: Path, steps: int) -> Path:
 
 def offline(run: Path, sample: list[str], repeats: int) -> float:
     """Texts/s of predict's path (model loading excluded), best of `repeats`."""
-    from budgetune.data import TextTable
-    from budgetune.inference import table_logits
-    from budgetune.loading import load_for_inference
+    from budgetune.data.readers import TextTable
+    from budgetune.inference.loading import load_for_inference
+    from budgetune.inference.runner import table_logits
 
     accelerator, model, tokenizer, info = load_for_inference(run)
     table = TextTable(sample, None, None, "bench")

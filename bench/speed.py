@@ -8,7 +8,7 @@
 seed       transformers' Trainer (batch 32, fp32, random sampler, no eval, no saving) on peft's AdaLoRA model
            (init_r 8, target_r 4, alpha 16, dropout 0.1, query+value), texts padded to max_length; inference:
            batches of 64 tokenized and padded to max_length in the loop, torch.no_grad, argmax.
-budgetune  budgetune.train.train(cfg) itself (AdaLoRA with the same numbers; dynamic padding, length-grouped
+budgetune  budgetune.training.train.train(cfg) itself (AdaLoRA with the same numbers; dynamic padding, length-grouped
            batches, SDPA, mixed_precision auto: bf16 on a GPU and on a CPU with native bf16 matrix instructions,
            else fp32; BUDGETUNE_MIXED_PRECISION=fp32 forces fp32); inference: predict's path,
            data.tokenize + inference_loader (batch 256 as `budgetune predict`, length-sorted, on CPU capped at 2048
@@ -18,7 +18,7 @@ budgetune+graphs  training only: the same budgetune config with --cuda_graphs tr
            off: skipped; tape: on CPU with graph_tape.TapeBackend, a plumbing dry-run whose speed means nothing.
 
 Training throughput is timed from the start of training step W+1 to the start of step W+N+1 (W warmup steps, N
-measured steps): for the seed by a forward pre-hook on the model, for budgetune by wrapping budgetune.train.
+measured steps): for the seed by a forward pre-hook on the model, for budgetune by wrapping budgetune.training.train.
 train_step (a replayed graph does not run the model's Python forward, so a hook would not see it); model loading,
 tokenization, evaluation and checkpoints are outside the window, and every pipeline is stopped there. A step that
 captures a graph (first sight of a batch shape) inside the window is taken out of it, time and rows, between two
@@ -41,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test scaffolding (tiny models, graph_tape)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ag_news" / "train.csv"
@@ -92,7 +94,7 @@ class StepTimer:
     """Timestamps of the starts of training steps W+1 .. W+N+1, and the batches of the window.
 
     `tick` is called at the start of every training step: as a forward pre-hook (the seed's Trainer) or from a
-    wrapper of budgetune.train.train_step (budgetune_train's `timed_step`, which also sees replays). A step taken
+    wrapper of budgetune.training.train.train_step (budgetune_train's `timed_step`, which also sees replays). A step taken
     out of the window (a graph capture) is `tick`ed with count=False, its time (between two synchronizations) is
     added to `excluded_s` by the caller, and the window grows by one step: it always counts N steps."""
 
@@ -196,7 +198,7 @@ def matmul_rates(device, n: int, extra: str | None = None) -> dict[str, float | 
 
 def machine_line(device, rates: dict[str, float | None], mm_n: int, repeats: int) -> str:
     """The machine's capability, which every floor is against: its matmul rates and (CPU) matrix instructions."""
-    from budgetune.devices import cpu_capabilities
+    from budgetune.hardware.devices import cpu_capabilities
 
     def rate(name):
         r = rates.get(name)
@@ -313,7 +315,7 @@ def budgetune_steps(a) -> int:
 
 def budgetune_cfg(a, data_csv: Path, out: Path, cache: Path, max_steps: int, graphs: bool = False):
     from budgetune.config import build_config
-    from budgetune.data import AG_NEWS_LABELS
+    from budgetune.data.readers import AG_NEWS_LABELS
 
     return build_config({
         "model": {"model_name_or_path": a.model},
@@ -330,18 +332,18 @@ def budgetune_cfg(a, data_csv: Path, out: Path, cache: Path, max_steps: int, gra
 
 
 def budgetune_train(a, data_csv, workdir, device, run: int, graphs: bool = False) -> dict:
-    """budgetune.train.train(cfg) itself, timed by wrapping train.train_step (replays included) and stopped there.
+    """budgetune.training.train.train(cfg) itself, timed by wrapping train.train_step (replays included) and stopped there.
 
     graphs: --cuda_graphs true --pad_to_buckets 6, on CUDA (or graph_tape's CPU stand-in under --graphs tape). The
     result then says what the window ran: replayed steps, eager steps, captures (taken out of the window), and why
     the run fell back to eager if it did."""
     import gc
 
+    import graph_tape
     import torch
 
-    from budgetune import graph_tape
-    from budgetune import graphs as graphs_lib
-    from budgetune import train as train_lib
+    from budgetune.training import graphs as graphs_lib
+    from budgetune.training import train as train_lib
 
     reset_accelerate()
     timer = StepTimer(a.warmup_steps, a.train_steps, device)
@@ -421,17 +423,17 @@ def budgetune_infer(template, tokenizer, texts, max_len, device) -> tuple[float,
     """predict's path: data.tokenize + inference_loader (predict's batch and token cap) + predict_logits."""
     from accelerate import Accelerator
 
-    from budgetune import data as data_lib
-    from budgetune import methods
-    from budgetune.devices import resolve_precision, token_cap
-    from budgetune.inference import inference_loader, predict_logits
+    from budgetune.data import readers as data_lib
+    from budgetune.hardware.devices import resolve_precision, token_cap
+    from budgetune.inference.runner import inference_loader, predict_logits
+    from budgetune.modeling import fast_forward, methods
 
     reset_accelerate()
     accelerator = Accelerator(mixed_precision=resolve_precision("auto", device.type).mixed_precision,
                               cpu=device.type == "cpu")
     model = copy.deepcopy(template).eval()
     methods.merge_for_inference(model)  # as predict.load_model does
-    methods.first_token_last_layer(model)
+    fast_forward.first_token_last_layer(model)
     model = accelerator.prepare_model(model, evaluation_mode=True)  # = loading: not timed
     counter = TokenCounter()
     model.register_forward_pre_hook(counter, with_kwargs=True)
@@ -471,9 +473,9 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoTokenizer
 
-    from budgetune import data as data_lib
-    from budgetune import methods
-    from budgetune.devices import resolve_precision
+    from budgetune.data import readers as data_lib
+    from budgetune.hardware.devices import resolve_precision
+    from budgetune.modeling import backbone, methods
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -481,7 +483,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    model_path = methods.resolve_model_path(a.model)
+    model_path = backbone.resolve_model_path(a.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     table = data_lib.load_table(str(data_path))
@@ -518,7 +520,7 @@ def main(argv=None) -> int:
     total = a.warmup_steps + a.train_steps + 1
     seed_inf = seed_model(model_path, len(names), total, 0, 1).to(device).eval()
     cfg = budgetune_cfg(a, data_csv, work / "unused", work / "cache", total)
-    base, missing = methods.load_base(cfg, names)
+    base, missing = backbone.load_base(cfg, names)
     bt_inf = methods.wrap(cfg, base, total, missing)
     got = bt_inf.load_state_dict(seed_inf.state_dict(), strict=False)
     same_weights = not got.missing_keys and not got.unexpected_keys

@@ -18,7 +18,7 @@ Paths:
 * budgetune: the model, optimizer and scheduler built by budgetune (`methods.wrap`, `train.prepare_adalora`,
   `train.make_optimizer`), stepped in `train.train_step`'s order (forward, backward, gradient clipping, optimizer,
   scheduler, AdaLoRA's allocation, zero_grad), without accelerate's wrappers. AdaLoRA steps through
-  `budgetune.lean_adalora` (the default); "budgetune, peft step" is the same with `--lean_adalora false`.
+  `budgetune.adalora.lean_step` (the default); "budgetune, peft step" is the same with `--lean_adalora false`.
 * budgetune, graphs: `--cuda_graphs true` (fp32 only): `graphs.StepGraphs` replays the captured forward, backward,
   clipping and AdamW, then scheduler, allocation and zero_grad run as `train.train_step` runs them after a replay. On CPU the
   graph is `graph_tape`'s stand-in; its replay runs outside the counter and counts as one operator (the one graph
@@ -69,6 +69,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test scaffolding (tiny models, graph_tape)
 
 TOTAL_STEP, TINIT, TFINAL, DELTA_T = 22_500, 200, 1000, 10
 NORMAL_STEP, MASK_STEP = 205, 210
@@ -207,7 +209,7 @@ class GraphStepper(Stepper):
     def step(self, batch: dict, global_step: int, mode: OpCounter | None) -> None:
         from torch.utils._python_dispatch import _disable_current_modes
 
-        from budgetune import graphs
+        from budgetune.training import graphs
 
         if mode is not None and graphs.shape_key(batch) not in self.graphs.graphs:
             with _disable_current_modes():  # capturing is once per shape, not per step
@@ -268,8 +270,12 @@ def stock_peft(model_name: str, method: str, bf16: bool = False) -> Stepper:
 
 def budgetune_path(model_name: str, method: str, lean: bool = True, bf16: bool = False,
                    frozen_bf16: bool = True, cuda_graphs: bool = False) -> Stepper:
-    from budgetune import graph_tape, graphs, methods, precision, train
+    import graph_tape
+
     from budgetune.config import resolve
+    from budgetune.hardware import precision
+    from budgetune.modeling import methods
+    from budgetune.training import graphs, train
 
     cfg = resolve(None, budgetune_flags(method) + ["--lean_adalora", str(lean).lower(),
                                                    "--frozen_in_compute_dtype", str(frozen_bf16).lower(),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 def main(run: str, out: str) -> None:
     from budgetune.config import resolve
-    from budgetune.splits import load_splits
+    from budgetune.data.splits import load_splits
 
     val = load_splits(resolve(str(Path(run) / "config.yaml"), [])).validation
     with open(out, "w", newline="", encoding="utf-8") as f:

@@ -35,7 +35,7 @@ def headline_rows() -> list[tuple[int, str]]:
 @pytest.fixture(scope="session")
 def tiny_roberta(tmp_path_factory) -> Path:
     """A random 2-layer RoBERTa (hidden 32) saved as a model folder with a byte-level BPE tokenizer trained here."""
-    from budgetune.testing import tiny_roberta
+    from tiny_models import tiny_roberta
 
     return tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"), [t for _, t in headline_rows()] * 2,
                         vocab_size=400, min_frequency=2)
@@ -45,7 +45,7 @@ def tiny_roberta(tmp_path_factory) -> Path:
 def tiny_encoder(tmp_path_factory):
     """model_type -> a random 2-layer encoder folder of that architecture (hidden 32), built once per session, with
     a tokenizer of its own kind: bert, electra, distilbert, mpnet, deberta-v2 or roberta."""
-    from budgetune.testing import tiny_encoder as build
+    from tiny_models import tiny_encoder as build
 
     built: dict[str, Path] = {}
 

@@ -118,8 +118,8 @@ def train_recorded(monkeypatch, tiny_roberta, data, out: Path, *, accumulation: 
     from peft.tuners.adalora import AdaLoraModel
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from budgetune.lean_adalora import LeanAdaLoraModel
-    from budgetune.train import train
+    from budgetune.adalora.lean_step import LeanAdaLoraModel
+    from budgetune.training.train import train
 
     rec: dict = {"events": [], "micro": 0, "calls": [], "reads": 0, "owners": set()}
     # Both peft's class and budgetune's lean subclass (the default; it overrides both methods without calling

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 from budgetune.config import resolve
-from budgetune.devices import release_accelerator
+from budgetune.hardware.devices import release_accelerator
 
 ENV = "BUDGETUNE_MIXED_PRECISION"
 AMX = {"avx512_f": True, "avx512_bf16": True, "amx_tile": True, "amx_bf16": True, "amx_int8": True}
@@ -45,7 +45,7 @@ def fake_cpu(monkeypatch, caps: dict) -> None:
     ({}, "no", "no native bf16 matrix instructions"),
 ])
 def test_auto_on_cpu_follows_the_detected_instructions(monkeypatch, caps, expected, says):
-    from budgetune.devices import resolve_precision
+    from budgetune.hardware.devices import resolve_precision
 
     fake_cpu(monkeypatch, caps)
     got = resolve_precision("auto", "cpu")
@@ -56,7 +56,7 @@ def test_auto_on_cpu_follows_the_detected_instructions(monkeypatch, caps, expect
 @pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"),
                                                               (False, False, "no")])
 def test_torch_without_get_capabilities_uses_its_two_probes(monkeypatch, avx512_bf16, amx, expected):
-    from budgetune.devices import resolve_precision
+    from budgetune.hardware.devices import resolve_precision
 
     monkeypatch.delattr(torch.cpu, "get_capabilities")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
@@ -66,8 +66,8 @@ def test_torch_without_get_capabilities_uses_its_two_probes(monkeypatch, avx512_
 
 
 def test_the_environment_overrides_auto_and_an_explicit_choice_overrides_both(monkeypatch):
-    from budgetune.devices import resolve_precision
     from budgetune.errors import ConfigError
+    from budgetune.hardware.devices import resolve_precision
 
     fake_cpu(monkeypatch, AMX)
     for value in ("fp32", "no", "FP32 "):
@@ -86,7 +86,7 @@ def test_the_environment_overrides_auto_and_an_explicit_choice_overrides_both(mo
 
 
 def test_explicit_choices_say_what_they_compute_in(monkeypatch):
-    from budgetune.devices import resolve_precision
+    from budgetune.hardware.devices import resolve_precision
 
     fake_cpu(monkeypatch, PLAIN)
     fp16 = resolve_precision("fp16", "cpu")  # accelerate has no fp16 autocast on CPU: it computes fp32
@@ -98,7 +98,7 @@ def test_explicit_choices_say_what_they_compute_in(monkeypatch):
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16"), (False, "fp16")])
 def test_auto_on_a_gpu(monkeypatch, bf16, expected):
-    from budgetune.devices import resolve_precision
+    from budgetune.hardware.devices import resolve_precision
 
     fake_cpu(monkeypatch, PLAIN)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
@@ -123,7 +123,7 @@ def precision_events(out) -> list[dict]:
 @pytest.mark.parametrize(("caps", "name"), [(AVX512_BF16, "bf16"), (PLAIN, "fp32")])
 def test_a_run_computes_in_what_the_cpu_has_and_says_so(tiny_roberta, headlines_csv, tmp_path, monkeypatch, capsys,
                                                         caps, name):
-    from budgetune.train import train
+    from budgetune.training.train import train
 
     fake_cpu(monkeypatch, caps)
     out = tmp_path / "run"
@@ -140,8 +140,8 @@ def test_a_run_computes_in_what_the_cpu_has_and_says_so(tiny_roberta, headlines_
 @cpu_only
 def test_under_auto_bf16_the_frozen_base_is_bf16_and_what_trains_fp32(tiny_roberta, headlines_csv, tmp_path,
                                                                       monkeypatch):
-    from budgetune import precision
-    from budgetune.train import setup
+    from budgetune.hardware import precision
+    from budgetune.training.train import setup
 
     fake_cpu(monkeypatch, AMX)
     try:
@@ -156,7 +156,7 @@ def test_under_auto_bf16_the_frozen_base_is_bf16_and_what_trains_fp32(tiny_rober
 @pytest.mark.slow
 @cpu_only
 def test_a_resumed_run_logs_the_precision_of_its_own_session(tiny_roberta, headlines_csv, tmp_path, monkeypatch):
-    from budgetune.train import train
+    from budgetune.training.train import train
 
     out = tmp_path / "run"
     flags = {"num_train_epochs": 2, "save_steps": 2, "save_total_limit": 10}
@@ -171,7 +171,7 @@ def test_a_resumed_run_logs_the_precision_of_its_own_session(tiny_roberta, headl
 @pytest.mark.slow
 def test_cli_header_names_what_auto_picks_on_this_very_machine(tiny_roberta, headlines_csv, tmp_path, monkeypatch):
     """No faking: the CLI's first line is what auto picks on this very machine, with or without bf16."""
-    from budgetune.devices import resolve_precision
+    from budgetune.hardware.devices import resolve_precision
 
     monkeypatch.delenv(ENV, raising=False)
     out = tmp_path / "cli"
@@ -200,7 +200,7 @@ def test_a_bad_override_is_one_line_exit_2_before_anything_is_written(tiny_rober
 @pytest.fixture(scope="module")
 def trained(tiny_roberta, headlines_csv, tmp_path_factory):
     """One tiny LoRA run, trained in fp32 (the suite's setting)."""
-    from budgetune.train import train
+    from budgetune.training.train import train
 
     out = tmp_path_factory.mktemp("auto-precision") / "run"
     train(run_cfg(tiny_roberta, headlines_csv, out))
@@ -208,9 +208,9 @@ def trained(tiny_roberta, headlines_csv, tmp_path_factory):
 
 
 def logits_of(run) -> tuple[torch.Tensor, object, dict]:
-    from budgetune.data import TextTable
-    from budgetune.inference import table_logits
-    from budgetune.loading import load_for_inference
+    from budgetune.data.readers import TextTable
+    from budgetune.inference.loading import load_for_inference
+    from budgetune.inference.runner import table_logits
 
     accelerator, model, tokenizer, info = load_for_inference(run)
     logits = table_logits(model, tokenizer, TextTable(TEXTS, None, None, "texts"), accelerator, 16,
@@ -235,8 +235,8 @@ def test_inference_computes_in_bf16_where_the_cpu_has_it_and_the_weights_stay_fp
 
 @cpu_only
 def test_evaluate_and_predict_record_the_precision(trained, headlines_csv, tmp_path, monkeypatch, capsys):
-    from budgetune.evaluate import evaluate
-    from budgetune.predict import predict
+    from budgetune.inference.evaluate import evaluate
+    from budgetune.inference.predict import predict
 
     fake_cpu(monkeypatch, AMX)
     m = evaluate(trained, str(headlines_csv), output=str(tmp_path / "ev"))
@@ -254,8 +254,8 @@ def test_evaluate_and_predict_record_the_precision(trained, headlines_csv, tmp_p
 @cpu_only
 @pytest.mark.parametrize(("caps", "name"), [(AVX512_BF16, "bf16"), (PLAIN, "fp32")])
 def test_serve_computes_in_what_the_cpu_has_and_health_says_so(trained, monkeypatch, caps, name):
-    from budgetune.serve import create_app
-    from budgetune.serve_models import Registry, parse_runs
+    from budgetune.serve.api import create_app
+    from budgetune.serve.registry import Registry, parse_runs
 
     fake_cpu(monkeypatch, caps)
     registry = Registry(parse_runs([str(trained)]), device="cpu")
@@ -275,8 +275,8 @@ def test_serve_computes_in_what_the_cpu_has_and_health_says_so(trained, monkeypa
 @cpu_only
 def test_distills_teacher_pass_and_searchs_trials_follow_the_cpu(trained, tiny_roberta, headlines_csv, tmp_path,
                                                                  monkeypatch):
-    from budgetune.distill import distill
-    from budgetune.search import search
+    from budgetune.recipes.distill import distill
+    from budgetune.recipes.search.driver import search
 
     fake_cpu(monkeypatch, AVX512_BF16)
     student = tmp_path / "student"

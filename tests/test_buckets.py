@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import AG_TRAIN, headline_rows, tiny_train_args, write_csv
 
-from budgetune import batching, checkpoint
 from budgetune.config import Config, resolve
-from budgetune.devices import release_accelerator
+from budgetune.data import batching
 from budgetune.errors import CheckpointError
-from budgetune.train import setup, train_step
+from budgetune.hardware.devices import release_accelerator
+from budgetune.training import checkpoint
+from budgetune.training.train import setup, train_step
 
 
 def token_lengths(tiny_roberta: Path) -> np.ndarray:

@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from budgetune import methods
-from budgetune.budget import (
+from budgetune.budget.accounting import (
     BudgetError,
     check_budget,
     check_live,
@@ -16,6 +15,7 @@ from budgetune.budget import (
     resolve_auto_rank,
 )
 from budgetune.config import PACKAGED_MINILM, build_config, merge, parse_overrides
+from budgetune.modeling import backbone, methods
 
 ROBERTA = "roberta-base"
 
@@ -70,7 +70,7 @@ def test_shipped_architecture_is_not_the_bare_default():
     # Bare RobertaConfig(): 512 positions and 2 token types; roberta-base has 514 and 1 (768 more in all).
     with torch.device("meta"):
         bare = AutoModelForSequenceClassification.from_config(RobertaConfig(vocab_size=50265, num_labels=4))
-    shipped = methods.meta_model(cfg_for(), 4)
+    shipped = backbone.meta_model(cfg_for(), 4)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(shipped) - count(bare) == 768
 
@@ -124,7 +124,7 @@ def test_resolve_auto_rank_ia3_and_too_small():
 def plan_rows():
     # Two methods keep roberta-base's plan quick; test_plan_command covers every method on MiniLM.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("budgetune.budget.RANK_METHODS", ("adalora", "lora"))
+        mp.setattr("budgetune.budget.accounting.RANK_METHODS", ("adalora", "lora"))
         return plan(cfg_for(method="adalora", rank=8), 4, 1_000_000)
 
 
@@ -163,7 +163,7 @@ def tiny_roberta(tmp_path_factory):
 def test_live_count_equals_meta(tiny_roberta, method, head):
     cfg = cfg_for(model=tiny_roberta, head=head, method=method, **({"rank": 4} if method != "ia3" else {}))
     expected = config_breakdown(cfg, 3)
-    model, missing = methods.load_base(cfg, ["a", "b", "c"])
+    model, missing = backbone.load_base(cfg, ["a", "b", "c"])
     live = methods.wrap(cfg, model, cfg.method.tinit + cfg.method.tfinal + 1000, missing)
     assert next(live.parameters()).device.type == "cpu"
     got = check_live(live, cfg, expected)
@@ -174,7 +174,7 @@ def test_live_count_equals_meta(tiny_roberta, method, head):
 def test_check_live_refuses_extra_trainable(tiny_roberta):
     cfg = cfg_for(model=tiny_roberta)
     expected = config_breakdown(cfg, 3)
-    model, missing = methods.load_base(cfg, ["a", "b", "c"])
+    model, missing = backbone.load_base(cfg, ["a", "b", "c"])
     live = methods.wrap(cfg, model, None, missing)
     live.get_base_model().roberta.embeddings.LayerNorm.weight.requires_grad_(True)
     assert count_trainable(live).by_kind["LayerNorm"] == 32

@@ -17,10 +17,12 @@ import torch
 from conftest import read_jsonl, run_cli, tiny_train_args
 from transformers import AutoTokenizer
 
-from budgetune import adalora, cli, methods
-from budgetune import data as data_lib
+from budgetune import cli
+from budgetune.adalora import phases
 from budgetune.config import ConfigError, resolve
-from budgetune.train import make_optimizer, train
+from budgetune.data import readers as data_lib
+from budgetune.modeling import backbone, methods
+from budgetune.training.train import make_optimizer, train
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
 
@@ -43,11 +45,11 @@ def saved_losses(args: list[str], out) -> dict[int, tuple[float, float]]:
     """step -> (validation loss the run logged, loss of that step's checkpoint saved and reloaded with plain peft)."""
     from peft import PeftModel
 
-    from budgetune import checkpoint
-    from budgetune.devices import make_accelerator
-    from budgetune.inference import table_logits
-    from budgetune.loading import load_base_for
-    from budgetune.splits import load_splits, scores
+    from budgetune.data.splits import load_splits, scores
+    from budgetune.hardware.devices import make_accelerator
+    from budgetune.inference.loading import load_base_for
+    from budgetune.inference.runner import table_logits
+    from budgetune.training import checkpoint
 
     cfg = resolve(None, flags(args))
     splits = load_splits(cfg)
@@ -85,7 +87,7 @@ def test_adalora_scores_the_adapter_it_saves(tiny_roberta, headlines_csv, tmp_pa
 
 def test_without_the_mask_validation_scores_another_model(tiny_roberta, headlines_csv, tmp_path, monkeypatch):
     """The same run with the mask switched off: what validation scored is not what was saved (the old bug)."""
-    monkeypatch.setattr(adalora, "as_saved", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(phases, "as_saved", lambda model: contextlib.nullcontext())
     out = tmp_path / "ada"
     args = ada_args(tiny_roberta, headlines_csv, out)
     train(resolve(None, flags(args)))
@@ -145,7 +147,7 @@ def test_weight_decay_follows_the_parameter_role(tiny_roberta, headlines_csv, me
             "query,value" if method != "ia3" else "key,value,output.dense", "--max_trainable_params", "null",
             "--tinit", "10", "--tfinal", "10"]
     cfg = resolve(None, args)
-    model = methods.wrap(cfg, methods.load_base(cfg, data_lib.AG_NEWS_LABELS)[0], total_step=100)
+    model = methods.wrap(cfg, backbone.load_base(cfg, data_lib.AG_NEWS_LABELS)[0], total_step=100)
     optimizer, _ = make_optimizer(cfg, model, 100, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     group = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -162,8 +164,8 @@ def test_prediction_memory_does_not_grow_with_chunks(tiny_roberta, headlines_csv
     """Each chunk's tokenized Dataset is released before the next one (accelerate used to keep every loader)."""
     import datasets
 
-    from budgetune import inference
-    from budgetune.predict import predict
+    from budgetune.inference import runner
+    from budgetune.inference.predict import predict
 
     out = tmp_path / "run"
     run_cli(*tiny_train_args(tiny_roberta, headlines_csv, out, "lora", num_train_epochs=1, max_train_samples=32))
@@ -171,14 +173,14 @@ def test_prediction_memory_does_not_grow_with_chunks(tiny_roberta, headlines_csv
     texts.write_text("text\n" + "".join(f"headline number {i} about markets\n" for i in range(60)))
     monkeypatch.setattr(data_lib, "STREAM_BYTES", 0)
     monkeypatch.setattr(data_lib, "CHUNK_ROWS", 3)  # 20 chunks
-    alive, real = [], inference.table_logits
+    alive, real = [], runner.table_logits
 
     def counting(*a, **k):
         gc.collect()
         alive.append(sum(isinstance(o, datasets.Dataset) for o in gc.get_objects()))
         return real(*a, **k)
 
-    monkeypatch.setattr("budgetune.predict.table_logits", counting)
+    monkeypatch.setattr("budgetune.inference.predict.table_logits", counting)
     predict(out, str(texts), str(tmp_path / "sub.csv"), cache_dir=str(tmp_path / "cache"))
     assert len(alive) == 20 and max(alive) <= alive[1] + 1, alive
 
@@ -213,7 +215,7 @@ def test_a_copied_run_folder_still_predicts(tiny_roberta, headlines_csv, tmp_pat
 
 
 def test_packaged_base_is_stored_by_name():
-    from budgetune.finish import portable_model_id
+    from budgetune.training.finish import portable_model_id
 
     assert portable_model_id("packaged:all-MiniLM-L6-v2") == "packaged:all-MiniLM-L6-v2"
     assert portable_model_id("roberta-base") == "roberta-base"
@@ -326,7 +328,7 @@ def tiny_run(tiny_roberta, headlines_csv, tmp_path_factory):
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_predict_keeps_the_inputs_own_ids(tiny_run, tmp_path, monkeypatch, streamed):
-    from budgetune.predict import predict
+    from budgetune.inference.predict import predict
 
     if streamed:
         monkeypatch.setattr(data_lib, "STREAM_BYTES", 0)

@@ -1,4 +1,4 @@
-"""Tests for budgetune.data: loaders, validation messages, split, tokenize cache, samplers, collator."""
+"""Tests for budgetune.data.readers: loaders, validation messages, split, tokenize cache, samplers, collator."""
 
 from __future__ import annotations
 
@@ -17,9 +17,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from budgetune import data
-from budgetune.batching import LengthGroupedBatchSampler, SortedBatchSampler, make_collator, padding_stats
-from budgetune.data import (
+from budgetune.data import readers
+from budgetune.data.batching import (
+    LengthGroupedBatchSampler,
+    SortedBatchSampler,
+    make_collator,
+    padding_stats,
+)
+from budgetune.data.readers import (
     AG_NEWS_LABELS,
     BUILTIN,
     DataError,
@@ -115,7 +120,7 @@ def test_kaggle_ag_news_header(tmp_path):
 
 
 def test_builtin():
-    if not data.builtin_path().is_file():
+    if not readers.builtin_path().is_file():
         pytest.skip("resources/headlines.csv not written yet")
     table = load_table(BUILTIN)
     assert table.texts and set(table.labels) <= {0, 1, 2, 3} and table.label_names == AG_NEWS_LABELS

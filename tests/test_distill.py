@@ -11,15 +11,16 @@ import pytest
 import torch
 from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, write_csv
 
-from budgetune import budget, distill
-from budgetune import data as data_lib
-from budgetune import train as train_lib
+from budgetune.budget import accounting
 from budgetune.config import resolve
+from budgetune.data import readers as data_lib
+from budgetune.data.unlabeled import normalise
 from budgetune.errors import AdapterError, BudgetError, ConfigError, DataError
-from budgetune.evaluate import evaluate
-from budgetune.inference import table_logits
-from budgetune.loading import load_for_inference, load_model
-from budgetune.unlabeled import normalise
+from budgetune.inference.evaluate import evaluate
+from budgetune.inference.loading import load_for_inference, load_model
+from budgetune.inference.runner import table_logits
+from budgetune.recipes import distill
+from budgetune.training import train as train_lib
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
 
@@ -246,7 +247,7 @@ def test_full_method_saves_a_whole_model_counted_by_the_gate(files, tiny_roberta
     m = evaluate(teacher, str(files["validation"]), output=str(teacher / "eval-check"))
     assert m["accuracy"] == pytest.approx(json.loads((teacher / "evaluation.json").read_text())["accuracy"])
     with pytest.raises(BudgetError, match="33,476 trainable parameters is over the budget of 10,000") as e:
-        budget.check_budget(config(files, tiny_roberta, teacher.parent / "x", "full", max_trainable_params=10_000), 4)
+        accounting.check_budget(config(files, tiny_roberta, teacher.parent / "x", "full", max_trainable_params=10_000), 4)
     assert "pass --max_trainable_params null" in str(e.value)
 
 
@@ -290,7 +291,7 @@ def test_cli_verb(teacher, tmp_path):
 def test_teacher_checks_note_another_tokenizer_and_another_validation_split(files, tiny_roberta, teacher, tmp_path):
     from transformers import AutoTokenizer
 
-    from budgetune.methods import resolve_model_path
+    from budgetune.modeling.backbone import resolve_model_path
 
     cfg = config(files, tiny_roberta, tmp_path / "s", "lora")
     minilm = AutoTokenizer.from_pretrained(resolve_model_path("packaged:all-MiniLM-L6-v2"))
@@ -371,7 +372,7 @@ def test_kd_loss_keeps_adalora_orthogonal_regulariser_at_its_weight(tiny_roberta
     import peft
     from transformers import AutoModelForSequenceClassification
 
-    from budgetune import lean_adalora
+    from budgetune.adalora import lean_step
 
     torch.manual_seed(0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_roberta, num_labels=4)
@@ -380,7 +381,7 @@ def test_kd_loss_keeps_adalora_orthogonal_regulariser_at_its_weight(tiny_roberta
                                 task_type=peft.TaskType.SEQ_CLS)
     model = peft.get_peft_model(base, config).eval()
     if lean:
-        assert lean_adalora.install(model)  # the default training path; False: peft's own AdaLoraModel
+        assert lean_step.install(model)  # the default training path; False: peft's own AdaLoraModel
     settings = model.peft_config["default"]
     log_p = teacher_log_probs()
     gold = tiny_batch(tiny_roberta, [0, 2, 3, 1, 0, 3])

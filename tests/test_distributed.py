@@ -184,8 +184,8 @@ def test_evaluate_and_predict_match_single_process(runs, inference_files):
                           str(d / "sub2.csv"), "--per_device_eval_batch_size", "7", "--label_format", "name"),
     )
     # The single-process references run in this process (one thread, like each rank): saves two interpreter starts.
-    from budgetune.evaluate import evaluate
-    from budgetune.predict import predict
+    from budgetune.inference.evaluate import evaluate
+    from budgetune.inference.predict import predict
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -58,7 +58,7 @@ def test_config_reference_names_every_field_with_its_help(hooks):
 
 
 def test_cli_reference_has_every_verb(hooks):
-    from budgetune.cli import COMMANDS, MODULE_VERBS
+    from budgetune.cli.commands import COMMANDS, MODULE_VERBS
 
     listed = [verb for verb, _ in hooks.verbs()]
     assert sorted(listed) == sorted([*COMMANDS, *MODULE_VERBS]), "budgetune --help lists every verb"

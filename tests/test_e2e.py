@@ -75,8 +75,8 @@ def test_evaluate_predict_plot(minilm_run, headlines_csv, tmp_path):
     assert agree >= 35
 
     # Streamed in chunks of 7 rows (what a file over data.STREAM_BYTES does): the same submission, byte for byte.
-    from budgetune import data as data_lib
-    from budgetune.predict import predict
+    from budgetune.data import readers as data_lib
+    from budgetune.inference.predict import predict
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data_lib, "STREAM_BYTES", 0)

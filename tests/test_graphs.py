@@ -8,14 +8,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import graph_tape
 import pytest
 import torch
 from conftest import headline_rows, read_jsonl, tiny_train_args, write_csv
 
-from budgetune import graph_tape, graphs
 from budgetune.config import resolve
 from budgetune.errors import ConfigError
-from budgetune.train import train
+from budgetune.training import graphs
+from budgetune.training.train import train
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ from transformers import (
     DistilBertForSequenceClassification,
 )
 
-from budgetune import methods
-from budgetune.devices import CPU_BATCH_TOKENS, token_cap
+from budgetune.config import PACKAGED_MINILM
+from budgetune.hardware.devices import CPU_BATCH_TOKENS, token_cap
+from budgetune.modeling import backbone, classifier_heads, fast_forward
 
 TEXTS = ["Stocks rally", "Rookie scores 38 in debut win as the home side storms back in the final quarter",
          "New chip ships with faster cores", "Peace talks resume in Geneva after a week of shelling"]
@@ -35,7 +36,7 @@ def check_same_logits(folder, **kw):
     model = load(folder, **kw)
     with torch.inference_mode():
         full = model(**batch, output_hidden_states=True)
-        assert methods.first_token_last_layer(model)
+        assert fast_forward.first_token_last_layer(model)
         fast = model(**batch, output_hidden_states=True)
         alone = torch.cat([model(**tok([t], return_tensors="pt")).logits for t in TEXTS])
     assert torch.allclose(full.logits, fast.logits, atol=1e-5), (full.logits - fast.logits).abs().max()
@@ -52,7 +53,7 @@ def test_first_token_last_layer_roberta(tiny_roberta: Path, attn):
 
 
 def test_first_token_last_layer_real_minilm():
-    check_same_logits(methods.resolve_model_path(methods.PACKAGED_MINILM))
+    check_same_logits(backbone.resolve_model_path(PACKAGED_MINILM))
 
 
 def test_first_token_last_layer_linear_head_and_adapters(tiny_roberta: Path):
@@ -62,7 +63,7 @@ def test_first_token_last_layer_linear_head_and_adapters(tiny_roberta: Path):
     tok = AutoTokenizer.from_pretrained(tiny_roberta)
     batch = tok(TEXTS, padding=True, return_tensors="pt")
     base = load(tiny_roberta)
-    methods.apply_head(base, "linear")
+    classifier_heads.apply_head(base, "linear")
     model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, target_modules=["query", "value",
                                                                                                "dense"]))
     with torch.no_grad():
@@ -72,7 +73,7 @@ def test_first_token_last_layer_linear_head_and_adapters(tiny_roberta: Path):
     model.eval()
     with torch.inference_mode():
         full = model(**batch).logits
-        assert methods.first_token_last_layer(model)
+        assert fast_forward.first_token_last_layer(model)
         fast = model(**batch).logits
     assert torch.allclose(full, fast, atol=1e-5)
 
@@ -81,7 +82,7 @@ def test_train_mode_runs_the_full_layer_and_deepcopy_rebinds(tiny_roberta: Path)
     model = load(tiny_roberta)
     tok = AutoTokenizer.from_pretrained(tiny_roberta)
     batch = tok(TEXTS, padding=True, return_tensors="pt")
-    assert methods.first_token_last_layer(model)
+    assert fast_forward.first_token_last_layer(model)
     model.train()
     out = model(**batch, output_hidden_states=True)
     assert out.hidden_states[-1].shape[1] == batch["input_ids"].shape[1]  # every position, for training
@@ -103,7 +104,7 @@ def test_first_token_last_layer_leaves_other_architectures():
         BertConfig(num_hidden_layers=2, position_embedding_type="relative_key", **small))
     for model in (distil, deberta, relative):
         before = {k: v for k, v in vars(model).items()}
-        assert methods.first_token_last_layer(model) is False
+        assert fast_forward.first_token_last_layer(model) is False
         assert vars(model) == before
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from budgetune import lean_adalora
+from budgetune.adalora import lean_step
 
 TOL = 1e-6
 # Four shapes of adapted matrix (query/value/attention output 32x32, intermediate 32->64, output 64->32), so the
@@ -47,7 +47,7 @@ def pair():
     """peft's model and an identical copy switched to the lean step."""
     base = tiny_base()
     ref, lean = adalora(base), adalora(base)
-    assert lean_adalora.install(lean)
+    assert lean_step.install(lean)
     return ref, lean
 
 
@@ -236,21 +236,21 @@ def test_install_leaves_other_methods_alone():
 
     lora = peft.get_peft_model(tiny_base(), peft.LoraConfig(r=2, target_modules=["query"],
                                                             task_type=peft.TaskType.SEQ_CLS))
-    assert not lean_adalora.install(lora)
+    assert not lean_step.install(lora)
     assert type(lora.base_model) is peft.LoraModel
 
 
 def test_train_switches_adalora_to_the_lean_step_unless_told_not_to():
     import peft
 
-    from budgetune import train
     from budgetune.config import resolve
+    from budgetune.training import train
 
     flags = ["--method", "adalora", "--rank", "4", "--target_r", "2", "--target_modules", "query"]
     for extra, lean in (([], True), (["--lean_adalora", "false"], False)):
         model = adalora(tiny_base())
         assert train.prepare_adalora(resolve(None, flags + extra), model) is lean
-        assert isinstance(model.base_model, lean_adalora.LeanAdaLoraModel) is lean
+        assert isinstance(model.base_model, lean_step.LeanAdaLoraModel) is lean
         assert isinstance(model.base_model, peft.tuners.adalora.AdaLoraModel)
     lora = peft.get_peft_model(tiny_base(), peft.LoraConfig(r=2, target_modules=["query"],
                                                             task_type=peft.TaskType.SEQ_CLS))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import run_cli, tiny_train_args
 
-from budgetune import methods
 from budgetune.config import METHODS, resolve
+from budgetune.modeling import backbone, classifier_heads, methods
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
 
@@ -53,7 +53,7 @@ def rebuild_trained(run: Path) -> torch.nn.Module:
     total_step = json.loads((run / "adapter" / "adapter_config.json").read_text()).get("total_step")
     saved = torch.load(run / "best_state.pt", map_location="cpu", weights_only=True)
     set_seed(cfg.train.seed)  # as train() does: frozen head parts (never in best_state) are seeded inits
-    base, missing = methods.load_base(cfg, labels)
+    base, missing = backbone.load_base(cfg, labels)
     model = methods.wrap(cfg, base, total_step, missing)
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
@@ -78,7 +78,7 @@ def reload_plain(run: Path, tiny_roberta: Path, head: str = "default"):
     torch.manual_seed(1234)
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_roberta), num_labels=4)
     if head == "linear":
-        methods.apply_head(base, "linear")
+        classifier_heads.apply_head(base, "linear")
     return PeftModel.from_pretrained(base, str(run / "adapter")).eval()
 
 
@@ -173,7 +173,7 @@ def test_method_trains_saves_and_reloads_exactly(method, tiny_roberta, headlines
 
     cfg = resolve(str(run / "config.yaml"), [])
     set_seed(cfg.train.seed)
-    base, missing = methods.load_base(cfg, LABELS)
+    base, missing = backbone.load_base(cfg, LABELS)
     total_step = json.loads((run / "adapter" / "adapter_config.json").read_text()).get("total_step")
     init = dict(methods.wrap(cfg, base, total_step, missing).named_parameters())
     moved = [n for n, p in trained.named_parameters()
@@ -185,7 +185,7 @@ def test_linear_head_reloads_after_apply_head(tiny_roberta, headlines_csv, runs_
     run = trained_run("lora-linear", tiny_roberta, headlines_csv, runs_root, "lora", head="linear")
     check_folder(run, tiny_roberta, "lora", head="linear")
     trained, saved_head = check_roundtrip(run, tiny_roberta, head="linear")
-    assert isinstance(trained.base_model.model.classifier.modules_to_save["default"], methods.FirstTokenLinear)
+    assert isinstance(trained.base_model.model.classifier.modules_to_save["default"], classifier_heads.FirstTokenLinear)
     assert sorted(saved_head) == ["base_model.model.classifier.modules_to_save.default.out_proj.bias",
                                   "base_model.model.classifier.modules_to_save.default.out_proj.weight"]
     recorded = check_budget(run, trained)

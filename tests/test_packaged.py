@@ -16,9 +16,10 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli, tiny_train_args
 
-from budgetune import cli, packaged
+from budgetune import cli
 from budgetune.config import PACKAGED_MPNET
 from budgetune.errors import ModelLoadError
+from budgetune.modeling import packaged
 
 
 @pytest.fixture(scope="module")

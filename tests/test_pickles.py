@@ -1,4 +1,4 @@
-"""Tests for budgetune.pickles: real data pickles load, code-running pickles are refused before running."""
+"""Tests for budgetune.data.pickles: real data pickles load, code-running pickles are refused before running."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from datasets.table import InMemoryTable
 from pandas.core.internals.blocks import Block
 
 import budgetune
-from budgetune.data import AG_NEWS_LABELS, DataError, load_table
-from budgetune.pickles import UnsafePickleError, load_pickle
+from budgetune.data.pickles import UnsafePickleError, load_pickle
+from budgetune.data.readers import AG_NEWS_LABELS, DataError, load_table
 
 TEXTS = ["Oil prices climb", "Cup final, 3-1", 'Chip "ships"']
 
@@ -110,7 +110,7 @@ def test_not_a_data_object_or_not_a_pickle(tmp_path):
 # Each is loaded in a subprocess: on code that lets it through, the interpreter dies (SIGSEGV or SIGABRT), which
 # fails that test without ending the test run.
 
-LOAD = ("import sys\nfrom budgetune.data import DataError, load_table\ntry:\n"
+LOAD = ("import sys\nfrom budgetune.data.readers import DataError, load_table\ntry:\n"
         "    load_table(sys.argv[1], require_labels=False)\nexcept DataError as e:\n"
         "    print(f'error: {e}', file=sys.stderr)\n    sys.exit(2)\n")
 

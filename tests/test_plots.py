@@ -5,7 +5,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from budgetune.plots import plot_run, rank_matrix, read_metrics
+from budgetune.training.plots import plot_run, rank_matrix, read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PREFIX = "base_model.model.roberta.encoder.layer.{}.attention.self.{}"

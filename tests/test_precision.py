@@ -11,10 +11,11 @@ import torch
 from conftest import read_jsonl, tiny_train_args
 from safetensors.torch import load_file
 
-from budgetune import checkpoint, precision
 from budgetune.config import resolve
-from budgetune.devices import release_accelerator
-from budgetune.train import setup, train, train_step
+from budgetune.hardware import precision
+from budgetune.hardware.devices import release_accelerator
+from budgetune.training import checkpoint
+from budgetune.training.train import setup, train, train_step
 
 pytestmark = pytest.mark.slow  # trains real models
 
@@ -165,7 +166,7 @@ def test_a_checkpoint_resumes_across_the_switch(tiny_roberta, headlines_csv, tmp
 def test_scale_and_merge_work_on_a_bf16_base(built, method):
     """The adapter-scale machinery and the inference merge, run on the training model itself (bf16 base):
     merged and unmerged agree within bf16 rounding at scale 1 and 0.5, and the base weights stay bf16."""
-    from budgetune import methods, scaling
+    from budgetune.modeling import methods, scaling
 
     run = built("on", method)
     model = run.inner.eval()

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from budgetune import batching
-from budgetune import data as data_lib
+from budgetune.data import batching
+from budgetune.data import readers as data_lib
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import ROOT, run_cli, tiny_train_args, write_csv
 
-from budgetune.quiet import library_output
+from budgetune.cli.quiet import library_output
 
 pytestmark = pytest.mark.slow  # trains tiny models in subprocesses
 
@@ -123,7 +123,7 @@ def test_the_quiet_block_passes_library_errors_and_restores_everything():
         assert not any(logging.getLogger(n).isEnabledFor(logging.WARNING) for n in names)
         with warnings.catch_warnings(record=True) as seen:
             warnings.warn_explicit("chatter", FutureWarning, "x.py", 1, module="transformers.modeling_utils")
-            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="budgetune.train")
+            warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="budgetune.training.train")
         assert [str(w.message) for w in seen] == ["ours"]
     assert {n: logging.getLogger(n).level for n in names} == levels
     with library_output(verbose=True):

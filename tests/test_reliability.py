@@ -16,8 +16,11 @@ import pytest
 import torch
 from conftest import read_jsonl, run_cli, tiny_train_args
 
-from budgetune import checkpoint, cli, methods, unlabeled
-from budgetune import data as data_lib
+from budgetune import cli
+from budgetune.data import readers as data_lib
+from budgetune.data import unlabeled
+from budgetune.modeling import backbone, methods
+from budgetune.training import checkpoint
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
 
@@ -364,7 +367,7 @@ def test_model_folder_without_weights(tiny_roberta, headlines_csv, run_copy, tmp
     with pytest.raises(methods.ModelLoadError, match=re.escape(str(folder))):
         from budgetune.config import resolve
 
-        methods.load_base(resolve(None, tiny_train_args(folder, headlines_csv, run_copy, "lora")[1:]), ["a", "b"])
+        backbone.load_base(resolve(None, tiny_train_args(folder, headlines_csv, run_copy, "lora")[1:]), ["a", "b"])
 
 
 class _RunsCode:

@@ -155,9 +155,9 @@ def test_resume_from_an_earlier_checkpoint_ships_the_best_it_reports(tiny_robert
     knew only an earlier best) never beats that earlier best, as a continuation that is not bit-exact (a GPU run
     without --deterministic) may not: adapter/, best_state.pt, evaluation.json and the reported best step must
     all be the checkpoint's best."""
-    from budgetune import train as train_mod
     from budgetune.config import resolve
-    from budgetune.loading import load_model
+    from budgetune.inference.loading import load_model
+    from budgetune.training import train as train_mod
 
     out = tmp_path / "run"
     args = _args(tiny_roberta, headlines_csv, out, "lora", num_train_epochs=1, eval_strategy="steps", eval_steps=2,

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from budgetune import artifacts, scaling
 from budgetune.errors import ConfigError
+from budgetune.inference import adapter_bundle
+from budgetune.modeling import scaling
 
 METHODS = ["lora", "dora", "adalora", "ia3", "vera", "loha", "lokr"]
 SCALES = [0.0, 0.3, 0.6, 1.0]
@@ -143,10 +144,10 @@ def saved_bundle(folder: Path, tiny_roberta, method: str, seed: int, alpha: int,
 
     from budgetune.config import Config
 
-    artifacts.save_bundle(trained_like(tiny_roberta, method, seed, alpha), AutoTokenizer.from_pretrained(tiny_roberta),
+    adapter_bundle.save_bundle(trained_like(tiny_roberta, method, seed, alpha), AutoTokenizer.from_pretrained(tiny_roberta),
                           folder, label_names=["w", "s", "b", "t"], base_model=str(tiny_roberta), head="default",
                           config=Config().to_dict(), budget=None, metrics=None)
-    artifacts.record_adapter_scale(folder, scale, None, None)
+    adapter_bundle.record_adapter_scale(folder, scale, None, None)
     return folder
 
 
@@ -154,8 +155,8 @@ def saved_bundle(folder: Path, tiny_roberta, method: str, seed: int, alpha: int,
 def test_several_scaled_adapters_on_one_model_each_equal_that_adapter_alone(tiny_roberta, tmp_path, method):
     """serve groups two bundles of one method on one base, each at its recorded scale: each adapter must be
     scaled from its own trained values, not from the first adapter's (kept under the same module names)."""
-    from budgetune.loading import load_model
-    from budgetune.serve_models import Registry, parse_runs
+    from budgetune.inference.loading import load_model
+    from budgetune.serve.registry import Registry, parse_runs
 
     scales = {"one": 0.5, "two": 0.3}
     folders = {n: saved_bundle(tmp_path / n, tiny_roberta, method, seed, alpha, scales[n])
@@ -237,11 +238,11 @@ def test_auto_scale_validates_each_scale_and_restores_the_trained_adapter(tiny_r
 
 
 def test_record_adapter_scale_in_bundle_and_model_card(tmp_path):
-    (tmp_path / artifacts.BUNDLE_FILE).write_text(json.dumps({"label_names": ["a", "b"], "head": "default"}))
+    (tmp_path / adapter_bundle.BUNDLE_FILE).write_text(json.dumps({"label_names": ["a", "b"], "head": "default"}))
     (tmp_path / "README.md").write_text("# card\n\n## Use without budgetune\n\ncode\n")
     for chosen in (0.6, 0.75):  # recorded twice: the section is replaced, not repeated
-        artifacts.record_adapter_scale(tmp_path, chosen, {1.0: 0.93, 0.6: 0.926, 0.75: 0.928}, 0.5)
-    info = json.loads((tmp_path / artifacts.BUNDLE_FILE).read_text())
+        adapter_bundle.record_adapter_scale(tmp_path, chosen, {1.0: 0.93, 0.6: 0.926, 0.75: 0.928}, 0.5)
+    info = json.loads((tmp_path / adapter_bundle.BUNDLE_FILE).read_text())
     assert info["adapter_scale"] == 0.75 and info["robust_tolerance"] == 0.5 and info["label_names"] == ["a", "b"]
     assert info["adapter_scale_validation"] == {"0.6": 0.926, "0.75": 0.928, "1": 0.93}
     card = (tmp_path / "README.md").read_text()
@@ -281,7 +282,7 @@ def accuracy_by_hand(run, path, scale: float | None) -> tuple[float, torch.Tenso
     """Accuracy of the run's adapter at a scale, computed here with a plain padded forward pass (no merge)."""
     import csv
 
-    from budgetune.loading import load_model
+    from budgetune.inference.loading import load_model
 
     model, tok, info = load_model(run, merge=False, adapter_scale=scale)
     with open(path, encoding="utf-8") as f:
@@ -298,7 +299,7 @@ def test_scale_one_is_todays_adapter_and_the_bundle_default_applies(tiny_run, ba
 
     import peft
 
-    from budgetune.loading import load_model
+    from budgetune.inference.loading import load_model
 
     plain = peft.PeftModel.from_pretrained(base_model_of(tiny_run), tiny_run / "adapter").eval()
     model, _, info = load_model(tiny_run, merge=False)  # no recorded scale: 1
@@ -308,7 +309,7 @@ def test_scale_one_is_todays_adapter_and_the_bundle_default_applies(tiny_run, ba
     assert torch.equal(logits(model, batch), today)
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "adapter", run / "adapter")
-    artifacts.record_adapter_scale(run / "adapter", 0.5, {0.5: 0.9, 1.0: 0.91}, 0.5)
+    adapter_bundle.record_adapter_scale(run / "adapter", 0.5, {0.5: 0.9, 1.0: 0.91}, 0.5)
     at_half = logits(load_model(tiny_run, merge=False, adapter_scale=0.5)[0], batch)
     assert not torch.allclose(at_half, today, atol=1e-4)
     model, _, info = load_model(run)  # the recorded default, merged
@@ -318,7 +319,7 @@ def test_scale_one_is_todays_adapter_and_the_bundle_default_applies(tiny_run, ba
 
 
 def base_model_of(run):
-    from budgetune.loading import bundle_info, load_base_for
+    from budgetune.inference.loading import bundle_info, load_base_for
 
     return load_base_for(bundle_info(run))
 
@@ -350,14 +351,14 @@ def test_export_bakes_the_scale_and_reloads_with_plain_peft(tiny_run, batch, tmp
     import peft
     from conftest import run_cli
 
-    from budgetune.loading import load_model
+    from budgetune.inference.loading import load_model
 
     out = tmp_path / "exported"
     run_cli("export", str(tiny_run), "--adapter_scale", "0.4", "--output", str(out))
     expected = logits(load_model(tiny_run, merge=False, adapter_scale=0.4)[0], batch)
     reloaded = peft.PeftModel.from_pretrained(base_model_of(tiny_run), out).eval()
     assert (logits(reloaded, batch) - expected).abs().max() < 1e-5
-    info = json.loads((out / artifacts.BUNDLE_FILE).read_text())
+    info = json.loads((out / adapter_bundle.BUNDLE_FILE).read_text())
     assert info["adapter_scale"] == 1.0 and info["baked_adapter_scale"] == 0.4
     assert (out / "tokenizer.json").is_file() and "exported at scale 0.4" in (out / "README.md").read_text()
     assert run_cli("export", str(tiny_run), "--output", str(out), check=False).returncode == 2  # not empty
@@ -386,7 +387,7 @@ def test_predict_at_a_scale_with_probabilities(tiny_run, two_files, tmp_path):
             "--probabilities")
     with open(sub, encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    names = json.loads((tiny_run / "adapter" / artifacts.BUNDLE_FILE).read_text())["label_names"]
+    names = json.loads((tiny_run / "adapter" / adapter_bundle.BUNDLE_FILE).read_text())["label_names"]
     assert rows[0] == ["ID", "Label", *names] and len(rows) == 51
     _, expected = accuracy_by_hand(tiny_run, two_files[1], 0.5)
     probs = torch.tensor([[float(v) for v in r[2:]] for r in rows[1:]])

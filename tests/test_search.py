@@ -41,9 +41,9 @@ def searched(tiny_roberta, headlines_csv, tmp_path_factory, worker_id):
     for one combination)."""
     from filelock import FileLock
 
-    from budgetune import train as train_lib
     from budgetune.config import resolve
-    from budgetune.search import search
+    from budgetune.recipes.search.driver import search
+    from budgetune.training import train as train_lib
 
     root = tmp_path_factory.getbasetemp()
     root = root.parent if worker_id != "master" else root  # shared by the workers of one session
@@ -111,8 +111,8 @@ def test_best_yaml_retrains_to_the_same_validation_accuracy_and_the_test_figure_
     """best.yaml's retrain chooses an adapter scale on validation (trials do not): --test_file's figure is the
     selected trial at that scale, which is what the retrained bundle gives; the figure as trained is given too."""
     from budgetune.config import resolve
-    from budgetune.evaluate import evaluate
-    from budgetune.train import train
+    from budgetune.inference.evaluate import evaluate
+    from budgetune.training.train import train
 
     study, out, _ = searched
     best = study.best_trial
@@ -143,9 +143,9 @@ def test_adalora_is_not_pruned_for_its_pruning_phase_dip(tiny_roberta, headlines
     scored between its pruning-phase worst and its final-phase worst at every step. The successive-halving pruner
     (as Hyperband's brackets) judges a trial by its value at each rung: it pruned the trial at its dip; now it sees
     only the validations with the final rank pattern and the trial completes."""
-    from budgetune import adalora
+    from budgetune.adalora import phases
     from budgetune.config import resolve
-    from budgetune.search import make_pruner, search
+    from budgetune.recipes.search.driver import make_pruner, search
 
     flags = tiny_flags(tiny_roberta, headlines_csv, tmp_path / "cache", epochs=2) | {"metric_for_best_model": "loss"}
     cfg = resolve(None, as_args(flags))
@@ -156,7 +156,7 @@ def test_adalora_is_not_pruned_for_its_pruning_phase_dip(tiny_roberta, headlines
     search(cfg, n_trials=1, output_dir=tmp_path / "alone", pruner="none", **common)  # the trial on its own
     run = tmp_path / "alone" / "trials" / "0000"
     curve = {e["step"]: e["eval_loss"] for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "eval"}
-    schedule = adalora.schedule(resolve(str(run / "config.yaml"), []).method, max(curve))
+    schedule = phases.schedule(resolve(str(run / "config.yaml"), []).method, max(curve))
     final = {s: v for s, v in curve.items() if schedule.is_final(s)}
     pruning = {s: v for s, v in curve.items() if s not in final}
     assert final and pruning and max(pruning.values()) > max(final.values()), curve  # it dips while pruning
@@ -183,7 +183,7 @@ def test_adalora_is_not_pruned_for_its_pruning_phase_dip(tiny_roberta, headlines
 def test_a_space_that_fits_nothing_is_refused_before_training(tiny_roberta, headlines_csv, tmp_path):
     from budgetune.config import resolve
     from budgetune.errors import BudgetError
-    from budgetune.search import search
+    from budgetune.recipes.search.driver import search
 
     cfg = resolve(None, as_args(tiny_flags(tiny_roberta, headlines_csv, tmp_path / "cache")))
     with pytest.raises(BudgetError, match="budget of 300 trainable parameters"):
@@ -196,9 +196,10 @@ def test_a_space_that_fits_nothing_is_refused_before_training(tiny_roberta, head
 
 def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, headlines_csv, tmp_path):
     """Many draws of the default space, none trained: each fits, AdaLoRA keeps target_r < init_r and a schedule."""
-    from budgetune import adalora, budget
+    from budgetune.adalora import phases
+    from budgetune.budget import accounting
     from budgetune.config import resolve
-    from budgetune.search_space import build_space, parse_search_group, sample
+    from budgetune.recipes.search.search_space import build_space, parse_search_group, sample
 
     cfg = resolve(None, as_args(tiny_flags(tiny_roberta, headlines_csv, tmp_path / "cache")) + ["--label_names",
                                                                                                   "a,b,c,d"])
@@ -209,7 +210,7 @@ def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, head
     for _ in range(40):
         trial = study.ask()
         point = sample(trial, space, cfg, total_steps=100)
-        assert budget.check_budget(point, 4).total_trainable <= BUDGET
+        assert accounting.check_budget(point, 4).total_trainable <= BUDGET
         m = point.method
         if m.method == "adalora":
             assert 1 <= m.target_r < m.rank and m.tinit + m.tfinal < 100
@@ -221,7 +222,7 @@ def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, head
     for _ in range(20):
         trial = study.ask()
         m = sample(trial, adalora_only, cfg, total_steps=8).method
-        assert adalora.schedule(m, 8).is_final(8), (m.tinit, m.tfinal)
+        assert phases.schedule(m, 8).is_final(8), (m.tinit, m.tfinal)
         study.tell(trial, 0.0)
 
 
@@ -237,7 +238,7 @@ def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, head
 ])
 def test_bad_search_entries_are_refused_naming_the_key(group, message):
     from budgetune.errors import ConfigError
-    from budgetune.search_space import parse_search_group
+    from budgetune.recipes.search.search_space import parse_search_group
 
     with pytest.raises(ConfigError, match=message):
         parse_search_group(group)
@@ -347,7 +348,7 @@ def test_a_dead_workers_trial_is_failed_and_retried_by_policy(tmp_path, retry_fa
     parameters (Optuna's RetryFailedTrialCallback); with 0 it is only failed."""
     import socket
 
-    from budgetune.search import fail_dead_trials, make_storage, worker_id
+    from budgetune.recipes.search.driver import fail_dead_trials, make_storage, worker_id
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs
@@ -372,7 +373,7 @@ def test_a_dead_workers_trial_is_failed_and_retried_by_policy(tmp_path, retry_fa
 def test_database_storage_fails_stale_trials_by_heartbeat(tmp_path):
     """On a database the heartbeat decides: a trial whose worker stopped beating past the grace period is failed by
     the next worker, and retried when --retry_failed says so."""
-    from budgetune.search import GRACE_S, HEARTBEAT_S, make_storage
+    from budgetune.recipes.search.driver import GRACE_S, HEARTBEAT_S, make_storage
 
     storage = make_storage(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, 1)
     assert storage.heartbeat_interval == HEARTBEAT_S and storage.grace_period == GRACE_S

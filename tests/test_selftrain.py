@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, write_csv
 
-from budgetune import data as data_lib
-from budgetune import selftrain
 from budgetune.config import resolve
+from budgetune.data import readers as data_lib
+from budgetune.data.unlabeled import drop_heldout, normalise
 from budgetune.errors import ConfigError, DataError, RunFolderError
-from budgetune.inference import table_logits
-from budgetune.loading import load_for_inference
-from budgetune.unlabeled import drop_heldout, normalise
+from budgetune.inference.loading import load_for_inference
+from budgetune.inference.runner import table_logits
+from budgetune.recipes import selftrain
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
 

@@ -23,8 +23,8 @@ import torch
 from conftest import ROOT, headline_rows, tiny_train_args
 from fastapi.testclient import TestClient
 
-from budgetune.serve import ServeOptions, create_app, field_name, parser, softmax
-from budgetune.serve_models import Registry, parse_runs
+from budgetune.serve.api import ServeOptions, create_app, field_name, parser, softmax
+from budgetune.serve.registry import Registry, parse_runs
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
 
@@ -38,7 +38,7 @@ def runs(tiny_roberta, headlines_csv, tmp_path_factory) -> dict[str, Path]:
     from filelock import FileLock
 
     from budgetune.config import resolve
-    from budgetune.train import train
+    from budgetune.training.train import train
 
     # Trained once per session: under pytest-xdist the workers share the session's folder (the first one trains).
     base = tmp_path_factory.getbasetemp()
@@ -59,9 +59,9 @@ def runs(tiny_roberta, headlines_csv, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def offline(runs) -> dict[str, np.ndarray]:
     """Each adapter alone, through `budgetune predict`'s own path (merged model, table_logits), on TEXTS."""
-    from budgetune.data import TextTable
-    from budgetune.inference import table_logits
-    from budgetune.loading import load_for_inference
+    from budgetune.data.readers import TextTable
+    from budgetune.inference.loading import load_for_inference
+    from budgetune.inference.runner import table_logits
 
     out = {}
     for name, run in runs.items():
@@ -136,7 +136,7 @@ def test_one_process_many_adapters_equal_each_alone(runs, offline):
 
 def test_bundle_adapter_scale_is_honoured_per_adapter(runs, tmp_path):
     """A copy of `a` recording another adapter_scale, served beside a and b: each as `load_model` gives it."""
-    from budgetune.loading import load_model
+    from budgetune.inference.loading import load_model
 
     copy = tmp_path / "rescaled" / "adapter"
     shutil.copytree(runs["a"] / "adapter", copy)
@@ -165,10 +165,10 @@ def test_bundle_adapter_scale_is_honoured_per_adapter(runs, tmp_path):
 
 def test_a_fully_fine_tuned_model_is_served_beside_adapters(runs, offline, tiny_roberta, headlines_csv, tmp_path):
     from budgetune.config import resolve
-    from budgetune.data import TextTable
-    from budgetune.inference import table_logits
-    from budgetune.loading import load_for_inference
-    from budgetune.train import train
+    from budgetune.data.readers import TextTable
+    from budgetune.inference.loading import load_for_inference
+    from budgetune.inference.runner import table_logits
+    from budgetune.training.train import train
 
     args = tiny_train_args(tiny_roberta, headlines_csv, tmp_path / "full", "full", num_train_epochs=1)
     train(resolve(None, args[1:]))
@@ -186,7 +186,7 @@ def test_answers_equal_budgetune_predict_files(client, runs, tmp_path):
     """`budgetune predict --probabilities` (6 decimals) for a and b, against the server's answers for both."""
     import csv
 
-    from budgetune.predict import predict
+    from budgetune.inference.predict import predict
 
     source = tmp_path / "texts.csv"
     with open(source, "w", newline="", encoding="utf-8") as f:

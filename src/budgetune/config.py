@@ -523,7 +523,7 @@ def resolve(config_file: str | None, overrides: list[str]) -> Config:
 
 
 def save_yaml(config: Config, path: str | Path, header: str = "") -> None:
-    from budgetune.artifacts import atomic_write_text
+    from budgetune.fileio import atomic_write_text
 
     text = header + yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write_text(path, text)

@@ -1,0 +1,421 @@
+"""The trainable-parameter budget: exact counts, the gate before training, rank auto, and the plan of what fits."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch.nn.init
+
+from budgetune.config import Config, ConfigError, parse_count, resolve
+from budgetune.errors import BudgetError, CountMismatchError
+from budgetune.modeling import backbone, classifier_heads, methods
+
+HEADS = ("default", "linear", "frozen_dense")
+RANK_METHODS = ("adalora", "lora", "dora", "vera", "loha", "lokr")
+# Peft's tensors of AdaLoRA: what pruning to target_r shrinks.
+ADALORA_KINDS = ("lora_A", "lora_B", "lora_E")
+# LoKr's cost is not linear in rank (w2 turns full once r >= half its larger side), so its search is bisection
+# over ranks up to this cap; every other method's cost is affine in rank and is extrapolated from two counts.
+NONLINEAR_RANK_CAP = 64
+
+
+@dataclass
+class Breakdown:
+    total_trainable: int
+    by_kind: dict[str, int]
+    by_module: dict[str, int]
+    head: int
+    all_params_once: int
+    peft_trainable: int
+    peft_all: int
+    budget: int | None = None
+    saved_after_pruning: int | None = None
+    head_copy: int = 0  # parameters of the second head copy peft keeps for modules_to_save (in peft_all only)
+    ranknum: int = 0  # AdaLoRA's ranknum scalars (in peft_all; never trained)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready; `fits` is None when no budget is set."""
+        d = dataclasses.asdict(self)
+        d["fits"] = None if self.budget is None else self.total_trainable <= self.budget
+        return d
+
+    def table(self) -> str:
+        """Human-readable; adapted modules are grouped across layers (layer.*.attention.self.query)."""
+        rows = [("trainable parameters", self.total_trainable)]
+        rows += [(f"  {kind}", n) for kind, n in self.by_kind.items()]
+        groups: dict[str, list[int]] = {}
+        for name, n in self.by_module.items():
+            groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(n)
+        rows.append(("by module", None))
+        rows += [(f"  {g}" + (f" (x{len(ns)})" if len(ns) > 1 else ""), sum(ns)) for g, ns in groups.items()]
+        rows.append(("model parameters, counted once", self.all_params_once))
+        rows.append(("peft: trainable params", self.peft_trainable))
+        rows.append(("peft: all params", self.peft_all))
+        if self.saved_after_pruning is not None:
+            rows.append(("saved after AdaLoRA pruning to target_r", self.saved_after_pruning))
+        width = max(len(k) for k, _ in rows) + 2
+        lines = [k if n is None else f"{k:<{width}}{n:>14,}" for k, n in rows]
+        if self.budget is not None:
+            verdict = "fits" if self.total_trainable <= self.budget else "OVER BUDGET"
+            lines.append(f"budget {self.budget:,}: {verdict} ({self.budget - self.total_trainable:+,} to spare)")
+        why = []
+        if self.head_copy:
+            why.append(f"the second copy of the head peft keeps for modules_to_save ({self.head_copy:,})")
+        if self.ranknum:
+            why.append(f"AdaLoRA's ranknum scalars ({self.ranknum:,}, never trained)")
+        if why:
+            lines.append("peft's all params = counted once + " + " + ".join(why))
+        if self.peft_trainable != self.total_trainable:
+            lines.append(f"peft's trainable differs by {self.peft_trainable - self.total_trainable:+,}: it counts "
+                         "trainable ranknum scalars, which never change")
+        if self.saved_after_pruning is not None:
+            lines.append("the budget gate uses the trainable count at init_r; the saved count is a second figure")
+        return "\n".join(lines + self.notes)
+
+
+def _short(name: str, prefix: str | None) -> str:
+    """Module path without the peft and encoder prefixes: 'layer.0.attention.self.query'."""
+    name = name.removeprefix("base_model.model.")
+    if prefix:
+        name = name.removeprefix(f"{prefix}.")
+    return re.sub(r"^(encoder|transformer)\.", "", name)
+
+
+def count_trainable(peft_model, budget: int | None = None) -> Breakdown:
+    """Count requires_grad parameters; the head's modules_to_save copy counts once, ranknum never."""
+    pcfgs = getattr(peft_model, "peft_config", {}) or {}
+    adapters = set(pcfgs) or {"default"}
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    prefix = getattr(base, "base_model_prefix", None)
+    by_kind: dict[str, int] = {}
+    by_module: dict[str, int] = {}
+    total_all = head_copy = ranknum = 0
+    for name, p in peft_model.named_parameters():
+        n = p.numel()
+        if "ranknum" in name:
+            ranknum += n
+            continue
+        if ".modules_to_save." in name:  # peft's trainable copy of a head part; the frozen original counts in all
+            head_copy += n
+        else:
+            total_all += n
+        if not p.requires_grad:
+            continue
+        parts = _short(name, prefix).split(".")
+        idx = next((i for i, part in enumerate(parts) if i > 0 and part in adapters), None)
+        if ".modules_to_save." in name or parts[0] in ("classifier", "score"):
+            kind, module = "head", "head"
+        elif idx is not None:
+            kind, module = parts[idx - 1], ".".join(parts[: idx - 1])
+        else:
+            low = name.lower()
+            kind = "bias" if parts[-1] == "bias" else "LayerNorm" if "layernorm" in low or "layer_norm" in low else "other"
+            module = ".".join(parts[:-1])
+        by_kind[kind] = by_kind.get(kind, 0) + n
+        by_module[module] = by_module.get(module, 0) + n
+    if hasattr(peft_model, "get_nb_trainable_parameters"):
+        peft_trainable, peft_all = peft_model.get_nb_trainable_parameters()
+    else:
+        peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        peft_all = sum(p.numel() for p in peft_model.parameters())
+    total = sum(by_kind.values())
+    saved = None
+    pcfg = next(iter(pcfgs.values()), None)
+    if pcfg is not None and str(getattr(pcfg, "peft_type", "")).endswith("ADALORA"):
+        ada = sum(by_kind.get(k, 0) for k in ADALORA_KINDS)
+        # Each rank of a module costs in + out + 1 (a row of A, a column of B, one singular value).
+        saved = total - ada + ada * pcfg.target_r // pcfg.init_r
+    head = by_kind.get("head", 0)
+    by_kind = dict(sorted(by_kind.items(), key=lambda kv: (kv[0] == "head", kv[0])))
+    return Breakdown(total, by_kind, by_module, head, total_all, int(peft_trainable), int(peft_all), budget, saved,
+                     head_copy, ranknum)
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip torch.nn.init while building meta models: random init is a third of the counting time and moot on meta."""
+    # transformers (and peft) record torch.nn.init's functions when first imported: import them before the patch,
+    # or every later model (a real head, non-persistent buffers) would keep the no-ops and start uninitialised.
+    with contextlib.suppress(ImportError):
+        import peft  # noqa: F401
+        import transformers.initialization  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda t, *a, **k: t)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+_META: dict[tuple, object] = {}
+_COUNTS: dict[str, Breakdown] = {}
+
+
+def _meta_base(cfg: Config, num_labels: int, fresh: bool = True):
+    """The cached meta model; fresh: a copy to wrap (copying is cheaper than rebuilding), else read it only."""
+    key = (cfg.model.model_name_or_path, cfg.model.revision, num_labels)
+    if key not in _META:
+        with _no_init():
+            _META[key] = backbone.meta_model(cfg, num_labels)
+    return copy.deepcopy(_META[key]) if fresh else _META[key]
+
+
+def _counting_schedule(cfg: Config) -> tuple[Config, int]:
+    """A schedule with a pruning phase: every AdaLoRA schedule builds the same tensors, so the count (made before
+    total_step is known) does not depend on it; the real schedule is checked when training starts."""
+    if cfg.method.method != "adalora":
+        return cfg, 1000
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, tinit=1, tfinal=1)), 1000
+
+
+def config_breakdown(cfg: Config, num_labels: int) -> Breakdown:
+    """Count from the config alone on the meta device; the rank must be an integer (resolve auto first)."""
+    if not isinstance(cfg.method.rank, int):
+        raise ConfigError("--rank auto: resolve it against the budget before counting (resolve_auto_rank)")
+    key = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.method), num_labels], default=str)
+    if key not in _COUNTS:
+        with _no_init():
+            counted, total = _counting_schedule(cfg)
+            model = methods.wrap(counted, _meta_base(cfg, num_labels), total)
+        _COUNTS[key] = count_trainable(model)
+    return dataclasses.replace(_COUNTS[key], budget=cfg.budget.max_trainable_params)
+
+
+def _with(cfg: Config, method: str | None = None, rank: int | None = None, targets=..., head: str | None = None):
+    """A copy of cfg with some method/head fields changed (options of another method are dropped)."""
+    m = cfg.method
+    changes: dict = {}
+    if method is not None and method != m.method:
+        changes.update(method=method, method_options={}, target_r=m.target_r if method == "adalora" else None)
+    if rank is not None:
+        changes["rank"] = rank
+    if targets is not ...:
+        changes["target_modules"] = targets
+    new = dataclasses.replace(cfg, method=dataclasses.replace(m, **changes))
+    return dataclasses.replace(new, model=dataclasses.replace(cfg.model, head=head)) if head else new
+
+
+def _rank_cap(cfg: Config, num_labels: int) -> int:
+    # A rank above the hidden size adds no expressiveness to a low-rank update of these layers.
+    hidden = int(getattr(_meta_base(cfg, num_labels, False).config, "hidden_size", 1024))
+    return NONLINEAR_RANK_CAP if cfg.method.method == "lokr" else hidden
+
+
+def _lowest(cfg: Config) -> int:
+    # MethodConfig refuses a rank below an explicit target_r.
+    return cfg.method.target_r or 1
+
+
+def _largest_rank(cfg: Config, num_labels: int, budget: int) -> tuple[int, Breakdown] | None:
+    """The largest rank of cfg's method that fits; None if the lowest rank does not."""
+    lo, head = _lowest(cfg), cfg.model.head
+    cap = max(lo, _rank_cap(cfg, num_labels))
+
+    def count(r: int, h: str = "default") -> int:
+        # Extrapolation uses the default head for every head choice, so plan() shares these counts across heads.
+        return config_breakdown(_with(cfg, rank=r, head=h), num_labels).total_trainable
+
+    offset = count(lo, head) - count(lo)  # what this head costs beyond the default head
+    if count(lo) + offset > budget:
+        return None
+    if lo < cap and (slope := count(lo + 1) - count(lo)) > 0:
+        r = min(cap, lo + (budget - count(lo) - offset) // slope)
+        if count(r, head) == count(lo) + offset + slope * (r - lo):  # affine: r is the largest that fits
+            return r, config_breakdown(_with(cfg, rank=r, head=head), num_labels)
+    # Not affine (LoKr): bisection, assuming more rank never costs less, verified below by a real count.
+    for cost in (lambda r: count(r) + offset, lambda r: count(r, head)):
+        good, bad = lo, cap + 1
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if cost(mid) <= budget else (good, mid)
+        low, high = lo, good  # higher ranks that cost the same (saturated) are pointless: take the smallest
+        if good > lo and cost(good - 1) < cost(good):
+            low = high = good
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if cost(mid) == cost(good) else (mid + 1, high)
+        if count(low, head) <= budget:
+            return low, config_breakdown(_with(cfg, rank=low, head=head), num_labels)
+    return None
+
+
+def resolve_auto_rank(cfg: Config, num_labels: int) -> tuple[Config, str]:
+    """Replace rank auto by the largest rank within the budget; a rank already set comes back unchanged with ''."""
+    if cfg.method.rank != "auto":
+        return cfg, ""
+    budget = cfg.budget.max_trainable_params
+    if budget is None:
+        raise ConfigError("--rank auto needs a budget: set --max_trainable_params")
+    if cfg.method.method == "ia3":
+        new = _with(cfg, rank=1)  # IA3 has no rank; any integer builds the same model
+        bd = config_breakdown(new, num_labels)
+        return new, f"rank auto: rank does not apply to ia3 ({bd.total_trainable:,} trainable)"
+    found = _largest_rank(_with(cfg, rank=_lowest(cfg)), num_labels, budget)
+    if found is None:
+        lowest = config_breakdown(_with(cfg, rank=_lowest(cfg)), num_labels)
+        raise BudgetError(f"--rank auto: even the lowest rank needs {lowest.total_trainable:,} trainable "
+                          f"parameters > budget {budget:,}\n{lowest.table()}", lowest, _suggest(cfg, num_labels, budget))
+    rank, bd = found
+    return _with(cfg, rank=rank), f"rank auto: picked {rank} ({bd.total_trainable:,} trainable <= {budget:,})"
+
+
+def _target_sets(cfg: Config) -> list:
+    """Configured targets, query+value, query+key+value and all-linear (the seed's names, which every architecture
+    maps to its own: methods.native_names), deduplicated."""
+    qv = methods.DEFAULT_TARGETS
+    out: list = []
+    for t in (cfg.method.target_modules or qv, qv, ["query", "key", "value"], "all-linear"):
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def _heads(cfg: Config, num_labels: int) -> list[str]:
+    """Head choices that differ on this model (linear only replaces a dense+out_proj head)."""
+    model = _meta_base(cfg, num_labels, False)
+    heads = ["default"]
+    if hasattr(getattr(model, "classifier", None), "out_proj"):
+        heads.append("linear")
+    with contextlib.suppress(ConfigError):
+        classifier_heads.head_modules(model, "frozen_dense")
+        heads.append("frozen_dense")
+    return heads
+
+
+def _override(method: str, rank: int | None, targets, head: str, options: bool) -> str:
+    t = "null" if targets is None else targets if isinstance(targets, str) else ",".join(targets)
+    rank_part = f" --rank {rank}" if rank is not None else ""
+    return f"--method {method}{rank_part} --target_modules {t} --head {head}" + (" --method_options {}" * options)
+
+
+def plan(cfg: Config, num_labels: int, budget: int) -> list[dict]:
+    """Every method x target set x head at its largest fitting rank, most trainable first; rows over budget are left out."""
+    rows = []
+    heads = _heads(cfg, num_labels)
+    for method in RANK_METHODS + ("ia3",):
+        for targets in _target_sets(cfg) if method != "ia3" else [None]:
+            for head in heads:
+                try:
+                    c = _with(cfg, method=method, targets=targets, head=head)
+                    c = _with(c, rank=_lowest(c))
+                    if method == "ia3":
+                        bd = config_breakdown(c, num_labels)
+                        found = (None, bd) if bd.total_trainable <= budget else None
+                    else:
+                        found = _largest_rank(c, num_labels, budget)
+                except (ConfigError, ValueError):
+                    continue  # e.g. target names this model lacks (peft raises ValueError)
+                if found is None:
+                    continue
+                rank, bd = found
+                options = bool(cfg.method.method_options) and method != cfg.method.method
+                rows.append({"method": method, "rank": rank, "targets": targets, "head": head,
+                             "trainable": bd.total_trainable, "override": _override(method, rank, targets, head, options)})
+    return sorted(rows, key=lambda r: -r["trainable"])
+
+
+def _suggest(cfg: Config, num_labels: int, budget: int, n: int = 5) -> list[dict]:
+    """Nearest fits: a lower rank, another head, then other methods, each with the fewest flags that select it."""
+    heads = [cfg.model.head] + [h for h in _heads(cfg, num_labels) if h != cfg.model.head]
+    methods_ = [cfg.method.method] + [m for m in RANK_METHODS + ("ia3",) if m != cfg.method.method]
+    out = []
+    for method in methods_:
+        for head in heads:
+            try:
+                c = _with(cfg, method=method, head=head)
+                c = _with(c, rank=_lowest(c))
+                found = _largest_rank(c, num_labels, budget) if method != "ia3" else (None, config_breakdown(c, num_labels))
+            except (ConfigError, ValueError):
+                continue
+            if found is None or found[1].total_trainable > budget:
+                continue
+            rank, bd = found
+            flags = [f"--method {method}"] * (method != cfg.method.method) + [f"--rank {rank}"] * (rank is not None)
+            flags += [f"--head {head}"] * (head != cfg.model.head)
+            out.append({"method": method, "rank": rank, "head": head, "trainable": bd.total_trainable,
+                        "override": " ".join(flags)})
+            if len(out) >= n:
+                return out
+    return out
+
+
+def _over_message(bd: Breakdown, budget: int, suggestions: list[dict]) -> str:
+    lines = [f"{bd.total_trainable:,} trainable parameters is over the budget of {budget:,} "
+             f"(--max_trainable_params)", "", bd.table(), ""]
+    if suggestions:
+        lines.append("configurations that fit:")
+        lines += [f"  {s['override']:<40} {s['trainable']:>12,} trainable" for s in suggestions]
+    else:
+        lines.append("nothing fits this budget: raise --max_trainable_params")
+    return "\n".join(lines)
+
+
+def check_budget(cfg: Config, num_labels: int) -> Breakdown:
+    """The gate before any weight is loaded; raises BudgetError when over (no budget set: never raises)."""
+    bd = config_breakdown(cfg, num_labels)
+    budget = cfg.budget.max_trainable_params
+    if budget is not None and bd.total_trainable > budget:
+        suggestions = _suggest(cfg, num_labels, budget)
+        message = _over_message(bd, budget, suggestions)
+        if cfg.method.method == "full":  # a teacher for `budgetune distill` is meant to be unbudgeted
+            message += "\n--method full trains every weight: for an unbudgeted teacher pass --max_trainable_params null"
+        raise BudgetError(message, bd, suggestions)
+    return bd
+
+
+def check_live(peft_model, cfg: Config, expected: Breakdown) -> Breakdown:
+    """Recount on the live model; raises if over budget or if it disagrees with the config-only count."""
+    budget = cfg.budget.max_trainable_params
+    live = count_trainable(peft_model, budget)
+    if live.total_trainable != expected.total_trainable or live.by_kind != expected.by_kind:
+        raise CountMismatchError(
+            f"the live model has {live.total_trainable:,} trainable parameters but the config-only count said "
+            f"{expected.total_trainable:,} (live by kind {live.by_kind}, expected {expected.by_kind})", live)
+    if budget is not None and live.total_trainable > budget:
+        raise BudgetError(_over_message(live, budget, []), live)
+    return live
+
+
+def _num_labels(cfg: Config, num_labels: int | None) -> int:
+    return num_labels or (len(cfg.data.label_names) if cfg.data.label_names else 4)
+
+
+def params_command(config: str | None, overrides: list[str], as_json: bool, num_labels: int | None = None) -> int:
+    """`budgetune params`: the breakdown of the configured model; exit 1 when it is over the budget."""
+    cfg = resolve(config, overrides)
+    n = _num_labels(cfg, num_labels)
+    cfg, message = resolve_auto_rank(cfg, n)
+    bd = config_breakdown(cfg, n)
+    if as_json:
+        print(json.dumps({**bd.to_dict(), "num_labels": n, "rank": cfg.method.rank, "message": message}, indent=2))
+    else:
+        print("\n".join(filter(None, [message, f"{cfg.model.model_name_or_path}, {cfg.method.method}, "
+                                               f"{n} labels", bd.table()])))
+    return 1 if bd.budget is not None and bd.total_trainable > bd.budget else 0
+
+
+def plan_command(config: str | None, overrides: list[str], budget: str | None, as_json: bool,
+                 num_labels: int | None = None) -> int:
+    """`budgetune plan`: what fits the budget (--budget, else --max_trainable_params); exit 1 if nothing does."""
+    cfg = resolve(config, overrides)
+    cap = parse_count(budget, "--budget") if budget is not None else cfg.budget.max_trainable_params
+    if cap is None:
+        raise ConfigError("plan needs a budget: --budget 1M (or --max_trainable_params)")
+    rows = plan(cfg, _num_labels(cfg, num_labels), cap)
+    if as_json:
+        print(json.dumps({"budget": cap, "rows": rows}, indent=2))
+    else:
+        print(f"{len(rows)} configurations fit {cap:,} trainable parameters on {cfg.model.model_name_or_path}:")
+        for r in rows:
+            print(f"{r['trainable']:>12,}  {r['override']}")
+    return 0 if rows else 1

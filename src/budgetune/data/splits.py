@@ -1,0 +1,61 @@
+"""The tables a run trains and validates on: loaded from the config, validation carved (stratified, seeded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from budgetune.config import Config
+from budgetune.data import readers as data_lib
+from budgetune.metrics import classification_metrics, cross_entropy
+
+
+@dataclass
+class Splits:
+    train: data_lib.TextTable
+    validation: data_lib.TextTable
+    test: data_lib.TextTable | None
+    label_names: list[str]
+    validation_source: str = "the validation split"  # where the validation rows come from, in words
+
+
+def load_splits(cfg: Config) -> Splits:
+    """Train/validation(/test) tables; validation is carved from train (stratified, seeded) when the data has none."""
+    d = cfg.data
+    kw = {"text_column": d.text_column_name, "label_column": d.label_column_name, "label_names": d.label_names,
+          "dataset_config_name": d.dataset_config_name}
+    train = data_lib.load_table(d.dataset_name, split="train", **kw)
+    names = train.label_names
+    kw["label_names"] = names
+    if d.validation_file:
+        val, source = data_lib.load_table(d.validation_file, split="validation", **kw), d.validation_file
+    elif data_lib.has_split(d.dataset_name, "validation", d.dataset_config_name):
+        val = data_lib.load_table(d.dataset_name, split="validation", **kw)
+        source = f"the validation split of {d.dataset_name}"
+    else:  # never the test split: it must not choose the model
+        train, val = data_lib.train_validation_split(train, d.validation_split_percentage / 100, cfg.train.seed)
+        source = f"{d.validation_split_percentage:g}% held out of the training data"
+    test = None
+    if d.test_file:
+        test = data_lib.load_table(d.test_file, split="test", **kw)
+    elif data_lib.has_split(d.dataset_name, "test", d.dataset_config_name):  # reported only, never selects
+        test = data_lib.load_table(d.dataset_name, split="test", **kw)
+    if d.max_train_samples:
+        train = data_lib.TextTable(train.texts[: d.max_train_samples], train.labels[: d.max_train_samples],
+                                   names, train.source)
+    if d.max_eval_samples:
+        val = data_lib.TextTable(val.texts[: d.max_eval_samples], val.labels[: d.max_eval_samples], names, val.source)
+    return Splits(train, val, test, names, source)
+
+
+def cache_dir(cfg: Config) -> str:
+    return cfg.data.cache_dir or str(Path.home() / ".cache" / "budgetune")
+
+
+def scores(logits: np.ndarray, splits: Splits) -> dict:
+    """Validation metrics (accuracy, macro-F1, per class, confusion matrix) and cross-entropy of logits."""
+    m = classification_metrics(splits.validation.labels, logits.argmax(-1), splits.label_names)
+    m["loss"] = cross_entropy(logits, splits.validation.labels)
+    return m

@@ -1,0 +1,135 @@
+"""Files on disk: atomic writes (a file or folder appears whole or not at all) and the run folder's guard. The
+floor under everything that writes files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from budgetune.errors import RunFolderError
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:  # flush to disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
+
+
+def json_default(o: Any):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; it replaces `path` (whole) only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)  # the only moment the old folder is gone is between these two renames
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """If a crash fell between atomic_dir's two renames, put the old folder back."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+
+
+def guard_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool, clear: bool = True) -> Path:
+    """Refuse to write into a folder that holds a run unless --overwrite_output_dir or resuming.
+
+    clear=False only checks (and creates the folder): the old run's files are removed by a later call, once the
+    inputs have loaded, so a command that fails on its inputs leaves the old run as it was.
+    """
+    out = Path(output_dir)
+    holds_run = out.is_dir() and any((out / f).exists() for f in ("metrics.jsonl", "config.yaml", "adapter"))
+    if holds_run and not (overwrite or resuming):
+        raise RunFolderError(
+            f"{out} already holds a run; pass --overwrite_output_dir to replace it, "
+            f"--resume_from_checkpoint auto to continue it, or choose another --output_dir")
+    if holds_run and overwrite and not resuming and clear:
+        for p in run_files(out):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "budget.json", "best_state.pt", "adapter", "checkpoints", "plots",
+             "submission.csv")
+
+
+RUN_PATTERNS = ("evaluation*.json", "evaluation*.txt", "evaluation*.png", ".*.tmp", ".*.old")
+
+
+def run_files(out: Path) -> list[Path]:
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
+    return found + sorted({p for pattern in RUN_PATTERNS for p in out.glob(pattern)})

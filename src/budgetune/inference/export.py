@@ -1,0 +1,54 @@
+"""The `export` verb: a peft adapter folder whose weights carry an adapter scale (for use without budgetune)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from budgetune import fileio
+from budgetune.errors import RunFolderError
+from budgetune.inference import adapter_bundle
+from budgetune.inference.loading import adapter_dir, load_model
+from budgetune.modeling import scaling
+
+
+def export(run: str | Path, output: str | Path, adapter_scale: float | None = None, overwrite: bool = False) -> Path:
+    """Write RUN's adapter at `adapter_scale` (None: the bundle's recorded default) into `output`, scale baked in.
+
+    The folder loads with plain peft (`PeftModel.from_pretrained`) to the logits budgetune gives at that scale; its
+    budgetune.json says adapter_scale 1 (the scale is in the weights) and baked_adapter_scale A.
+    """
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunFolderError(f"--output {out}: the folder is not empty; choose another or pass --overwrite")
+    source = adapter_dir(run)
+    model, tokenizer, info = load_model(source, merge=False, adapter_scale=adapter_scale)
+    scale = info.pop("applied_adapter_scale")
+    scaling.bake_scale(model)
+    table = {float(k): v for k, v in (info.get("adapter_scale_validation") or {}).items()}
+    with fileio.atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        info.update(baked_adapter_scale=scale, exported_from=str(source))
+        (tmp / adapter_bundle.BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if (source / "README.md").is_file():
+            shutil.copyfile(source / "README.md", tmp / "README.md")
+        adapter_bundle.record_adapter_scale(tmp, 1.0, table, None)  # the table: the source adapter's, per scale
+    print(f"wrote {out}: the adapter of {source} at scale {scale:g}, baked into its weights")
+    return out
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="budgetune export", description=(
+        "Save a run's adapter with its adapter scale baked into the weights: a peft adapter folder (plus tokenizer, "
+        "budgetune.json and model card) that plain peft loads to the same logits."))
+    p.add_argument("run", help="run folder or adapter folder")
+    p.add_argument("--output", required=True, help="the folder to write")
+    p.add_argument("--adapter_scale", help="scale in [0, 1] (default: the scale recorded in the bundle, else 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    a = p.parse_args(argv)
+    scale = scaling.one_scale(a.adapter_scale, "export")
+    export(a.run, a.output, scale, overwrite=a.overwrite)
+    return 0

@@ -1,0 +1,149 @@
+"""A saved adapter bundle, loaded with plain transformers + peft (as a user without budgetune would) for inference."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from budgetune.errors import AdapterError
+from budgetune.hardware.devices import make_accelerator, resolve_precision
+from budgetune.inference import adapter_bundle
+from budgetune.modeling import backbone, classifier_heads, fast_forward, methods, scaling
+
+
+def adapter_dir(run_or_adapter: str | Path) -> Path:
+    """A run folder -> its best adapter; an adapter folder -> itself."""
+    p = Path(run_or_adapter)
+    for cand in (p, p / "adapter"):
+        # a full model (method full) has config.json where an adapter has adapter_config.json
+        weights = (cand / "adapter_config.json").is_file() or (cand / "config.json").is_file()
+        if weights and (cand / adapter_bundle.BUNDLE_FILE).is_file():
+            return cand
+    raise AdapterError(f"{p}: no adapter here (expected adapter_config.json and {adapter_bundle.BUNDLE_FILE}, "
+                       "in the folder or in its adapter/ subfolder)")
+
+
+def is_full_model(folder: Path) -> bool:
+    """A bundle of a whole fine-tuned model (method full), not a peft adapter."""
+    return not (folder / "adapter_config.json").is_file() and (folder / "config.json").is_file()
+
+
+def load_full(folder: Path, info: dict):
+    """A whole fine-tuned model (method full), loaded with plain transformers."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    if info["head"] == "linear":  # transformers built the model's own head: put budgetune's back, with its weights
+        from safetensors.torch import load_file
+
+        classifier_heads.apply_head(model, "linear")
+        saved = {k: v for f in sorted(folder.glob("model*.safetensors")) for k, v in load_file(f).items()}
+        model.classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in saved.items()
+                                          if k.startswith("classifier.")})
+    return model
+
+
+def bundle_info(run_or_adapter: str | Path) -> dict:
+    """The bundle's budgetune.json: label names, base model, head, max_seq_length, budget, metrics."""
+    path = adapter_dir(run_or_adapter) / adapter_bundle.BUNDLE_FILE
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_base_for(info: dict):
+    """The bundle's base model with a fresh head of the right size (the adapter's saved head replaces it)."""
+    from transformers import AutoModelForSequenceClassification
+
+    names = info["label_names"]
+    base = AutoModelForSequenceClassification.from_pretrained(
+        backbone.resolve_model_path(info["base_model_name_or_path"]), revision=info.get("revision"),
+        num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    classifier_heads.apply_head(base, info["head"])
+    return base
+
+
+def bundle_scale(info: dict, adapter_scale: float | None = None) -> float:
+    """The adapter scale to apply: an explicit value, else the bundle's recorded default, else 1 (as trained)."""
+    return scaling.check_scale(float(info.get("adapter_scale", 1.0) if adapter_scale is None else adapter_scale))
+
+
+@contextlib.contextmanager
+def readable(folder: Path) -> Iterator[None]:
+    """A bundle whose weight files cannot be read (truncated, corrupt, another shape) is an AdapterError naming the
+    folder, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+        raise AdapterError(f"{folder}: the saved weights cannot be loaded ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:300] if str(e) else 'no detail'})") from e
+
+
+def load_model(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None):
+    """(peft model in eval mode, tokenizer, bundle info); merged into the base weights for speed unless merge=False.
+
+    The adapter is applied at `adapter_scale` (None: the bundle's recorded `adapter_scale`, or 1 when it has none);
+    info["applied_adapter_scale"] says which.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    folder = adapter_dir(run_or_adapter)
+    info = bundle_info(folder)
+    if is_full_model(folder):
+        if adapter_scale not in (None, 1):
+            raise AdapterError(f"{folder}: a fully fine-tuned model has no adapter to scale (--adapter_scale "
+                               f"{adapter_scale})")
+        with readable(folder):
+            model = load_full(folder, info).eval()
+        fast_forward.first_token_last_layer(model)
+        info["applied_adapter_scale"] = 1.0
+        return model, AutoTokenizer.from_pretrained(folder), info
+    base = load_base_for(info)
+    with readable(folder):
+        model = PeftModel.from_pretrained(base, folder).eval()
+    info["applied_adapter_scale"] = scale = bundle_scale(info, adapter_scale)
+    if scale != 1:
+        scaling.apply_scale(model, scale)  # before merging: the merge then carries the scale
+    if merge:
+        methods.merge_for_inference(model)
+    fast_forward.first_token_last_layer(model)
+    return model, AutoTokenizer.from_pretrained(folder), info
+
+
+def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None):
+    """(accelerator, model on its device, tokenizer, info), in the precision `auto` picks for this machine (bf16
+    on a GPU or on a CPU with native bf16 matrix instructions, else fp16 on a GPU, fp32 on CPU): printed, and
+    in info["precision"] ({precision, mixed_precision, reason}). The weights stay fp32; autocast computes."""
+    chosen = resolve_precision("auto")
+    accelerator = make_accelerator(mixed_precision=chosen.mixed_precision)
+    model, tokenizer, info = load_model(run_or_adapter, merge=merge, adapter_scale=adapter_scale)
+    info["precision"] = chosen.to_dict()
+    accelerator.print(chosen.line())
+    # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
+    return accelerator, accelerator.prepare_model(model, evaluation_mode=True), tokenizer, info
+
+
+def add_inference_options(parser) -> None:
+    """The options evaluate and predict share (argparse); `inference_recipe` fills their defaults."""
+    parser.add_argument("run", help="run folder or adapter folder")
+    parser.add_argument("--text_column_name")
+    parser.add_argument("--per_device_eval_batch_size", type=int,
+                        help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
+    parser.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
+                        "per_device_eval_batch_size and cache_dir are the defaults")
+
+
+def inference_recipe(args):
+    """The --config recipe (defaults without one); fills the shared options the user did not give."""
+    from budgetune.config import Config, resolve
+
+    recipe = resolve(args.config, []) if args.config else Config()
+    args.text_column_name = args.text_column_name or recipe.data.text_column_name
+    args.per_device_eval_batch_size = args.per_device_eval_batch_size or recipe.train.per_device_eval_batch_size
+    return recipe

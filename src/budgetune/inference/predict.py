@@ -1,0 +1,96 @@
+"""The `predict` verb: a Kaggle-style submission (ID,Label) for unlabelled texts, streamed in chunks."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from budgetune import fileio
+from budgetune.data import readers as data_lib
+from budgetune.errors import AdapterError
+from budgetune.inference.loading import add_inference_options, inference_recipe, load_for_inference
+from budgetune.inference.runner import table_logits
+from budgetune.modeling import scaling
+
+BLANK_SHOWN = 10  # row numbers listed in the warning about empty texts
+
+
+def predict(run: str | Path, input_file: str, output: str, *, text_column: str | None = None,
+            label_format: str = "int", batch_size: int = 256, cache_dir: str | None = None,
+            adapter_scale: float | None = None, probabilities: bool = False, id_column: str | None = None) -> Path:
+    """Write a Kaggle submission `ID,Label` in input order: IDs are the rows' positions 0..n-1, or the values of
+    the input's `id_column`.
+
+    adapter_scale: None applies the bundle's recorded default (1 when it has none). probabilities: one more column
+    per class, named by its label, with the softmax probability.
+    """
+    if label_format not in ("int", "name"):
+        raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
+    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale)
+    names = info["label_names"]
+    n, blank, first_blank = 0, 0, []  # rows with empty text: how many, and the first few
+    # Chunk by chunk (a big file streams): memory stays bounded by the chunk, whatever the file's size.
+    # Every process computes (the batches are sharded); only the main one writes.
+    with contextlib.ExitStack() as stack:
+        w = None
+        if accelerator.is_main_process:
+            f = stack.enter_context(open(stack.enter_context(fileio.atomic_path(output)), "w", newline="",
+                                         encoding="utf-8"))
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["ID", "Label"] + (list(names) if probabilities else []))
+        for texts, ids in data_lib.iter_rows(input_file, text_column=text_column, id_column=id_column):
+            rows = [n + i + 1 for i, t in enumerate(texts) if not t.strip()]
+            blank, first_blank = blank + len(rows), (first_blank + rows)[:BLANK_SHOWN]
+            table = data_lib.TextTable(texts, None, None, str(input_file))
+            logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
+            if w is not None:
+                probs = softmax(logits) if probabilities else np.zeros((len(logits), 0))
+                w.writerows([i, names[p] if label_format == "name" else int(p), *(f"{q:.6f}" for q in row)]
+                            for i, p, row in zip(ids or range(n, n + len(logits)), logits.argmax(-1), probs))
+            n += len(texts)
+    if accelerator.is_main_process:
+        warn_blank(input_file, blank, first_blank)
+        print(f"wrote {n} predictions to {output} (adapter scale {info['applied_adapter_scale']:g})")
+    return Path(output)
+
+
+def warn_blank(input_file: str, count: int, first: list[int]) -> None:
+    """One warning for the rows whose text is empty or whitespace: they are predicted (from no words: the model's
+    prior), and kept so that every ID keeps its row. `first`: the first rows' numbers (1 = the first data row)."""
+    if count:
+        listed = ", ".join(map(str, first)) + (", ..." if count > len(first) else "")
+        print(f"budgetune: warning: {input_file}: {count} row{'s' if count > 1 else ''} with empty or "
+              f"whitespace-only text (row{'s' if count > 1 else ''} {listed}), predicted from no text at all and "
+              "kept in the submission", file=sys.stderr)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="budgetune predict", description=(
+        "A Kaggle-style submission (ID,Label, input order) for unlabelled texts."))
+    add_inference_options(p)
+    p.add_argument("--input", required=True, help="texts: csv, tsv, json, jsonl, parquet or pkl (pickled Dataset)")
+    p.add_argument("--output", help="submission CSV (default: RUN/submission.csv)")
+    p.add_argument("--label_format", choices=("int", "name"), default="int")
+    p.add_argument("--adapter_scale", help="scale of the adapter's update in [0, 1] (0 = the pretrained model, "
+                   "1 = as trained); default: the scale recorded in the bundle, else 1")
+    p.add_argument("--id_column", help="a column of the input whose values are written as the IDs (default: the "
+                   "rows' positions 0..n-1)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="add one probability column per class, named by its label")
+    a = p.parse_args(argv)
+    recipe = inference_recipe(a)
+    scale = scaling.one_scale(a.adapter_scale, "predict")
+    predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
+            label_format=a.label_format, batch_size=a.per_device_eval_batch_size, adapter_scale=scale,
+            probabilities=a.probabilities, id_column=a.id_column, cache_dir=recipe.data.cache_dir)
+    return 0

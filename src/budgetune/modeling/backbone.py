@@ -1,0 +1,130 @@
+"""Base models: Hub names, local folders and packaged models resolved; configs and base models loaded (or built
+on the meta device for counting), with a clear hint offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from budgetune.config import Config, ConfigError
+from budgetune.errors import ModelLoadError
+from budgetune.modeling import packaged
+
+# The seed's module names (BERT's, which RoBERTa, XLM-R and ELECTRA share) in each other architecture's own, so that
+# `--target_modules query,value` (or key, dense, output.dense) adapts the same layers on every encoder. `dense` is
+# BERT's attention output + both feed-forward layers; `output.dense` the Linear layers whose name ends so in BERT
+# (attention output and feed-forward output: peft's IA3 default). Names not listed pass to peft unchanged.
+
+
+def resolve_model_path(name: str) -> str:
+    """`packaged:all-MiniLM-L6-v2` (or `packaged:all-mpnet-base-v2`) -> its folder here; anything else unchanged."""
+    return packaged.resolve(name)
+
+
+def architecture_file(name: str) -> Path | None:
+    """The shipped config.json numbers for a well-known model id (or packaged name), or None."""
+    safe = name.replace("/", "--").replace(":", "--")
+    ref = resources.files("budgetune") / "resources" / "architectures" / f"{safe}.json"
+    return Path(str(ref)) if ref.is_file() else None
+
+
+def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = None, revision: str | None = None,
+                   shipped_ok: bool = True):
+    """The transformers config of `name`: a local folder, shipped numbers (counting only), or the Hub (network).
+
+    shipped_ok=False (real training) never uses the shipped numbers: the model's own config.json decides.
+    """
+    from transformers import AutoConfig
+
+    try:
+        path = resolve_model_path(name)
+    except ModelLoadError:  # a packaged model whose extra is not installed: counting needs only its numbers
+        if not (shipped_ok and architecture_file(name)):
+            raise
+        path = name
+    kwargs = {"num_labels": num_labels}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"{path}: no config.json in this model folder")
+        return AutoConfig.from_pretrained(path, **kwargs)
+    shipped = architecture_file(name) if shipped_ok else None
+    if shipped is not None:
+        data = json.loads(shipped.read_text())
+        model_type = data.pop("model_type")
+        return AutoConfig.for_model(model_type, **data, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(_download_hint(name, "model config", e)) from None
+
+
+def _download_hint(name: str, what: str, err: Exception) -> str:
+    return (f"could not load the {what} of {name!r} from the Hugging Face Hub ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Without internet, download it elsewhere "
+            f"(`huggingface-cli download {name} --local-dir DIR`) and pass --model_name_or_path DIR.")
+
+
+def attention(hf_config, requested: str) -> tuple[str, str]:
+    """(the attention kernel to load with, the run header's line saying so). `auto`: SDPA where transformers has it
+    for the architecture, eager otherwise (MPNet, DeBERTa); an explicit sdpa where it has none is an error."""
+    from transformers import __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING as CLASSES
+
+    cls = CLASSES[type(hf_config)] if type(hf_config) in CLASSES else None
+    name = cls.__name__ if cls is not None else f"model type {hf_config.model_type!r}"
+    has_sdpa = bool(getattr(cls, "_supports_sdpa", False))
+    if requested == "sdpa" and not has_sdpa:
+        raise ConfigError(f"--attn_implementation sdpa: {name} has no SDPA attention in transformers {__version__}; "
+                          "use --attn_implementation auto (which picks eager for it) or eager")
+    if requested != "auto":
+        return requested, f"attention: {requested} (--attn_implementation {requested})"
+    if has_sdpa:
+        return "sdpa", "attention: sdpa (auto)"
+    return "eager", f"attention: eager (auto: {name} has no SDPA attention in transformers {__version__})"
+
+
+def resolve_attention(cfg: Config) -> tuple[Config, str]:
+    """cfg with --attn_implementation auto replaced by the kernel it means for this model, and the header line."""
+    hf_config = load_hf_config(cfg.model.model_name_or_path, 2, revision=cfg.model.revision, shipped_ok=False)
+    kernel, line = attention(hf_config, cfg.model.attn_implementation)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=kernel)), line
+
+
+def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]]:
+    """Pretrained encoder + fresh head (seeded by the caller); also the head modules missing from the checkpoint."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.model.model_name_or_path)
+    hf_config = load_hf_config(cfg.model.model_name_or_path, len(label_names), label_names, cfg.model.revision,
+                               shipped_ok=False)
+    if os.path.isdir(path) and not any(
+        f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(path)
+    ):
+        raise ModelLoadError(f"{path}: no model weights (model.safetensors or pytorch_model.bin) in this folder")
+    kernel, _ = attention(hf_config, cfg.model.attn_implementation)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=hf_config, revision=cfg.model.revision, attn_implementation=kernel, output_loading_info=True)
+    except OSError as e:
+        raise ModelLoadError(_download_hint(cfg.model.model_name_or_path, "weights", e)) from None
+    # Head parts missing from the checkpoint are freshly initialised: they must be saved with the adapter.
+    missing = {k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}
+    return model, sorted(missing)
+
+
+def meta_model(cfg: Config, num_labels: int):
+    """The model's structure on the meta device: no weights loaded, no memory used."""
+    from transformers import AutoModelForSequenceClassification
+
+    hf_config = load_hf_config(cfg.model.model_name_or_path, num_labels, None, cfg.model.revision)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(hf_config)

@@ -1,0 +1,431 @@
+"""`budgetune search`: the best adapter under the budget, found by Optuna, on one process or many sharing a study.
+
+Each trial draws an adapter shape, rank and schedule that fit the budget (search_space.py), checks the count before
+any weight is loaded, and trains in-process with `train(cfg, on_evaluate=...)`, reporting to the pruner the
+validations that compare across trials: all of them, except AdaLoRA's before its rank pattern is final (its warm-up
+and pruning phases dip by design; every sampled AdaLoRA schedule has a final phase, so at least its last validation
+is reported). Outputs (search_report.py) are rebuilt from the study, so any worker can write them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from budgetune.budget import accounting
+from budgetune.config import Config, build_config, load_yaml, merge, parse_count, parse_overrides
+from budgetune.data import readers as data_lib
+from budgetune.data.splits import Splits, load_splits
+from budgetune.errors import BudgetError, ConfigError, Interrupted
+from budgetune.recipes.search import leaderboard
+from budgetune.recipes.search.search_space import (
+    HELP,
+    Space,
+    base_point,
+    build_space,
+    parse_search_group,
+    sample,
+    targets_text,
+)
+
+PRUNERS = ("hyperband", "halving", "median", "none")
+HEARTBEAT_S = 30  # RDB storages: a RUNNING trial silent for GRACE_S is failed by the next worker that starts one
+GRACE_S = 120
+
+
+def worker_id() -> str:
+    """host:pid:start-time of this process; the start time tells a dead worker from a new process with its pid."""
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
+def worker_alive(worker: str) -> bool | None:
+    """True/False for a worker on this host; None for another host (its storage's heartbeat decides)."""
+    import psutil
+
+    host, _, rest = worker.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except psutil.NoSuchProcess:
+        return False
+
+
+def make_storage(storage: str | None, out: Path, retry_failed: int):
+    """Default: SQLite in the output folder; `*.log`/`*.journal`: Optuna's journal file; else an RDB URL."""
+    import optuna
+
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=retry_failed) if retry_failed else None
+    if storage and re.search(r"\.(log|journal)$", storage) and "://" not in storage:
+        Path(storage).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                      grace_period=GRACE_S, heartbeat_stale_trial_callback=retry)
+
+
+def make_pruner(name: str, min_steps: int, max_steps: int):
+    import optuna
+
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=min_steps, max_resource=max_steps, reduction_factor=3)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_steps, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=min_steps)
+    return optuna.pruners.NopPruner()
+
+
+def fail_dead_trials(study, retry_failed: int) -> list[int]:
+    """Mark FAIL the RUNNING trials whose worker on this host is gone (kill -9); retry them if the policy says so."""
+    import optuna
+
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if worker_alive(t.user_attrs.get("worker", "")) is False:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            failed.append(t.number)
+            if retry_failed:
+                frozen = study.get_trials(deepcopy=False)[t.number]
+                optuna.storages.RetryFailedTrialCallback(max_retry=retry_failed)(study, frozen)
+    return failed
+
+
+def trial_steps(cfg: Config, rows: int) -> int:
+    """Optimizer steps of one trial, computed as train() does (one process)."""
+    t = cfg.train
+    per_epoch = max(1, math.ceil(math.ceil(rows / t.per_device_train_batch_size) / t.gradient_accumulation_steps))
+    return t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.num_train_epochs)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every trial of this worker shares."""
+
+    cfg: Config
+    space: Space
+    out: Path
+    num_labels: int
+    total_steps: int
+    metric: str
+    pruner_name: str
+    splits: Splits | None = None  # loaded once per worker: every trial trains on the same rows
+    flags: dict = dataclasses.field(default_factory=dict)
+
+
+def objective(setup: Setup, trial) -> float:
+    import optuna
+
+    from budgetune.training.train import train
+
+    trial.set_user_attr("worker", worker_id())
+    cfg = sample(trial, setup.space, setup.cfg, setup.total_steps)
+    run_dir = setup.out / "trials" / f"{trial.number:04d}"
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, output_dir=str(run_dir),
+                                                              overwrite_output_dir=True))
+    for k, v in {"method": cfg.method.method, "rank": cfg.method.rank if cfg.method.method != "ia3" else "",
+                 "targets": targets_text(cfg.method.target_modules), "head": cfg.model.head,
+                 "learning_rate": cfg.train.learning_rate, "metric": setup.metric}.items():
+        trial.set_user_attr(k, v)
+    try:  # the gate: a point over budget costs nothing
+        bd = accounting.check_budget(cfg, setup.num_labels)
+    except BudgetError as e:
+        n = e.breakdown.total_trainable if e.breakdown else "?"
+        trial.set_user_attr("trainable", n)
+        trial.set_user_attr("prune_reason", f"over budget: {n:,} > {setup.space.budget:,} trainable, not trained")
+        raise optuna.TrialPruned() from None
+    trial.set_user_attr("trainable", bd.total_trainable)
+    trial.set_user_attr("config_yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    key = f"eval_{setup.metric}"
+    best = {"value": None}
+    t0 = time.perf_counter()
+
+    def on_evaluate(step: int, m: dict) -> None:
+        value = m[key]
+        if best["value"] is None or (value < best["value"] if setup.metric == "loss" else value > best["value"]):
+            best["value"] = value
+            trial.set_user_attr("val_accuracy", m["eval_accuracy"])
+            trial.set_user_attr("val_macro_f1", m["eval_macro_f1"])
+        trial.set_user_attr("steps", step)
+        trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 1))
+        if not m["final_ranks"]:  # AdaLoRA's warm-up and pruning phases dip by design: not comparable
+            return
+        trial.report(value, step)
+        if trial.should_prune():
+            trial.set_user_attr("prune_reason", f"{setup.pruner_name} pruner at step {step}: {key} {value:.4f}")
+            raise optuna.TrialPruned()
+
+    # the objective is the raw adapter's validation metric: choosing an adapter scale (5 more validation passes)
+    # is left to the run trained from best.yaml, which keeps the base config's robust_tolerance
+    trial_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, robust_tolerance=None))
+    try:
+        result = train(trial_cfg, splits=setup.splits, on_evaluate=on_evaluate)
+    except optuna.TrialPruned:
+        raise
+    except (Interrupted, KeyboardInterrupt) as e:
+        trial.set_user_attr("error", f"interrupted: {e}"[:500])
+        trial.study.stop()
+        setup.flags["interrupted"] = True
+        raise Interrupted(str(e)) from None
+    except Exception as e:  # recorded on the trial; the search goes on with the next one
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
+        raise
+    finally:
+        trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 1))
+    trial.set_user_attr("val_accuracy", result["eval_accuracy"])
+    trial.set_user_attr("val_macro_f1", result["eval_macro_f1"])
+    return float(result["best_metric"])
+
+
+def prune_run_folders(study, out: Path, keep_top_k: int) -> None:
+    """Delete the run folders of finished trials outside the best keep_top_k complete ones (never a running one)."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    done = study.get_trials(deepcopy=False, states=(S.COMPLETE,))
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    keep = {t.number for t in sorted(done, key=lambda t: t.value, reverse=reverse)[:keep_top_k]}
+    for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.FAIL)):
+        folder = out / "trials" / f"{t.number:04d}"
+        if t.number not in keep and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def progress_line(study, trial, n_trials: int) -> str:
+    import optuna
+
+    a = trial.user_attrs
+    finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                            optuna.trial.TrialState.PRUNED,
+                                                            optuna.trial.TrialState.FAIL)))
+    acc = a.get("val_accuracy")
+    shape = f"{a.get('method', '?')} r{a.get('rank', '-')} {a.get('targets', '')} {a.get('head', '')}"
+    lr = a.get("learning_rate")
+    score = f"val acc {acc:.4f}" if isinstance(acc, float) else "no score"
+    note = a.get("prune_reason") or a.get("error") or ""
+    trainable = a.get("trainable")
+    return (f"[{finished}/{n_trials}] trial {trial.number} {trial.state.name.lower()}: {shape} lr "
+            f"{lr:.2e}: {score}, {trainable:,} trainable, {a.get('wall_s', 0):.0f} s" if isinstance(lr, float)
+            and isinstance(trainable, int) else f"[{finished}/{n_trials}] trial {trial.number} "
+            f"{trial.state.name.lower()}: {shape}") + (f" ({note})" if note else "")
+
+
+def write_outputs(study, out: Path, test_file: str | None, metric: str, splits: Splits | None = None) -> dict:
+    """leaderboard.csv/.md, pareto.png, best.yaml; the best's test metrics (once, after selection) when asked."""
+    import optuna
+
+    written = {"best_yaml": leaderboard.write_best_yaml(study, out)}
+    extra = ""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if done:
+        best = study.best_trial
+        extra = (f"Best: trial {best.number}, validation {metric} {best.value:.4f}, "
+                 f"{best.user_attrs.get('trainable')} trainable parameters; re-train it with `budgetune train "
+                 f"--config {out / 'best.yaml'}`.")
+        run = out / "trials" / f"{best.number:04d}"
+        if test_file and splits is not None and (run / "adapter").exists() and "config_yaml" in best.user_attrs:
+            cfg = build_config(yaml.safe_load(best.user_attrs["config_yaml"]), f"trial {best.number}")
+            written.update(evaluate_selected(run, cfg, splits, test_file, out))
+            extra += "\n\n" + selected_test_text(test_file, written)
+    written["leaderboard"] = leaderboard.write_leaderboard(study, out, extra)
+    written["pareto"] = leaderboard.write_pareto(study, out / "pareto.png")
+    return written
+
+
+def shipped_scale(run: Path, cfg: Config, splits: Splits) -> tuple[float, dict | None]:
+    """The adapter scale the run trained from best.yaml records (what it ships): trials train without choosing one,
+    so its robust rule (finish.choose_adapter_scale: scaling.auto_scale with cfg's robust_tolerance) is applied here
+    to the selected trial's adapter on the same validation rows; (1, None) when the rule is off."""
+    from budgetune.data.splits import cache_dir, scores
+    from budgetune.inference.loading import load_for_inference
+    from budgetune.inference.runner import table_logits
+    from budgetune.modeling import scaling
+
+    if cfg.train.robust_tolerance is None or cfg.method.method == "full":
+        return 1.0, None
+    accelerator, model, tokenizer, info = load_for_inference(run, merge=False, adapter_scale=1.0)
+
+    def validate() -> float:
+        logits = table_logits(model, tokenizer, splits.validation, accelerator, cfg.train.per_device_eval_batch_size,
+                              info["max_seq_length"], cache_dir(cfg), desc="validation")
+        return scores(logits, splits)["accuracy"]
+
+    return scaling.auto_scale(model, validate, scaling.AUTO_SCALES, cfg.train.robust_tolerance)
+
+
+def evaluate_selected(run: Path, cfg: Config, splits: Splits, test_file: str, out: Path) -> dict:
+    """The selected trial on the test file at the scale its best.yaml retrain ships (best_test_evaluation.*) and,
+    when that is not 1, as trained (best_test_evaluation_as_trained.*)."""
+    from budgetune.inference.evaluate import evaluate
+
+    scale, table = shipped_scale(run, cfg, splits)
+    shipped = evaluate(run, test_file, output=str(out / "best_test_evaluation"), adapter_scale=scale)
+    raw = shipped if scale == 1 else evaluate(run, test_file, output=str(out / "best_test_evaluation_as_trained"),
+                                               adapter_scale=1.0)
+    return {"test": shipped, "test_as_trained": raw, "adapter_scale_validation": table}
+
+
+def selected_test_text(test_file: str, written: dict) -> str:
+    m, raw = written["test"], written["test_as_trained"]
+    head = (f"Test ({test_file}), the selected trial evaluated once after the search (never used for selection): "
+            f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} at adapter scale {m['adapter_scale']:g}, ")
+    if written["adapter_scale_validation"] is None:
+        return head + "as trained (best.yaml's retrain chooses no scale: robust_tolerance null)."
+    return head + (f"the scale best.yaml's retrain chooses on validation and ships; as trained (scale 1): accuracy "
+                   f"{raw['accuracy']:.4f}, macro-F1 {raw['macro_f1']:.4f}.")
+
+
+def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20, timeout: float | None = None,
+           output_dir: str | Path = "runs/search", storage: str | None = None, study_name: str = "search",
+           budget_cap: int | None = None, min_train_samples: int | None = None, min_steps: int | None = None,
+           pruner: str = "hyperband", sampler: str = "tpe", sampler_seed: int | None = None, keep_top_k: int = 3,
+           test_file: str | None = None, retry_failed: int = 0, verbose: bool = True):
+    """Run (or join) a study of at most n_trials finished trials in all; returns the optuna Study.
+
+    The space is refused before any training when nothing in it fits the budget. Test files are never read while
+    searching; `test_file` (or cfg.data.test_file) is evaluated once on the selected trial at the end.
+    """
+    import optuna
+
+    if pruner not in PRUNERS:
+        raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
+    if n_trials < 1 or keep_top_k < 1:
+        raise ConfigError("--n_trials and --keep_top_k must be at least 1")
+    cap = budget_cap if budget_cap is not None else cfg.budget.max_trainable_params
+    if cap is None:
+        raise ConfigError("search needs a budget: --budget 1M (or --max_trainable_params)")
+    test_file = test_file or cfg.data.test_file
+    if data_lib.has_split(cfg.data.dataset_name, "test", cfg.data.dataset_config_name):
+        raise ConfigError(f"--dataset_name {cfg.data.dataset_name} has a test split, which training would read; "
+                          "point --dataset_name at the training file and give the test file as --test_file")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_file=None),
+                              budget=dataclasses.replace(cfg.budget, max_trainable_params=cap))
+    dims = parse_search_group(search_group)
+    out = Path(output_dir)
+    splits = load_splits(cfg)  # test_file is cleared above: the splits hold no test table
+    rows, names = len(splits.train.labels), splits.label_names
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_names=names))
+    total = trial_steps(cfg, rows)
+    space = build_space(cfg, len(names), dims, cap)  # BudgetError here: nothing has trained
+    batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+    low = min_steps or (math.ceil(min_train_samples / batch) if min_train_samples else max(1, total // 9))
+    if low > total:
+        raise ConfigError(f"--min_train_samples/--min_steps ({low} steps) exceeds a trial's {total} steps")
+    metric = cfg.train.metric_for_best_model
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True),
+                "random": lambda: optuna.samplers.RandomSampler(seed=sampler_seed)}
+    if sampler not in samplers:
+        raise ConfigError(f"--sampler must be tpe or random, got {sampler!r}")
+    study = optuna.create_study(study_name=study_name, storage=make_storage(storage, out, retry_failed),
+                                sampler=samplers[sampler](), pruner=make_pruner(pruner, low, total),
+                                direction="minimize" if metric == "loss" else "maximize", load_if_exists=True)
+    start = base_point(space, cfg)
+    if start is not None and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(start, skip_if_exists=True)  # trial 0 measures the base config at this fidelity
+    for number in fail_dead_trials(study, retry_failed):
+        print(f"trial {number}: its worker is gone (killed mid-trial): marked failed", file=sys.stderr)
+    setup = Setup(cfg, space, out, len(names), total, metric, pruner, splits)
+    if verbose:
+        print(f"search {study_name!r}: {len(space.shapes)} adapter shapes fit {cap:,} trainable parameters; "
+              f"{rows:,} training rows, {total} steps a trial, pruning from step {low} ({pruner})"
+              + ("; AdaLoRA trials are judged only on validations with their final rank pattern"
+                 if any(s.method == "adalora" for s in space.shapes) else "")
+              + f"; storage {storage or out / 'study.db'}", flush=True)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+    def after_trial(study, trial) -> None:
+        prune_run_folders(study, out, keep_top_k)
+        if verbose:
+            print(progress_line(study, trial, n_trials), flush=True)
+
+    remaining = n_trials - len(study.get_trials(deepcopy=False, states=states))
+    interrupted = False
+    try:
+        if remaining > 0:
+            study.optimize(lambda trial: objective(setup, trial), n_trials=remaining, timeout=timeout,
+                           catch=(Exception,), gc_after_trial=True,
+                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=states), after_trial])
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        prune_run_folders(study, out, keep_top_k)
+        written = write_outputs(study, out, None if interrupted or setup.flags else test_file, metric, splits)
+    if interrupted or setup.flags.get("interrupted"):
+        raise Interrupted(f"search interrupted; leaderboard: {written['leaderboard'][1]}. Run the same command "
+                          "again to continue the study")
+    if verbose:
+        print(f"leaderboard: {written['leaderboard'][1]}\npareto: {written['pareto']}\nbest: {written['best_yaml']}")
+    return study
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'90', '45m', '3h' -> seconds."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", text)
+    if not m:
+        raise ConfigError(f"--timeout: expected seconds or a duration like 45m or 3h, got {text!r}")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def load_search_config(config: str | None, overrides: list[str]) -> tuple[Config, dict | None]:
+    """The base config (YAML <- flags) and the YAML's raw `search:` group, which Config does not know."""
+    sections = load_yaml(config) if config else {}
+    group = sections.pop("search", None)
+    source = str(config) if config else "command line"
+    if config:
+        build_config(sections, source)  # errors name the file first
+        parse_search_group(group, source)
+    return build_config(merge(sections, parse_overrides(overrides)), "command line" if overrides else source), group
+
+
+def command(argv: list[str]) -> int:
+    """`budgetune search`: the CLI over search()."""
+    p = argparse.ArgumentParser(
+        prog="budgetune search", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        description="Find the best adapter under the parameter budget with Optuna. Any `budgetune train` option "
+        "(e.g. --max_train_samples 2000) sets the base of every trial.", epilog=HELP)
+    p.add_argument("--config", help="base YAML (any train config), optionally with a search: group")
+    p.add_argument("--budget", help="trainable-parameter cap, e.g. 1M (default: the config's max_trainable_params)")
+    p.add_argument("--n_trials", type=int, default=20, help="finished trials in the study, all workers together")
+    p.add_argument("--timeout", help="stop starting trials after this long (seconds, or 45m, 3h)")
+    p.add_argument("--output_dir", default="runs/search", help="leaderboard, pareto.png, best.yaml, trials/NNNN")
+    p.add_argument("--storage", help="a journal file (*.log) shared by workers on one machine, or a database URL "
+                   "(postgresql://..., mysql://...) for many; default: sqlite OUTPUT_DIR/study.db")
+    p.add_argument("--study", default="search", help="study name (workers with the same name and storage share it)")
+    p.add_argument("--min_train_samples", type=int, help="training rows every trial sees before it can be pruned")
+    p.add_argument("--min_steps", type=int, help="the same in optimizer steps")
+    p.add_argument("--pruner", default="hyperband", choices=PRUNERS)
+    p.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
+    p.add_argument("--sampler_seed", type=int, help="seed of the sampler (one worker: a reproducible search)")
+    p.add_argument("--keep_top_k", type=int, default=3, help="run folders kept (the best trials); others deleted")
+    p.add_argument("--test_file", help="labelled file evaluated once with the selected adapter at the end")
+    p.add_argument("--retry_failed", type=int, default=0,
+                   help="re-run a trial whose worker died this many times (default 0: record it failed, skip)")
+    a, rest = p.parse_known_args(argv)
+    cfg, group = load_search_config(a.config, rest)
+    search(cfg, search_group=group, n_trials=a.n_trials, timeout=parse_duration(a.timeout), output_dir=a.output_dir,
+           storage=a.storage, study_name=a.study, budget_cap=parse_count(a.budget, "--budget") if a.budget else None,
+           min_train_samples=a.min_train_samples, min_steps=a.min_steps, pruner=a.pruner, sampler=a.sampler,
+           sampler_seed=a.sampler_seed, keep_top_k=a.keep_top_k, test_file=a.test_file, retry_failed=a.retry_failed)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(command(sys.argv[1:]))

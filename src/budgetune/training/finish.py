@@ -1,0 +1,199 @@
+"""The end of a run: the best adapter saved and restored, re-scored as a user will load it, its default scale
+chosen, evaluation files and plots written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from budgetune import fileio
+from budgetune.adalora import rank_masks
+from budgetune.data.splits import cache_dir, scores
+from budgetune.inference import adapter_bundle
+from budgetune.inference.runner import table_logits
+from budgetune.metrics import classification_metrics, metrics_text
+from budgetune.training import checkpoint
+from budgetune.training.runstate import Best, Run, TrainState
+
+BEST_STATE = "best_state.pt"  # the best step's exact trainable tensors, to finish (or resume) with them
+
+
+def save_best(run: Run, best: Best) -> None:
+    """The best adapter in peft's format (+ tokenizer, labels, model card) and its exact trainable state."""
+    cfg = run.cfg
+    adapter_bundle.save_bundle(run.inner, run.tokenizer, run.out / "adapter", label_names=run.splits.label_names,
+                          base_model=portable_model_id(cfg.model.model_name_or_path), revision=cfg.model.revision,
+                          head=cfg.model.head, config=cfg.to_dict(), budget=run.live.to_dict(), metrics=best.metrics)
+    fileio.atomic_torch_save({"model": best.state, "rank_pattern": best.pattern, "metrics": best.metrics},
+                                run.out / BEST_STATE)
+
+
+def saved_best_is(out: Path, best: Best) -> bool:
+    """Whether adapter/ and best_state.pt both hold `best` (their recorded metrics name its step).
+
+    A resume continues with its checkpoint's best, but the killed run may have written a later one after that
+    checkpoint; a continuation that is not bit-exact (no --deterministic on a GPU) may never find it again.
+    """
+    try:
+        bundle = json.loads((out / "adapter" / adapter_bundle.BUNDLE_FILE).read_text()).get("metrics")
+        state = torch.load(out / BEST_STATE, map_location="cpu", mmap=True, weights_only=True).get("metrics")
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return bundle == best.metrics and state == best.metrics
+
+
+def record_shipped_ranks(run: Run, state: TrainState, best: Best) -> None:
+    """AdaLoRA: the shipped adapter's kept ranks in budget.json (`adalora_shipped`). Where no validation had the
+    final rank pattern (a final phase of 0 steps), one line and a note there say the last validation's was shipped."""
+    if run.schedule is None or state.best_step is None:
+        return
+    sched, m = run.schedule, run.cfg.method
+    shipped = {"step": state.best_step, "ranks": rank_masks.kept_ranks(run.inner, best.pattern),
+               "target_ranks": rank_masks.target_ranks(run.inner), "final_rank_pattern": sched.is_final(state.best_step)}
+    if not shipped["final_rank_pattern"]:
+        shipped["note"] = (f"AdaLoRA: no validation had the final rank pattern (--tfinal {m.tfinal} leaves "
+                           f"{sched.tfinal} of {sched.total_step} steps to the final phase); shipped the last "
+                           f"validation's adapter (step {state.best_step}): {shipped['ranks']} ranks kept, "
+                           f"{shipped['target_ranks']} at target_r")
+        run.accelerator.print(shipped["note"])
+    if run.accelerator.is_main_process:
+        recorded = json.loads((run.out / "budget.json").read_text())
+        fileio.atomic_write_json(run.out / "budget.json", {**recorded, "adalora_shipped": shipped})
+
+
+def portable_model_id(name: str) -> str:
+    """What the bundle stores as its base: a Hub id or a packaged name as given, a local folder made absolute."""
+    if name.startswith("packaged:") or not Path(name).exists():
+        return name
+    return str(Path(name).resolve())
+
+
+def finish(run: Run, state: TrainState, best: Best) -> dict:
+    """The best adapter back in the model; evaluation files computed from the saved adapter reloaded; plots.
+
+    Returns the best step's metrics and what the closing `summary` says: validation (and test) figures of the saved
+    adapter at its scale, the scale and why, the run folder."""
+    acc, out, main = run.accelerator, run.out, run.accelerator.is_main_process
+    if best.state is not None:
+        checkpoint.restore_model(run.inner, best.state)
+        if best.pattern is not None:
+            run.inner.peft_config["default"].rank_pattern = best.pattern
+        if main and not saved_best_is(out, best):  # a resumed run: the killed one may have saved a later best
+            save_best(run, best)
+    record_shipped_ranks(run, state, best)
+    acc.wait_for_everyone()
+    saved = reload_saved(run)  # what `predict` will load, through plain peft
+    raw_logits = validation_logits(run, saved)
+    raw = scores(raw_logits, run.splits)
+    scale, table, logits, why = choose_adapter_scale(run, saved, raw_logits)
+    final = raw if scale == 1 else scores(logits, run.splits)
+    final.update(adapter_scale=scale, adapter_scale_reason=why, adapter_scale_validation=table,
+                 raw_adapter={k: raw[k] for k in ("accuracy", "macro_f1", "loss")})
+    if main:
+        if table is not None:
+            adapter_bundle.record_adapter_scale(out / "adapter", scale, table, run.cfg.train.robust_tolerance)
+        fileio.atomic_write_json(out / "evaluation.json", {"split": "validation", **final})
+        fileio.atomic_write_text(out / "evaluation.txt", metrics_text(
+            final, f"validation (saved adapter at adapter_scale {scale:g}: what predict loads)"))
+    test = evaluate_test(run, saved) if run.splits.test is not None else None
+    run.log.log("end", step=state.step, best_step=state.best_step, best_metric=state.best_metric,
+                final_ranks=rank_masks.rank_pattern(run.inner), replica_digests=replica_digests(run))
+    if main:
+        plot(out)
+    acc.print(f"best validation {run.cfg.train.metric_for_best_model} {state.best_metric:.4f} at step "
+              f"{state.best_step}; adapter: {out / 'adapter'}")
+    return {"best_metric": state.best_metric, "best_step": state.best_step, **(best.metrics or {}),
+            "validation": {k: final[k] for k in ("accuracy", "macro_f1", "loss", "n")},
+            "validation_source": run.splits.validation_source, "adapter_scale": scale, "adapter_scale_reason": why,
+            "test": None if test is None else {k: test[k] for k in ("accuracy", "macro_f1", "n")},
+            "output_dir": str(out)}
+
+
+def evaluate_test(run: Run, saved) -> dict:
+    """The test split's metrics with the saved adapter: reported once (files and a line), never used to choose."""
+    tl = table_logits(saved, run.tokenizer, run.splits.test, run.accelerator, run.cfg.train.per_device_eval_batch_size,
+                      run.cfg.data.max_seq_length, cache_dir(run.cfg), desc="test")
+    tm = classification_metrics(run.splits.test.labels, tl.argmax(-1), run.splits.label_names)
+    if run.accelerator.is_main_process:
+        fileio.atomic_write_json(run.out / "evaluation_test.json", {"split": "test", **tm})
+        fileio.atomic_write_text(run.out / "evaluation_test.txt", metrics_text(tm, "test (saved adapter)"))
+    run.accelerator.print(f"test accuracy {tm['accuracy']:.4f}")
+    return tm
+
+
+def summary(result: dict, next_steps: list[str]) -> str:
+    """A run's closing lines (train, demo): how good the saved model is, on which rows; its adapter scale and why;
+    where the files are; what to run next."""
+    v, out = result["validation"], result["output_dir"]
+    lines = [f"validation accuracy {v['accuracy']:.2%} (macro-F1 {v['macro_f1']:.2%}) on {v['n']} rows: "
+             f"{result['validation_source']}",
+             f"adapter scale {result['adapter_scale']:g}: {result['adapter_scale_reason']}"]
+    if result.get("test"):
+        t = result["test"]
+        lines.append(f"test accuracy {t['accuracy']:.2%} on {t['n']} rows (reported once, never used to choose)")
+    lines.append(f"files: {out}/ (adapter/: the model; evaluation.txt; plots/; metrics.jsonl)")
+    return "\n".join(lines + [f"next: {step}" for step in next_steps])
+
+
+def validation_logits(run: Run, model) -> np.ndarray:
+    return table_logits(model, run.tokenizer, run.splits.validation, run.accelerator,
+                        run.cfg.train.per_device_eval_batch_size, run.cfg.data.max_seq_length, cache_dir(run.cfg),
+                        desc="validation")
+
+
+def choose_adapter_scale(run: Run, saved, raw_logits: np.ndarray):
+    """(scale, {scale: validation accuracy}, validation logits at that scale, why): the adapter's default scale toward
+    the pretrained model (scaling.auto_scale on validation); the model is left at that scale. Scale 1 without a
+    table when switched off (--robust_tolerance null), for a method without an adapter, or when the validation
+    split is too small to resolve the tolerance (scaling.unresolved)."""
+    tolerance = run.cfg.train.robust_tolerance
+    if tolerance is None:
+        return 1.0, None, raw_logits, "as trained (--robust_tolerance null: no scale chosen)"
+    if run.cfg.method.method == "full":
+        return 1.0, None, raw_logits, "as trained (method full: no adapter to scale)"
+    from budgetune.modeling import scaling
+
+    too_few = scaling.unresolved(len(run.splits.validation.texts), tolerance)
+    if too_few is not None:
+        run.accelerator.print(f"adapter_scale 1 kept (as trained): {too_few}")
+        return 1.0, None, raw_logits, f"kept as trained, because {too_few}"
+    logits = {1.0: raw_logits}  # each scale's validation pass runs once
+
+    def validate() -> float:
+        s = scaling.current_scale(saved)
+        if s not in logits:
+            logits[s] = validation_logits(run, saved)
+        return scores(logits[s], run.splits)["accuracy"]
+
+    chosen, table = scaling.auto_scale(saved, validate, scaling.AUTO_SCALES, tolerance)
+    scaling.apply_scale(saved, chosen)
+    run.accelerator.print(scaling.scale_summary(chosen, table))
+    return chosen, table, logits[chosen], scaling.scale_reason(chosen, table, tolerance)
+
+
+def reload_saved(run: Run):
+    """The saved adapter folder loaded onto a fresh base with plain peft, unmerged, on this run's device."""
+    from budgetune.inference.loading import load_model
+
+    model, _, _ = load_model(run.out / "adapter", merge=False)
+    return run.accelerator.prepare_model(model, evaluation_mode=True)
+
+
+def replica_digests(run: Run) -> list[float]:
+    """One checksum of the trainable weights per process: under DDP they must all be equal."""
+    total = sum(p.detach().double().abs().sum() for p in run.inner.parameters() if p.requires_grad)
+    tensor = torch.as_tensor([float(total)], dtype=torch.float64, device=run.accelerator.device)
+    return [float(x) for x in run.accelerator.gather(tensor).cpu()]
+
+
+def plot(out: Path) -> None:
+    try:
+        from budgetune.training.plots import plot_run
+
+        plot_run(out)
+    except Exception as e:  # plots are a convenience: never lose a finished run over them
+        print(f"warning: plots failed: {e}", file=sys.stderr)
