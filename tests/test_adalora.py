@@ -292,3 +292,13 @@ def test_without_a_final_phase_the_last_validation_ships_and_says_so(tiny_robert
     assert shipped["ranks"] == shipped_ranks(out) and shipped["target_ranks"] == 8
     lines = [line for line in proc.stdout.splitlines() if "no validation had the final rank pattern" in line]
     assert lines == [shipped["note"]] and "step 24" in lines[0] and "--tfinal 0" in lines[0]
+
+
+def test_the_schedule_line_never_names_an_empty_range():
+    """A final phase of one step: the pattern is fixed by the last allocation, and the line says so (it used to
+    read 'final steps 14-13')."""
+    from budgetune.adalora.phases import Schedule
+
+    line = Schedule(total_step=13, tinit=0, tfinal=1, deltaT=10).describe()
+    assert "14-13" not in line and "fixed by step 13's allocation" in line
+    assert "final steps 14-24" in Schedule(total_step=24, tinit=2, tfinal=12, deltaT=1).describe()

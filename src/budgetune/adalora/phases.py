@@ -44,6 +44,9 @@ class Schedule:
         if self.tfinal == 0:
             return head + ("no final phase (--tfinal 0: the rank pattern is never fixed, early stopping never counts, "
                            "the last validation's adapter is shipped)")
+        if self.final_from + 2 > self.total_step:  # --tfinal 1: the last step's allocation fixes the pattern
+            return (head + f"rank pattern fixed by step {self.total_step}'s allocation, no step trains under it; the "
+                    "best adapter and early stopping count only validations from then on")
         return (head + f"final steps {self.final_from + 2}-{self.total_step} (rank pattern fixed); the best adapter "
                 "and early stopping count only validations in the final phase")
 
