@@ -202,7 +202,7 @@ def autocast_kwargs(cuda_graphs: bool) -> list:
 
 
 def prepare_adalora(cfg: Config, model) -> bool:
-    """AdaLoRA steps through lean_adalora unless --lean_adalora false: peft's step costs ~5x the operators per
+    """AdaLoRA steps through adalora.lean_step unless --lean_adalora false: peft's step costs ~5x the operators per
     allocation and reads the masks back to the host (issue 13). Returns whether the model was switched."""
     return cfg.method.method == "adalora" and cfg.method.lean_adalora and lean_step.install(model)
 

@@ -4,7 +4,7 @@ Each trial draws an adapter shape, rank and schedule that fit the budget (search
 any weight is loaded, and trains in-process with `train(cfg, on_evaluate=...)`, reporting to the pruner the
 validations that compare across trials: all of them, except AdaLoRA's before its rank pattern is final (its warm-up
 and pruning phases dip by design; every sampled AdaLoRA schedule has a final phase, so at least its last validation
-is reported). Outputs (search_report.py) are rebuilt from the study, so any worker can write them.
+is reported). Outputs (leaderboard.py) are rebuilt from the study, so any worker can write them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The search space of `budgetune search`: the YAML `search:` group, and the planner's fits turned into Optuna draws.
 
 Every adapter shape (method x target modules x head) comes from `budget.plan`, with only the ranks that fit the budget,
-so a sampled point fits by construction; `search.py` still checks each point before training.
+so a sampled point fits by construction; `driver.py` still checks each point before training.
 """
 
 from __future__ import annotations
