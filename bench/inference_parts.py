@@ -4,11 +4,11 @@
     python bench/inference_parts.py --texts 4096 --repeats 5
 
 Measures, alternating the variants in every repeat and reporting medians:
-1. tokenization: `data.tokenize` against the same `datasets.map` with datasets' own fingerprint (which pickles the
+1. tokenization: `data.readers.tokenize` against the same `datasets.map` with datasets' own fingerprint (which pickles the
    tokenizer to hash it);
-2. padding: `batching.make_collator` (numpy) against transformers' `DataCollatorWithPadding`, on the same batches;
+2. padding: `data.batching.make_collator` (numpy) against transformers' `DataCollatorWithPadding`, on the same batches;
 3. the forward pass over all texts (collation included) with the full last layer or the first token only, with
-   batches of 256 texts or capped at `devices.CPU_BATCH_TOKENS` padded tokens (the cap applies on CPU only).
+   batches of 256 texts or capped at `hardware.devices.CPU_BATCH_TOKENS` padded tokens (the cap applies on CPU only).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ $PY -m budgetune evaluate "$RUN" --data_file "$SHIFTED" --data_file "$OUT-valida
     --adapter_scale 0,0.25,0.5,0.6,0.7,0.75,0.8,0.9,1 --output "$OUT"
 $PY - "$OUT.json" <<'PYEOF'
 import json, sys
-from budgetune.scaling import AUTO_SCALES, choose_scale
+from budgetune.modeling.scaling import AUTO_SCALES, choose_scale
 r = json.load(open(sys.argv[1]))
 val, shifted = r["data_files"][1], r["data_files"][0]
 acc = {(x["data_file"], x["adapter_scale"]): x["accuracy"] for x in r["results"]}

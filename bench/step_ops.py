@@ -15,15 +15,16 @@ orth_reg_weight 0.5, tinit 200, tfinal 1000, deltaT 10, total_step 22,500) and L
 Paths:
 * peft: the loop of peft's documentation: `loss = model(**batch).loss; loss.backward(); optimizer.step();
   model.base_model.update_and_allocate(step); optimizer.zero_grad()`, torch's default AdamW.
-* budgetune: the model, optimizer and scheduler built by budgetune (`methods.wrap`, `train.prepare_adalora`,
-  `train.make_optimizer`), stepped in `train.train_step`'s order (forward, backward, gradient clipping, optimizer,
-  scheduler, AdaLoRA's allocation, zero_grad), without accelerate's wrappers. AdaLoRA steps through
-  `budgetune.adalora.lean_step` (the default); "budgetune, peft step" is the same with `--lean_adalora false`.
-* budgetune, graphs: `--cuda_graphs true` (fp32 only): `graphs.StepGraphs` replays the captured forward, backward,
-  clipping and AdamW, then scheduler, allocation and zero_grad run as `train.train_step` runs them after a replay. On CPU the
-  graph is `graph_tape`'s stand-in; its replay runs outside the counter and counts as one operator (the one graph
-  launch it is on a GPU); the row "replay" also holds the copies of the batch into the graph's inputs and of the
-  loss and grad norm out of it. Capture (once per batch shape) is not counted.
+* budgetune: the model, optimizer and scheduler built by budgetune (`modeling.methods.wrap`,
+  `training.train.prepare_adalora`, `training.train.make_optimizer`), stepped in `training.train.train_step`'s order
+  (forward, backward, gradient clipping, optimizer, scheduler, AdaLoRA's allocation, zero_grad), without
+  accelerate's wrappers. AdaLoRA steps through `budgetune.adalora.lean_step` (the default); "budgetune, peft step" is
+  the same with `--lean_adalora false`.
+* budgetune, graphs: `--cuda_graphs true` (fp32 only): `training.graphs.StepGraphs` replays the captured forward,
+  backward, clipping and AdamW, then scheduler, allocation and zero_grad run as `training.train.train_step` runs them
+  after a replay. On CPU the graph is `tests/graph_tape.py`'s stand-in; its replay runs outside the counter and counts
+  as one operator (the one graph launch it is on a GPU); the row "replay" also holds the copies of the batch into the
+  graph's inputs and of the loss and grad norm out of it. Capture (once per batch shape) is not counted.
 
 What is counted, per phase:
 * ops: every call reaching `torch.utils._python_dispatch.TorchDispatchMode` (ATen operators below autograd,

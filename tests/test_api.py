@@ -9,7 +9,7 @@ import pytest
 
 def test_the_public_api_imports_from_the_top():
     from budgetune import Config, count_trainable, evaluate, predict, resolve, train
-    from budgetune.budget.accounting import count_trainable as counted
+    from budgetune.budget.count import count_trainable as counted
     from budgetune.inference.evaluate import evaluate as evaluated
     from budgetune.inference.predict import predict as predicted
     from budgetune.training.train import train as trained

@@ -11,7 +11,7 @@ import yaml
 from conftest import run_cli, tiny_train_args
 from test_methods import check_budget, check_folder, check_roundtrip
 
-from budgetune.budget import accounting
+from budgetune.budget import count, plan
 from budgetune.config import build_config, resolve
 from budgetune.errors import ConfigError
 
@@ -87,7 +87,7 @@ def test_architecture_trains_saves_and_reloads_with_plain_peft(arch, method, tin
     assert set(json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]) == QV[arch]
     trained, _ = check_roundtrip(out, model)  # the exact trained weights and plain peft give the same logits
     recorded = check_budget(out, trained)  # budget.json == live trainable == the saved best state
-    assert recorded["total_trainable"] == accounting.config_breakdown(cfg, 4).total_trainable  # == `budgetune params`
+    assert recorded["total_trainable"] == count.config_breakdown(cfg, 4).total_trainable  # == `budgetune params`
 
 
 # Trainable head parameters of the tiny models (hidden 32, 4 labels): a dense layer 32x32+32, the output 32x4+4.
@@ -104,9 +104,9 @@ def test_heads_are_counted_for_each_architecture(arch, tiny_encoder):
                             "method": {"method": "lora", "rank": 4, "target_modules": "query,value"}})
         if head not in HEAD_COUNTS[arch]:
             with pytest.raises(ConfigError, match="--head frozen_dense: BertForSequenceClassification's head has no"):
-                accounting.config_breakdown(cfg, 4)
+                count.config_breakdown(cfg, 4)
             continue
-        bd = accounting.config_breakdown(cfg, 4)
+        bd = count.config_breakdown(cfg, 4)
         assert bd.head == HEAD_COUNTS[arch][head], head
         # LoRA r4 on query and value of 2 layers: (32 + 32) x 4 x 4 modules, whatever the architecture calls them
         assert bd.total_trainable - bd.head == 64 * 4 * 4, (head, bd.by_module)
@@ -141,11 +141,11 @@ def test_plan_rank_auto_and_search_space_work_on_each_architecture(arch, tiny_en
     cfg = build_config({"model": {"model_name_or_path": str(tiny_encoder(arch))},
                         "method": {"method": "lora", "rank": "auto", "target_modules": "query,value"},
                         "budget": {"max_trainable_params": 4000}})
-    rows = accounting.plan(cfg, 4, 4000)
+    rows = plan.plan(cfg, 4, 4000)
     assert {r["method"] for r in rows} == set(ADAPTERS), arch  # IA3 too: peft has no defaults for some of them
     assert {search_space.targets_text(r["targets"]) for r in rows} == {"query,value", "query,key,value",
                                                                        "all-linear", "null"}
-    resolved, message = accounting.resolve_auto_rank(cfg, 4)
+    resolved, message = plan.resolve_auto_rank(cfg, 4)
     # LoRA on query,value costs 2 x (32 + 32) per rank, beyond the head
     head = HEAD_COUNTS[arch]["default"]
     assert resolved.method.rank == (4000 - head) // 256 and message.startswith("rank auto: picked")

@@ -3,18 +3,10 @@ import json
 import pytest
 import torch
 
-from budgetune.budget.accounting import (
-    BudgetError,
-    check_budget,
-    check_live,
-    config_breakdown,
-    count_trainable,
-    params_command,
-    plan,
-    plan_command,
-    resolve_auto_rank,
-)
+from budgetune.budget.count import check_live, config_breakdown, count_trainable
+from budgetune.budget.plan import check_budget, params_command, plan, plan_command, resolve_auto_rank
 from budgetune.config import PACKAGED_MINILM, build_config, merge, parse_overrides
+from budgetune.errors import BudgetError
 from budgetune.modeling import backbone, methods
 
 ROBERTA = "roberta-base"
@@ -124,7 +116,7 @@ def test_resolve_auto_rank_ia3_and_too_small():
 def plan_rows():
     # Two methods keep roberta-base's plan quick; test_plan_command covers every method on MiniLM.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("budgetune.budget.accounting.RANK_METHODS", ("adalora", "lora"))
+        mp.setattr("budgetune.budget.plan.RANK_METHODS", ("adalora", "lora"))
         return plan(cfg_for(method="adalora", rank=8), 4, 1_000_000)
 
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT, headline_rows, run_cli
 
 from budgetune import cli
-from budgetune.budget import accounting
+from budgetune.budget.count import config_breakdown
+from budgetune.budget.plan import resolve_auto_rank
 from budgetune.config import (
     GROUPS,
     METHODS,
@@ -49,9 +50,9 @@ def test_shipped_config_parses_names_itself_and_fits_its_budget(path: Path):
             if key == "target_modules" and isinstance(value, str) and value != "all-linear":
                 value = value.split(",")
             assert got == value, (path.name, group, key, got, value)
-    resolved, _ = accounting.resolve_auto_rank(cfg, 4)
+    resolved, _ = resolve_auto_rank(cfg, 4)
     assert isinstance(resolved.method.rank, int)
-    bd = accounting.config_breakdown(resolved, 4)
+    bd = config_breakdown(resolved, 4)
     assert bd.budget == cfg.budget.max_trainable_params
     if bd.budget is not None:
         assert 0 < bd.total_trainable <= bd.budget, (path.name, bd.table())
@@ -245,7 +246,7 @@ def test_resolved_config_of_a_run_reparses_to_the_same_config(tiny_roberta, tmp_
     assert written.read_text().startswith("# resolved configuration of this run\n")
     assert f"budgetune train --config {written}" in written.read_text().splitlines()[1]
     again = resolve(str(written), [])
-    expected, _ = backbone.resolve_attention(accounting.resolve_auto_rank(cfg, 4)[0])
+    expected, _ = backbone.resolve_attention(resolve_auto_rank(cfg, 4)[0])
     assert isinstance(again.method.rank, int) and again.method.rank > 1  # auto was resolved before writing
     assert again.model.attn_implementation == "sdpa"  # so was --attn_implementation auto
     assert again == expected

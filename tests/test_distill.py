@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, write_csv
 
-from budgetune.budget import accounting
+from budgetune.budget.plan import check_budget
 from budgetune.config import resolve
 from budgetune.data import readers as data_lib
 from budgetune.data.unlabeled import normalise
@@ -247,7 +247,7 @@ def test_full_method_saves_a_whole_model_counted_by_the_gate(files, tiny_roberta
     m = evaluate(teacher, str(files["validation"]), output=str(teacher / "eval-check"))
     assert m["accuracy"] == pytest.approx(json.loads((teacher / "evaluation.json").read_text())["accuracy"])
     with pytest.raises(BudgetError, match="33,476 trainable parameters is over the budget of 10,000") as e:
-        accounting.check_budget(config(files, tiny_roberta, teacher.parent / "x", "full", max_trainable_params=10_000), 4)
+        check_budget(config(files, tiny_roberta, teacher.parent / "x", "full", max_trainable_params=10_000), 4)
     assert "pass --max_trainable_params null" in str(e.value)
 
 

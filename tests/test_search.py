@@ -197,7 +197,7 @@ def test_a_space_that_fits_nothing_is_refused_before_training(tiny_roberta, head
 def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, headlines_csv, tmp_path):
     """Many draws of the default space, none trained: each fits, AdaLoRA keeps target_r < init_r and a schedule."""
     from budgetune.adalora import phases
-    from budgetune.budget import accounting
+    from budgetune.budget.plan import check_budget
     from budgetune.config import resolve
     from budgetune.recipes.search.search_space import build_space, parse_search_group, sample
 
@@ -210,7 +210,7 @@ def test_sampled_points_fit_the_budget_and_are_valid_adapters(tiny_roberta, head
     for _ in range(40):
         trial = study.ask()
         point = sample(trial, space, cfg, total_steps=100)
-        assert accounting.check_budget(point, 4).total_trainable <= BUDGET
+        assert check_budget(point, 4).total_trainable <= BUDGET
         m = point.method
         if m.method == "adalora":
             assert 1 <= m.target_r < m.rank and m.tinit + m.tfinal < 100

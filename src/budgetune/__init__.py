@@ -20,7 +20,7 @@ _LAZY = {
     "train": "budgetune.training.train",
     "evaluate": "budgetune.inference.evaluate",
     "predict": "budgetune.inference.predict",
-    "count_trainable": "budgetune.budget.accounting",
+    "count_trainable": "budgetune.budget.count",
 }
 
 __all__ = ["Config", "resolve", *_LAZY]

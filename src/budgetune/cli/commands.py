@@ -112,7 +112,7 @@ NUM_LABELS_HELP = "classes of the task (default: the config's label_names, else 
 
 
 def cmd_params(argv: list[str]) -> int:
-    from budgetune.budget.accounting import params_command
+    from budgetune.budget.plan import params_command
 
     parsed = config_verb(argv, "params", "[--config FILE] [--num_labels N] [--json] [--flag value ...]",
                          {"num_labels": NUM_LABELS_HELP, "json": None})
@@ -123,7 +123,7 @@ def cmd_params(argv: list[str]) -> int:
 
 
 def cmd_plan(argv: list[str]) -> int:
-    from budgetune.budget.accounting import plan_command
+    from budgetune.budget.plan import plan_command
 
     parsed = config_verb(argv, "plan", "[--config FILE] [--budget 1M] [--num_labels N] [--json] [--flag value ...]",
                          {"budget": "the cap to plan for (default: --max_trainable_params)",

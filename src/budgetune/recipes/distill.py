@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from budgetune import fileio
 from budgetune.adalora import lean_step
-from budgetune.budget import accounting
+from budgetune.budget.plan import check_budget, resolve_auto_rank
 from budgetune.config import Config
 from budgetune.data import readers as data_lib
 from budgetune.data import splits as splits_lib
@@ -246,8 +246,8 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
                                resuming=bool(cfg.train.resume_from_checkpoint), clear=False)
     splits = splits_lib.load_splits(cfg)
     names = splits.label_names
-    resolved, _ = accounting.resolve_auto_rank(cfg, len(names))
-    accounting.check_budget(resolved, len(names))  # before the teachers' pass: an over-budget student fails at once
+    resolved, _ = resolve_auto_rank(cfg, len(names))
+    check_budget(resolved, len(names))  # before the teachers' pass: an over-budget student fails at once
     student_tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.model_name_or_path),
                                                 revision=cfg.model.revision)
     identities = check_teachers(teachers, names, student_tok, cfg)

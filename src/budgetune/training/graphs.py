@@ -11,7 +11,7 @@ a replay reads this step's rate; nothing in the captured region reads a value ba
 reasons:
 
 * AdaLoRA's `update_and_allocate` after each replay: its phase (averages, masking every deltaT, fixed pattern)
-  is chosen in Python from the step number. The lean allocator (lean_adalora) is a handful of `_foreach` kernels
+  is chosen in Python from the step number. The lean allocator (adalora.lean_step) is a handful of `_foreach` kernels
   and reads the graph's gradients, which `expose_grads` hands to the parameters first.
 * Batches of another shape (an epoch's short last batch): an ordinary step on the same parameters and optimizer.
 * Validation: its own batches, in eval mode, eager.

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from budgetune.adalora import phases
-from budgetune.budget import accounting
+from budgetune.budget.count import Breakdown
 from budgetune.config import Config
 from budgetune.data.splits import Splits
 from budgetune.training.runlog import MetricsLog
@@ -58,7 +58,7 @@ class Run:
     train_loader: DataLoader
     val_loader: DataLoader
     log: MetricsLog
-    live: accounting.Breakdown
+    live: Breakdown
     world: dict[str, int]  # processes, batches, steps: a resume must find the same
     schedule: phases.Schedule | None
     loss_fn: LossFn

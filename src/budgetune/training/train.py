@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from budgetune import fileio
 from budgetune.adalora import lean_step, phases, rank_masks
-from budgetune.budget import accounting
+from budgetune.budget.count import Breakdown, check_live
+from budgetune.budget.plan import check_budget, resolve_auto_rank
 from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.data import batching
 from budgetune.data import readers as data_lib
@@ -48,14 +49,14 @@ def default_loss(model, batch: dict) -> torch.Tensor:
     return model(**batch).loss
 
 
-def gate(cfg: Config, label_names: list[str] | None) -> tuple[Config, accounting.Breakdown | None, str]:
+def gate(cfg: Config, label_names: list[str] | None) -> tuple[Config, Breakdown | None, str]:
     """rank: auto resolved, AdaLoRA's ranks and the budget checked, as soon as the number of labels is known."""
     if not label_names:
         return cfg, None, ""
-    cfg, note = accounting.resolve_auto_rank(cfg, len(label_names))
+    cfg, note = resolve_auto_rank(cfg, len(label_names))
     if cfg.method.method == "adalora":
         phases.check_ranks(cfg.method)
-    return cfg, accounting.check_budget(cfg, len(label_names)), note
+    return cfg, check_budget(cfg, len(label_names)), note
 
 
 def make_loaders(cfg: Config, accelerator, splits: Splits, tokenizer):
@@ -162,7 +163,7 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     model = methods.wrap(cfg, model, total, missing)
     prepare_adalora(cfg, model)
     fast_forward.first_token_last_layer(model)  # evaluation only: in train mode the layer runs in full
-    live = accounting.check_live(model, cfg, expected)
+    live = check_live(model, cfg, expected)
     # after wrapping (peft has made adapters and head fp32 and trainable), before prepare (DDP, the optimizer)
     precision.store_frozen_in(model, precision.compute_dtype(accelerator.mixed_precision,
                                                              t.frozen_in_compute_dtype))
@@ -201,7 +202,7 @@ def autocast_kwargs(cuda_graphs: bool) -> list:
 
 
 def prepare_adalora(cfg: Config, model) -> bool:
-    """AdaLoRA steps through lean_adalora unless --lean_adalora false: peft's step costs ~5x the operators per
+    """AdaLoRA steps through adalora.lean_step unless --lean_adalora false: peft's step costs ~5x the operators per
     allocation and reads the masks back to the host (issue 13). Returns whether the model was switched."""
     return cfg.method.method == "adalora" and cfg.method.lean_adalora and lean_step.install(model)
 

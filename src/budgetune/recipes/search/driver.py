@@ -4,7 +4,7 @@ Each trial draws an adapter shape, rank and schedule that fit the budget (search
 any weight is loaded, and trains in-process with `train(cfg, on_evaluate=...)`, reporting to the pruner the
 validations that compare across trials: all of them, except AdaLoRA's before its rank pattern is final (its warm-up
 and pruning phases dip by design; every sampled AdaLoRA schedule has a final phase, so at least its last validation
-is reported). Outputs (search_report.py) are rebuilt from the study, so any worker can write them.
+is reported). Outputs (leaderboard.py) are rebuilt from the study, so any worker can write them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from budgetune.budget import accounting
+from budgetune.budget.plan import check_budget
 from budgetune.config import Config, build_config, load_yaml, merge, parse_count, parse_overrides
 from budgetune.data import readers as data_lib
 from budgetune.data.splits import Splits, load_splits
@@ -142,7 +142,7 @@ def objective(setup: Setup, trial) -> float:
                  "learning_rate": cfg.train.learning_rate, "metric": setup.metric}.items():
         trial.set_user_attr(k, v)
     try:  # the gate: a point over budget costs nothing
-        bd = accounting.check_budget(cfg, setup.num_labels)
+        bd = check_budget(cfg, setup.num_labels)
     except BudgetError as e:
         n = e.breakdown.total_trainable if e.breakdown else "?"
         trial.set_user_attr("trainable", n)

@@ -1,7 +1,7 @@
 """The search space of `budgetune search`: the YAML `search:` group, and the planner's fits turned into Optuna draws.
 
 Every adapter shape (method x target modules x head) comes from `budget.plan`, with only the ranks that fit the budget,
-so a sampled point fits by construction; `search.py` still checks each point before training.
+so a sampled point fits by construction; `driver.py` still checks each point before training.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from budgetune.budget import accounting
+from budgetune.budget.plan import HEADS, plan
 from budgetune.config import METHODS, Config
 from budgetune.errors import BudgetError, ConfigError
 
@@ -176,9 +176,9 @@ def _parse_group(group: Any) -> dict[str, Dim]:
     bad = [m for m in (dims["method"].choices if "method" in dims else []) if m not in METHODS]
     if bad:
         raise ConfigError(f"search.method: unknown method {bad[0]!r}; choose among {', '.join(METHODS)}")
-    bad_heads = [h for h in (dims["head"].choices if "head" in dims else []) if h not in accounting.HEADS]
+    bad_heads = [h for h in (dims["head"].choices if "head" in dims else []) if h not in HEADS]
     if bad_heads:
-        raise ConfigError(f"search.head: unknown head {bad_heads[0]!r}; choose among {', '.join(accounting.HEADS)}")
+        raise ConfigError(f"search.head: unknown head {bad_heads[0]!r}; choose among {', '.join(HEADS)}")
     for key in ("lora_dropout", "target_r_fraction", "tinit_fraction", "tfinal_fraction"):
         d = dims[key]
         values = d.choices if d.choices is not None else [d.low, d.high]
@@ -200,7 +200,7 @@ def default_ranks(largest: int) -> list[int]:
 def build_space(cfg: Config, num_labels: int, dims: dict[str, Dim], budget_cap: int) -> Space:
     """The planner's shapes narrowed by the `search:` choices, each with its ranks that fit; refuses an empty space."""
     base = dataclasses.replace(cfg, budget=dataclasses.replace(cfg.budget, max_trainable_params=budget_cap))
-    rows = accounting.plan(base, num_labels, budget_cap)
+    rows = plan(base, num_labels, budget_cap)
     wanted = {k: dims[k] for k in ("method", "target_modules", "head") if k in dims}
     rank_dim = dims.get("rank")
     shapes = []
