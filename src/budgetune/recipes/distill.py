@@ -29,6 +29,7 @@ from budgetune.errors import AdapterError, ConfigError
 from budgetune.hardware.devices import is_main_process, resolve_precision
 from budgetune.inference import adapter_bundle
 from budgetune.inference.loading import adapter_dir, bundle_info, is_full_model
+from budgetune.metrics import softmax
 from budgetune.training import train as train_lib
 
 CACHE_VERSION = "budgetune-teacher-logits-v2"
@@ -120,7 +121,7 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
 
 def ensemble_log_probs(logits: list[np.ndarray], temperature: float) -> np.ndarray:
     """log of the teachers' averaged probabilities at temperature T (averaging probabilities, not logits)."""
-    probs = np.mean([torch.softmax(torch.from_numpy(z).double() / temperature, -1).numpy() for z in logits], axis=0)
+    probs = np.mean([softmax(z, temperature) for z in logits], axis=0)
     return np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
 
 

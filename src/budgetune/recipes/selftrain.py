@@ -27,6 +27,7 @@ from budgetune.data import splits as splits_lib
 from budgetune.data import unlabeled
 from budgetune.errors import ConfigError, RunFolderError
 from budgetune.hardware.devices import is_main_process
+from budgetune.metrics import lower_is_better, softmax
 from budgetune.modeling import backbone
 from budgetune.modeling.scaling import near_best
 from budgetune.training import checkpoint
@@ -93,8 +94,6 @@ def round_config(cfg: Config, out: Path, r: int, noise_dropout: float) -> Config
 
 def label_texts(run: Path, texts: list[str], batch_size: int) -> np.ndarray:
     """Probabilities of the run's best adapter on texts (the fast inference path)."""
-    import torch
-
     from budgetune.hardware.devices import release_accelerator
     from budgetune.inference.loading import load_for_inference
     from budgetune.inference.runner import table_logits
@@ -104,7 +103,7 @@ def label_texts(run: Path, texts: list[str], batch_size: int) -> np.ndarray:
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc="pseudo-labels")
     release_accelerator()  # the next round's training starts its own accelerator
-    return torch.softmax(torch.from_numpy(logits).double(), -1).numpy()
+    return softmax(logits)
 
 
 def pseudo_labels_csv(texts: list[str], rows: np.ndarray, labels: np.ndarray, probs: np.ndarray,
@@ -122,7 +121,7 @@ def pseudo_labels_csv(texts: list[str], rows: np.ndarray, labels: np.ndarray, pr
 
 def chosen_round(values: list[float], metric: str, tolerance: float) -> int:
     """The latest round whose metric is within `tolerance` points of the best (loss: the lowest, no tolerance)."""
-    if metric == "loss":
+    if lower_is_better(metric):
         return int(np.argmin(values))
     return max(near_best(dict(enumerate(values)), tolerance))
 

@@ -38,6 +38,7 @@ except ImportError as e:  # an optional extra
     raise ImportError(f"budgetune serve needs FastAPI and uvicorn: pip install 'budgetune[serve]' ({e})") from e
 
 from budgetune.errors import ConfigError, RequestError
+from budgetune.metrics import softmax
 from budgetune.serve.queue import Backlog, DynamicBatcher, running
 from budgetune.serve.registry import Registry, parse_runs
 from budgetune.serve.telemetry import CONTENT_TYPE, Metrics
@@ -353,12 +354,6 @@ class Guard:
             return message
 
         return replayed, None
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def refused(state: ServeState, reason: str, message: str) -> RequestError:

@@ -27,6 +27,7 @@ from budgetune.config import Config, build_config, load_yaml, merge, parse_count
 from budgetune.data import readers as data_lib
 from budgetune.data.splits import Splits, load_splits
 from budgetune.errors import BudgetError, ConfigError, Interrupted
+from budgetune.metrics import improves, lower_is_better
 from budgetune.recipes.search import leaderboard
 from budgetune.recipes.search.search_space import (
     HELP,
@@ -156,7 +157,7 @@ def objective(setup: Setup, trial) -> float:
 
     def on_evaluate(step: int, m: dict) -> None:
         value = m[key]
-        if best["value"] is None or (value < best["value"] if setup.metric == "loss" else value > best["value"]):
+        if improves(value, best["value"], setup.metric):
             best["value"] = value
             trial.set_user_attr("val_accuracy", m["eval_accuracy"])
             trial.set_user_attr("val_macro_f1", m["eval_macro_f1"])
@@ -334,7 +335,7 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
         raise ConfigError(f"--sampler must be tpe or random, got {sampler!r}")
     study = optuna.create_study(study_name=study_name, storage=make_storage(storage, out, retry_failed),
                                 sampler=samplers[sampler](), pruner=make_pruner(pruner, low, total),
-                                direction="minimize" if metric == "loss" else "maximize", load_if_exists=True)
+                                direction="minimize" if lower_is_better(metric) else "maximize", load_if_exists=True)
     start = base_point(space, cfg)
     if start is not None and not study.get_trials(deepcopy=False):
         study.enqueue_trial(start, skip_if_exists=True)  # trial 0 measures the base config at this fidelity
