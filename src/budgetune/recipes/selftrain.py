@@ -31,6 +31,7 @@ from budgetune.metrics import lower_is_better, softmax
 from budgetune.modeling import backbone
 from budgetune.modeling.scaling import near_best
 from budgetune.training import checkpoint
+from budgetune.training import finish as finish_lib
 from budgetune.training import train as train_lib
 from budgetune.training.runlog import read_metrics
 
@@ -263,11 +264,7 @@ def finish(out: Path, best_round: int, summary: list[dict], record: dict) -> Non
         if not s["trained"]:
             continue
         last = offset
-        for line in (out / f"round-{s['round']}" / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for ev in read_metrics(out / f"round-{s['round']}" / "metrics.jsonl"):
             if isinstance(ev.get("step"), int):  # rounds one after another on the plots' step axis
                 ev["step"] += offset
                 last = max(last, ev["step"])
@@ -276,12 +273,7 @@ def finish(out: Path, best_round: int, summary: list[dict], record: dict) -> Non
         offset = last
     fileio.atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
     fileio.atomic_write_json(out / "selftrain.json", record)
-    try:
-        from budgetune.training.plots import plot_run
-
-        plot_run(out)
-    except Exception as e:  # plots are a convenience: never lose finished rounds over them
-        print(f"warning: plots failed: {e}", file=sys.stderr)
+    finish_lib.plot(out)  # plots are a convenience: a failure is a warning, the finished rounds stay
 
 
 def parser() -> argparse.ArgumentParser:
