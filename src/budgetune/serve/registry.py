@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from budgetune.errors import AdapterError
+from budgetune.errors import AdapterError, ModelLoadError
 from budgetune.inference import adapter_bundle
 
 BUNDLE_KEYS = ("label_names", "base_model_name_or_path", "head", "max_seq_length", "method")
@@ -199,7 +199,7 @@ def load_group(group: BaseGroup, device) -> None:
     base_name = first.info["base_model_name_or_path"]
     try:
         base = load_base_for(first.info)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ModelLoadError) as e:
         raise AdapterError(f"{first.folder}: cannot load its base model {base_name} ({e})") from None
     model = None
     for a in group.adapters:  # a size mismatch or a broken weights file names its adapter folder
