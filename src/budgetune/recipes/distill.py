@@ -288,9 +288,8 @@ def write_record(out: Path, record: dict) -> None:
                             "teachers": [t["path"] for t in record["teachers"]]}) + "\n")
     bundle = out / "adapter"
     if (bundle / adapter_bundle.BUNDLE_FILE).is_file():
-        info = json.loads((bundle / adapter_bundle.BUNDLE_FILE).read_text())
-        info["distilled_from"] = [{k: t[k] for k in ("path", "method", "base_model")} for t in record["teachers"]]
-        fileio.atomic_write_json(bundle / adapter_bundle.BUNDLE_FILE, info)
+        fileio.update_json(bundle / adapter_bundle.BUNDLE_FILE, {"distilled_from": [
+            {k: t[k] for k in ("path", "method", "base_model")} for t in record["teachers"]]})
         card = (bundle / "README.md").read_text(encoding="utf-8")
         fileio.atomic_write_text(bundle / "README.md", card.rstrip("\n") + "\n\n" + card_section(record) + "\n")
 
