@@ -92,3 +92,25 @@ def test_the_layering_test_can_fail(tmp_path):
     f.write_text("from budgetune.cli import main\n")
     assert [m for m, _, _ in imports(f)] == ["budgetune.cli"]
     assert floor_of(unit_of("budgetune.cli")) > floor_of(unit_of("budgetune.config"))
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'name (line N): L lines' for every function (nested ones included) longer than `limit` lines."""
+    return [f"{n.name} (line {n.lineno}): {n.end_lineno - n.lineno + 1} lines"
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > limit]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_function_is_longer_than_a_screen(path):
+    long = long_functions(path)
+    assert not long, f"{path.relative_to(SRC)}: functions over {MAX_FUNCTION_LINES} lines, split them: {long}"
+
+
+def test_the_length_test_can_fail(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("def short():\n    pass\n\n\ndef long():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert long_functions(f) == [f"long (line 5): {MAX_FUNCTION_LINES + 1} lines"]

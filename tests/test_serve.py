@@ -23,7 +23,8 @@ import torch
 from conftest import ROOT, headline_rows, tiny_train_args
 from fastapi.testclient import TestClient
 
-from budgetune.serve.api import ServeOptions, create_app, field_name, parser, softmax
+from budgetune.metrics import softmax
+from budgetune.serve.api import ServeOptions, create_app, field_name, parser
 from budgetune.serve.registry import Registry, parse_runs
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module

@@ -14,6 +14,7 @@ import math
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,18 +349,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
-            if type(None) in args:
-                return None
-        if value is not None and type(value) in args:  # already the right type: "all-linear" stays a str
-            return value
-        for arg in [a for a in args if a is not type(None)]:
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue  # the next member of the union may accept it; the message below names them all
-        names = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+        return _coerce_union(value, args, where)
     if annotation is Any:
         return value
     if origin is list:
@@ -374,37 +364,65 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+    scalar = _SCALARS.get(annotation)
+    return scalar(value, where) if scalar is not None else value
+
+
+def _coerce_union(value: Any, args: tuple, where: str) -> Any:
+    """The first member of the union (`int | None`, `str | list[str]`) that accepts the value."""
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
+        if type(None) in args:
+            return None
+    if value is not None and type(value) in args:  # already the right type: "all-linear" stays a str
+        return value
+    for arg in [a for a in args if a is not type(None)]:
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if annotation is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
+            return _coerce(value, arg, where)
+        except ConfigError:
+            continue  # the next member of the union may accept it; the message below names them all
+    names = " or ".join(_type_name(a) for a in args)
+    raise ConfigError(f"{where}: expected {names}, got {value!r}")
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+
+
+def _to_str(value: Any, where: str) -> str:
+    if isinstance(value, (dict, list)) or value is None:
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return str(value)
+
+
+_SCALARS: dict[Any, Callable[[Any, str], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _type_name(t: Any) -> str:

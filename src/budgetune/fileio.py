@@ -51,6 +51,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
+def update_json(path: str | os.PathLike, changes: dict[str, Any]) -> dict[str, Any]:
+    """Set `changes` in the JSON object stored at `path`, the rest kept, atomically; returns the object written."""
+    obj = {**json.loads(Path(path).read_text(encoding="utf-8")), **changes}
+    atomic_write_json(path, obj)
+    return obj
+
+
 def json_default(o: Any):
     if hasattr(o, "tolist"):
         return o.tolist()

@@ -1,4 +1,5 @@
-"""Classification metrics (from sklearn.metrics) and their plain-text report."""
+"""Classification metrics (from sklearn.metrics), their plain-text report, which of two values of a metric is
+better, and the softmax every probability comes from."""
 
 from __future__ import annotations
 
@@ -11,6 +12,23 @@ def cross_entropy(logits: np.ndarray, labels) -> float:
     """Mean cross-entropy of logits against integer labels."""
     t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
     return float(torch.nn.functional.cross_entropy(t, torch.as_tensor(np.asarray(labels), dtype=torch.long)))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities over the last axis of `logits` / temperature, computed in float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of the validation metric (metric_for_best_model: accuracy, macro_f1, loss) is better."""
+    return metric == "loss"
+
+
+def improves(value: float, best: float | None, metric: str) -> bool:
+    """Whether `value` beats `best` (None: nothing yet) on `metric`: lower for loss, higher otherwise; a tie does not."""
+    return best is None or (value < best if lower_is_better(metric) else value > best)
 
 
 def classification_metrics(labels, preds, label_names: list[str]) -> dict:

@@ -28,6 +28,8 @@ import torch
 from peft import AdaLoraConfig
 from peft.tuners.adalora import AdaLoraModel, RankAllocator
 
+from budgetune.adalora import rank_masks
+
 ADAPTER = "default"
 
 
@@ -208,7 +210,7 @@ class LeanRankAllocator(RankAllocator):
         rows = []
         for i in lay.order:
             name = lay.modules[i].e_name
-            rows += pattern[name] if name in pattern else pattern[name.replace(f".{self.adapter_name}", "")]
+            rows += pattern[rank_masks.pattern_key(pattern, name, self.adapter_name)]
         device = lay.modules[0].E.device
         return self.masks_of(lay, torch.tensor(rows, dtype=torch.bool).to(device, non_blocking=True), dtype)
 

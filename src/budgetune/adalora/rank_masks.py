@@ -23,6 +23,19 @@ def target_ranks(peft_model) -> int:
     return peft_model.peft_config["default"].target_r * modules
 
 
+def pattern_key(pattern: dict, name: str, adapter: str = "default") -> str:
+    """The key of lora_E parameter `name` in a rank pattern: peft keys it `<module>.lora_E.<adapter>`, and drops
+    the adapter name (`<module>.lora_E`) once the adapter was saved."""
+    return name if name in pattern else name.replace(f".{adapter}", "")
+
+
+def as_lists(pattern: dict | None) -> dict[str, list[bool]] | None:
+    """A rank pattern's masks (tensors, arrays or lists) as lists of bools; None for an empty or absent pattern."""
+    if not pattern:
+        return None
+    return {name: [bool(x) for x in (v.tolist() if hasattr(v, "tolist") else v)] for name, v in pattern.items()}
+
+
 def _masks(peft_model) -> dict[str, torch.Tensor]:
     """lora_E parameter name (of the inner model) -> its current keep mask, from the config's rank pattern."""
     config = peft_model.peft_config["default"]
@@ -33,8 +46,7 @@ def _masks(peft_model) -> dict[str, torch.Tensor]:
     for name, p in peft_model.base_model.model.named_parameters():
         if ".lora_E." not in name:
             continue
-        key = name if name in pattern else name.replace(".default", "")  # peft drops the adapter name once saved
-        mask = pattern.get(key)
+        mask = pattern.get(pattern_key(pattern, name))
         if mask is not None:
             out[name] = torch.as_tensor(mask, dtype=torch.bool, device=p.device).view(-1, 1)
     return out
@@ -65,10 +77,7 @@ def as_saved(peft_model) -> Iterator[None]:
 def rank_pattern_masks(peft_model) -> dict[str, list[bool]] | None:
     """AdaLoRA's current rank masks per adapted module (None before the first allocation or for other methods)."""
     pcfg = peft_model.peft_config.get("default") if hasattr(peft_model, "peft_config") else None
-    pattern = getattr(pcfg, "rank_pattern", None)
-    if not pattern:
-        return None
-    return {name: [bool(x) for x in (v.tolist() if hasattr(v, "tolist") else v)] for name, v in pattern.items()}
+    return as_lists(getattr(pcfg, "rank_pattern", None))
 
 
 def rank_pattern(peft_model) -> dict[str, int] | None:

@@ -569,6 +569,16 @@ def _cache_key(table: TextTable, tokenizer, max_seq_length: int) -> str:
     return h.hexdigest()
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def encode(tokenizer, texts: list[str], max_seq_length: int) -> dict[str, list[list[int]]]:
+    """The model inputs of each text, truncated to max_seq_length and not padded: how training, predict and serve
+    tokenize."""
+    enc = tokenizer(texts, truncation=True, max_length=max_seq_length, padding=False)
+    return {k: enc[k] for k in MODEL_INPUTS if k in enc}
+
+
 def tokenize(table: TextTable, tokenizer, max_seq_length: int,
              cache_dir: str | os.PathLike | None) -> datasets.Dataset:
     """Truncate without padding; with cache_dir the result is a memory-mapped Arrow file reused by content hash."""
@@ -583,14 +593,13 @@ def tokenize(table: TextTable, tokenizer, max_seq_length: int,
         columns["labels"] = table.labels
     ds = datasets.Dataset.from_dict(columns)
 
-    def encode(batch: dict) -> dict:
-        enc = tokenizer(batch["text"], truncation=True, max_length=max_seq_length, padding=False)
-        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-        out["length"] = [len(ids) for ids in enc["input_ids"]]
+    def encode_batch(batch: dict) -> dict:
+        out = encode(tokenizer, batch["text"], max_seq_length)
+        out["length"] = [len(ids) for ids in out["input_ids"]]
         return out
 
     # datasets writes to a temp file and renames it, so an interrupted run leaves no half-written cache hit.
     # Our key as the fingerprint: datasets would otherwise hash `encode` by pickling the tokenizer (~0.3 s a call).
-    return ds.map(encode, batched=True, batch_size=1000, remove_columns=["text"], desc="Tokenizing",
+    return ds.map(encode_batch, batched=True, batch_size=1000, remove_columns=["text"], desc="Tokenizing",
                   cache_file_name=None if path is None else str(path), load_from_cache_file=False,
                   new_fingerprint=key)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from budgetune.fileio import atomic_dir, atomic_write_json, atomic_write_text, json_default
+from budgetune.fileio import atomic_dir, atomic_write_text, json_default, update_json
 
 BUNDLE_FILE = "budgetune.json"  # label names, base model id, head choice: what plain peft needs besides the adapter
 
@@ -119,10 +119,9 @@ def record_adapter_scale(folder: str | os.PathLike, scale: float, table: dict[fl
     """Record the default adapter scale (and {scale: validation accuracy}) in an adapter folder's budgetune.json
     and model card (README.md); the rest of both files is kept."""
     folder = Path(folder)
-    info = json.loads((folder / BUNDLE_FILE).read_text())
     table = {f"{float(s):g}": acc for s, acc in sorted((table or {}).items(), key=lambda kv: float(kv[0]))}
-    info.update(adapter_scale=scale, adapter_scale_validation=table, robust_tolerance=tolerance)
-    atomic_write_json(folder / BUNDLE_FILE, info)
+    info = update_json(folder / BUNDLE_FILE, {"adapter_scale": scale, "adapter_scale_validation": table,
+                                              "robust_tolerance": tolerance})
     card_path = folder / "README.md"
     card = card_path.read_text(encoding="utf-8") if card_path.is_file() else ""
     section = scale_card_section(info)

@@ -56,12 +56,7 @@ def bundle_info(run_or_adapter: str | Path) -> dict:
 
 def load_base_for(info: dict):
     """The bundle's base model with a fresh head of the right size (the adapter's saved head replaces it)."""
-    from transformers import AutoModelForSequenceClassification
-
-    names = info["label_names"]
-    base = AutoModelForSequenceClassification.from_pretrained(
-        backbone.resolve_model_path(info["base_model_name_or_path"]), revision=info.get("revision"),
-        num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    base, _ = backbone.load_pretrained(info["base_model_name_or_path"], info["label_names"], info.get("revision"))
     classifier_heads.apply_head(base, info["head"])
     return base
 

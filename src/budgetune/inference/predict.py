@@ -15,6 +15,7 @@ from budgetune.data import readers as data_lib
 from budgetune.errors import AdapterError
 from budgetune.inference.loading import add_inference_options, inference_recipe, load_for_inference
 from budgetune.inference.runner import table_logits
+from budgetune.metrics import softmax
 from budgetune.modeling import scaling
 
 BLANK_SHOWN = 10  # row numbers listed in the warning about empty texts
@@ -67,11 +68,6 @@ def warn_blank(input_file: str, count: int, first: list[int]) -> None:
         print(f"budgetune: warning: {input_file}: {count} row{'s' if count > 1 else ''} with empty or "
               f"whitespace-only text (row{'s' if count > 1 else ''} {listed}), predicted from no text at all and "
               "kept in the submission", file=sys.stderr)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
 
 
 def command(argv: list[str]) -> int:

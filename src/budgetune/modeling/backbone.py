@@ -101,21 +101,27 @@ def resolve_attention(cfg: Config) -> tuple[Config, str]:
 
 def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]]:
     """Pretrained encoder + fresh head (seeded by the caller); also the head modules missing from the checkpoint."""
+    return load_pretrained(cfg.model.model_name_or_path, label_names, cfg.model.revision, cfg.model.attn_implementation)
+
+
+def load_pretrained(name: str, label_names: list[str], revision: str | None = None,
+                    attn_implementation: str = "auto") -> tuple[nn.Module, list[str]]:
+    """The pretrained model `name` with a fresh sequence-classification head for `label_names`, loaded with the
+    attention kernel `attn_implementation` means for it; also the head modules missing from the checkpoint."""
     from transformers import AutoModelForSequenceClassification
 
-    path = resolve_model_path(cfg.model.model_name_or_path)
-    hf_config = load_hf_config(cfg.model.model_name_or_path, len(label_names), label_names, cfg.model.revision,
-                               shipped_ok=False)
+    path = resolve_model_path(name)
+    hf_config = load_hf_config(name, len(label_names), label_names, revision, shipped_ok=False)
     if os.path.isdir(path) and not any(
         f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(path)
     ):
         raise ModelLoadError(f"{path}: no model weights (model.safetensors or pytorch_model.bin) in this folder")
-    kernel, _ = attention(hf_config, cfg.model.attn_implementation)
+    kernel, _ = attention(hf_config, attn_implementation)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=hf_config, revision=cfg.model.revision, attn_implementation=kernel, output_loading_info=True)
+            path, config=hf_config, revision=revision, attn_implementation=kernel, output_loading_info=True)
     except OSError as e:
-        raise ModelLoadError(_download_hint(cfg.model.model_name_or_path, "weights", e)) from None
+        raise ModelLoadError(_download_hint(name, "weights", e)) from None
     # Head parts missing from the checkpoint are freshly initialised: they must be saved with the adapter.
     missing = {k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}
     return model, sorted(missing)

@@ -29,6 +29,7 @@ from budgetune.errors import AdapterError, ConfigError
 from budgetune.hardware.devices import is_main_process, resolve_precision
 from budgetune.inference import adapter_bundle
 from budgetune.inference.loading import adapter_dir, bundle_info, is_full_model
+from budgetune.metrics import softmax
 from budgetune.training import train as train_lib
 
 CACHE_VERSION = "budgetune-teacher-logits-v2"
@@ -120,7 +121,7 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
 
 def ensemble_log_probs(logits: list[np.ndarray], temperature: float) -> np.ndarray:
     """log of the teachers' averaged probabilities at temperature T (averaging probabilities, not logits)."""
-    probs = np.mean([torch.softmax(torch.from_numpy(z).double() / temperature, -1).numpy() for z in logits], axis=0)
+    probs = np.mean([softmax(z, temperature) for z in logits], axis=0)
     return np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
 
 
@@ -287,9 +288,8 @@ def write_record(out: Path, record: dict) -> None:
                             "teachers": [t["path"] for t in record["teachers"]]}) + "\n")
     bundle = out / "adapter"
     if (bundle / adapter_bundle.BUNDLE_FILE).is_file():
-        info = json.loads((bundle / adapter_bundle.BUNDLE_FILE).read_text())
-        info["distilled_from"] = [{k: t[k] for k in ("path", "method", "base_model")} for t in record["teachers"]]
-        fileio.atomic_write_json(bundle / adapter_bundle.BUNDLE_FILE, info)
+        fileio.update_json(bundle / adapter_bundle.BUNDLE_FILE, {"distilled_from": [
+            {k: t[k] for k in ("path", "method", "base_model")} for t in record["teachers"]]})
         card = (bundle / "README.md").read_text(encoding="utf-8")
         fileio.atomic_write_text(bundle / "README.md", card.rstrip("\n") + "\n\n" + card_section(record) + "\n")
 

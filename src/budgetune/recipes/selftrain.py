@@ -27,9 +27,11 @@ from budgetune.data import splits as splits_lib
 from budgetune.data import unlabeled
 from budgetune.errors import ConfigError, RunFolderError
 from budgetune.hardware.devices import is_main_process
+from budgetune.metrics import lower_is_better, softmax
 from budgetune.modeling import backbone
 from budgetune.modeling.scaling import near_best
 from budgetune.training import checkpoint
+from budgetune.training import finish as finish_lib
 from budgetune.training import train as train_lib
 from budgetune.training.runlog import read_metrics
 
@@ -93,8 +95,6 @@ def round_config(cfg: Config, out: Path, r: int, noise_dropout: float) -> Config
 
 def label_texts(run: Path, texts: list[str], batch_size: int) -> np.ndarray:
     """Probabilities of the run's best adapter on texts (the fast inference path)."""
-    import torch
-
     from budgetune.hardware.devices import release_accelerator
     from budgetune.inference.loading import load_for_inference
     from budgetune.inference.runner import table_logits
@@ -104,7 +104,7 @@ def label_texts(run: Path, texts: list[str], batch_size: int) -> np.ndarray:
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc="pseudo-labels")
     release_accelerator()  # the next round's training starts its own accelerator
-    return torch.softmax(torch.from_numpy(logits).double(), -1).numpy()
+    return softmax(logits)
 
 
 def pseudo_labels_csv(texts: list[str], rows: np.ndarray, labels: np.ndarray, probs: np.ndarray,
@@ -122,7 +122,7 @@ def pseudo_labels_csv(texts: list[str], rows: np.ndarray, labels: np.ndarray, pr
 
 def chosen_round(values: list[float], metric: str, tolerance: float) -> int:
     """The latest round whose metric is within `tolerance` points of the best (loss: the lowest, no tolerance)."""
-    if metric == "loss":
+    if lower_is_better(metric):
         return int(np.argmin(values))
     return max(near_best(dict(enumerate(values)), tolerance))
 
@@ -264,11 +264,7 @@ def finish(out: Path, best_round: int, summary: list[dict], record: dict) -> Non
         if not s["trained"]:
             continue
         last = offset
-        for line in (out / f"round-{s['round']}" / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for ev in read_metrics(out / f"round-{s['round']}" / "metrics.jsonl"):
             if isinstance(ev.get("step"), int):  # rounds one after another on the plots' step axis
                 ev["step"] += offset
                 last = max(last, ev["step"])
@@ -277,12 +273,7 @@ def finish(out: Path, best_round: int, summary: list[dict], record: dict) -> Non
         offset = last
     fileio.atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
     fileio.atomic_write_json(out / "selftrain.json", record)
-    try:
-        from budgetune.training.plots import plot_run
-
-        plot_run(out)
-    except Exception as e:  # plots are a convenience: never lose finished rounds over them
-        print(f"warning: plots failed: {e}", file=sys.stderr)
+    finish_lib.plot(out)  # plots are a convenience: a failure is a warning, the finished rounds stay
 
 
 def parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ except ImportError as e:  # an optional extra
     raise ImportError(f"budgetune serve needs FastAPI and uvicorn: pip install 'budgetune[serve]' ({e})") from e
 
 from budgetune.errors import ConfigError, RequestError
+from budgetune.metrics import softmax
 from budgetune.serve.queue import Backlog, DynamicBatcher, running
 from budgetune.serve.registry import Registry, parse_runs
 from budgetune.serve.telemetry import CONTENT_TYPE, Metrics
@@ -355,12 +356,6 @@ class Guard:
         return replayed, None
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def refused(state: ServeState, reason: str, message: str) -> RequestError:
     """A 503 for load (queue_full, timeout), counted by reason."""
     state.metrics.rejected[reason] += 1
@@ -410,6 +405,19 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
                before_load: Callable[[], None] | None = None) -> FastAPI:
     """The app; models load in the background after startup (/health says when). `before_load` runs first."""
     state = ServeState(registry, options or ServeOptions())
+    app = FastAPI(title="budgetune serve", version="1", lifespan=make_lifespan(state, before_load),
+                  description="Text classification with budgetune adapters. Send the API key (when the server has "
+                  "one) as `Authorization: Bearer KEY` or `X-API-Key: KEY`.")
+    app.state.serve = state
+    app.add_middleware(Guard, state=state)
+    add_error_handlers(app, state)
+    add_routes(app, state)
+    return app
+
+
+def make_lifespan(state: ServeState, before_load: Callable[[], None] | None):
+    """The app's lifespan: the batcher runs and the models load in the background; on shutdown both stop."""
+    registry = state.registry
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -439,13 +447,11 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
         model_pool.shutdown(wait=True)
         state.tokenizer_pool.shutdown(wait=True)
 
-    app = FastAPI(title="budgetune serve", version="1", lifespan=lifespan,
-                  description="Text classification with budgetune adapters. Send the API key (when the server has "
-                  "one) as `Authorization: Bearer KEY` or `X-API-Key: KEY`.")
-    app.state.serve = state
-    app.add_middleware(Guard, state=state)
-    key_doc = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))]  # the docs' Authorize button
-    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
+    return lifespan
+
+
+def add_error_handlers(app: FastAPI, state: ServeState) -> None:
+    """Every failed request, whoever refuses it, answers with an ErrorResponse (error_response)."""
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
@@ -459,6 +465,13 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
     async def on_http_error(request: Request, e: StarletteHTTPException):
         return error_response(state, RequestError(e.status_code, None, str(e.detail)), request_id_of(request),
                               e.headers)
+
+
+def add_routes(app: FastAPI, state: ServeState) -> None:
+    """POST /v1/classify, GET /v1/adapters, /health, /metrics and the page."""
+    registry = state.registry
+    key_doc = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))]  # the docs' Authorize button
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=key_doc,
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -496,8 +509,6 @@ def create_app(registry: Registry, options: ServeOptions | None = None, *,
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse((resources.files("budgetune") / "resources" / "serve.html").read_text("utf-8"))
-
-    return app
 
 
 def parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from budgetune.errors import AdapterError
+from budgetune.errors import AdapterError, ModelLoadError
 from budgetune.inference import adapter_bundle
 
 BUNDLE_KEYS = ("label_names", "base_model_name_or_path", "head", "max_seq_length", "method")
@@ -199,7 +199,7 @@ def load_group(group: BaseGroup, device) -> None:
     base_name = first.info["base_model_name_or_path"]
     try:
         base = load_base_for(first.info)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ModelLoadError) as e:
         raise AdapterError(f"{first.folder}: cannot load its base model {base_name} ({e})") from None
     model = None
     for a in group.adapters:  # a size mismatch or a broken weights file names its adapter folder
@@ -279,10 +279,11 @@ class Registry:
 
     def tokenize(self, adapter: str, texts: Sequence[str]) -> list[Row]:
         """Rows truncated to the adapter's max_seq_length, as `predict` tokenizes (data.tokenize)."""
+        from budgetune.data.readers import encode
+
         a = self.adapters[adapter]
-        enc = a.tokenizer(list(texts), truncation=True, max_length=a.info["max_seq_length"], padding=False)
-        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-        return [Row(adapter, {k: enc[k][i] for k in keys}) for i in range(len(texts))]
+        enc = encode(a.tokenizer, list(texts), a.info["max_seq_length"])
+        return [Row(adapter, {k: ids[i] for k, ids in enc.items()}) for i in range(len(texts))]
 
     def logits(self, rows: Sequence[Row], forwards: Counter[str] | None = None) -> np.ndarray:
         """float32 logits [len(rows), max labels] in row order (columns past an adapter's labels are unused).

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from budgetune.adalora import rank_masks
 from budgetune.errors import CheckpointError
 from budgetune.fileio import atomic_dir, recover_dir
 
@@ -61,9 +62,7 @@ def allocator_state(peft_model) -> dict[str, Any] | None:
         return None
     clone = {k: {n: t.detach().cpu().clone() for n, t in getattr(alloc, k).items()}
              for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}
-    pattern = peft_model.peft_config["default"].rank_pattern
-    clone["rank_pattern"] = {k: [bool(x) for x in (v.tolist() if hasattr(v, "tolist") else v)]
-                             for k, v in (pattern or {}).items()} or None
+    clone["rank_pattern"] = rank_masks.as_lists(peft_model.peft_config["default"].rank_pattern)
     return clone
 
 

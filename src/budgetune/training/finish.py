@@ -61,8 +61,7 @@ def record_shipped_ranks(run: Run, state: TrainState, best: Best) -> None:
                            f"{shipped['target_ranks']} at target_r")
         run.accelerator.print(shipped["note"])
     if run.accelerator.is_main_process:
-        recorded = json.loads((run.out / "budget.json").read_text())
-        fileio.atomic_write_json(run.out / "budget.json", {**recorded, "adalora_shipped": shipped})
+        fileio.update_json(run.out / "budget.json", {"adalora_shipped": shipped})
 
 
 def portable_model_id(name: str) -> str:

@@ -31,6 +31,7 @@ from budgetune.hardware.devices import (
     token_cap,
 )
 from budgetune.inference.runner import inference_loader, predict_logits
+from budgetune.metrics import improves
 from budgetune.modeling import backbone, fast_forward, methods
 from budgetune.training import checkpoint, graphs
 from budgetune.training.finish import BEST_STATE, finish, save_best
@@ -254,10 +255,6 @@ def validate(run: Run) -> dict:
         logits = predict_logits(run.model, run.val_loader, run.accelerator, len(run.splits.validation.texts),
                                 desc="validation")
     return scores(logits, run.splits)
-
-
-def improves(value: float, best: float | None, key: str) -> bool:
-    return best is None or (value < best if key == "loss" else value > best)
 
 
 def keep_best(run: Run, state: TrainState, best: Best, m: dict) -> bool:

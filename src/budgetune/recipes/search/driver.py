@@ -27,6 +27,7 @@ from budgetune.config import Config, build_config, load_yaml, merge, parse_count
 from budgetune.data import readers as data_lib
 from budgetune.data.splits import Splits, load_splits
 from budgetune.errors import BudgetError, ConfigError, Interrupted
+from budgetune.metrics import improves, lower_is_better
 from budgetune.recipes.search import leaderboard
 from budgetune.recipes.search.search_space import (
     HELP,
@@ -127,11 +128,8 @@ class Setup:
     flags: dict = dataclasses.field(default_factory=dict)
 
 
-def objective(setup: Setup, trial) -> float:
-    import optuna
-
-    from budgetune.training.train import train
-
+def trial_config(setup: Setup, trial) -> Config:
+    """The trial's sampled configuration in its own run folder, its shape recorded on the trial."""
     trial.set_user_attr("worker", worker_id())
     cfg = sample(trial, setup.space, setup.cfg, setup.total_steps)
     run_dir = setup.out / "trials" / f"{trial.number:04d}"
@@ -141,7 +139,14 @@ def objective(setup: Setup, trial) -> float:
                  "targets": targets_text(cfg.method.target_modules), "head": cfg.model.head,
                  "learning_rate": cfg.train.learning_rate, "metric": setup.metric}.items():
         trial.set_user_attr(k, v)
-    try:  # the gate: a point over budget costs nothing
+    return cfg
+
+
+def gate_trial(setup: Setup, trial, cfg: Config) -> None:
+    """The gate: a point over budget is pruned before any weight loads, so it costs nothing."""
+    import optuna
+
+    try:
         bd = check_budget(cfg, setup.num_labels)
     except BudgetError as e:
         n = e.breakdown.total_trainable if e.breakdown else "?"
@@ -150,13 +155,19 @@ def objective(setup: Setup, trial) -> float:
         raise optuna.TrialPruned() from None
     trial.set_user_attr("trainable", bd.total_trainable)
     trial.set_user_attr("config_yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def reporter(setup: Setup, trial, t0: float):
+    """train()'s on_evaluate for this trial: the best validation so far on the trial, the comparable ones reported
+    to the pruner (which may stop the trial)."""
+    import optuna
+
     key = f"eval_{setup.metric}"
     best = {"value": None}
-    t0 = time.perf_counter()
 
     def on_evaluate(step: int, m: dict) -> None:
         value = m[key]
-        if best["value"] is None or (value < best["value"] if setup.metric == "loss" else value > best["value"]):
+        if improves(value, best["value"], setup.metric):
             best["value"] = value
             trial.set_user_attr("val_accuracy", m["eval_accuracy"])
             trial.set_user_attr("val_macro_f1", m["eval_macro_f1"])
@@ -169,11 +180,22 @@ def objective(setup: Setup, trial) -> float:
             trial.set_user_attr("prune_reason", f"{setup.pruner_name} pruner at step {step}: {key} {value:.4f}")
             raise optuna.TrialPruned()
 
+    return on_evaluate
+
+
+def objective(setup: Setup, trial) -> float:
+    import optuna
+
+    from budgetune.training.train import train
+
+    cfg = trial_config(setup, trial)
+    gate_trial(setup, trial, cfg)
+    t0 = time.perf_counter()
     # the objective is the raw adapter's validation metric: choosing an adapter scale (5 more validation passes)
     # is left to the run trained from best.yaml, which keeps the base config's robust_tolerance
     trial_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, robust_tolerance=None))
     try:
-        result = train(trial_cfg, splits=setup.splits, on_evaluate=on_evaluate)
+        result = train(trial_cfg, splits=setup.splits, on_evaluate=reporter(setup, trial, t0))
     except optuna.TrialPruned:
         raise
     except (Interrupted, KeyboardInterrupt) as e:
@@ -299,21 +321,11 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
     The space is refused before any training when nothing in it fits the budget. Test files are never read while
     searching; `test_file` (or cfg.data.test_file) is evaluated once on the selected trial at the end.
     """
-    import optuna
-
     if pruner not in PRUNERS:
         raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     if n_trials < 1 or keep_top_k < 1:
         raise ConfigError("--n_trials and --keep_top_k must be at least 1")
-    cap = budget_cap if budget_cap is not None else cfg.budget.max_trainable_params
-    if cap is None:
-        raise ConfigError("search needs a budget: --budget 1M (or --max_trainable_params)")
-    test_file = test_file or cfg.data.test_file
-    if data_lib.has_split(cfg.data.dataset_name, "test", cfg.data.dataset_config_name):
-        raise ConfigError(f"--dataset_name {cfg.data.dataset_name} has a test split, which training would read; "
-                          "point --dataset_name at the training file and give the test file as --test_file")
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_file=None),
-                              budget=dataclasses.replace(cfg.budget, max_trainable_params=cap))
+    cfg, cap, test_file = searched_config(cfg, budget_cap, test_file)
     dims = parse_search_group(search_group)
     out = Path(output_dir)
     splits = load_splits(cfg)  # test_file is cleared above: the splits hold no test table
@@ -327,14 +339,8 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
         raise ConfigError(f"--min_train_samples/--min_steps ({low} steps) exceeds a trial's {total} steps")
     metric = cfg.train.metric_for_best_model
     out.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True),
-                "random": lambda: optuna.samplers.RandomSampler(seed=sampler_seed)}
-    if sampler not in samplers:
-        raise ConfigError(f"--sampler must be tpe or random, got {sampler!r}")
-    study = optuna.create_study(study_name=study_name, storage=make_storage(storage, out, retry_failed),
-                                sampler=samplers[sampler](), pruner=make_pruner(pruner, low, total),
-                                direction="minimize" if metric == "loss" else "maximize", load_if_exists=True)
+    study = open_study(study_name, (storage, out, retry_failed), sampler, sampler_seed,
+                       make_pruner(pruner, low, total), metric)
     start = base_point(space, cfg)
     if start is not None and not study.get_trials(deepcopy=False):
         study.enqueue_trial(start, skip_if_exists=True)  # trial 0 measures the base config at this fidelity
@@ -347,6 +353,46 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
               + ("; AdaLoRA trials are judged only on validations with their final rank pattern"
                  if any(s.method == "adalora" for s in space.shapes) else "")
               + f"; storage {storage or out / 'study.db'}", flush=True)
+    run_trials(study, setup, n_trials, timeout, keep_top_k, test_file, verbose)
+    return study
+
+
+def searched_config(cfg: Config, budget_cap: int | None, test_file: str | None) -> tuple[Config, int, str | None]:
+    """(the base config with the budget cap set and no test file, the cap, the test file evaluated at the end)."""
+    cap = budget_cap if budget_cap is not None else cfg.budget.max_trainable_params
+    if cap is None:
+        raise ConfigError("search needs a budget: --budget 1M (or --max_trainable_params)")
+    test_file = test_file or cfg.data.test_file
+    if data_lib.has_split(cfg.data.dataset_name, "test", cfg.data.dataset_config_name):
+        raise ConfigError(f"--dataset_name {cfg.data.dataset_name} has a test split, which training would read; "
+                          "point --dataset_name at the training file and give the test file as --test_file")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_file=None),
+                              budget=dataclasses.replace(cfg.budget, max_trainable_params=cap))
+    return cfg, cap, test_file
+
+
+def open_study(study_name: str, storage: tuple[str | None, Path, int], sampler: str, sampler_seed: int | None,
+               pruner, metric: str):
+    """Create the study, or load it when another worker (or an earlier run) made it; `storage`: make_storage's
+    arguments (the storage is opened once the sampler is known to be valid)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True),
+                "random": lambda: optuna.samplers.RandomSampler(seed=sampler_seed)}
+    if sampler not in samplers:
+        raise ConfigError(f"--sampler must be tpe or random, got {sampler!r}")
+    direction = "minimize" if lower_is_better(metric) else "maximize"
+    return optuna.create_study(study_name=study_name, storage=make_storage(*storage), sampler=samplers[sampler](),
+                               pruner=pruner, direction=direction, load_if_exists=True)
+
+
+def run_trials(study, setup: Setup, n_trials: int, timeout: float | None, keep_top_k: int, test_file: str | None,
+               verbose: bool) -> None:
+    """Trials until the study has n_trials finished ones (or the timeout), then the outputs; Ctrl-C keeps them."""
+    import optuna
+
+    out = setup.out
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
     def after_trial(study, trial) -> None:
@@ -365,13 +411,13 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
         interrupted = True
     finally:
         prune_run_folders(study, out, keep_top_k)
-        written = write_outputs(study, out, None if interrupted or setup.flags else test_file, metric, splits)
+        written = write_outputs(study, out, None if interrupted or setup.flags else test_file, setup.metric,
+                                setup.splits)
     if interrupted or setup.flags.get("interrupted"):
         raise Interrupted(f"search interrupted; leaderboard: {written['leaderboard'][1]}. Run the same command "
                           "again to continue the study")
     if verbose:
         print(f"leaderboard: {written['leaderboard'][1]}\npareto: {written['pareto']}\nbest: {written['best_yaml']}")
-    return study
 
 
 def parse_duration(text: str | None) -> float | None:
