@@ -246,6 +246,18 @@ def scale_summary(chosen: float, table: dict[float, float]) -> str:
 
 
 
+def kept_as_trained(tolerance: float | None, method: str, rows: int) -> str | None:
+    """Why an adapter keeps scale 1 without a choice (None: a scale is chosen on `rows` validation rows): the robust
+    rule is off, there is no adapter to scale, or the split is too small to resolve the tolerance (`unresolved`).
+    The one rule the end of training and search's test figure both apply."""
+    if tolerance is None:
+        return "as trained (--robust_tolerance null: no scale chosen)"
+    if method == "full":
+        return "as trained (method full: no adapter to scale)"
+    too_few = unresolved(rows, tolerance)
+    return None if too_few is None else f"kept as trained, because {too_few}"
+
+
 def unresolved(rows: int, tolerance: float) -> str | None:
     """Why a validation split of `rows` rows cannot choose a scale within `tolerance` points (None: it can).
 

@@ -149,17 +149,14 @@ def choose_adapter_scale(run: Run, saved, raw_logits: np.ndarray):
     the pretrained model (scaling.auto_scale on validation); the model is left at that scale. Scale 1 without a
     table when switched off (--robust_tolerance null), for a method without an adapter, or when the validation
     split is too small to resolve the tolerance (scaling.unresolved)."""
-    tolerance = run.cfg.train.robust_tolerance
-    if tolerance is None:
-        return 1.0, None, raw_logits, "as trained (--robust_tolerance null: no scale chosen)"
-    if run.cfg.method.method == "full":
-        return 1.0, None, raw_logits, "as trained (method full: no adapter to scale)"
     from budgetune.modeling import scaling
 
-    too_few = scaling.unresolved(len(run.splits.validation.texts), tolerance)
-    if too_few is not None:
-        run.accelerator.print(f"adapter_scale 1 kept (as trained): {too_few}")
-        return 1.0, None, raw_logits, f"kept as trained, because {too_few}"
+    tolerance = run.cfg.train.robust_tolerance
+    why = scaling.kept_as_trained(tolerance, run.cfg.method.method, len(run.splits.validation.texts))
+    if why is not None:
+        if tolerance is not None and run.cfg.method.method != "full":  # the user asked for a choice: say why not
+            run.accelerator.print(f"adapter_scale 1 {why}")
+        return 1.0, None, raw_logits, why
     logits = {1.0: raw_logits}  # each scale's validation pass runs once
 
     def validate() -> float:

@@ -268,17 +268,20 @@ def write_outputs(study, out: Path, test_file: str | None, metric: str, splits: 
     return written
 
 
-def shipped_scale(run: Path, cfg: Config, splits: Splits) -> tuple[float, dict | None]:
+def shipped_scale(run: Path, cfg: Config, splits: Splits) -> tuple[float, dict | None, str | None]:
     """The adapter scale the run trained from best.yaml records (what it ships): trials train without choosing one,
     so its robust rule (finish.choose_adapter_scale: scaling.auto_scale with cfg's robust_tolerance) is applied here
-    to the selected trial's adapter on the same validation rows; (1, None) when the rule is off."""
+    to the selected trial's adapter on the same validation rows: (scale, {scale: accuracy}, None), or (1, None, why)
+    where scaling.kept_as_trained says the retrain keeps scale 1 (the rule off, no adapter, or too few validation
+    rows to resolve the tolerance)."""
     from budgetune.data.splits import cache_dir, scores
     from budgetune.inference.loading import load_for_inference
     from budgetune.inference.runner import table_logits
     from budgetune.modeling import scaling
 
-    if cfg.train.robust_tolerance is None or cfg.method.method == "full":
-        return 1.0, None
+    why = scaling.kept_as_trained(cfg.train.robust_tolerance, cfg.method.method, len(splits.validation.texts))
+    if why is not None:
+        return 1.0, None, why
     accelerator, model, tokenizer, info = load_for_inference(run, merge=False, adapter_scale=1.0)
 
     def validate() -> float:
@@ -286,7 +289,7 @@ def shipped_scale(run: Path, cfg: Config, splits: Splits) -> tuple[float, dict |
                               info["max_seq_length"], cache_dir(cfg), desc="validation")
         return scores(logits, splits)["accuracy"]
 
-    return scaling.auto_scale(model, validate, scaling.AUTO_SCALES, cfg.train.robust_tolerance)
+    return (*scaling.auto_scale(model, validate, scaling.AUTO_SCALES, cfg.train.robust_tolerance), None)
 
 
 def evaluate_selected(run: Path, cfg: Config, splits: Splits, test_file: str, out: Path) -> dict:
@@ -294,11 +297,11 @@ def evaluate_selected(run: Path, cfg: Config, splits: Splits, test_file: str, ou
     when that is not 1, as trained (best_test_evaluation_as_trained.*)."""
     from budgetune.inference.evaluate import evaluate
 
-    scale, table = shipped_scale(run, cfg, splits)
+    scale, table, why = shipped_scale(run, cfg, splits)
     shipped = evaluate(run, test_file, output=str(out / "best_test_evaluation"), adapter_scale=scale)
     raw = shipped if scale == 1 else evaluate(run, test_file, output=str(out / "best_test_evaluation_as_trained"),
                                                adapter_scale=1.0)
-    return {"test": shipped, "test_as_trained": raw, "adapter_scale_validation": table}
+    return {"test": shipped, "test_as_trained": raw, "adapter_scale_validation": table, "adapter_scale_reason": why}
 
 
 def selected_test_text(test_file: str, written: dict) -> str:
@@ -306,7 +309,7 @@ def selected_test_text(test_file: str, written: dict) -> str:
     head = (f"Test ({test_file}), the selected trial evaluated once after the search (never used for selection): "
             f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} at adapter scale {m['adapter_scale']:g}, ")
     if written["adapter_scale_validation"] is None:
-        return head + "as trained (best.yaml's retrain chooses no scale: robust_tolerance null)."
+        return head + f"as trained (best.yaml's retrain chooses no scale: {written['adapter_scale_reason']})."
     return head + (f"the scale best.yaml's retrain chooses on validation and ships; as trained (scale 1): accuracy "
                    f"{raw['accuracy']:.4f}, macro-F1 {raw['macro_f1']:.4f}.")
 
