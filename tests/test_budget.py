@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from budgetune.budget.count import check_live, config_breakdown, count_trainable
-from budgetune.budget.plan import check_budget, params_command, plan, plan_command, resolve_auto_rank
+from budgetune.budget.plan import check_budget, plan, resolve_auto_rank
+from budgetune.cli.budget import show_params, show_plan
 from budgetune.config import PACKAGED_MINILM, build_config, merge, parse_overrides
 from budgetune.errors import BudgetError
 from budgetune.modeling import backbone, methods
@@ -177,10 +178,10 @@ def test_check_live_refuses_extra_trainable(tiny_roberta):
 def test_params_command(capsys):
     args = ["--model_name_or_path", ROBERTA, "--method", "adalora", "--rank", "auto",
             "--target_modules", "query,value"]
-    assert params_command(None, args, False, 4) == 0
+    assert show_params(None, args, False, 4) == 0
     out = capsys.readouterr().out
     assert "picked 11" in out and "999,436" in out
-    assert params_command(None, args, True, 4) == 0
+    assert show_params(None, args, True, 4) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["total_trainable"] == 999_436 and data["rank"] == 11
 
@@ -189,7 +190,7 @@ def test_plan_command(capsys, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  model_name_or_path: packaged:all-MiniLM-L6-v2\nmethod:\n  method: lora\n"
                       "  target_modules: [query, value]\n")
-    assert plan_command(str(config), ["--rank", "2"], "60k", True) == 0
+    assert show_plan(str(config), ["--rank", "2"], "60k", True) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["budget"] == 60_000 and data["rows"]
     assert all(r["trainable"] <= 60_000 for r in data["rows"])
@@ -198,6 +199,6 @@ def test_plan_command(capsys, tmp_path):
     for row in [next(r for r in data["rows"] if r["method"] == m) for m in ("lokr", "vera", "dora")]:
         cfg = build_config(merge(base, parse_overrides(row["override"].split())))
         assert config_breakdown(cfg, 4).total_trainable == row["trainable"], row
-    assert plan_command(str(config), ["--rank", "2"], "60k", False) == 0  # counts cached: quick
+    assert show_plan(str(config), ["--rank", "2"], "60k", False) == 0  # counts cached: quick
     out = capsys.readouterr().out
     assert "fit 60,000" in out and f"{data['rows'][0]['trainable']:,}" in out

@@ -58,10 +58,10 @@ def test_config_reference_names_every_field_with_its_help(hooks):
 
 
 def test_cli_reference_has_every_verb(hooks):
-    from budgetune.cli.commands import COMMANDS, MODULE_VERBS
+    from budgetune.cli.commands import MODULE_VERBS
 
     listed = [verb for verb, _ in hooks.verbs()]
-    assert sorted(listed) == sorted([*COMMANDS, *MODULE_VERBS]), "budgetune --help lists every verb"
+    assert sorted(listed) == sorted(MODULE_VERBS), "budgetune --help lists every verb"
     reference = hooks.cli_reference()
     for verb in listed:
         assert f"## `budgetune {verb}`" in reference

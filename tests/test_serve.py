@@ -23,8 +23,9 @@ import torch
 from conftest import ROOT, headline_rows, tiny_train_args
 from fastapi.testclient import TestClient
 
+from budgetune.cli.serve import serve_parser
 from budgetune.metrics import softmax
-from budgetune.serve.api import ServeOptions, create_app, field_name, parser
+from budgetune.serve.api import ServeOptions, create_app, field_name
 from budgetune.serve.registry import Registry, parse_runs
 
 pytestmark = pytest.mark.slow  # trains real models: `pytest -m "not slow"` skips the module
@@ -326,10 +327,10 @@ def test_api_key_guards_every_api_request(runs):
 
 def test_api_key_from_the_environment(monkeypatch):
     monkeypatch.setenv("BUDGETUNE_API_KEY", "from-env")
-    assert parser().parse_args(["run"]).api_key == "from-env"
-    assert parser().parse_args(["run", "--api_key", "flag"]).api_key == "flag"
+    assert serve_parser().parse_args(["run"]).api_key == "from-env"
+    assert serve_parser().parse_args(["run", "--api_key", "flag"]).api_key == "flag"
     monkeypatch.delenv("BUDGETUNE_API_KEY")
-    a = parser().parse_args(["run"])
+    a = serve_parser().parse_args(["run"])
     assert a.api_key is None and a.host == "127.0.0.1"
 
 

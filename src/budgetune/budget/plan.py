@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 
 from budgetune.budget.count import Breakdown, config_breakdown, meta_base, over_budget_message
-from budgetune.config import Config, ConfigError, parse_count, resolve
+from budgetune.config import Config, ConfigError
 from budgetune.errors import BudgetError
 from budgetune.modeling import classifier_heads, methods
 
@@ -192,37 +191,3 @@ def check_budget(cfg: Config, num_labels: int) -> Breakdown:
     return bd
 
 
-
-def _num_labels(cfg: Config, num_labels: int | None) -> int:
-    return num_labels or (len(cfg.data.label_names) if cfg.data.label_names else 4)
-
-
-def params_command(config: str | None, overrides: list[str], as_json: bool, num_labels: int | None = None) -> int:
-    """`budgetune params`: the breakdown of the configured model; exit 1 when it is over the budget."""
-    cfg = resolve(config, overrides)
-    n = _num_labels(cfg, num_labels)
-    cfg, message = resolve_auto_rank(cfg, n)
-    bd = config_breakdown(cfg, n)
-    if as_json:
-        print(json.dumps({**bd.to_dict(), "num_labels": n, "rank": cfg.method.rank, "message": message}, indent=2))
-    else:
-        print("\n".join(filter(None, [message, f"{cfg.model.model_name_or_path}, {cfg.method.method}, "
-                                               f"{n} labels", bd.table()])))
-    return 1 if bd.budget is not None and bd.total_trainable > bd.budget else 0
-
-
-def plan_command(config: str | None, overrides: list[str], budget: str | None, as_json: bool,
-                 num_labels: int | None = None) -> int:
-    """`budgetune plan`: what fits the budget (--budget, else --max_trainable_params); exit 1 if nothing does."""
-    cfg = resolve(config, overrides)
-    cap = parse_count(budget, "--budget") if budget is not None else cfg.budget.max_trainable_params
-    if cap is None:
-        raise ConfigError("plan needs a budget: --budget 1M (or --max_trainable_params)")
-    rows = plan(cfg, _num_labels(cfg, num_labels), cap)
-    if as_json:
-        print(json.dumps({"budget": cap, "rows": rows}, indent=2))
-    else:
-        print(f"{len(rows)} configurations fit {cap:,} trainable parameters on {cfg.model.model_name_or_path}:")
-        for r in rows:
-            print(f"{r['trainable']:>12,}  {r['override']}")
-    return 0 if rows else 1

@@ -1,19 +1,12 @@
-"""The `evaluate` verb: metrics of a saved adapter on labelled files, at one adapter scale or several."""
+"""Metrics of a saved adapter on labelled files, at one adapter scale or several."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from budgetune import fileio
 from budgetune.data import readers as data_lib
-from budgetune.inference.loading import (
-    add_inference_options,
-    bundle_info,
-    bundle_scale,
-    inference_recipe,
-    load_for_inference,
-)
+from budgetune.inference.loading import bundle_info, load_for_inference
 from budgetune.inference.runner import table_logits
 from budgetune.metrics import classification_metrics, cross_entropy, metrics_text
 from budgetune.modeling import scaling
@@ -114,28 +107,3 @@ def plot_scales(report: dict, path: Path) -> Path:
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
     return path
-
-
-def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="budgetune evaluate", description=(
-        "Metrics of a run's best adapter on labelled files. With several --data_file or several --adapter_scale "
-        "values: one table (accuracy and macro-F1 per file per scale), a JSON report and a plot of accuracy "
-        "against scale, written to OUTPUT.{txt,json,png} (default RUN/evaluation-scales)."))
-    add_inference_options(p)
-    p.add_argument("--data_file", required=True, action="append",
-                   help="labelled file (csv, tsv, json, jsonl, parquet, pkl); repeat for several files")
-    p.add_argument("--label_column_name")
-    p.add_argument("--adapter_scale", help="scale(s) of the adapter's update in [0, 1], comma-separated "
-                   "(e.g. 0,0.25,0.5,0.75,1); default: the scale recorded in the bundle, else 1 (as trained)")
-    p.add_argument("--output", help="path stem of the reports (default: RUN/evaluation-STEM for one file at "
-                   "one scale, RUN/evaluation-scales otherwise)")
-    a = p.parse_args(argv)
-    recipe = inference_recipe(a)
-    scales = scaling.parse_scales(a.adapter_scale) if a.adapter_scale is not None else None
-    common = {"text_column": a.text_column_name, "label_column": a.label_column_name or recipe.data.label_column_name,
-              "batch_size": a.per_device_eval_batch_size, "output": a.output, "cache_dir": recipe.data.cache_dir}
-    if len(a.data_file) == 1 and (scales is None or len(scales) == 1):
-        evaluate(a.run, a.data_file[0], adapter_scale=scales[0] if scales else None, **common)
-    else:
-        evaluate_scales(a.run, a.data_file, scales or [bundle_scale(bundle_info(a.run))], **common)
-    return 0

@@ -1,8 +1,7 @@
-"""The `export` verb: a peft adapter folder whose weights carry an adapter scale (for use without budgetune)."""
+"""A peft adapter folder whose weights carry an adapter scale (for use without budgetune)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -38,17 +37,3 @@ def export(run: str | Path, output: str | Path, adapter_scale: float | None = No
         adapter_bundle.record_adapter_scale(tmp, 1.0, table, None)  # the table: the source adapter's, per scale
     print(f"wrote {out}: the adapter of {source} at scale {scale:g}, baked into its weights")
     return out
-
-
-def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="budgetune export", description=(
-        "Save a run's adapter with its adapter scale baked into the weights: a peft adapter folder (plus tokenizer, "
-        "budgetune.json and model card) that plain peft loads to the same logits."))
-    p.add_argument("run", help="run folder or adapter folder")
-    p.add_argument("--output", required=True, help="the folder to write")
-    p.add_argument("--adapter_scale", help="scale in [0, 1] (default: the scale recorded in the bundle, else 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
-    a = p.parse_args(argv)
-    scale = scaling.one_scale(a.adapter_scale, "export")
-    export(a.run, a.output, scale, overwrite=a.overwrite)
-    return 0

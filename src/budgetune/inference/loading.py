@@ -122,23 +122,3 @@ def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_s
     accelerator.print(chosen.line())
     # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
     return accelerator, accelerator.prepare_model(model, evaluation_mode=True), tokenizer, info
-
-
-def add_inference_options(parser) -> None:
-    """The options evaluate and predict share (argparse); `inference_recipe` fills their defaults."""
-    parser.add_argument("run", help="run folder or adapter folder")
-    parser.add_argument("--text_column_name")
-    parser.add_argument("--per_device_eval_batch_size", type=int,
-                        help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
-    parser.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
-                        "per_device_eval_batch_size and cache_dir are the defaults")
-
-
-def inference_recipe(args):
-    """The --config recipe (defaults without one); fills the shared options the user did not give."""
-    from budgetune.config import Config, resolve
-
-    recipe = resolve(args.config, []) if args.config else Config()
-    args.text_column_name = args.text_column_name or recipe.data.text_column_name
-    args.per_device_eval_batch_size = args.per_device_eval_batch_size or recipe.train.per_device_eval_batch_size
-    return recipe

@@ -1,8 +1,7 @@
-"""The `predict` verb: a Kaggle-style submission (ID,Label) for unlabelled texts, streamed in chunks."""
+"""A Kaggle-style submission (ID,Label) for unlabelled texts, streamed in chunks."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import sys
@@ -13,10 +12,9 @@ import numpy as np
 from budgetune import fileio
 from budgetune.data import readers as data_lib
 from budgetune.errors import AdapterError
-from budgetune.inference.loading import add_inference_options, inference_recipe, load_for_inference
+from budgetune.inference.loading import load_for_inference
 from budgetune.inference.runner import table_logits
 from budgetune.metrics import softmax
-from budgetune.modeling import scaling
 
 BLANK_SHOWN = 10  # row numbers listed in the warning about empty texts
 
@@ -70,23 +68,3 @@ def warn_blank(input_file: str, count: int, first: list[int]) -> None:
               "kept in the submission", file=sys.stderr)
 
 
-def command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="budgetune predict", description=(
-        "A Kaggle-style submission (ID,Label, input order) for unlabelled texts."))
-    add_inference_options(p)
-    p.add_argument("--input", required=True, help="texts: csv, tsv, json, jsonl, parquet or pkl (pickled Dataset)")
-    p.add_argument("--output", help="submission CSV (default: RUN/submission.csv)")
-    p.add_argument("--label_format", choices=("int", "name"), default="int")
-    p.add_argument("--adapter_scale", help="scale of the adapter's update in [0, 1] (0 = the pretrained model, "
-                   "1 = as trained); default: the scale recorded in the bundle, else 1")
-    p.add_argument("--id_column", help="a column of the input whose values are written as the IDs (default: the "
-                   "rows' positions 0..n-1)")
-    p.add_argument("--probabilities", action="store_true",
-                   help="add one probability column per class, named by its label")
-    a = p.parse_args(argv)
-    recipe = inference_recipe(a)
-    scale = scaling.one_scale(a.adapter_scale, "predict")
-    predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
-            label_format=a.label_format, batch_size=a.per_device_eval_batch_size, adapter_scale=scale,
-            probabilities=a.probabilities, id_column=a.id_column, cache_dir=recipe.data.cache_dir)
-    return 0

@@ -8,7 +8,6 @@ cached on disk, keyed by the teacher's files and the texts; temperature and ense
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -310,34 +309,3 @@ def card_section(record: dict) -> str:
                   f"{u['dropped_exact_validation_or_test'] + u['dropped_normalised_validation_or_test']} dropped as "
                   "duplicates of validation/test texts)."]
     return "\n".join(lines)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="budgetune distill", allow_abbrev=False,
-        description="Train a budgeted student (any budgetune configuration) on the teachers' probabilities. "
-                    "Any other --flag is a training option (see `budgetune train --help`).")
-    p.add_argument("--teacher", nargs="+", required=True, action="extend", metavar="RUN",
-                   help="teacher run or bundle folder (adapter or full model); several: an ensemble (averaged "
-                        "probabilities)")
-    p.add_argument("--config", help="the student's configuration YAML")
-    p.add_argument("--unlabeled_file", help="unlabelled target texts to distil on (validation/test duplicates "
-                                            "are dropped)")
-    p.add_argument("--unlabeled_text_column", help="text column of --unlabeled_file (default: text, sentence, ...)")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T (default 2)")
-    p.add_argument("--alpha", type=float, default=0.5,
-                   help="weight of the gold-label cross-entropy; 1 - alpha weighs the teachers (default 0.5)")
-    p.add_argument("--teacher_batch_size", type=int, default=None,
-                   help="texts per teacher inference batch (default: --per_device_eval_batch_size)")
-    return p
-
-
-def command(argv: list[str]) -> int:
-    """`budgetune distill`."""
-    from budgetune.config import resolve
-
-    a, rest = parser().parse_known_args(argv)
-    cfg = resolve(a.config, rest)
-    distill(cfg, a.teacher, unlabeled_file=a.unlabeled_file, text_column=a.unlabeled_text_column,
-            temperature=a.temperature, alpha=a.alpha, batch_size=a.teacher_batch_size)
-    return 0

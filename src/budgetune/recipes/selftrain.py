@@ -11,7 +11,6 @@ are the same is reused, not trained again.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -274,37 +273,3 @@ def finish(out: Path, best_round: int, summary: list[dict], record: dict) -> Non
     fileio.atomic_write_text(out / "metrics.jsonl", "".join(line + "\n" for line in lines))
     fileio.atomic_write_json(out / "selftrain.json", record)
     finish_lib.plot(out)  # plots are a convenience: a failure is a warning, the finished rounds stay
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="budgetune selftrain", allow_abbrev=False,
-        description="Train, then rounds of pseudo-labelling unlabelled texts and training a fresh student. Any "
-                    "other --flag is a training option (see `budgetune train --help`).")
-    p.add_argument("--config", help="configuration YAML")
-    p.add_argument("--unlabeled_file", required=True, help="unlabelled target texts (validation/test duplicates "
-                                                           "are dropped)")
-    p.add_argument("--unlabeled_text_column", help="text column of --unlabeled_file (default: text, sentence, ...)")
-    p.add_argument("--self_training_rounds", type=int, default=2, help="rounds after round 0 (default 2)")
-    p.add_argument("--pseudo_label_threshold", type=float, default=0.9,
-                   help="keep a pseudo-label when its probability is at least this, in (0, 1) (default 0.9)")
-    p.add_argument("--pseudo_label_class_cap", type=float, default=1.5,
-                   help="no class may exceed its labelled share x this among the kept pseudo-labels (default 1.5)")
-    p.add_argument("--self_training_dropout", type=float, default=0.1,
-                   help="adapter dropout (noise) from round 1 on, where the method has one (default 0.1)")
-    p.add_argument("--round_tolerance", type=float, default=0.5,
-                   help="the round kept (and labelling the next) is the latest whose validation metric is within "
-                        "this many points of the best round's; 0: the best (default 0.5)")
-    return p
-
-
-def command(argv: list[str]) -> int:
-    """`budgetune selftrain`."""
-    from budgetune.config import resolve
-
-    a, rest = parser().parse_known_args(argv)
-    cfg = resolve(a.config, rest)
-    self_train(cfg, a.unlabeled_file, a.self_training_rounds, a.pseudo_label_threshold,
-               cap_factor=a.pseudo_label_class_cap, text_column=a.unlabeled_text_column,
-               noise_dropout=a.self_training_dropout, round_tolerance=a.round_tolerance)
-    return 0

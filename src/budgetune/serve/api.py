@@ -1,4 +1,5 @@
-"""The `serve` verb: trained adapters behind an HTTP API (FastAPI + uvicorn), many adapters on one base, a page.
+"""Trained adapters behind an HTTP API (FastAPI + uvicorn), many adapters on one base, a page; `run_server` runs
+it until SIGTERM (`budgetune serve`).
 
 Endpoints: POST /v1/classify, GET /v1/adapters, GET /health, GET /metrics (Prometheus), GET / (the page), /docs.
 Every answer carries an X-Request-ID; every bad request is a 4xx naming the header or field at fault; load beyond
@@ -7,13 +8,11 @@ Every answer carries an X-Request-ID; every bad request is a 4xx naming the head
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
 import logging
 import math
-import os
 import re
 import signal
 import sys
@@ -44,7 +43,6 @@ from budgetune.serve.registry import Registry, parse_runs
 from budgetune.serve.telemetry import CONTENT_TYPE, Metrics
 from budgetune.textcheck import lone_surrogate
 
-API_KEY_ENV = "BUDGETUNE_API_KEY"
 # Pages and descriptions that hold no data: a browser cannot send the key when it opens them (the page asks for it).
 PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc", "/health"}
 KNOWN_PATHS = PUBLIC_PATHS | {"/v1/classify", "/v1/adapters", "/metrics"}
@@ -511,60 +509,33 @@ def add_routes(app: FastAPI, state: ServeState) -> None:
         return HTMLResponse((resources.files("budgetune") / "resources" / "serve.html").read_text("utf-8"))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="budgetune serve", description="Serve trained adapters over HTTP: POST "
-                                "/v1/classify, GET /v1/adapters, /health, /metrics, a page at / and the API "
-                                "docs at /docs. Runs sharing a base model share its weights in memory.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder or adapter folder, as NAME=PATH to choose "
-                   "the adapter's name (default: the run folder's name)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one, printed)")
-    p.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
-                   help=f"require this key on every API request (default: ${API_KEY_ENV}; none: no auth)")
-    p.add_argument("--max_texts", type=int, default=64, help="texts per request (default 64)")
-    p.add_argument("--max_chars", type=int, default=2000, help="characters kept per text; longer texts are cut "
-                   "and the answer says so (default 2000)")
-    p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
-    p.add_argument("--batch_wait_ms", type=float, default=5.0,
-                   help="how long the first request of a batch waits for others (default 5)")
-    p.add_argument("--max_batch_tokens", type=int, default=4096,
-                   help="a batch stops gathering at this many tokens (default 4096)")
-    p.add_argument("--no_dynamic_batching", action="store_true", help="run every request on its own")
-    p.add_argument("--max_queue_texts", type=int, default=1024, help="texts admitted and not yet answered; a "
-                   "request past it is refused at once with 503 and Retry-After (default 1024, at least --max_texts)")
-    p.add_argument("--request_timeout", type=float, default=30.0, help="seconds a request may wait for its turn on "
-                   "the model; past it, 503 and Retry-After (default 30; a request whose batch has started is "
-                   "answered)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    p.add_argument("--log_level", default="warning", help="uvicorn's log level (default warning)")
-    return p
-
-
-def check_flags(a: argparse.Namespace) -> None:
+def check_options(options: ServeOptions) -> None:
+    """Refuse limits no server can keep (named by their command-line flags), before anything loads."""
     for flag in ("max_texts", "max_chars", "max_body_bytes", "max_batch_tokens", "max_queue_texts"):
-        if getattr(a, flag) < 1:
-            raise ConfigError(f"--{flag} must be at least 1, got {getattr(a, flag)}")
-    if a.max_queue_texts < a.max_texts:
-        raise ConfigError(f"--max_queue_texts ({a.max_queue_texts}) must be at least --max_texts ({a.max_texts}): "
-                          "one full request has to fit")
-    if not a.batch_wait_ms >= 0:
-        raise ConfigError(f"--batch_wait_ms must be 0 or more, got {a.batch_wait_ms}")
-    if not 0 < a.request_timeout < math.inf:
-        raise ConfigError(f"--request_timeout must be more than 0 seconds (and finite), got {a.request_timeout}")
+        if getattr(options, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(options, flag)}")
+    if options.max_queue_texts < options.max_texts:
+        raise ConfigError(f"--max_queue_texts ({options.max_queue_texts}) must be at least --max_texts "
+                          f"({options.max_texts}): one full request has to fit")
+    if not options.batch_wait_ms >= 0:
+        raise ConfigError(f"--batch_wait_ms must be 0 or more, got {options.batch_wait_ms}")
+    if not 0 < options.request_timeout < math.inf:
+        raise ConfigError(f"--request_timeout must be more than 0 seconds (and finite), got {options.request_timeout}")
 
 
-def command(argv: list[str]) -> int:
-    """`budgetune serve RUN [RUN ...]`: checks every run folder before anything loads, then serves."""
+def run_server(runs: list[str], options: ServeOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+               device: str | None = None, log_level: str = "warning") -> None:
+    """Serve RUN folders (or NAME=PATH) until SIGTERM or SIGINT, which drain in-flight requests and return.
+
+    The options and every run folder are checked before anything loads; a failed load stops the server and is
+    raised.
+    """
     import uvicorn
 
-    a = parser().parse_args(argv)
-    check_flags(a)
-    adapters = parse_runs(a.runs)  # a missing or incompatible folder stops here, named
-    options = ServeOptions(api_key=a.api_key or None, max_texts=a.max_texts, max_chars=a.max_chars,
-                           max_body_bytes=a.max_body_bytes, batch_wait_ms=a.batch_wait_ms,
-                           max_batch_tokens=a.max_batch_tokens, dynamic_batching=not a.no_dynamic_batching,
-                           max_queue_texts=a.max_queue_texts, request_timeout=a.request_timeout)
-    registry = Registry(adapters, device=a.device)
+    options = options or ServeOptions()
+    check_options(options)
+    adapters = parse_runs(runs)  # a missing or incompatible folder stops here, named
+    registry = Registry(adapters, device=device)
     app = create_app(registry, options)
     state: ServeState = app.state.serve
 
@@ -573,11 +544,11 @@ def command(argv: list[str]) -> int:
             await super().startup(sockets)
             for server in self.servers:
                 for sock in server.sockets:
-                    host, port = sock.getsockname()[:2]
-                    print(f"budgetune serve: listening on http://{host}:{port}/ ({len(adapters)} adapters "
+                    bound_host, bound_port = sock.getsockname()[:2]
+                    print(f"budgetune serve: listening on http://{bound_host}:{bound_port}/ ({len(adapters)} adapters "
                           f"loading; /health says when ready; {registry.precision.line()})", flush=True)
 
-    server = Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, lifespan="on",
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                    timeout_graceful_shutdown=60))
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     # uvicorn drains in-flight requests on SIGTERM/SIGINT, then re-raises the signal: answered here, so a
@@ -588,4 +559,3 @@ def command(argv: list[str]) -> int:
     if state.load_error is not None:
         raise state.load_error
     print("budgetune serve: stopped", file=sys.stderr)
-    return 0

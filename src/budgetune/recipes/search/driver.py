@@ -9,7 +9,6 @@ is reported). Outputs (leaderboard.py) are rebuilt from the study, so any worker
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -23,14 +22,13 @@ from pathlib import Path
 import yaml
 
 from budgetune.budget.plan import check_budget
-from budgetune.config import Config, build_config, load_yaml, merge, parse_count, parse_overrides
+from budgetune.config import Config, build_config, load_yaml, merge, parse_overrides
 from budgetune.data import readers as data_lib
 from budgetune.data.splits import Splits, load_splits
 from budgetune.errors import BudgetError, ConfigError, Interrupted
 from budgetune.metrics import improves, lower_is_better
 from budgetune.recipes.search import leaderboard
 from budgetune.recipes.search.search_space import (
-    HELP,
     Space,
     base_point,
     build_space,
@@ -423,16 +421,6 @@ def run_trials(study, setup: Setup, n_trials: int, timeout: float | None, keep_t
         print(f"leaderboard: {written['leaderboard'][1]}\npareto: {written['pareto']}\nbest: {written['best_yaml']}")
 
 
-def parse_duration(text: str | None) -> float | None:
-    """'90', '45m', '3h' -> seconds."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", text)
-    if not m:
-        raise ConfigError(f"--timeout: expected seconds or a duration like 45m or 3h, got {text!r}")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-
-
 def load_search_config(config: str | None, overrides: list[str]) -> tuple[Config, dict | None]:
     """The base config (YAML <- flags) and the YAML's raw `search:` group, which Config does not know."""
     sections = load_yaml(config) if config else {}
@@ -442,39 +430,3 @@ def load_search_config(config: str | None, overrides: list[str]) -> tuple[Config
         build_config(sections, source)  # errors name the file first
         parse_search_group(group, source)
     return build_config(merge(sections, parse_overrides(overrides)), "command line" if overrides else source), group
-
-
-def command(argv: list[str]) -> int:
-    """`budgetune search`: the CLI over search()."""
-    p = argparse.ArgumentParser(
-        prog="budgetune search", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
-        description="Find the best adapter under the parameter budget with Optuna. Any `budgetune train` option "
-        "(e.g. --max_train_samples 2000) sets the base of every trial.", epilog=HELP)
-    p.add_argument("--config", help="base YAML (any train config), optionally with a search: group")
-    p.add_argument("--budget", help="trainable-parameter cap, e.g. 1M (default: the config's max_trainable_params)")
-    p.add_argument("--n_trials", type=int, default=20, help="finished trials in the study, all workers together")
-    p.add_argument("--timeout", help="stop starting trials after this long (seconds, or 45m, 3h)")
-    p.add_argument("--output_dir", default="runs/search", help="leaderboard, pareto.png, best.yaml, trials/NNNN")
-    p.add_argument("--storage", help="a journal file (*.log) shared by workers on one machine, or a database URL "
-                   "(postgresql://..., mysql://...) for many; default: sqlite OUTPUT_DIR/study.db")
-    p.add_argument("--study", default="search", help="study name (workers with the same name and storage share it)")
-    p.add_argument("--min_train_samples", type=int, help="training rows every trial sees before it can be pruned")
-    p.add_argument("--min_steps", type=int, help="the same in optimizer steps")
-    p.add_argument("--pruner", default="hyperband", choices=PRUNERS)
-    p.add_argument("--sampler", default="tpe", choices=("tpe", "random"))
-    p.add_argument("--sampler_seed", type=int, help="seed of the sampler (one worker: a reproducible search)")
-    p.add_argument("--keep_top_k", type=int, default=3, help="run folders kept (the best trials); others deleted")
-    p.add_argument("--test_file", help="labelled file evaluated once with the selected adapter at the end")
-    p.add_argument("--retry_failed", type=int, default=0,
-                   help="re-run a trial whose worker died this many times (default 0: record it failed, skip)")
-    a, rest = p.parse_known_args(argv)
-    cfg, group = load_search_config(a.config, rest)
-    search(cfg, search_group=group, n_trials=a.n_trials, timeout=parse_duration(a.timeout), output_dir=a.output_dir,
-           storage=a.storage, study_name=a.study, budget_cap=parse_count(a.budget, "--budget") if a.budget else None,
-           min_train_samples=a.min_train_samples, min_steps=a.min_steps, pruner=a.pruner, sampler=a.sampler,
-           sampler_seed=a.sampler_seed, keep_top_k=a.keep_top_k, test_file=a.test_file, retry_failed=a.retry_failed)
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(command(sys.argv[1:]))

@@ -1,0 +1,109 @@
+"""`budgetune evaluate`, `budgetune predict` and `budgetune export`: a trained adapter on labelled files, on
+unlabelled texts, and saved with its adapter scale baked in."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from budgetune.cli.parsing import parse, parser
+
+
+def add_inference_options(p: argparse.ArgumentParser) -> None:
+    """The options evaluate and predict share; `inference_recipe` fills their defaults."""
+    p.add_argument("run", help="run folder or adapter folder")
+    p.add_argument("--text_column_name")
+    p.add_argument("--per_device_eval_batch_size", type=int,
+                   help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
+    p.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
+                   "per_device_eval_batch_size and cache_dir are the defaults")
+
+
+def inference_recipe(a: argparse.Namespace):
+    """The --config recipe (defaults without one); fills the shared options the user did not give."""
+    from budgetune.config import Config, resolve
+
+    recipe = resolve(a.config, []) if a.config else Config()
+    a.text_column_name = a.text_column_name or recipe.data.text_column_name
+    a.per_device_eval_batch_size = a.per_device_eval_batch_size or recipe.train.per_device_eval_batch_size
+    return recipe
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = parser("evaluate", "Metrics of a run's best adapter on labelled files. With several --data_file or several "
+               "--adapter_scale values: one table (accuracy and macro-F1 per file per scale), a JSON report and a "
+               "plot of accuracy against scale, written to OUTPUT.{txt,json,png} (default RUN/evaluation-scales).")
+    add_inference_options(p)
+    p.add_argument("--data_file", required=True, action="append",
+                   help="labelled file (csv, tsv, json, jsonl, parquet, pkl); repeat for several files")
+    p.add_argument("--label_column_name")
+    p.add_argument("--adapter_scale", help="scale(s) of the adapter's update in [0, 1], comma-separated "
+                   "(e.g. 0,0.25,0.5,0.75,1); default: the scale recorded in the bundle, else 1 (as trained)")
+    p.add_argument("--output", help="path stem of the reports (default: RUN/evaluation-STEM for one file at "
+                   "one scale, RUN/evaluation-scales otherwise)")
+    return p
+
+
+def evaluate_command(argv: list[str]) -> int:
+    from budgetune.inference.evaluate import evaluate, evaluate_scales
+    from budgetune.inference.loading import bundle_info, bundle_scale
+    from budgetune.modeling import scaling
+
+    a = parse(evaluate_parser(), argv)
+    recipe = inference_recipe(a)
+    scales = scaling.parse_scales(a.adapter_scale) if a.adapter_scale is not None else None
+    common = {"text_column": a.text_column_name, "label_column": a.label_column_name or recipe.data.label_column_name,
+              "batch_size": a.per_device_eval_batch_size, "output": a.output, "cache_dir": recipe.data.cache_dir}
+    if len(a.data_file) == 1 and (scales is None or len(scales) == 1):
+        evaluate(a.run, a.data_file[0], adapter_scale=scales[0] if scales else None, **common)
+    else:
+        evaluate_scales(a.run, a.data_file, scales or [bundle_scale(bundle_info(a.run))], **common)
+    return 0
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = parser("predict", "A Kaggle-style submission (ID,Label, input order) for unlabelled texts.")
+    add_inference_options(p)
+    p.add_argument("--input", required=True, help="texts: csv, tsv, json, jsonl, parquet or pkl (pickled Dataset)")
+    p.add_argument("--output", help="submission CSV (default: RUN/submission.csv)")
+    p.add_argument("--label_format", choices=("int", "name"), default="int")
+    p.add_argument("--adapter_scale", help="scale of the adapter's update in [0, 1] (0 = the pretrained model, "
+                   "1 = as trained); default: the scale recorded in the bundle, else 1")
+    p.add_argument("--id_column", help="a column of the input whose values are written as the IDs (default: the "
+                   "rows' positions 0..n-1)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="add one probability column per class, named by its label")
+    return p
+
+
+def predict_command(argv: list[str]) -> int:
+    from budgetune.inference.predict import predict
+    from budgetune.modeling import scaling
+
+    a = parse(predict_parser(), argv)
+    recipe = inference_recipe(a)
+    scale = scaling.one_scale(a.adapter_scale, "predict")
+    predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
+            label_format=a.label_format, batch_size=a.per_device_eval_batch_size, adapter_scale=scale,
+            probabilities=a.probabilities, id_column=a.id_column, cache_dir=recipe.data.cache_dir)
+    return 0
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = parser("export", "Save a run's adapter with its adapter scale baked into the weights: a peft adapter folder "
+               "(plus tokenizer, budgetune.json and model card) that plain peft loads to the same logits.")
+    p.add_argument("run", help="run folder or adapter folder")
+    p.add_argument("--output", required=True, help="the folder to write")
+    p.add_argument("--adapter_scale", help="scale in [0, 1] (default: the scale recorded in the bundle, else 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    return p
+
+
+def export_command(argv: list[str]) -> int:
+    from budgetune.inference.export import export
+    from budgetune.modeling import scaling
+
+    a = parse(export_parser(), argv)
+    scale = scaling.one_scale(a.adapter_scale, "export")
+    export(a.run, a.output, scale, overwrite=a.overwrite)
+    return 0
