@@ -18,7 +18,7 @@ from conftest import read_jsonl, run_cli, tiny_train_args
 from transformers import AutoTokenizer
 
 from budgetune import cli
-from budgetune.adalora import phases
+from budgetune.adalora import rank_masks
 from budgetune.config import ConfigError, resolve
 from budgetune.data import readers as data_lib
 from budgetune.modeling import backbone, methods
@@ -87,7 +87,7 @@ def test_adalora_scores_the_adapter_it_saves(tiny_roberta, headlines_csv, tmp_pa
 
 def test_without_the_mask_validation_scores_another_model(tiny_roberta, headlines_csv, tmp_path, monkeypatch):
     """The same run with the mask switched off: what validation scored is not what was saved (the old bug)."""
-    monkeypatch.setattr(phases, "as_saved", lambda model: contextlib.nullcontext())
+    monkeypatch.setattr(rank_masks, "as_saved", lambda model: contextlib.nullcontext())
     out = tmp_path / "ada"
     args = ada_args(tiny_roberta, headlines_csv, out)
     train(resolve(None, flags(args)))

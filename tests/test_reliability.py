@@ -19,6 +19,7 @@ from conftest import read_jsonl, run_cli, tiny_train_args
 from budgetune import cli
 from budgetune.data import readers as data_lib
 from budgetune.data import unlabeled
+from budgetune.errors import ModelLoadError
 from budgetune.modeling import backbone, methods
 from budgetune.training import checkpoint
 
@@ -364,7 +365,7 @@ def test_model_folder_without_weights(tiny_roberta, headlines_csv, run_copy, tmp
     assert (f"budgetune: error: {folder}: no model weights (model.safetensors or pytorch_model.bin) in this "
             "folder") in err
     assert snapshot(run_copy) == before
-    with pytest.raises(methods.ModelLoadError, match=re.escape(str(folder))):
+    with pytest.raises(ModelLoadError, match=re.escape(str(folder))):
         from budgetune.config import resolve
 
         backbone.load_base(resolve(None, tiny_train_args(folder, headlines_csv, run_copy, "lora")[1:]), ["a", "b"])
