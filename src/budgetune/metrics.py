@@ -58,3 +58,39 @@ def metrics_text(m: dict, title: str = "evaluation") -> str:
     for n, row in zip(names, m["confusion_matrix"]):
         lines.append(f"{n:<{width}}  " + " ".join(f"{v:>8}" for v in row))
     return "\n".join(lines) + "\n"
+
+
+def paired_comparison(labels, preds_a, preds_b, *, n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """Model A against model B on the same rows: accuracy difference (points), a paired bootstrap confidence interval
+    for it, and McNemar's exact test on the rows where exactly one model is right.
+
+    The bootstrap resamples rows (each row keeps both models' answers), so the interval reflects that A and B are
+    scored on the same texts. A row's difference is +1 (only A right), -1 (only B right) or 0; a resample's mean
+    depends only on how many of each it draws, so the resamples are drawn as multinomial counts (exact, cheap).
+    """
+    from scipy.stats import binomtest
+
+    labels, a, b = np.asarray(labels), np.asarray(preds_a), np.asarray(preds_b)
+    if not len(labels) == len(a) == len(b) or len(labels) == 0:
+        raise ValueError(f"paired_comparison needs the same non-empty rows: {len(labels)}, {len(a)}, {len(b)}")
+    right_a, right_b = a == labels, b == labels
+    only_a, only_b = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+    n = len(labels)
+    draws = np.random.default_rng(seed).multinomial(n, [only_a / n, only_b / n, 1 - (only_a + only_b) / n], n_boot)
+    boot = 100.0 * (draws[:, 0] - draws[:, 1]) / n
+    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    p = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"rows": n, "accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()),
+            "difference_points": 100.0 * (only_a - only_b) / n, "ci_low_points": float(low),
+            "ci_high_points": float(high), "level": level, "n_boot": n_boot, "seed": seed,
+            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": p}
+
+
+def comparison_text(c: dict, name_a: str, name_b: str, data_file: str) -> str:
+    """The comparison in a few lines a user can quote."""
+    return (f"{data_file}: {c['rows']} rows, A = {name_a}, B = {name_b}\n"
+            f"  accuracy A {c['accuracy_a']:.2%}, B {c['accuracy_b']:.2%}; A - B = {c['difference_points']:+.2f} "
+            f"points, {c['level']:.0%} paired bootstrap interval [{c['ci_low_points']:+.2f}, "
+            f"{c['ci_high_points']:+.2f}] ({c['n_boot']:,} resamples of the rows, seed {c['seed']})\n"
+            f"  rows only A gets right: {c['only_a_right']}, only B: {c['only_b_right']}; McNemar exact test "
+            f"p = {c['mcnemar_p']:.4g}\n")

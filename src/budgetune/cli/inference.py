@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from budgetune.cli.parsing import parse, parser
+from budgetune.errors import ConfigError
 
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -41,11 +42,15 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    "(e.g. 0,0.25,0.5,0.75,1); default: the scale recorded in the bundle, else 1 (as trained)")
     p.add_argument("--output", help="path stem of the reports (default: RUN/evaluation-STEM for one file at "
                    "one scale, RUN/evaluation-scales otherwise)")
+    p.add_argument("--compare", metavar="RUN_B", help="a second run scored on the same file (one --data_file, each "
+                   "run at its bundle's adapter scale): accuracy of each, the difference RUN - RUN_B in points with "
+                   "a 95%% paired bootstrap interval, and McNemar's exact test; written to "
+                   "RUN/evaluation-compare-STEM.{json,txt} (or --output)")
     return p
 
 
 def evaluate_command(argv: list[str]) -> int:
-    from budgetune.inference.evaluate import evaluate, evaluate_scales
+    from budgetune.inference.evaluate import compare, evaluate, evaluate_scales
     from budgetune.inference.loading import bundle_info, bundle_scale
     from budgetune.modeling import scaling
 
@@ -54,7 +59,12 @@ def evaluate_command(argv: list[str]) -> int:
     scales = scaling.parse_scales(a.adapter_scale) if a.adapter_scale is not None else None
     common = {"text_column": a.text_column_name, "label_column": a.label_column_name or recipe.data.label_column_name,
               "batch_size": a.per_device_eval_batch_size, "output": a.output, "cache_dir": recipe.data.cache_dir}
-    if len(a.data_file) == 1 and (scales is None or len(scales) == 1):
+    if a.compare is not None:
+        if len(a.data_file) != 1 or a.adapter_scale is not None:
+            raise ConfigError("--compare takes one --data_file and no --adapter_scale (each run is scored at its "
+                              "bundle's adapter scale)")
+        compare(a.run, a.compare, a.data_file[0], **common)
+    elif len(a.data_file) == 1 and (scales is None or len(scales) == 1):
         evaluate(a.run, a.data_file[0], adapter_scale=scales[0] if scales else None, **common)
     else:
         evaluate_scales(a.run, a.data_file, scales or [bundle_scale(bundle_info(a.run))], **common)

@@ -6,9 +6,16 @@ from pathlib import Path
 
 from budgetune import fileio
 from budgetune.data import readers as data_lib
+from budgetune.errors import AdapterError
 from budgetune.inference.loading import bundle_info, load_for_inference
 from budgetune.inference.runner import table_logits
-from budgetune.metrics import classification_metrics, cross_entropy, metrics_text
+from budgetune.metrics import (
+    classification_metrics,
+    comparison_text,
+    cross_entropy,
+    metrics_text,
+    paired_comparison,
+)
 from budgetune.modeling import scaling
 
 
@@ -33,6 +40,37 @@ def evaluate(run: str | Path, data_file: str, *, split: str = "test", text_colum
         fileio.atomic_write_text(stem.with_suffix(".txt"), metrics_text(m, title))
         print(metrics_text(m, title), end="")
     return m
+
+
+def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str = "test",
+            text_column: str | None = None, label_column: str | None = None, batch_size: int = 256,
+            output: str | None = None, cache_dir: str | None = None) -> dict:
+    """Two runs on the same labelled file, each at its bundle's adapter scale: their metrics, the accuracy
+    difference A - B with a paired bootstrap interval, and McNemar's exact test (metrics.paired_comparison).
+    Written to OUTPUT.{json,txt} (default RUN_A/evaluation-compare-STEM)."""
+    names = bundle_info(run_a)["label_names"]
+    if bundle_info(run_b)["label_names"] != names:
+        raise AdapterError(f"--compare: {run_b} has the labels {bundle_info(run_b)['label_names']}, {run_a} has "
+                           f"{names}; runs compared on one file must share their label names")
+    table = data_lib.load_table(data_file, split=split, text_column=text_column, label_column=label_column,
+                                label_names=names)
+    preds, models = [], []
+    for run in (run_a, run_b):
+        accelerator, model, tokenizer, info = load_for_inference(run)
+        logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
+        preds.append(logits.argmax(-1))
+        models.append({"run": str(run), "adapter_scale": info["applied_adapter_scale"],
+                       **file_metrics(table, logits, names)})
+        del model
+    report = {"data_file": str(data_file), "a": models[0], "b": models[1],
+              "comparison": paired_comparison(table.labels, preds[0], preds[1])}
+    if accelerator.is_main_process:
+        stem = Path(output) if output else Path(run_a) / f"evaluation-compare-{Path(data_file).stem}"
+        text = comparison_text(report["comparison"], str(run_a), str(run_b), str(data_file))
+        fileio.atomic_write_json(stem.with_suffix(".json"), report)
+        fileio.atomic_write_text(stem.with_suffix(".txt"), text)
+        print(text, end="")
+    return report
 
 
 def file_metrics(table: data_lib.TextTable, logits, names: list[str]) -> dict:
