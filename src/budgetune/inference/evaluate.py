@@ -48,10 +48,10 @@ def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str 
     """Two runs on the same labelled file, each at its bundle's adapter scale: their metrics, the accuracy
     difference A - B with a paired bootstrap interval, and McNemar's exact test (metrics.paired_comparison).
     Written to OUTPUT.{json,txt} (default RUN_A/evaluation-compare-STEM)."""
-    names = bundle_info(run_a)["label_names"]
-    if bundle_info(run_b)["label_names"] != names:
-        raise AdapterError(f"--compare: {run_b} has the labels {bundle_info(run_b)['label_names']}, {run_a} has "
-                           f"{names}; runs compared on one file must share their label names")
+    names, names_b = bundle_info(run_a)["label_names"], bundle_info(run_b)["label_names"]
+    if names_b != names:
+        raise AdapterError(f"--compare: {run_b} has the labels {names_b}, {run_a} has {names}; runs compared on one "
+                           "file must share their label names")
     table = data_lib.load_table(data_file, split=split, text_column=text_column, label_column=label_column,
                                 label_names=names)
     preds, models = [], []

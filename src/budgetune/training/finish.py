@@ -13,6 +13,7 @@ import torch
 from budgetune import fileio
 from budgetune.adalora import rank_masks
 from budgetune.data.splits import cache_dir, scores
+from budgetune.errors import CheckpointError
 from budgetune.inference import adapter_bundle
 from budgetune.inference.runner import table_logits
 from budgetune.metrics import classification_metrics, metrics_text
@@ -40,8 +41,8 @@ def saved_best_is(out: Path, best: Best) -> bool:
     """
     try:
         bundle = json.loads((out / "adapter" / adapter_bundle.BUNDLE_FILE).read_text()).get("metrics")
-        state = torch.load(out / BEST_STATE, map_location="cpu", mmap=True, weights_only=True).get("metrics")
-    except (OSError, ValueError, RuntimeError):
+        state = checkpoint.load_weights(out / BEST_STATE, checkpoint.BEST_KEYS).get("metrics")
+    except (OSError, ValueError, CheckpointError):
         return False
     return bundle == best.metrics and state == best.metrics
 
