@@ -386,3 +386,29 @@ def test_database_storage_fails_stale_trials_by_heartbeat(tmp_path):
     trials = study.get_trials()
     assert trials[stale.number].state == optuna.trial.TrialState.FAIL
     assert [t.params for t in trials if t.state == optuna.trial.TrialState.WAITING] == [trials[stale.number].params]
+
+
+def test_best_yaml_is_written_while_another_worker_writes_it_too(tmp_path, monkeypatch):
+    """Workers sharing a study and an output folder each write best.yaml; one's scratch file is not the other's."""
+    import optuna
+
+    from budgetune.config import Config
+    from budgetune.recipes.search import leaderboard
+
+    study = optuna.create_study(direction="maximize")
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={
+        "config_yaml": yaml.safe_dump(Config().to_dict(), sort_keys=False), "trainable": 10})
+    study.add_trial(trial)
+    real_resolve, calls = leaderboard.resolve, []
+
+    def resolve_while_the_other_worker_writes(path, overrides):
+        calls.append(path)
+        if len(calls) == 1:  # the other worker writes (and cleans up) between our write and our read
+            assert leaderboard.write_best_yaml(study, tmp_path) == tmp_path / "best.yaml"
+        return real_resolve(path, overrides)
+
+    monkeypatch.setattr(leaderboard, "resolve", resolve_while_the_other_worker_writes)
+    assert leaderboard.write_best_yaml(study, tmp_path) == tmp_path / "best.yaml"
+    assert len(set(calls)) == 2
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["output"]["output_dir"] == str(tmp_path / "best")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]  # no scratch left behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import tempfile
 from pathlib import Path
 
 from budgetune import fileio
@@ -129,10 +130,10 @@ def write_best_yaml(study, out: Path) -> Path | None:
         return None
     best = study.best_trial
     path = out / "best.yaml"
-    tmp = out / ".best_source.yaml"
-    fileio.atomic_write_text(tmp, best.user_attrs["config_yaml"])
-    cfg = resolve(str(tmp), ["--output_dir", str(out / "best")])
-    tmp.unlink()
+    with tempfile.TemporaryDirectory(dir=out, prefix=".best-") as scratch:  # one per call: workers share OUT
+        source = Path(scratch) / "trial.yaml"
+        source.write_text(best.user_attrs["config_yaml"], encoding="utf-8")
+        cfg = resolve(str(source), ["--output_dir", str(out / "best")])
     a = best.user_attrs
     trainable = f"{a['trainable']:,}" if isinstance(a.get("trainable"), int) else "?"
     header = (f"# budgetune train --config {path}\n"
