@@ -45,12 +45,19 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """Attention kernel: `auto` (SDPA where transformers has it for the architecture, eager otherwise, e.g. for
     MPNet and DeBERTa), `sdpa` (PyTorch fused attention) or `eager`; the run's header says which it used."""
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities while training (the model config's attention_probs_dropout_prob or
+    attention_dropout); null: the model's own (0.1 for BERT, MiniLM, RoBERTa, MPNet). SDPA runs its fused kernel
+    only without it: on a CPU a dropout above 0 falls back to the unfused math path, with a random mask as large
+    as the attention matrix (see the benchmarks page)."""
 
     def __post_init__(self):
         if self.head not in ("default", "linear", "frozen_dense"):
             raise ConfigError(f"--head must be default, linear or frozen_dense, got {self.head!r}")
         if self.attn_implementation not in ("auto", "sdpa", "eager"):
             raise ConfigError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
+        if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
+            raise ConfigError(f"--attention_dropout must be in [0, 1) or null, got {self.attention_dropout}")
 
 
 @dataclass

@@ -101,17 +101,35 @@ def resolve_attention(cfg: Config) -> tuple[Config, str]:
 
 def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]]:
     """Pretrained encoder + fresh head (seeded by the caller); also the head modules missing from the checkpoint."""
-    return load_pretrained(cfg.model.model_name_or_path, label_names, cfg.model.revision, cfg.model.attn_implementation)
+    return load_pretrained(cfg.model.model_name_or_path, label_names, cfg.model.revision, cfg.model.attn_implementation,
+                           cfg.model.attention_dropout)
+
+
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT-likes; DistilBERT, ...
+
+
+def set_attention_dropout(hf_config, p: float) -> None:
+    """Set the attention-probability dropout of `hf_config` to p, under whichever name its architecture uses."""
+    keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(hf_config, k)]
+    if not keys:
+        raise ConfigError(f"--attention_dropout: model type {hf_config.model_type!r} has no attention dropout "
+                          f"setting ({' or '.join(ATTENTION_DROPOUT_KEYS)}); leave it null")
+    for k in keys:
+        setattr(hf_config, k, p)
 
 
 def load_pretrained(name: str, label_names: list[str], revision: str | None = None,
-                    attn_implementation: str = "auto") -> tuple[nn.Module, list[str]]:
+                    attn_implementation: str = "auto",
+                    attention_dropout: float | None = None) -> tuple[nn.Module, list[str]]:
     """The pretrained model `name` with a fresh sequence-classification head for `label_names`, loaded with the
-    attention kernel `attn_implementation` means for it; also the head modules missing from the checkpoint."""
+    attention kernel `attn_implementation` means for it (and `attention_dropout` if not None); also the head
+    modules missing from the checkpoint."""
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     hf_config = load_hf_config(name, len(label_names), label_names, revision, shipped_ok=False)
+    if attention_dropout is not None:
+        set_attention_dropout(hf_config, attention_dropout)
     if os.path.isdir(path) and not any(
         f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(path)
     ):
