@@ -229,9 +229,9 @@ def build(a: argparse.Namespace) -> dict:
     if a.full_class not in names:
         raise SetError(f"--full-class {a.full_class!r} is not one of the topics {names}")
     pools = split_pools(labels, a.test_fraction, a.seed)
-    manifest = {"source": str(a.source), "seed": a.seed, "label_names": names, "rows_read": len(texts),
+    manifest = {"command": getattr(a, "command", None), "source": str(a.source), "seed": a.seed, "label_names": names, "rows_read": len(texts),
                 "pools": {"train": len(pools[0]), "test": len(pools[1])},
-                "arguments": {k: v for k, v in vars(a).items() if k not in ("source", "out")}, "sets": {}}
+                "arguments": {k: v for k, v in vars(a).items() if k not in ("source", "out", "command")}, "sets": {}}
     out = Path(a.out)
     for name in a.sets:
         splits = build_set(name, a, texts, labels, names, pools)
@@ -284,8 +284,10 @@ def check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     check(p, a)
+    a.command = " ".join(["python bench/task_sets.py", *argv])
     try:
         manifest = build(a)
     except SetError as e:
