@@ -219,7 +219,7 @@ def test_train_help_lists_every_option_with_its_docstring(capsys):
     assert n == len({f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)})
     # A few by hand: the help is the docstrings, not something else.
     assert "--learning_rate (default: 0.001)" in out
-    assert "Peak learning rate of AdamW." in flat
+    assert "Peak learning rate of the optimizer." in flat
     assert "AdaLoRA: average rank kept at the end; default rank // 2" in flat
     assert "Hard cap on trainable parameters (adapters + head + anything unfrozen); null switches the gate off." in flat
 

@@ -217,11 +217,11 @@ class TrainConfig:
     """Extra optimizer arguments as KEY=VALUE,...; sgd takes momentum, dampening and nesterov (e.g.
     `momentum=0.9,nesterov=true`)."""
     class_weights: str | list[float] | None = None
-    """Per-class weights of the training cross-entropy: `balanced` (sklearn's compute_class_weight on the training
+    """Weights of the classes in the training cross entropy: `balanced` (sklearn's compute_class_weight on the training
     split's labels, n / (classes x count)) or one weight above 0 per label in label order, e.g. 1,4,1,1. The
     resolved weights are in metrics.jsonl's `loss` event; validation loss stays unweighted."""
     label_smoothing_factor: float = 0.0
-    """Label smoothing of the training cross-entropy (0 <= x < 1): the target is (1 - x) on the label and x spread
+    """Label smoothing of the training cross entropy (0 <= x < 1): the target is (1 - x) on the label and x spread
     evenly over all labels; validation loss stays plain."""
     per_device_train_batch_size: int = 32
     """Batch size on each process; the global batch is this x processes x gradient_accumulation_steps."""
@@ -236,10 +236,10 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     """Fraction of all optimizer steps spent warming the learning rate up (rounded down)."""
     warmup_steps: int = 0
-    """Optimizer steps of warm-up; when above 0 it overrides --warmup_ratio (as in Hugging Face's Trainer)."""
+    """Optimizer steps of warmup; when above 0 it overrides --warmup_ratio (as in Hugging Face's Trainer)."""
     lr_scheduler_type: str = "linear"
-    """Learning-rate schedule, any of transformers.get_scheduler's: linear (decay to 0 after warm-up), cosine,
-    cosine_with_restarts, polynomial, constant (no warm-up), constant_with_warmup, inverse_sqrt,
+    """Learning rate schedule, any of transformers.get_scheduler's: linear (decay to 0 after warmup), cosine,
+    cosine_with_restarts, polynomial, constant (no warmup), constant_with_warmup, inverse_sqrt,
     reduce_lr_on_plateau and greedy (these two step after each evaluation on --metric_for_best_model),
     cosine_with_min_lr and cosine_warmup_with_min_lr (need min_lr or min_lr_rate in --lr_scheduler_kwargs),
     warmup_stable_decay (needs num_decay_steps)."""

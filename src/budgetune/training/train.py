@@ -52,7 +52,9 @@ def default_loss(model, batch: dict) -> torch.Tensor:
 
 
 def gate(cfg: Config, label_names: list[str] | None) -> tuple[Config, Breakdown | None, str]:
-    """rank: auto resolved, AdaLoRA's ranks and the budget checked, as soon as the number of labels is known."""
+    """rank: auto resolved, AdaLoRA's ranks and the budget checked, as soon as the number of labels is known; the
+    optimizer's and schedule's arguments checked at once (before any data or weights load)."""
+    optim.check_schedule(cfg.train)
     if not label_names:
         return cfg, None, ""
     cfg, note = resolve_auto_rank(cfg, len(label_names))
@@ -114,11 +116,10 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     known = splits.label_names if splits else cfg.data.label_names or (
         data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
     cfg, expected, note = gate(cfg, known)
-    optim.check_schedule(t)  # a bad --optim_args or --lr_scheduler_kwargs, before any data or weights load
     cfg, attention = backbone.resolve_attention(cfg)  # the kernel it means is what config.yaml records
-    resuming = bool(t.resume_from_checkpoint)
     if accelerator.is_main_process:
-        fileio.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resuming, clear=False)
+        fileio.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=bool(t.resume_from_checkpoint),
+                                clear=False)
     accelerator.wait_for_everyone()
     splits = splits or load_splits(cfg)
     if expected is None:
@@ -149,7 +150,6 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     on_gpu = accelerator.device.type == "cuda"
     capture = graphs_wanted(cfg, accelerator, custom_loss=loss_fn is not None)
     optimizer, scheduler = make_optimizer(cfg, model, total, accelerator.device, capturable=capture)
-    options["warmup_steps"] = optim.warmup_steps(t, total)
     prepared = torch.compile(model) if t.torch_compile and on_gpu else model
     prepared, optimizer, train_loader, val_loader = accelerator.prepare(prepared, optimizer, train_loader, val_loader)
     step_graphs = graphs.StepGraphs(prepared, optimizer.optimizer, t.max_grad_norm, t.per_device_train_batch_size,
@@ -234,7 +234,7 @@ def start(run: Run) -> tuple[TrainState, Best]:
     if saved is None:
         run.log.log("budget", step=0, **run.live.to_dict())
         run.log.log("precision", step=0, **run.precision.to_dict())
-        run.log.log("options", step=0, **run.options)
+        run.log.log("options", step=0, **run.options, warmup_steps=optim.warmup_steps(cfg.train, run.total_steps))
         return TrainState(), Best()
     checkpoint.restore_model(run.inner, saved["model"])
     run.optimizer.optimizer.load_state_dict(saved["optimizer"])
