@@ -4,6 +4,7 @@ searches, and bad input names the flag."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -194,6 +195,27 @@ def test_the_loss_is_torchs_weighted_smoothed_cross_entropy_on_a_known_batch(tin
     assert losses.cross_entropy_loss(None, 0.0) is None  # neither option: the model's own loss, untouched
 
 
+def test_a_callers_own_loss_is_not_silently_kept_beside_weights_or_smoothing():
+    from budgetune.data.readers import TextTable
+    from budgetune.data.splits import Splits
+    from budgetune.training.train import training_loss
+
+    table = TextTable(["a", "b", "c", "d"], [0, 1, 2, 3], LABELS, "rows")
+    splits = Splits(table, table, None, LABELS)
+
+    def own(model, batch):  # distill's loss_fn stands here
+        return torch.zeros(())
+
+    for flags in (["--class_weights", "balanced"], ["--label_smoothing_factor", "0.1"]):
+        with pytest.raises(ConfigError, match=r"--class_weights and --label_smoothing_factor shape the cross entropy "
+                                              r"of `budgetune train`; this command trains with a loss of its own"):
+            training_loss(resolve(None, flags), splits, own)
+        assert training_loss(resolve(None, flags), splits, None)[0] is not None
+    loss, options = training_loss(resolve(None, []), splits, own)
+    assert loss is own and options["class_weights"] is None
+    assert training_loss(resolve(None, []), splits, None)[0] is None  # the model's own loss
+
+
 def test_save_strategy_decides_the_checkpoint_steps():
     from budgetune.training.train import due_for_save
 
@@ -289,8 +311,6 @@ def test_eval_strategy_no_ships_the_last_state_without_validating(tiny_roberta, 
     best = torch.load(out / "best_state.pt", map_location="cpu")
     assert best["metrics"]["step"] == 16 and _events(out, "end")[0]["best_step"] == 16
     assert best["model"].keys() == last.keys() and all(torch.equal(best["model"][k], last[k]) for k in last)
-    import json
-
     evaluation = json.loads((out / "evaluation.json").read_text())  # the shipped adapter, scored at the end
     assert best["metrics"]["eval_accuracy"] == evaluation["raw_adapter"]["accuracy"]
 
@@ -347,3 +367,31 @@ def test_each_optimizer_and_schedule_resumes_to_the_uninterrupted_run(tiny_rober
     if name == "sgd-plateau":
         assert min(rates) < 0.5, "the plateau schedule never lowered the rate: the test would not see its state"
     assert len(set(rates)) > 2
+
+
+@pytest.mark.slow
+def test_search_trains_its_trials_with_the_options(tiny_roberta, headlines_csv, tmp_path):
+    """A trial without validations (--eval_strategy no) is scored by its shipped adapter's validation at the end;
+    the options reach every trial and the best config."""
+    pytest.importorskip("optuna")
+    import yaml
+
+    from budgetune.recipes.search.driver import search
+
+    args = tiny_train_args(tiny_roberta, headlines_csv, tmp_path / "unused", "lora", **SMALL, max_steps=6,
+                           eval_strategy="no", save_strategy="no", class_weights="balanced",
+                           label_smoothing_factor=0.1, lr_scheduler_type="cosine", optim="adafactor")
+    group = {"method": ["lora"], "target_modules": ["query,value"], "head": ["default"], "rank": [4],
+             "learning_rate": [5e-3], "alpha_ratio": [2.0], "lora_dropout": [0.0]}
+    study = search(resolve(None, args[1:]), search_group=group, n_trials=1, output_dir=tmp_path / "s",
+                   budget_cap=3000, pruner="none", verbose=False)
+    trial = study.best_trial
+    run = tmp_path / "s" / "trials" / "0000"
+    assert not _events(run, "eval") and not _ckpt_steps(run)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert trial.value == evaluation["raw_adapter"]["accuracy"]
+    options = _events(run, "options")[0]
+    assert options["optim"] == "adafactor" and options["lr_scheduler_type"] == "cosine"
+    assert len(options["class_weights"]) == 4 and options["label_smoothing_factor"] == 0.1
+    train = yaml.safe_load((tmp_path / "s" / "best.yaml").read_text())["train"]
+    assert (train["eval_strategy"], train["optim"], train["class_weights"]) == ("no", "adafactor", "balanced")

@@ -171,7 +171,7 @@ def training_loss(cfg: Config, splits: Splits, loss_fn: LossFn | None) -> tuple[
     weights = losses.class_weights(t.class_weights, splits.train.labels, splits.label_names)
     weighted = losses.cross_entropy_loss(weights, t.label_smoothing_factor)
     if weighted is not None and loss_fn is not None:
-        raise ConfigError("--class_weights and --label_smoothing_factor shape the cross-entropy of `budgetune "
+        raise ConfigError("--class_weights and --label_smoothing_factor shape the cross entropy of `budgetune "
                           "train`; this command trains with a loss of its own (distillation): leave them unset")
     options = {"optim": t.optim, "lr_scheduler_type": t.lr_scheduler_type, "class_weights": weights,
                "label_smoothing_factor": t.label_smoothing_factor}
