@@ -34,6 +34,7 @@ def _error(*flags: str) -> str:
     (["--label_smoothing_factor", "1"], "--label_smoothing_factor must be in [0, 1), got 1.0"),
     (["--label_smoothing_factor", "-0.1"], "--label_smoothing_factor must be in [0, 1), got -0.1"),
     (["--warmup_steps", "-2"], "--warmup_steps must be 0 or a number of optimizer steps, got -2"),
+    (["--warmup_steps", "2.5"], "--warmup_steps must be a step count or a fraction between 0 and 1, got 2.5"),
     (["--optim", "adam"], "--optim must be one of adamw_torch, adamw_torch_fused, adafactor, sgd, got 'adam'"),
     (["--eval_strategy", "never"], "--eval_strategy must be one of epoch, steps, no, got 'never'"),
     (["--save_strategy", "best"], "--save_strategy must be one of null, no, epoch, steps, got 'best'"),
@@ -96,6 +97,8 @@ def test_linear_default_is_the_old_schedule_and_warmup_steps_override_the_ratio(
     assert steps[:3] == pytest.approx([5e-4, 1e-3, 1e-3 * 17 / 18])  # 2, then linear decay
     assert optim.warmup_steps(resolve(None, ["--warmup_steps", "7"]).train, 100) == 7
     assert optim.warmup_steps(resolve(None, ["--warmup_ratio", "0.25"]).train, 100) == 25
+    assert optim.warmup_steps(resolve(None, ["--warmup_steps", "0.1"]).train, 100) == 10  # transformers 5's fraction
+    assert optim.warmup_steps(resolve(None, ["--warmup_steps", "4.0"]).train, 100) == 4
 
 
 def test_cosine_and_hf_constant_follow_transformers():

@@ -235,8 +235,9 @@ class TrainConfig:
     """If positive, stop after this many optimizer steps (overrides num_train_epochs)."""
     warmup_ratio: float = 0.06
     """Fraction of all optimizer steps spent warming the learning rate up (rounded down)."""
-    warmup_steps: int = 0
-    """Optimizer steps of warmup; when above 0 it overrides --warmup_ratio (as in Hugging Face's Trainer)."""
+    warmup_steps: int | float = 0
+    """Optimizer steps of warmup, or a fraction of all steps (0 < x < 1, as transformers 5 reads it); when above 0
+    it overrides --warmup_ratio (as in Hugging Face's Trainer)."""
     lr_scheduler_type: str = "linear"
     """Learning rate schedule, any of transformers.get_scheduler's: linear (decay to 0 after warmup), cosine,
     cosine_with_restarts, polynomial, constant (no warmup), constant_with_warmup, inverse_sqrt,
@@ -330,6 +331,11 @@ class TrainConfig:
         for flag in ("warmup_steps", "save_steps"):
             if getattr(self, flag) < 0:
                 raise ConfigError(f"--{flag} must be 0 or a number of optimizer steps, got {getattr(self, flag)}")
+        if isinstance(self.warmup_steps, float) and self.warmup_steps >= 1:
+            if not self.warmup_steps.is_integer():
+                raise ConfigError(f"--warmup_steps must be a step count or a fraction between 0 and 1, got "
+                                  f"{self.warmup_steps}")
+            self.warmup_steps = int(self.warmup_steps)
         if self.save_strategy == "steps" and self.save_steps < 1:
             raise ConfigError("--save_strategy steps needs --save_steps N (optimizer steps between checkpoints)")
         if self.eval_strategy == "no" and self.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy"):

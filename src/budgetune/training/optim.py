@@ -18,8 +18,11 @@ OPTIM_ARGS = {"sgd": {"momentum": float, "dampening": float, "nesterov": bool}}
 
 
 def warmup_steps(t: TrainConfig, total_steps: int) -> int:
-    """Warm-up optimizer steps: --warmup_steps when positive (Hugging Face's rule), else --warmup_ratio of all."""
-    return t.warmup_steps if t.warmup_steps > 0 else int(t.warmup_ratio * total_steps)
+    """Warm-up optimizer steps: --warmup_steps when positive (Hugging Face's rule; a fraction below 1 of all steps),
+    else --warmup_ratio of all steps; fractions round down, as budgetune's warmup always did."""
+    if t.warmup_steps >= 1:
+        return int(t.warmup_steps)
+    return int((t.warmup_steps or t.warmup_ratio) * total_steps)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
