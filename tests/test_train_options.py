@@ -84,13 +84,13 @@ def test_linear_default_is_the_old_schedule_and_warmup_steps_override_the_ratio(
     from transformers import get_linear_schedule_with_warmup
 
     opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
-    old = get_linear_schedule_with_warmup(opt, int(0.06 * 50), 50)  # what train.make_optimizer built before
+    old = get_linear_schedule_with_warmup(opt, int(0.06 * 30), 30)  # what train.make_optimizer built before
     expected = []
-    for _ in range(50):
+    for _ in range(30):
         opt.step()
         old.step()
         expected.append(old.get_last_lr()[0])
-    assert _lr_trace([], 50) == expected
+    assert _lr_trace([], 30) == expected  # 1.8 warmup steps round down to 1, as before
     ratio = _lr_trace(["--warmup_ratio", "0.5"], 20)
     steps = _lr_trace(["--warmup_ratio", "0.5", "--warmup_steps", "2"], 20)
     assert ratio[:3] == pytest.approx([1e-4, 2e-4, 3e-4])  # 10 warm-up steps
