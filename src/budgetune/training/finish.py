@@ -65,6 +65,17 @@ def record_shipped_ranks(run: Run, state: TrainState, best: Best) -> None:
         fileio.update_json(run.out / "budget.json", {"adalora_shipped": shipped})
 
 
+def score_last(run: Run, state: TrainState, best: Best, raw: dict) -> None:
+    """--eval_strategy no: the last step's adapter, scored on validation as saved, is the run's best: its metrics go
+    into the bundle, best_state.pt and what train() returns (search's objective reads them)."""
+    if best.metrics is None:
+        return
+    best.metrics.update(eval_accuracy=raw["accuracy"], eval_macro_f1=raw["macro_f1"], eval_loss=raw["loss"])
+    state.best_metric = raw[run.cfg.train.metric_for_best_model]
+    if run.accelerator.is_main_process:
+        save_best(run, best)
+
+
 def portable_model_id(name: str) -> str:
     """What the bundle stores as its base: a Hub id or a packaged name as given, a local folder made absolute."""
     if name.startswith("packaged:") or not Path(name).exists():
@@ -89,6 +100,8 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
     saved = reload_saved(run)  # what `predict` will load, through plain peft
     raw_logits = validation_logits(run, saved)
     raw = scores(raw_logits, run.splits)
+    if run.cfg.train.eval_strategy == "no":
+        score_last(run, state, best, raw)
     scale, table, logits, why = choose_adapter_scale(run, saved, raw_logits)
     final = raw if scale == 1 else scores(logits, run.splits)
     final.update(adapter_scale=scale, adapter_scale_reason=why, adapter_scale_validation=table,
