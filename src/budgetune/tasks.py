@@ -33,7 +33,6 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_METRIC = {SINGLE_LABEL: "accuracy", MULTI_LABEL: "micro_f1", REGRESSION: "mse"}
 SCALE_METRIC = {SINGLE_LABEL: "accuracy", MULTI_LABEL: "micro_f1", REGRESSION: "pearson"}
-LOWER_IS_BETTER = ("loss", "mse", "mae")
 DEFAULT_THRESHOLD = 0.5
 THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
 _PROBLEM_TYPES = {SINGLE_LABEL: "single_label_classification", MULTI_LABEL: "multi_label_classification",
@@ -60,8 +59,10 @@ def check_metric(task: str, metric: str, flag: str = "--metric_for_best_model") 
     raise ConfigError(f"{flag} {metric!r}{whose} with --task {task} choose one of {', '.join(METRICS[task])}")
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER
+def prefixed(task: str, m: dict, prefix: str = "eval_") -> dict:
+    """The task's metrics of `m` as {prefix + name: value}, in METRICS order (single-label: eval_accuracy,
+    eval_macro_f1, eval_loss)."""
+    return {f"{prefix}{k}": m[k] for k in METRICS[task]}
 
 
 def loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
