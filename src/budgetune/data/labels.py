@@ -32,18 +32,14 @@ def _cell_items(src: str, row: int, column: str, v: object, delimiter: str | Non
         return [p.strip() for p in v.split(delimiter) if p.strip()]
     if isinstance(v, str):
         try:
-            v = json.loads(v) if v.strip() else None
+            parsed = json.loads(v) if v.strip() else None
         except (json.JSONDecodeError, RecursionError, ValueError):
-            v = None
-        if not isinstance(v, list):
-            raise DataError(f"{_where(src, row, column)}: --task multi_label needs a list of labels per cell, e.g. "
-                            "[\"sports\", \"politics\"], or names joined by a delimiter named with --label_delimiter "
-                            f"(e.g. --label_delimiter ';'); found {str(v)[:60]!r}" if v is not None else
-                            f"{_where(src, row, column)}: --task multi_label needs a JSON array of labels per cell "
-                            "(e.g. [\"sports\", \"politics\"]) or --label_delimiter; this cell is not one")
+            parsed = None
+        v = parsed if isinstance(parsed, list) else v
     if not isinstance(v, list):
-        raise DataError(f"{_where(src, row, column)}: --task multi_label needs a list of labels per cell, found "
-                        f"{type(v).__name__} {str(v)[:60]!r}")
+        raise DataError(f"{_where(src, row, column)}: --task multi_label needs a list of labels per cell: a JSON "
+                        "array such as [\"sports\", \"politics\"], or names joined by a delimiter named with "
+                        f"--label_delimiter (e.g. --label_delimiter ';'); found {str(v)[:60]!r}")
     for item in v:
         if isinstance(item, bool) or not isinstance(item, (str, int)):
             raise DataError(f"{_where(src, row, column)}: a label must be a name or an integer index, found "
