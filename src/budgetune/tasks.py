@@ -45,6 +45,13 @@ def check_task(task: str, flag: str = "--task") -> str:
     return task
 
 
+def require_single_label(task: str, verb: str) -> None:
+    """Refuse a task a verb does not handle yet (serve, search, distill, self-training), naming the flag."""
+    if task != SINGLE_LABEL:
+        raise ConfigError(f"budgetune {verb} handles --task single_label only so far, not --task {task}; train, "
+                          "evaluate and predict handle every task")
+
+
 def problem_type(task: str) -> str:
     """transformers' `problem_type` for the task (the loss its sequence-classification models compute)."""
     return _PROBLEM_TYPES[check_task(task)]
