@@ -182,17 +182,21 @@ def test_multi_label_end_to_end(tiny_roberta, task_files, tmp_path):
 
     out = tmp_path / "run"
     run_cli(*tiny_train_args(tiny_roberta, task_files["multi_delim"], out, "lora", task="multi_label",
-                             label_delimiter=";", num_train_epochs=4, learning_rate=2e-2))
+                             label_delimiter=";", num_train_epochs=4, learning_rate=2e-2, robust_tolerance=5))
     info = json.loads((out / "adapter" / "budgetune.json").read_text())
     assert info["task"] == "multi_label" and info["label_names"] == sorted(NAMES) and info["label_delimiter"] == ";"
     assert set(info["thresholds"]) == set(NAMES) and all(0 < t < 1 for t in info["thresholds"].values())
     assert "multi_label" in (out / "adapter" / "README.md").read_text() and "## Thresholds" in (
         out / "adapter" / "README.md").read_text()
     assert "eval_micro_f1" in info["metrics"] and json.loads((out / "evaluation.json").read_text())["thresholds"]
-    run_cli("evaluate", str(out), "--data_file", str(task_files["multi_delim"]), "--output", str(tmp_path / "ev"))
+    # the adapter scale was chosen on validation micro-F1 (48 rows resolve a 5-point tolerance)
+    assert info["adapter_scale_metric"] == "micro_f1" and len(info["adapter_scale_validation"]) == 6
+    assert "validation micro_f1 |" in (out / "adapter" / "README.md").read_text()
+    run_cli("evaluate", str(out), "--data_file", str(task_files["multi_delim"]), "--output", str(tmp_path / "ev"),
+            "--adapter_scale", "1")
     m = json.loads((tmp_path / "ev.json").read_text())
     run_cli("predict", str(out), "--input", str(task_files["multi"]), "--output", str(tmp_path / "p.csv"),
-            "--probabilities", "--label_format", "name")
+            "--probabilities", "--label_format", "name", "--adapter_scale", "1")
     rows = read_submission(tmp_path / "p.csv")
     names = info["label_names"]
     probs = np.array([[float(r[n]) for n in names] for r in rows])
@@ -210,14 +214,17 @@ def test_multi_label_end_to_end(tiny_roberta, task_files, tmp_path):
 def test_regression_end_to_end(tiny_roberta, task_files, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*tiny_train_args(tiny_roberta, task_files["reg"], out, "lora", task="regression",
-                                    num_train_epochs=4, learning_rate=2e-2))
+                                    num_train_epochs=4, learning_rate=2e-2, robust_tolerance=5))
     assert "validation MSE" in proc.stdout
     info = json.loads((out / "adapter" / "budgetune.json").read_text())
     assert info["task"] == "regression" and info["label_names"] == ["score"] and "eval_mse" in info["metrics"]
     assert yaml_metric(out) == "mse"  # the default metric_for_best_model, for this task
-    run_cli("evaluate", str(out), "--data_file", str(task_files["reg"]), "--output", str(tmp_path / "ev"))
+    assert info["adapter_scale_metric"] == "pearson" and len(info["adapter_scale_validation"]) == 6
+    run_cli("evaluate", str(out), "--data_file", str(task_files["reg"]), "--output", str(tmp_path / "ev"),
+            "--adapter_scale", "1")
     m = json.loads((tmp_path / "ev.json").read_text())
-    run_cli("predict", str(out), "--input", str(task_files["reg"]), "--output", str(tmp_path / "p.csv"))
+    run_cli("predict", str(out), "--input", str(task_files["reg"]), "--output", str(tmp_path / "p.csv"),
+            "--adapter_scale", "1")
     values = np.array([float(r["Label"]) for r in read_submission(tmp_path / "p.csv")])
     y = np.array(readers.load_table(str(task_files["reg"]), task="regression").labels)
     assert m["mse"] == pytest.approx(np.mean((values - y) ** 2), rel=1e-5)
@@ -298,3 +305,14 @@ def test_serve_refuses_a_model_of_another_task(tmp_path):
         "method": "lora", "task": "regression"}))
     with pytest.raises(AdapterError, match="a regression model; budgetune serve answers single_label models only"):
         parse_run(str(folder))
+
+
+def test_predict_reads_a_labelled_file_of_the_models_task(task_files):
+    """predict's input may keep its label column: it is read as the model's task reads it (a pair file whole)."""
+    tables = list(readers.iter_tables(str(task_files["multi_delim"]), task="multi_label", label_delimiter=";",
+                                      chunk_rows=100))
+    assert [len(t.texts) for t in tables] == [100] * 4 + [80] and tables[0].labels is None
+    with pytest.raises(DataError, match="needs a list of labels per cell"):
+        list(readers.iter_tables(str(task_files["multi_delim"]), task="multi_label"))
+    pairs = list(readers.iter_tables(str(task_files["pairs"]), text_pair_column="text_b", id_column="id"))
+    assert pairs[0].ids[:2] == ["id0", "id1"] and len(pairs[0].text_pairs) == len(pairs[0].texts) == 480

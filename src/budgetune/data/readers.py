@@ -300,16 +300,17 @@ def iter_texts(source: str, *, text_column: str | None = None, chunk_rows: int |
 
 
 def iter_tables(source: str, *, text_column: str | None = None, id_column: str | None = None,
-                chunk_rows: int | None = None, task: str = "single_label",
-                text_pair_column: str | None = None) -> Iterator[TextTable]:
+                chunk_rows: int | None = None, task: str = "single_label", text_pair_column: str | None = None,
+                label_delimiter: str | None = None) -> Iterator[TextTable]:
     """Unlabelled rows in chunks as TextTables (their IDs in `ids`): streamed like iter_rows, except that rows with
-    a text pair (text_pair_column) load whole. A label column, if the file has one, is read as `task` reads it."""
+    a text pair (text_pair_column) load whole. A label column, if the file has one, is read as `task` reads it (with
+    label_delimiter) and dropped."""
     if text_pair_column is None and task == "single_label":
         for texts, ids in iter_rows(source, text_column=text_column, id_column=id_column, chunk_rows=chunk_rows):
             yield TextTable(texts, None, None, str(source), ids)
         return
     table = load_table(source, split="test", text_column=text_column, require_labels=False, id_column=id_column,
-                       task=task, text_pair_column=text_pair_column)
+                       task=task, text_pair_column=text_pair_column, label_delimiter=label_delimiter)
     table.labels, table.label_names = None, None
     size = chunk_rows or CHUNK_ROWS
     for start in range(0, len(table.texts), size):

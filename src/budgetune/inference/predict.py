@@ -50,7 +50,7 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["ID", "Label"] + (list(names) if probabilities else []))
         for table in data_lib.iter_tables(input_file, text_column=text_column, id_column=id_column, task=task,
-                                          text_pair_column=pair_column):
+                                          text_pair_column=pair_column, label_delimiter=info.get("label_delimiter")):
             texts, ids = table.texts, table.ids
             rows = [n + i + 1 for i, t in enumerate(texts) if not t.strip()]
             blank, first_blank = blank + len(rows), (first_blank + rows)[:BLANK_SHOWN]
