@@ -17,12 +17,17 @@ Public API:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from budgetune.errors import ConfigError
-from budgetune.metrics import classification_metrics, cross_entropy, softmax
-from budgetune.metrics import metrics_text as classification_text
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and sklearn load where they are used: config checks task and metric names through this module, and a
+# config must not cost torch's import time.
 
 SINGLE_LABEL, MULTI_LABEL, REGRESSION = "single_label", "multi_label", "regression"
 TASKS = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
@@ -74,6 +79,8 @@ def prefixed(task: str, m: dict, prefix: str = "eval_") -> dict:
 
 def loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The training loss (mean over the batch), as transformers computes it for the task's problem_type."""
+    import torch
+
     if task == MULTI_LABEL:
         return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
     if task == REGRESSION:
@@ -90,6 +97,8 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 def probabilities(task: str, logits: np.ndarray) -> np.ndarray | None:
     """Softmax over classes (single-label), one sigmoid per label (multi-label), None for regression."""
     if task == SINGLE_LABEL:
+        from budgetune.metrics import softmax
+
         return softmax(logits)
     return sigmoid(logits) if task == MULTI_LABEL else None
 
@@ -144,6 +153,10 @@ def tune_thresholds(logits: np.ndarray, labels) -> list[float]:
 
 def eval_loss(task: str, logits: np.ndarray, labels) -> float:
     """The mean training loss of logits against labels (cross-entropy, BCE with logits, or MSE)."""
+    import torch
+
+    from budgetune.metrics import cross_entropy
+
     if task == SINGLE_LABEL:
         return cross_entropy(logits, labels)
     t = torch.from_numpy(np.asarray(logits, dtype=np.float32))
@@ -158,6 +171,8 @@ def task_metrics(task: str, logits: np.ndarray, labels, label_names: list[str], 
     elif task == REGRESSION:
         m = regression_metrics(labels, predictions(task, logits), label_names)
     else:
+        from budgetune.metrics import classification_metrics
+
         m = classification_metrics(labels, predictions(task, logits), label_names)
     m["loss"] = eval_loss(task, logits, labels) if len(logits) else 0.0
     return m
@@ -208,7 +223,9 @@ def regression_metrics(labels, values: np.ndarray, target_names: list[str]) -> d
 def metrics_text(task: str, m: dict, title: str = "evaluation") -> str:
     """The metrics as a plain-text report (single-label: metrics.metrics_text's, unchanged)."""
     if task == SINGLE_LABEL:
-        return classification_text(m, title)
+        from budgetune.metrics import metrics_text
+
+        return metrics_text(m, title)
     lines = [f"{title}: {m['n']} examples"]
     lines += [f"{k:<16}{m[k]:.4f}" for k in METRICS[task]]
     width = max(10, *(len(n) for n in m["label_names"]))
