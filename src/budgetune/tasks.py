@@ -6,7 +6,8 @@ tuning of multi-label thresholds on validation. Every verb asks here.
 Public API:
 - TASKS, SINGLE_LABEL, MULTI_LABEL, REGRESSION; METRICS[task] (the metric names metric_for_best_model accepts),
   DEFAULT_METRIC[task], SCALE_METRIC[task] (what the adapter scale is chosen on: a fraction, higher is better)
-- problem_type(task); check_metric(task, metric, flag)
+- problem_type(task); check_task(task); check_metric(task, metric, flag); require_single_label(task, verb)
+- prefixed(task, m): the task's metrics as {"eval_" + name: value} (best-model metrics, logs, callbacks)
 - loss(task, logits, labels) (torch, what training minimises: cross-entropy, BCE with logits, MSE)
 - task_metrics(task, logits, labels, label_names, thresholds=None) -> dict with every METRICS[task] key, "n" ...
 - tune_thresholds(logits, labels) -> one threshold per label (multi-label)
