@@ -316,3 +316,35 @@ def test_predict_reads_a_labelled_file_of_the_models_task(task_files):
         list(readers.iter_tables(str(task_files["multi_delim"]), task="multi_label"))
     pairs = list(readers.iter_tables(str(task_files["pairs"]), text_pair_column="text_b", id_column="id"))
     assert pairs[0].ids[:2] == ["id0", "id1"] and len(pairs[0].text_pairs) == len(pairs[0].texts) == 480
+
+
+def test_regression_reads_several_target_columns(tmp_path, tiny_roberta, capsys):
+    from budgetune import cli
+
+    path = write_csv(tmp_path / "two.csv", ["text", "a", "b"], [["x", "1", "2.5"], ["y", "-1", "0"]])
+    t = readers.load_table(str(path), task="regression", label_column="a,b")
+    assert t.label_names == ["a", "b"] and t.labels == [[1.0, 2.5], [-1.0, 0.0]]
+    with pytest.raises(DataError, match="no target column 'c'"):
+        readers.load_table(str(path), task="regression", label_column="a,c")
+    assert cli.main(["params", "--model_name_or_path", str(tiny_roberta), "--json", "--task", "regression",
+                     "--label_column_name", "a,b"]) == 0
+    assert json.loads(capsys.readouterr().out)["head"] == 32 * 32 + 32 + 32 * 2 + 2
+
+
+@pytest.mark.slow
+def test_two_regression_targets_end_to_end(tiny_roberta, tmp_path):
+    rows = [[text, label * 1.5, 3.0 - label] for label, text in headline_rows()]
+    data = write_csv(tmp_path / "two.csv", ["text", "a", "b"], rows)
+    out = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_roberta, data, out, "lora", task="regression", label_column_name="a,b",
+                             num_train_epochs=1))
+    info = json.loads((out / "adapter" / "budgetune.json").read_text())
+    assert info["label_names"] == ["a", "b"] and info["budget"]["head"] == 32 * 32 + 32 + 32 * 2 + 2
+    run_cli("evaluate", str(out), "--data_file", str(data), "--output", str(tmp_path / "ev"))
+    m = json.loads((tmp_path / "ev.json").read_text())
+    assert set(m["per_target"]) == {"a", "b"} and m["mse"] == pytest.approx(
+        (m["per_target"]["a"]["mse"] + m["per_target"]["b"]["mse"]) / 2)
+    run_cli("predict", str(out), "--input", str(data), "--output", str(tmp_path / "p.csv"))
+    values = np.array([json.loads(r["Label"]) for r in read_submission(tmp_path / "p.csv")])
+    y = np.array([[r[1], r[2]] for r in rows])
+    assert values.shape == (480, 2) and m["mse"] == pytest.approx(np.mean((values - y) ** 2), rel=1e-4)

@@ -66,7 +66,8 @@ class DataConfig:
     text_column_name: str | None = None
     """Column holding the text (default: the first of text, sentence, content, review)."""
     label_column_name: str | None = None
-    """Column holding the label (default: the first of label, labels, class)."""
+    """Column holding the label (default: the first of label, labels, class; regression also score, target);
+    regression on several targets names them all, comma-separated (e.g. `valence,arousal`)."""
     label_names: list[str] | None = None
     """Names of the classes (multi_label: of the labels) in label order; default: from the data."""
     task: str = "single_label"

@@ -51,6 +51,14 @@ def check_task(task: str, flag: str = "--task") -> str:
     return task
 
 
+def target_columns(task: str, label_column: str | None) -> list[str] | None:
+    """Regression's target columns from --label_column_name ("a,b": two targets); None when not named (or another
+    task)."""
+    if task != REGRESSION or not label_column:
+        return None
+    return [c.strip() for c in label_column.split(",") if c.strip()]
+
+
 def require_single_label(task: str, verb: str) -> None:
     """Refuse a task a verb does not handle yet (serve, search, distill, self-training), naming the flag."""
     if task != SINGLE_LABEL:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from budgetune import tasks
 from budgetune.cli.parsing import config_parser, parse_config_verb
 from budgetune.errors import ConfigError
 
@@ -58,18 +59,21 @@ def count_flag(text: str | None, name: str) -> int | None:
 
 
 def num_labels_of(cfg, num_labels: int | None) -> int:
-    """The head's outputs: --num_labels, else the config's label_names, else 4; one for regression."""
+    """The head's outputs: --num_labels, else the config's label_names, else 4; regression: one per target column
+    (--label_column_name a,b: two)."""
     if cfg.data.task == "regression":
         if num_labels is not None:
-            raise ConfigError("--num_labels: a --task regression head has one output (the target); leave it out")
-        return 1
+            raise ConfigError("--num_labels: a --task regression head has one output per target column "
+                              "(--label_column_name a,b: two); leave it out")
+        return len(tasks.target_columns(cfg.data.task, cfg.data.label_column_name) or [None])
     return num_labels or (len(cfg.data.label_names) if cfg.data.label_names else 4)
 
 
 def outputs_text(cfg, n: int) -> str:
-    """'4 labels', or '1 target (regression)'."""
-    return "1 target (regression)" if cfg.data.task == "regression" else f"{n} labels ({cfg.data.task})" \
-        if cfg.data.task != "single_label" else f"{n} labels"
+    """'4 labels', '3 labels (multi_label)' or '1 target (regression)'."""
+    if cfg.data.task == "regression":
+        return f"{n} target{'s' if n > 1 else ''} (regression)"
+    return f"{n} labels ({cfg.data.task})" if cfg.data.task != "single_label" else f"{n} labels"
 
 
 def show_params(config: str | None, overrides: list[str], as_json: bool, num_labels: int | None = None) -> int:

@@ -503,6 +503,8 @@ def _to_table(src: str, columns: dict[str, list], classes: dict[str, list[str]],
             raise DataError(f"{src}, row {i + 1}: text is {what} (column {tcol!r})")
         check_text(src, f"row {i + 1}, column {tcol!r}", t)
     label_column, label_names = spec.column, spec.names
+    if spec.task == "regression" and label_column and "," in label_column:
+        return _several_targets(src, columns, texts, label_column, require_labels)
     defaults = LABEL_COLUMNS + (REGRESSION_COLUMNS if spec.task == "regression" else ())
     if label_column is None and not require_labels and not any(c in columns for c in defaults):
         names = label_names or next((v for k, v in classes.items() if not k.endswith("[]")), None)
@@ -520,6 +522,17 @@ def _to_table(src: str, columns: dict[str, list], classes: dict[str, list[str]],
         return TextTable(list(texts), label_cells.regression_targets(src, raw, lcol), [lcol], src)
     labels, names = _labels(src, raw, names)
     return TextTable(list(texts), labels, names, src)
+
+
+def _several_targets(src: str, columns: dict[str, list], texts: list, label_column: str,
+                     require_labels: bool) -> TextTable:
+    """Regression on several target columns (--label_column_name a,b): a row of floats per text."""
+    names = [c.strip() for c in label_column.split(",") if c.strip()]
+    if not require_labels and not all(c in columns for c in names):
+        return TextTable(list(texts), None, names, src)
+    values = [label_cells.regression_targets(src, columns[_pick(src, columns, c, (), "target", "label_column_name")], c)
+              for c in names]
+    return TextTable(list(texts), [list(row) for row in zip(*values)], names, src)
 
 
 def _label_set(names: list[str]) -> str:

@@ -21,7 +21,7 @@ def labelled_table(info: dict, data_file: str, *, split: str = "test", text_colu
     task = bundle_task(info)
     regression = task == tasks.REGRESSION
     return data_lib.load_table(data_file, split=split, text_column=text_column, task=task,
-                               label_column=label_column or (info["label_names"][0] if regression else None),
+                               label_column=label_column or (",".join(info["label_names"]) if regression else None),
                                label_names=None if regression else info["label_names"],
                                text_pair_column=text_pair_column or info.get("text_pair_column_name"),
                                label_delimiter=label_delimiter or info.get("label_delimiter"))

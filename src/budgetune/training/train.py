@@ -64,7 +64,7 @@ def known_labels(cfg: Config) -> list[str] | None:
     """The label names (regression: the target column) known before the data loads, for the budget gate."""
     d = cfg.data
     if d.task == tasks.REGRESSION:
-        return [d.label_column_name] if d.label_column_name else None
+        return tasks.target_columns(d.task, d.label_column_name)
     builtin = d.dataset_name == BUILTIN_DATA and d.task == tasks.SINGLE_LABEL
     return d.label_names or (data_lib.AG_NEWS_LABELS if builtin else None)
 
