@@ -73,9 +73,21 @@ class DataConfig:
     text_column_name: str | None = None
     """Column holding the text (default: the first of text, sentence, content, review)."""
     label_column_name: str | None = None
-    """Column holding the label (default: the first of label, labels, class)."""
+    """Column holding the label (default: the first of label, labels, class; regression also score, target);
+    regression on several targets names them all, comma-separated (e.g. `valence,arousal`)."""
     label_names: list[str] | None = None
-    """Names of the classes in label order; default: from the data."""
+    """Names of the classes (multi_label: of the labels) in label order; default: from the data."""
+    task: str = "single_label"
+    """What a row's label is: `single_label` (one class per text, softmax and cross-entropy), `multi_label` (a set
+    of labels per text: a JSON array per cell, or names joined by --label_delimiter; one sigmoid per label, BCE, a
+    threshold per label tuned on validation) or `regression` (a number per text in the label column, MSE); see the
+    Tasks page of the docs."""
+    text_pair_column_name: str | None = None
+    """A second text column: each row is encoded as a true pair (the tokenizer's text, text_pair with longest_first
+    truncation), as for NLI or duplicate questions; every row needs one. Default: single texts."""
+    label_delimiter: str | None = None
+    """multi_label: the string that separates a cell's labels (e.g. `;` for `sports;politics`); default: each cell
+    is a JSON array such as ["sports", "politics"]."""
     validation_split_percentage: float = 10.0
     """Percent of the training data held out for validation when the data has no validation split."""
     max_seq_length: int = 128
@@ -105,6 +117,27 @@ class DataConfig:
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise ConfigError(f"--{flag} must be a positive number, got {value}")
+        check_task_fields(self)
+
+
+def check_task_fields(d: DataConfig) -> None:
+    """The task's own fields, and the combinations of data fields a task refuses."""
+    from budgetune import tasks
+
+    tasks.check_task(d.task)
+    if d.label_delimiter is not None:
+        if d.task != tasks.MULTI_LABEL:
+            raise ConfigError(f"--label_delimiter separates the labels of a multi_label cell; with --task {d.task} "
+                              "leave it out (or set --task multi_label)")
+        if d.label_delimiter == "" or any(c in d.label_delimiter for c in '\n\r"[]'):
+            raise ConfigError(f"--label_delimiter must be a non-empty string without quotes, brackets or line "
+                              f"breaks, got {d.label_delimiter!r}")
+    if d.task == tasks.REGRESSION and d.label_names is not None:
+        raise ConfigError("--label_names names classes; --task regression predicts a number from the label column "
+                          "(--label_column_name): leave --label_names out")
+    if d.text_pair_column_name is not None and d.text_pair_column_name == d.text_column_name:
+        raise ConfigError(f"--text_pair_column_name {d.text_pair_column_name!r} is the text column itself; name the "
+                          "column of the second text")
 
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd")
@@ -209,6 +242,13 @@ class BudgetConfig:
             raise ConfigError(f"--max_trainable_params must be positive or null, got {self.max_trainable_params}")
 
 
+def metric_names() -> tuple[str, ...]:
+    """Every task's validation metrics (Config checks that the task has the one chosen)."""
+    from budgetune.tasks import METRICS
+
+    return tuple(dict.fromkeys(m for names in METRICS.values() for m in names))
+
+
 @dataclass
 class TrainConfig:
     learning_rate: float = 1e-3
@@ -278,7 +318,9 @@ class TrainConfig:
     early_stopping_patience: int | None = 2
     """Stop after this many evaluations without improvement of the metric; null: never stop early."""
     metric_for_best_model: str = "accuracy"
-    """Validation metric that selects the best adapter: accuracy, macro_f1 or loss."""
+    """Validation metric that selects the best adapter. single_label: accuracy, macro_f1 or loss; multi_label:
+    micro_f1, macro_f1, subset_accuracy or loss (the default, accuracy, means micro_f1); regression: mse, mae,
+    pearson, spearman or loss (the default means mse)."""
     mixed_precision: str = "auto"
     """auto, no (fp32), bf16 or fp16. auto: bf16 on a GPU that has it (else fp16); on CPU bf16 where torch
     detects native bf16 matrix instructions (AMX or AVX512-BF16), else fp32; the environment variable
@@ -317,7 +359,7 @@ class TrainConfig:
             raise ConfigError("--num_train_epochs must be positive (or set --max_steps)")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        choices = {"eval_strategy": ("epoch", "steps", "no"), "metric_for_best_model": ("accuracy", "macro_f1", "loss"),
+        choices = {"eval_strategy": ("epoch", "steps", "no"), "metric_for_best_model": metric_names(),
                    "mixed_precision": ("auto", "no", "bf16", "fp16"), "optim": OPTIMIZERS,
                    "save_strategy": (None, "no", "epoch", "steps")}
         if self.lr_scheduler_type != "linear":  # transformers' names (importing it costs seconds: only when asked)
@@ -388,6 +430,17 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
+        from budgetune import tasks
+
+        if self.data.task != tasks.SINGLE_LABEL and self.train.metric_for_best_model == "accuracy":
+            self.train.metric_for_best_model = tasks.DEFAULT_METRIC[self.data.task]  # the default, for this task
+        tasks.check_metric(self.data.task, self.train.metric_for_best_model)
+        if self.data.task == tasks.REGRESSION and self.train.class_weights is not None:
+            raise ConfigError("--class_weights: a regression target has no classes to weigh (--task regression); "
+                              "leave it unset")
+        if self.data.task != tasks.SINGLE_LABEL and self.train.label_smoothing_factor:
+            raise ConfigError(f"--label_smoothing_factor smooths one class per row; --task {self.data.task} has "
+                              "none: leave it 0")
         if self.train.cuda_graphs and not self.data.pad_to_buckets:
             raise ConfigError("--cuda_graphs true needs --pad_to_buckets N (e.g. 6): a graph is captured per batch "
                               "shape, and without fixed lengths nearly every batch would have a shape of its own")

@@ -1,4 +1,5 @@
-"""The training loss a run's options choose: --class_weights and --label_smoothing_factor on the cross-entropy."""
+"""The training loss a run's options choose: --class_weights and --label_smoothing_factor on the cross-entropy,
+--class_weights as BCE's pos_weight for multi-label."""
 
 from __future__ import annotations
 
@@ -61,6 +62,25 @@ def cross_entropy_loss(weights: list[float] | None, smoothing: float):
         logits = out.logits.float()
         w = None if table is None else table.to(logits.device)
         loss = F.cross_entropy(logits, batch["labels"].view(-1), weight=w, label_smoothing=smoothing)
+        penalty = lean_step.orth_penalty(model)
+        return loss if penalty is None else loss + penalty
+
+    return loss_fn
+
+
+def bce_loss(pos_weight: list[float] | None):
+    """loss_fn(model, batch) for a multi-label run with --class_weights: the mean binary cross-entropy of every
+    (row, label) with each label's positives weighted by `pos_weight` (BCEWithLogitsLoss's), plus AdaLoRA's
+    orthogonal regulariser. None without weights: the model's own loss (the same BCE, unweighted)."""
+    if pos_weight is None:
+        return None
+    table = torch.tensor(pos_weight, dtype=torch.float32)
+
+    def loss_fn(model, batch: dict) -> torch.Tensor:
+        out = model(**{k: v for k, v in batch.items() if k not in ("idx", "labels")})
+        logits = out.logits.float()
+        loss = F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.dtype),
+                                                  pos_weight=table.to(logits.device))
         penalty = lean_step.orth_penalty(model)
         return loss if penalty is None else loss + penalty
 

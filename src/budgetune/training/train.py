@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from budgetune import fileio
+from budgetune import fileio, tasks
 from budgetune.adalora import lean_step, phases, rank_masks
 from budgetune.budget.count import Breakdown, check_live
 from budgetune.budget.plan import check_budget, resolve_auto_rank
@@ -61,6 +61,15 @@ def gate(cfg: Config, label_names: list[str] | None) -> tuple[Config, Breakdown 
     if cfg.method.method == "adalora":
         phases.check_ranks(cfg.method)
     return cfg, check_budget(cfg, len(label_names)), note
+
+
+def known_labels(cfg: Config) -> list[str] | None:
+    """The label names (regression: the target column) known before the data loads, for the budget gate."""
+    d = cfg.data
+    if d.task == tasks.REGRESSION:
+        return tasks.target_columns(d.task, d.label_column_name)
+    builtin = d.dataset_name == BUILTIN_DATA and d.task == tasks.SINGLE_LABEL
+    return d.label_names or (data_lib.AG_NEWS_LABELS if builtin else None)
 
 
 def make_loaders(cfg: Config, accelerator, splits: Splits, tokenizer):
@@ -113,8 +122,7 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
                                    kwargs_handlers=autocast_kwargs(t.cuda_graphs))
     accelerator.print(chosen.line())  # the run's header: what it computes in, and why
     # The gate comes first: a configuration over budget is refused before data or weights are loaded.
-    known = splits.label_names if splits else cfg.data.label_names or (
-        data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
+    known = splits.label_names if splits else known_labels(cfg)
     cfg, expected, note = gate(cfg, known)
     cfg, attention = backbone.resolve_attention(cfg)  # the kernel it means is what config.yaml records
     if accelerator.is_main_process:
@@ -165,11 +173,15 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
 def training_loss(cfg: Config, splits: Splits, loss_fn: LossFn | None) -> tuple[LossFn | None, dict]:
     """The loss train() steps on (None: the model's own cross-entropy) and the training options it resolved, for
     metrics.jsonl's `options` event. --class_weights and --label_smoothing_factor shape the cross-entropy of
-    `budgetune train`; a caller's own loss (distillation) is refused beside them rather than silently kept.
-    (Once data.task has regression, class weights must be refused there: a regression target has no classes.)"""
+    `budgetune train` (multi-label: --class_weights is BCE's pos_weight; Config refuses both for regression and
+    smoothing beyond single-label); a caller's own loss (distillation) is refused beside them rather than silently
+    kept."""
     t = cfg.train
     weights = losses.class_weights(t.class_weights, splits.train.labels, splits.label_names)
-    weighted = losses.cross_entropy_loss(weights, t.label_smoothing_factor)
+    if splits.task == tasks.MULTI_LABEL:
+        weighted = losses.bce_loss(weights)
+    else:
+        weighted = losses.cross_entropy_loss(weights, t.label_smoothing_factor)
     if weighted is not None and loss_fn is not None:
         raise ConfigError("--class_weights and --label_smoothing_factor shape the cross entropy of `budgetune "
                           "train`; this command trains with a loss of its own (distillation): leave them unset")
@@ -267,21 +279,22 @@ def keep_best(run: Run, state: TrainState, best: Best, m: dict) -> bool:
 
     AdaLoRA: only validations with the final rank pattern compete (adalora.Schedule.may_be_best): one from the
     warm-up or mid-pruning would ship more than target_r ranks."""
-    key = run.cfg.train.metric_for_best_model
+    key, task = run.cfg.train.metric_for_best_model, run.splits.task
     eligible = run.schedule is None or run.schedule.may_be_best(state.step)
     better = eligible and improves(m[key], state.best_metric, key)
     if better:
         state.best_metric, state.best_step, state.bad_evals = m[key], state.step, 0
         best.state, best.pattern = checkpoint.trainable_state(run.inner), rank_masks.rank_pattern_masks(run.inner)
-        best.metrics = {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"], "eval_loss": m["loss"],
-                        "step": state.step, "epoch": run.epoch_of(state.step)}
+        best.metrics = {**tasks.prefixed(task, m), "step": state.step, "epoch": run.epoch_of(state.step)}
         if run.accelerator.is_main_process:
             save_best(run, best)
     elif run.schedule is None or run.schedule.is_final(state.step):
         state.bad_evals += 1  # AdaLoRA: only once the rank pattern is final (pruning makes the metric dip)
     run.log.log("eval", step=state.step, epoch=run.epoch_of(state.step), eval_loss=m["loss"],
-                eval_accuracy=m["accuracy"], eval_macro_f1=m["macro_f1"], best=better, bad_evals=state.bad_evals)
-    run.accelerator.print(f"step {state.step}: validation accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}"
+                **{k: v for k, v in tasks.prefixed(task, m).items() if k != "eval_loss"}, best=better,
+                bad_evals=state.bad_evals)
+    shown = tasks.DEFAULT_METRIC[task]
+    run.accelerator.print(f"step {state.step}: validation {shown} {m[shown]:.4f} loss {m['loss']:.4f}"
                           + (" (best)" if better else ""))
     return better
 
@@ -426,8 +439,7 @@ def evaluate(run: Run, state: TrainState, best: Best, on_evaluate: OnEvaluate | 
     if optim.steps_on_metric(run.scheduler):  # reduce_lr_on_plateau, greedy (Hugging Face's Trainer does the same)
         run.scheduler.step(m[t.metric_for_best_model])
     if on_evaluate is not None:
-        on_evaluate(state.step, {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"],
-                                 "eval_loss": m["loss"], "epoch": run.epoch_of(state.step),
+        on_evaluate(state.step, {**tasks.prefixed(run.splits.task, m), "epoch": run.epoch_of(state.step),
                                  "final_ranks": run.schedule is None or run.schedule.is_final(state.step)})
     return t.early_stopping_patience is not None and state.bad_evals >= t.early_stopping_patience
 
