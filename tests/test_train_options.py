@@ -398,3 +398,34 @@ def test_search_trains_its_trials_with_the_options(tiny_roberta, headlines_csv, 
     assert len(options["class_weights"]) == 4 and options["label_smoothing_factor"] == 0.1
     train = yaml.safe_load((tmp_path / "s" / "best.yaml").read_text())["train"]
     assert (train["eval_strategy"], train["optim"], train["class_weights"]) == ("no", "adafactor", "balanced")
+
+
+def test_multi_label_class_weights_are_bces_pos_weight_on_a_known_batch(tiny_roberta):
+    """--task multi_label --class_weights: BCEWithLogits with pos_weight (the training rows' negatives/positives
+    under `balanced`); regression refuses class weights and only single-label takes label smoothing."""
+    from transformers import AutoTokenizer
+
+    from budgetune.data.readers import TextTable
+    from budgetune.data.splits import Splits
+    from budgetune.modeling import backbone, methods
+    from budgetune.training.train import training_loss
+
+    cfg = resolve(None, ["--model_name_or_path", str(tiny_roberta), "--task", "multi_label", "--label_names",
+                         ",".join(LABELS), "--class_weights", "balanced"])
+    rows = [[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 1], [0, 0, 1, 1]]
+    table = TextTable(["a", "b", "c", "d"], rows, LABELS, "rows")
+    loss_fn, options = training_loss(cfg, Splits(table, table, None, LABELS, "rows", "multi_label"), None)
+    assert options["class_weights"] == pytest.approx([1.0, 3.0, 1.0, 1.0])  # negatives / positives per label
+    torch.manual_seed(0)
+    model = methods.wrap(cfg, backbone.load_base(cfg, LABELS)[0], total_step=10).eval()
+    batch = dict(AutoTokenizer.from_pretrained(tiny_roberta)(["stocks fall", "team wins cup", "new chip", "talks"],
+                                                            padding=True, return_tensors="pt"))
+    batch["labels"] = torch.tensor(rows, dtype=torch.float32)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    want = F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=torch.tensor([1.0, 3.0, 1.0, 1.0]))
+    assert torch.equal(loss_fn(model, batch), want)
+    assert not torch.allclose(want, model(**batch).loss, atol=1e-4)  # the model's own BCE is unweighted
+    with pytest.raises(ConfigError, match=r"--class_weights: a regression target has no classes to weigh"):
+        resolve(None, ["--task", "regression", "--class_weights", "balanced"])
+    with pytest.raises(ConfigError, match=r"--label_smoothing_factor smooths one class per row; --task multi_label"):
+        resolve(None, ["--task", "multi_label", "--label_smoothing_factor", "0.1"])
