@@ -123,6 +123,16 @@ def test_every_method_merges_at_the_bundles_scale(tiny_roberta, tmp_path, method
     assert np.abs(logits - expected).max() < 1e-4
 
 
+def test_a_full_run_exports_as_it_is(tiny_roberta, tmp_path):
+    """method full has no adapter: its model is written as is, with the same checks."""
+    out = tmp_path / "run"
+    run_cli(*tiny_train_args(tiny_roberta, "builtin:headlines", out, "full", max_steps=3, num_train_epochs=1,
+                             max_trainable_params="null", robust_tolerance="null", target_modules="null"))
+    proc = run_cli("export", str(out), "--merge", "--output", str(tmp_path / "merged"))
+    assert np.abs(plain_transformers_logits(tmp_path / "merged")[0] - budgetune_logits(out)).max() < 1e-4
+    assert "every weight fine-tuned" in (tmp_path / "merged" / "README.md").read_text() and "full" in proc.stdout
+
+
 def linear_head_bundle(tiny_roberta: Path, folder: Path) -> Path:
     """A LoRA bundle with budgetune's --head linear (one Linear where RoBERTa's head has dense+tanh+out_proj)."""
     import peft

@@ -126,9 +126,10 @@ def deployment_card(info: dict, fmt: str) -> str:
              f"base_model: {info['base_model_name_or_path']}", "pipeline_tag: text-classification",
              f"tags: [budgetune, {info['method']}, {fmt}]", "---", "",
              f"# {info['method']} fine-tune of {info['base_model_name_or_path']} ({fmt})", "",
-             f"Trained with budgetune ({info['method']}, head {info['head']}) and exported for deployment: the adapter "
-             f"is merged into the base weights at adapter scale {info['merged_adapter_scale']:g}, the classification "
-             "head included. Neither budgetune nor peft is needed to run it.", "",
+             f"Trained with budgetune ({info['method']}, head {info['head']}) and exported for deployment: "
+             + ("every weight fine-tuned" if info["method"] == "full" else "the adapter merged into the base weights "
+                f"at adapter scale {info['merged_adapter_scale']:g}") + ", the classification head included. Neither "
+             "budgetune nor peft is needed to run it.", "",
              f"Labels (in order): {', '.join(labels)}. Texts were truncated at {info['max_seq_length']} tokens in "
              "training (the tokenizer's model_max_length here).", "", "## Validation metrics (best checkpoint)", ""]
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()]

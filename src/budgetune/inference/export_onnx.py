@@ -80,12 +80,13 @@ def ort_logits(path: Path, batch: dict) -> np.ndarray:
 
 def quantize_int8(source: Path, target: Path) -> None:
     """Weights int8, activations quantized dynamically per batch (onnxruntime's quantize_dynamic), after
-    onnxruntime's recommended pre-processing (shape inference, graph optimization: more MatMuls quantized)."""
+    onnxruntime's recommended pre-processing (ONNX shape inference and graph optimization; its symbolic shape
+    inference is skipped: it gives up on MiniLM's graph, "Incomplete symbolic shape inference")."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = target.with_name(f".{target.stem}.prepared.onnx")
-    quant_pre_process(str(source), str(prepared))
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
     prepared.unlink()
 
