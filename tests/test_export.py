@@ -123,6 +123,7 @@ def test_every_method_merges_at_the_bundles_scale(tiny_roberta, tmp_path, method
     assert np.abs(logits - expected).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_a_full_run_exports_as_it_is(tiny_roberta, tmp_path):
     """method full has no adapter: its model is written as is, with the same checks."""
     out = tmp_path / "run"
@@ -205,7 +206,8 @@ def test_onnx_gives_budgetunes_logits_with_the_labels_in_its_metadata(run, tmp_p
     assert "library_name: onnx" in (out / "README.md").read_text() and "model_int8.onnx" in proc.stdout
 
 
-@pytest.mark.parametrize("model_type", ["bert", "distilbert", "mpnet", "deberta-v2"])
+@pytest.mark.parametrize("model_type", ["bert", *(pytest.param(t, marks=pytest.mark.slow)
+                                                 for t in ("distilbert", "mpnet", "deberta-v2"))])
 def test_onnx_of_other_architectures(tiny_encoder, tmp_path, model_type):
     """BERT's graph takes token_type_ids; the rest run on input_ids and attention_mask alone."""
     pytest.importorskip("onnxruntime")
