@@ -61,25 +61,36 @@ def ort_variant(path: Path, folder: Path, threads: int, max_seq_length: int, bat
     return run
 
 
-def budgetune_variant(run_dir: str, precision: str, batch_size: int):
-    """texts -> logits with budgetune's own inference, in `precision` (fp32, or auto for this machine's choice)."""
-    from budgetune.data import readers as data_lib
-    from budgetune.inference.loading import load_for_inference
-    from budgetune.inference.runner import table_logits
+def budgetune_variants(run_dir: str, batch_size: int):
+    """texts -> logits with budgetune's own inference (load_for_inference + table_logits), in fp32 and in the
+    precision `auto` picks here. accelerate allows one precision per process: the fp32 accelerator runs both, the
+    second inside the CPU autocast accelerate itself applies for bf16."""
+    import contextlib
 
-    if precision == "fp32":
-        os.environ["BUDGETUNE_MIXED_PRECISION"] = "fp32"
-    else:
-        os.environ.pop("BUDGETUNE_MIXED_PRECISION", None)
+    import torch
+
+    from budgetune.data import readers as data_lib
+    from budgetune.hardware.devices import resolve_precision
+    from budgetune.inference.loading import load_for_inference
+
+    os.environ.pop("BUDGETUNE_MIXED_PRECISION", None)
+    auto = resolve_precision("auto")
+    os.environ["BUDGETUNE_MIXED_PRECISION"] = "fp32"
     accelerator, model, tokenizer, info = load_for_inference(run_dir)
     os.environ.pop("BUDGETUNE_MIXED_PRECISION", None)
-    chosen = info["precision"]["precision"]
 
-    def run(texts: list[str]):
-        table = data_lib.TextTable(texts, None, None, "bench")
-        return table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], desc="bench")
+    def variant(dtype):
+        def run(texts: list[str]):
+            from budgetune.inference.runner import table_logits
 
-    return run, chosen, info
+            table = data_lib.TextTable(texts, None, None, "bench")
+            with torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext():
+                return table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"],
+                                    desc="bench")
+        return run
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    return variant(None), variant(dtypes.get(auto.mixed_precision)), auto.name, info
 
 
 def main(argv=None) -> int:
@@ -93,6 +104,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars between the tables
     if not Path(a.data).is_file():
         print(f"skipped: {a.data} not found")
         return 0
@@ -120,8 +132,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     export_onnx(a.run, folder, quantize="int8")
     export_s = time.perf_counter() - t
-    fp32, _, info = budgetune_variant(a.run, "fp32", a.batch_size)
-    auto, auto_name, _ = budgetune_variant(a.run, "auto", a.batch_size)
+    fp32, auto, auto_name, info = budgetune_variants(a.run, a.batch_size)
     ort = {kind: ort_variant(folder / f"model{suffix}.onnx", folder, a.threads, info["max_seq_length"], a.batch_size,
                              CPU_BATCH_TOKENS) for kind, suffix in (("fp32", ""), ("int8", "_int8"))}
     variants = {"budgetune fp32": fp32, f"budgetune auto ({auto_name})": auto,
