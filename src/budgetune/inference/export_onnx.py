@@ -98,8 +98,8 @@ def export_onnx(run: str | Path, output: str | Path, adapter_scale: float | None
     place: onnxruntime must give budgetune's logits to 1e-3 (fp32); the int8 model's agreement is printed."""
     if quantize is not None and quantize not in QUANTIZE:
         raise ConfigError(f"--quantize must be {' or '.join(QUANTIZE)}, got {quantize!r}")
-    require_onnx()
     out = fileio.refuse_nonempty(output, overwrite)
+    require_onnx()
     model, tokenizer, info, source = merged_model(run, adapter_scale)
     batch = check_batch(tokenizer, info["max_seq_length"])
     expected = logits_of(model, batch).numpy()
