@@ -164,3 +164,30 @@ def test_a_target_the_model_lacks_is_named(tiny_encoder):
         "modules are attention.output.dense, attention.self.key, attention.self.query, attention.self.value, "
         "intermediate.dense, output.dense (seed names query, key, value, dense and all-linear work on every "
         "architecture)")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_attention_dropout_reaches_each_architectures_attention(arch, tiny_encoder):
+    """--attention_dropout sets the attention-probability dropout under each architecture's own config name, and
+    the attention modules train with it."""
+    import torch
+
+    from budgetune.modeling import backbone
+
+    model, _ = backbone.load_pretrained(str(tiny_encoder(arch)), ["a", "b"], attention_dropout=0.37)
+    names = [k for k in backbone.ATTENTION_DROPOUT_KEYS if hasattr(model.config, k)]
+    assert names and all(getattr(model.config, k) == 0.37 for k in names)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.37}
+    probs = {getattr(m, "dropout", None) for m in model.modules() if isinstance(getattr(m, "dropout", None), float)}
+    assert rates or probs == {0.37}, (arch, names)  # nn.Dropout modules, or the float SDPA/eager attention reads
+
+
+def test_attention_dropout_is_refused_where_the_model_has_none():
+    from transformers import PretrainedConfig
+
+    from budgetune.modeling.backbone import set_attention_dropout
+
+    with pytest.raises(ConfigError, match=r"--attention_dropout: model type 'plain' has no attention dropout"):
+        set_attention_dropout(type("Plain", (PretrainedConfig,), {"model_type": "plain"})(), 0.0)
+    with pytest.raises(ConfigError, match=r"--attention_dropout must be in \[0, 1\) or null, got 1.5"):
+        build_config({"model": {"attention_dropout": 1.5}}, "test")

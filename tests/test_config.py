@@ -180,7 +180,9 @@ def test_unknown_method_through_the_real_cli(tmp_path):
     (["--learning_rate", "0"], "--learning_rate must be a positive number, got 0.0"),
     (["--warmup_ratio", "1"], "--warmup_ratio must be in [0, 1), got 1.0"),
     (["--max_trainable_params", "0"], "--max_trainable_params must be positive or null, got 0"),
-    (["--lr_scheduler_type", "cosine"], "--lr_scheduler_type must be one of linear, constant, got 'cosine'"),
+    (["--lr_scheduler_type", "cosin"], "--lr_scheduler_type must be one of linear, cosine, cosine_with_restarts, "
+     "polynomial, constant, constant_with_warmup, inverse_sqrt, reduce_lr_on_plateau, cosine_with_min_lr, "
+     "cosine_warmup_with_min_lr, warmup_stable_decay, greedy, got 'cosin'"),
     (["--head", "mlp"], "--head must be default, linear or frozen_dense, got 'mlp'"),
 ])
 def test_out_of_range_values(flags, message):
@@ -217,7 +219,7 @@ def test_train_help_lists_every_option_with_its_docstring(capsys):
     assert n == len({f.name for cls in GROUPS.values() for f in dataclasses.fields(cls)})
     # A few by hand: the help is the docstrings, not something else.
     assert "--learning_rate (default: 0.001)" in out
-    assert "Peak learning rate of AdamW." in flat
+    assert "Peak learning rate of the optimizer." in flat
     assert "AdaLoRA: average rank kept at the end; default rank // 2" in flat
     assert "Hard cap on trainable parameters (adapters + head + anything unfrozen); null switches the gate off." in flat
 

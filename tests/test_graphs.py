@@ -222,6 +222,9 @@ def test_fallback_reasons_name_what_stops_capture(tiny_roberta, short_csv, tmp_p
     assert "accumulation" in why(gradient_accumulation_steps=2)
     assert "custom training loss" in why(custom_loss=True)
     assert "--torch_compile" in why(torch_compile="true")
+    assert why(optim="adafactor") == "--optim adafactor is not captured (AdamW only)"
+    assert why(optim="adamw_torch_fused", lr_scheduler_type="cosine") is None
+    assert "greedy" in why(lr_scheduler_type="greedy")
     fp16, ddp = Acc(), Acc()
     fp16.mixed_precision, ddp.num_processes = "fp16", 2
     assert "fp16" in why(acc=fp16) and "2 processes" in why(acc=ddp)

@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "budgetune"
 # Bottom to top. A package (or top-level module) may import from its own floor and the floors below.
 FLOORS = [
     {"errors", "fileio", "textcheck"},
-    {"config", "metrics"},
+    {"config", "metrics", "tasks"},
     {"hardware", "data"},
     {"adalora"},
     {"modeling"},

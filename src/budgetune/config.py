@@ -45,12 +45,19 @@ class ModelConfig:
     attn_implementation: str = "auto"
     """Attention kernel: `auto` (SDPA where transformers has it for the architecture, eager otherwise, e.g. for
     MPNet and DeBERTa), `sdpa` (PyTorch fused attention) or `eager`; the run's header says which it used."""
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities while training (the model config's attention_probs_dropout_prob or
+    attention_dropout); null: the model's own (0.1 for BERT, MiniLM, RoBERTa, MPNet). SDPA runs its fused kernel
+    only without it: on a CPU a dropout above 0 falls back to the unfused math path, with a random mask as large
+    as the attention matrix (see the benchmarks page)."""
 
     def __post_init__(self):
         if self.head not in ("default", "linear", "frozen_dense"):
             raise ConfigError(f"--head must be default, linear or frozen_dense, got {self.head!r}")
         if self.attn_implementation not in ("auto", "sdpa", "eager"):
             raise ConfigError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
+        if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
+            raise ConfigError(f"--attention_dropout must be in [0, 1) or null, got {self.attention_dropout}")
 
 
 @dataclass
@@ -66,9 +73,21 @@ class DataConfig:
     text_column_name: str | None = None
     """Column holding the text (default: the first of text, sentence, content, review)."""
     label_column_name: str | None = None
-    """Column holding the label (default: the first of label, labels, class)."""
+    """Column holding the label (default: the first of label, labels, class; regression also score, target);
+    regression on several targets names them all, comma-separated (e.g. `valence,arousal`)."""
     label_names: list[str] | None = None
-    """Names of the classes in label order; default: from the data."""
+    """Names of the classes (multi_label: of the labels) in label order; default: from the data."""
+    task: str = "single_label"
+    """What a row's label is: `single_label` (one class per text, softmax and cross-entropy), `multi_label` (a set
+    of labels per text: a JSON array per cell, or names joined by --label_delimiter; one sigmoid per label, BCE, a
+    threshold per label tuned on validation) or `regression` (a number per text in the label column, MSE); see the
+    Tasks page of the docs."""
+    text_pair_column_name: str | None = None
+    """A second text column: each row is encoded as a true pair (the tokenizer's text, text_pair with longest_first
+    truncation), as for NLI or duplicate questions; every row needs one. Default: single texts."""
+    label_delimiter: str | None = None
+    """multi_label: the string that separates a cell's labels (e.g. `;` for `sports;politics`); default: each cell
+    is a JSON array such as ["sports", "politics"]."""
     validation_split_percentage: float = 10.0
     """Percent of the training data held out for validation when the data has no validation split."""
     max_seq_length: int = 128
@@ -98,6 +117,37 @@ class DataConfig:
             value = getattr(self, flag)
             if value is not None and value < 1:
                 raise ConfigError(f"--{flag} must be a positive number, got {value}")
+        check_task_fields(self)
+
+
+def check_task_fields(d: DataConfig) -> None:
+    """The task's own fields, and the combinations of data fields a task refuses."""
+    from budgetune import tasks
+
+    tasks.check_task(d.task)
+    if d.label_delimiter is not None:
+        if d.task != tasks.MULTI_LABEL:
+            raise ConfigError(f"--label_delimiter separates the labels of a multi_label cell; with --task {d.task} "
+                              "leave it out (or set --task multi_label)")
+        if d.label_delimiter == "" or any(c in d.label_delimiter for c in '\n\r"[]'):
+            raise ConfigError(f"--label_delimiter must be a non-empty string without quotes, brackets or line "
+                              f"breaks, got {d.label_delimiter!r}")
+    if d.task == tasks.REGRESSION and d.label_names is not None:
+        raise ConfigError("--label_names names classes; --task regression predicts a number from the label column "
+                          "(--label_column_name): leave --label_names out")
+    if d.text_pair_column_name is not None and d.text_pair_column_name == d.text_column_name:
+        raise ConfigError(f"--text_pair_column_name {d.text_pair_column_name!r} is the text column itself; name the "
+                          "column of the second text")
+
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd")
+
+
+def scheduler_names() -> tuple[str, ...]:
+    """Every schedule transformers.get_scheduler offers."""
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
 
 
 METHODS = ("adalora", "lora", "dora", "ia3", "vera", "loha", "lokr", "full")
@@ -192,12 +242,34 @@ class BudgetConfig:
             raise ConfigError(f"--max_trainable_params must be positive or null, got {self.max_trainable_params}")
 
 
+def metric_names() -> tuple[str, ...]:
+    """Every task's validation metrics (Config checks that the task has the one chosen)."""
+    from budgetune.tasks import METRICS
+
+    return tuple(dict.fromkeys(m for names in METRICS.values() for m in names))
+
+
 @dataclass
 class TrainConfig:
     learning_rate: float = 1e-3
-    """Peak learning rate of AdamW."""
+    """Peak learning rate of the optimizer."""
     weight_decay: float = 0.01
-    """AdamW weight decay (not applied to biases, LayerNorm or AdaLoRA's singular values)."""
+    """Weight decay of the optimizer (not applied to biases, LayerNorm or AdaLoRA's singular values)."""
+    optim: str = "adamw_torch"
+    """Optimizer: adamw_torch (torch's AdamW, with its fused kernel on a GPU), adamw_torch_fused (the fused kernel
+    on every device, CPU too), adafactor (transformers' Adafactor as Hugging Face's Trainer sets it: the learning
+    rate is --learning_rate, no relative step or parameter scaling) or sgd (torch's SGD, no momentum unless
+    --optim_args says, as in Hugging Face's Trainer). --cuda_graphs captures AdamW only."""
+    optim_args: str | None = None
+    """Extra optimizer arguments as KEY=VALUE,...; sgd takes momentum, dampening and nesterov (e.g.
+    `momentum=0.9,nesterov=true`)."""
+    class_weights: str | list[float] | None = None
+    """Weights of the classes in the training cross entropy: `balanced` (sklearn's compute_class_weight on the training
+    split's labels, n / (classes x count)) or one weight above 0 per label in label order, e.g. 1,4,1,1. The
+    resolved weights are in metrics.jsonl's `loss` event; validation loss stays unweighted."""
+    label_smoothing_factor: float = 0.0
+    """Label smoothing of the training cross entropy (0 <= x < 1): the target is (1 - x) on the label and x spread
+    evenly over all labels; validation loss stays plain."""
     per_device_train_batch_size: int = 32
     """Batch size on each process; the global batch is this x processes x gradient_accumulation_steps."""
     per_device_eval_batch_size: int = 256
@@ -209,27 +281,46 @@ class TrainConfig:
     max_steps: int = -1
     """If positive, stop after this many optimizer steps (overrides num_train_epochs)."""
     warmup_ratio: float = 0.06
-    """Fraction of optimizer steps of linear warmup."""
+    """Fraction of all optimizer steps spent warming the learning rate up (rounded down)."""
+    warmup_steps: int | float = 0
+    """Optimizer steps of warmup, or a fraction of all steps (0 < x < 1, as transformers 5 reads it); when above 0
+    it overrides --warmup_ratio (as in Hugging Face's Trainer)."""
     lr_scheduler_type: str = "linear"
-    """linear (decay to 0 after warmup) or constant (after warmup)."""
+    """Learning rate schedule, any of transformers.get_scheduler's: linear (decay to 0 after warmup), cosine,
+    cosine_with_restarts, polynomial, constant (no warmup), constant_with_warmup, inverse_sqrt,
+    reduce_lr_on_plateau and greedy (these two step after each evaluation on --metric_for_best_model),
+    cosine_with_min_lr and cosine_warmup_with_min_lr (need min_lr or min_lr_rate in --lr_scheduler_kwargs),
+    warmup_stable_decay (needs num_decay_steps)."""
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the schedule, e.g. {num_cycles: 2} for cosine_with_restarts, {min_lr_rate: 0.1}
+    for cosine_with_min_lr, {num_decay_steps: 20} for warmup_stable_decay, {factor: 0.5, patience: 1} for
+    reduce_lr_on_plateau (whose mode follows --metric_for_best_model unless given)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 switches clipping off."""
     seed: int = 42
     """Seed for the split, the head's initialisation, adapters, dropout and batch order."""
     eval_strategy: str = "epoch"
-    """When to evaluate on the validation split: epoch or steps."""
+    """When to evaluate on the validation split: epoch, steps or no (no validation while training: the last step's
+    adapter is shipped, early stopping and --metric_for_best_model do not apply; the end of the run still scores
+    it on validation and chooses its adapter scale there)."""
     eval_steps: int = 100
     """Optimizer steps between evaluations when eval_strategy is steps."""
     logging_steps: int = 10
     """Optimizer steps between two training-loss lines in metrics.jsonl."""
+    save_strategy: str | None = None
+    """When to write resumable checkpoints: no (never, not even on a stop signal), epoch (at the end of each
+    epoch), steps (every --save_steps); null: at every evaluation, and every --save_steps when above 0."""
     save_steps: int = 0
-    """Optimizer steps between resumable checkpoints (besides every evaluation); 0: only at evaluations."""
+    """Optimizer steps between resumable checkpoints (with --save_strategy steps, or besides every evaluation when
+    --save_strategy is null); 0: only at evaluations."""
     save_total_limit: int = 2
     """Resumable checkpoints kept (the newest); the best adapter is kept separately."""
     early_stopping_patience: int | None = 2
     """Stop after this many evaluations without improvement of the metric; null: never stop early."""
     metric_for_best_model: str = "accuracy"
-    """Validation metric that selects the best adapter: accuracy, macro_f1 or loss."""
+    """Validation metric that selects the best adapter. single_label: accuracy, macro_f1 or loss; multi_label:
+    micro_f1, macro_f1, subset_accuracy or loss (the default, accuracy, means micro_f1); regression: mse, mae,
+    pearson, spearman or loss (the default means mse)."""
     mixed_precision: str = "auto"
     """auto, no (fp32), bf16 or fp16. auto: bf16 on a GPU that has it (else fp16); on CPU bf16 where torch
     detects native bf16 matrix instructions (AMX or AVX512-BF16), else fp32; the environment variable
@@ -268,16 +359,46 @@ class TrainConfig:
             raise ConfigError("--num_train_epochs must be positive (or set --max_steps)")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        choices = {"lr_scheduler_type": ("linear", "constant"), "eval_strategy": ("epoch", "steps"),
-                   "metric_for_best_model": ("accuracy", "macro_f1", "loss"),
-                   "mixed_precision": ("auto", "no", "bf16", "fp16")}
+        choices = {"eval_strategy": ("epoch", "steps", "no"), "metric_for_best_model": metric_names(),
+                   "mixed_precision": ("auto", "no", "bf16", "fp16"), "optim": OPTIMIZERS,
+                   "save_strategy": (None, "no", "epoch", "steps")}
+        if self.lr_scheduler_type != "linear":  # transformers' names (importing it costs seconds: only when asked)
+            choices["lr_scheduler_type"] = scheduler_names()
         for flag, allowed in choices.items():
             if getattr(self, flag) not in allowed:
-                raise ConfigError(f"--{flag} must be one of {', '.join(allowed)}, got {getattr(self, flag)!r}")
+                names = ", ".join("null" if a is None else a for a in allowed)
+                raise ConfigError(f"--{flag} must be one of {names}, got {getattr(self, flag)!r}")
+        self.check_training_options()
         if self.robust_tolerance is not None and not 0 <= self.robust_tolerance <= 100:
             raise ConfigError(f"--robust_tolerance must be between 0 and 100 points (or null), got {self.robust_tolerance}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ConfigError(f"--early_stopping_patience must be at least 1 or null, got {self.early_stopping_patience}")
+
+    def check_training_options(self) -> None:
+        """--warmup_steps, --save_strategy/--save_steps, --class_weights, --label_smoothing_factor and how they meet
+        --eval_strategy and --lr_scheduler_type."""
+        for flag in ("warmup_steps", "save_steps"):
+            if getattr(self, flag) < 0:
+                raise ConfigError(f"--{flag} must be 0 or a number of optimizer steps, got {getattr(self, flag)}")
+        if isinstance(self.warmup_steps, float) and self.warmup_steps >= 1:
+            if not self.warmup_steps.is_integer():
+                raise ConfigError(f"--warmup_steps must be a step count or a fraction between 0 and 1, got "
+                                  f"{self.warmup_steps}")
+            self.warmup_steps = int(self.warmup_steps)
+        if self.save_strategy == "steps" and self.save_steps < 1:
+            raise ConfigError("--save_strategy steps needs --save_steps N (optimizer steps between checkpoints)")
+        if self.eval_strategy == "no" and self.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy"):
+            raise ConfigError(f"--lr_scheduler_type {self.lr_scheduler_type} steps on the validation metric, which "
+                              "--eval_strategy no never computes; choose another schedule or evaluate")
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise ConfigError(f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if isinstance(self.class_weights, str) and self.class_weights != "balanced":
+            self.class_weights = [_to_float(w, "--class_weights") for w in self.class_weights.split(",") if w.strip()]
+        if isinstance(self.class_weights, list):
+            bad = [w for w in self.class_weights if not (math.isfinite(w) and w > 0)]
+            if bad or not self.class_weights:
+                raise ConfigError(f"--class_weights must be `balanced` or one number above 0 per label, got "
+                                  f"{bad[0] if bad else 'no weights'}")
 
 
 @dataclass
@@ -309,6 +430,17 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
+        from budgetune import tasks
+
+        if self.data.task != tasks.SINGLE_LABEL and self.train.metric_for_best_model == "accuracy":
+            self.train.metric_for_best_model = tasks.DEFAULT_METRIC[self.data.task]  # the default, for this task
+        tasks.check_metric(self.data.task, self.train.metric_for_best_model)
+        if self.data.task == tasks.REGRESSION and self.train.class_weights is not None:
+            raise ConfigError("--class_weights: a regression target has no classes to weigh (--task regression); "
+                              "leave it unset")
+        if self.data.task != tasks.SINGLE_LABEL and self.train.label_smoothing_factor:
+            raise ConfigError(f"--label_smoothing_factor smooths one class per row; --task {self.data.task} has "
+                              "none: leave it 0")
         if self.train.cuda_graphs and not self.data.pad_to_buckets:
             raise ConfigError("--cuda_graphs true needs --pad_to_buckets N (e.g. 6): a graph is captured per batch "
                               "shape, and without fixed lengths nearly every batch would have a shape of its own")

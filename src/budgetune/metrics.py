@@ -21,9 +21,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+LOWER_IS_BETTER = ("loss", "mse", "mae")  # errors; every other metric (accuracy, F1, correlations) is a score
+
+
 def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of the validation metric (metric_for_best_model: accuracy, macro_f1, loss) is better."""
-    return metric == "loss"
+    """Whether a smaller value of the validation metric (metric_for_best_model: loss, mse, mae) is better."""
+    return metric in LOWER_IS_BETTER
 
 
 def improves(value: float, best: float | None, metric: str) -> bool:

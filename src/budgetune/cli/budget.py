@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from budgetune import tasks
 from budgetune.cli.parsing import config_parser, parse_config_verb
 from budgetune.errors import ConfigError
 
-NUM_LABELS_HELP = "classes of the task (default: the config's label_names, else 4)"
+NUM_LABELS_HELP = ("classes of the task, or labels of a multi_label task (default: the config's label_names, else 4); "
+                   "a regression head has one output (--task regression)")
 
 
 def params_parser() -> argparse.ArgumentParser:
@@ -57,7 +59,21 @@ def count_flag(text: str | None, name: str) -> int | None:
 
 
 def num_labels_of(cfg, num_labels: int | None) -> int:
+    """The head's outputs: --num_labels, else the config's label_names, else 4; regression: one per target column
+    (--label_column_name a,b: two)."""
+    if cfg.data.task == "regression":
+        if num_labels is not None:
+            raise ConfigError("--num_labels: a --task regression head has one output per target column "
+                              "(--label_column_name a,b: two); leave it out")
+        return len(tasks.target_columns(cfg.data.task, cfg.data.label_column_name) or [None])
     return num_labels or (len(cfg.data.label_names) if cfg.data.label_names else 4)
+
+
+def outputs_text(cfg, n: int) -> str:
+    """'4 labels', '3 labels (multi_label)' or '1 target (regression)'."""
+    if cfg.data.task == "regression":
+        return f"{n} target{'s' if n > 1 else ''} (regression)"
+    return f"{n} labels ({cfg.data.task})" if cfg.data.task != "single_label" else f"{n} labels"
 
 
 def show_params(config: str | None, overrides: list[str], as_json: bool, num_labels: int | None = None) -> int:
@@ -71,10 +87,11 @@ def show_params(config: str | None, overrides: list[str], as_json: bool, num_lab
     cfg, message = resolve_auto_rank(cfg, n)
     bd = config_breakdown(cfg, n)
     if as_json:
-        print(json.dumps({**bd.to_dict(), "num_labels": n, "rank": cfg.method.rank, "message": message}, indent=2))
+        print(json.dumps({**bd.to_dict(), "num_labels": n, "task": cfg.data.task, "rank": cfg.method.rank,
+                          "message": message}, indent=2))
     else:
         print("\n".join(filter(None, [message, f"{cfg.model.model_name_or_path}, {cfg.method.method}, "
-                                               f"{n} labels", bd.table()])))
+                                               f"{outputs_text(cfg, n)}", bd.table()])))
     return 1 if bd.budget is not None and bd.total_trainable > bd.budget else 0
 
 

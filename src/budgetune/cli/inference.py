@@ -15,6 +15,8 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
     """The options evaluate and predict share; `inference_recipe` fills their defaults."""
     p.add_argument("run", help="run folder or adapter folder")
     p.add_argument("--text_column_name")
+    p.add_argument("--text_pair_column_name", help="the column of each row's second text, for a model trained on "
+                   "text pairs (default: the column it was trained with, recorded in its bundle)")
     p.add_argument("--per_device_eval_batch_size", type=int,
                    help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
     p.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
@@ -27,6 +29,7 @@ def inference_recipe(a: argparse.Namespace):
 
     recipe = resolve(a.config, []) if a.config else Config()
     a.text_column_name = a.text_column_name or recipe.data.text_column_name
+    a.text_pair_column_name = a.text_pair_column_name or recipe.data.text_pair_column_name
     a.per_device_eval_batch_size = a.per_device_eval_batch_size or recipe.train.per_device_eval_batch_size
     return recipe
 
@@ -39,6 +42,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_file", required=True, action="append",
                    help="labelled file (csv, tsv, json, jsonl, parquet, pkl); repeat for several files")
     p.add_argument("--label_column_name")
+    p.add_argument("--label_delimiter", help="multi_label: the string between a cell's labels (default: the one the "
+                   "model was trained with; without one, each cell is a JSON array)")
     p.add_argument("--adapter_scale", help="scale(s) of the adapter's update in [0, 1], comma-separated "
                    "(e.g. 0,0.25,0.5,0.75,1); default: the scale recorded in the bundle, else 1 (as trained)")
     p.add_argument("--output", help="path stem of the reports (default: RUN/evaluation-STEM for one file at "
@@ -65,7 +70,10 @@ def evaluate_command(argv: list[str]) -> int:
             raise ConfigError("--compare takes one --data_file and no --adapter_scale (each run is scored at its "
                               "bundle's adapter scale)")
         compare(a.run, a.compare, a.data_file[0], **common)
-    elif len(a.data_file) == 1 and (scales is None or len(scales) == 1):
+        return 0
+    common.update(text_pair_column=a.text_pair_column_name,
+                  label_delimiter=a.label_delimiter or recipe.data.label_delimiter)
+    if len(a.data_file) == 1 and (scales is None or len(scales) == 1):
         evaluate(a.run, a.data_file[0], adapter_scale=scales[0] if scales else None, **common)
     else:
         evaluate_scales(a.run, a.data_file, scales or [bundle_scale(bundle_info(a.run))], **common)
@@ -83,7 +91,8 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--id_column", help="a column of the input whose values are written as the IDs (default: the "
                    "rows' positions 0..n-1)")
     p.add_argument("--probabilities", action="store_true",
-                   help="add one probability column per class, named by its label")
+                   help="add one probability column per class (multi_label: per label, its sigmoid), named by its "
+                   "label")
     return p
 
 
@@ -96,7 +105,8 @@ def predict_command(argv: list[str]) -> int:
     scale = scaling.one_scale(a.adapter_scale, "predict")
     predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
             label_format=a.label_format, batch_size=a.per_device_eval_batch_size, adapter_scale=scale,
-            probabilities=a.probabilities, id_column=a.id_column, cache_dir=recipe.data.cache_dir)
+            probabilities=a.probabilities, id_column=a.id_column, cache_dir=recipe.data.cache_dir,
+            text_pair_column=a.text_pair_column_name)
     return 0
 
 

@@ -202,8 +202,9 @@ def make_collator(tokenizer, pad_to_multiple_of: int | None,
                         out[row, :len(seq)] = seq
             batch[key] = torch.from_numpy(out)
         for key in ("labels", "idx"):
-            if key in features[0]:
-                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
+            if key in features[0]:  # multi-label rows and regression values are float targets
+                whole = isinstance(features[0][key], int)
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.long if whole else torch.float32)
         return batch
 
     return collate

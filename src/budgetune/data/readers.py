@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from budgetune.data import labels as label_cells
 from budgetune.data.pickles import arrow_checked, load_pickle
 from budgetune.errors import DataError
 from budgetune.textcheck import lone_surrogate
@@ -27,6 +28,7 @@ AG_NEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 BUILTIN = "builtin:headlines"
 TEXT_COLUMNS = ("text", "sentence", "content", "review")
 LABEL_COLUMNS = ("label", "labels", "class", "Class Index")
+REGRESSION_COLUMNS = ("score", "target")  # also looked for under --task regression
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle")
 _INT = re.compile(r"[+-]?\d{1,18}")  # longer digit strings are names (int() refuses over 4300 digits)
 MAX_CLASSES = 100_000  # integer labels name the classes 0..max: a stray 10**11 would otherwise make 10**11 names
@@ -39,13 +41,24 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 @dataclass
 class TextTable:
-    """Texts with optional integer labels; labels index label_names."""
+    """Texts with optional labels: integers indexing label_names (single_label), 0/1 rows over label_names
+    (multi_label) or floats (regression, label_names: the target column)."""
 
     texts: list[str]
-    labels: list[int] | None
+    labels: list | None
     label_names: list[str] | None
     source: str
     ids: list[str] | None = None  # the rows' own IDs (predict --id_column), when asked for
+    text_pairs: list[str] | None = None  # the second text of each row (--text_pair_column_name)
+
+    def part(self, start: int, stop: int | None) -> TextTable:
+        """Rows start..stop-1 (stop None: to the end), every column cut alike."""
+        cut = [None if xs is None else xs[start:stop] for xs in (self.labels, self.ids, self.text_pairs)]
+        return TextTable(self.texts[start:stop], cut[0], self.label_names, self.source, cut[1], cut[2])
+
+    def first(self, n: int | None) -> TextTable:
+        """The first n rows (all when n is None)."""
+        return self if n is None else self.part(0, n)
 
 
 def builtin_path() -> Path:
@@ -72,10 +85,13 @@ def has_split(source: str, split: str, dataset_config_name: str | None = None) -
 def load_table(source: str, *, split: str = "train", text_column: str | None = None,
                label_column: str | None = None, label_names: list[str] | None = None,
                require_labels: bool = True, dataset_config_name: str | None = None,
-               max_samples: int | None = None, id_column: str | None = None) -> TextTable:
-    """Load BUILTIN, a local file or folder, or a Hub dataset; validates every row, then keeps max_samples."""
+               max_samples: int | None = None, id_column: str | None = None, task: str = "single_label",
+               text_pair_column: str | None = None, label_delimiter: str | None = None) -> TextTable:
+    """Load BUILTIN, a local file or folder, or a Hub dataset; validates every row, then keeps max_samples.
+
+    task: how the label column reads (budgetune.tasks); text_pair_column: a second text per row."""
     path = builtin_path() if source == BUILTIN else Path(source).expanduser()
-    if source == BUILTIN and label_names is None:  # the packaged headlines use AG News label ids
+    if source == BUILTIN and label_names is None and task == "single_label":  # AG News label ids
         label_names = AG_NEWS_LABELS
     if path.is_dir():
         found = _split_file(path, split)
@@ -89,15 +105,37 @@ def load_table(source: str, *, split: str = "train", text_column: str | None = N
         raise DataError(f"{path}: no such file or folder")
     else:
         name, (columns, classes) = source, _read_hub(source, split, dataset_config_name)
-    table = _to_table(name, columns, classes, text_column, label_column, label_names, require_labels)
+    label = LabelSpec(label_column, label_names, task, label_delimiter)
+    table = _to_table(name, columns, classes, text_column, label, require_labels)
+    if text_pair_column is not None:
+        table.text_pairs = text_pairs(name, columns, text_pair_column)
     if id_column is not None:
         table.ids = [_id_value(name, f"row {i + 1}", id_column, v)
                      for i, v in enumerate(columns[_pick(name, columns, id_column, (), "ID", "id_column")])]
-    if max_samples is not None:
-        table.texts = table.texts[:max_samples]
-        table.labels = None if table.labels is None else table.labels[:max_samples]
-        table.ids = None if table.ids is None else table.ids[:max_samples]
-    return table
+    return table.first(max_samples)
+
+
+def text_pairs(src: str, columns: dict[str, list], column: str) -> list[str]:
+    """The second text of every row; a missing or empty one is refused naming the row and column."""
+    values = columns[_pick(src, columns, column, (), "text pair", "text_pair_column_name")]
+    for i, t in enumerate(values):
+        if not isinstance(t, str) or not t.strip():
+            what = ("missing" if _missing(t) else f"not a string ({type(t).__name__})") if not isinstance(t, str) \
+                else "empty"
+            raise DataError(f"{src}, row {i + 1}, column {column!r}: the text pair is {what}; with "
+                            "--text_pair_column_name every row needs its second text")
+        check_text(src, f"row {i + 1}, column {column!r}", t)
+    return list(values)
+
+
+@dataclass
+class LabelSpec:
+    """How to read the label column: which one, the declared names, the task, multi_label's delimiter."""
+
+    column: str | None
+    names: list[str] | None
+    task: str = "single_label"
+    delimiter: str | None = None
 
 
 def _id_value(src: str, where: str, column: str, value: object) -> str:
@@ -127,7 +165,11 @@ def _read_hub(source: str, split: str, config: str | None) -> Columns:
 
 
 def _class_names(features: datasets.Features) -> dict[str, list[str]]:
-    return {c: f.names for c, f in features.items() if isinstance(f, datasets.ClassLabel)}
+    """ClassLabel names by column; a list of ClassLabels (multi-label on the Hub) under `column[]`."""
+    names = {c: f.names for c, f in features.items() if isinstance(f, datasets.ClassLabel)}
+    names.update({f"{c}[]": f.feature.names for c, f in features.items()
+                  if isinstance(getattr(f, "feature", None), datasets.ClassLabel)})
+    return names
 
 
 def _from_dataset(ds: datasets.Dataset) -> Columns:
@@ -255,6 +297,24 @@ def iter_texts(source: str, *, text_column: str | None = None, chunk_rows: int |
     """Unlabelled texts in chunks: big CSV/TSV/JSONL files stream (validated row by row); others load whole."""
     for texts, _ in iter_rows(source, text_column=text_column, chunk_rows=chunk_rows):
         yield texts
+
+
+def iter_tables(source: str, *, text_column: str | None = None, id_column: str | None = None,
+                chunk_rows: int | None = None, task: str = "single_label", text_pair_column: str | None = None,
+                label_delimiter: str | None = None) -> Iterator[TextTable]:
+    """Unlabelled rows in chunks as TextTables (their IDs in `ids`): streamed like iter_rows, except that rows with
+    a text pair (text_pair_column) load whole. A label column, if the file has one, is read as `task` reads it (with
+    label_delimiter) and dropped."""
+    if text_pair_column is None and task == "single_label":
+        for texts, ids in iter_rows(source, text_column=text_column, id_column=id_column, chunk_rows=chunk_rows):
+            yield TextTable(texts, None, None, str(source), ids)
+        return
+    table = load_table(source, split="test", text_column=text_column, require_labels=False, id_column=id_column,
+                       task=task, text_pair_column=text_pair_column, label_delimiter=label_delimiter)
+    table.labels, table.label_names = None, None
+    size = chunk_rows or CHUNK_ROWS
+    for start in range(0, len(table.texts), size):
+        yield table.part(start, start + size)
 
 
 def iter_rows(source: str, *, text_column: str | None = None, id_column: str | None = None,
@@ -434,7 +494,7 @@ def _missing(v: object) -> bool:
 
 
 def _to_table(src: str, columns: dict[str, list], classes: dict[str, list[str]], text_column: str | None,
-              label_column: str | None, label_names: list[str] | None, require_labels: bool) -> TextTable:
+              spec: LabelSpec, require_labels: bool) -> TextTable:
     tcol = _pick(src, columns, text_column, TEXT_COLUMNS, "text", "text_column_name")
     texts = columns[tcol]
     for i, t in enumerate(texts):
@@ -442,16 +502,37 @@ def _to_table(src: str, columns: dict[str, list], classes: dict[str, list[str]],
             what = "missing" if _missing(t) else f"not a string ({type(t).__name__})"
             raise DataError(f"{src}, row {i + 1}: text is {what} (column {tcol!r})")
         check_text(src, f"row {i + 1}, column {tcol!r}", t)
-    if label_column is None and not require_labels and not any(c in columns for c in LABEL_COLUMNS):
-        names = label_names or next(iter(classes.values()), None)
+    label_column, label_names = spec.column, spec.names
+    if spec.task == "regression" and label_column and "," in label_column:
+        return _several_targets(src, columns, texts, label_column, require_labels)
+    defaults = LABEL_COLUMNS + (REGRESSION_COLUMNS if spec.task == "regression" else ())
+    if label_column is None and not require_labels and not any(c in columns for c in defaults):
+        names = label_names or next((v for k, v in classes.items() if not k.endswith("[]")), None)
         return TextTable(list(texts), None, None if names is None else list(names), src)
-    lcol = _pick(src, columns, label_column, LABEL_COLUMNS, "label", "label_column_name")
+    lcol = _pick(src, columns, label_column, defaults, "label", "label_column_name")
     raw, names = columns[lcol], list(label_names) if label_names is not None else classes.get(lcol)
     # Hub test splits mark "no label" with -1; for prediction treat such a column as absent.
     if not require_labels and all(_missing(v) or v in (-1, "-1", "") for v in raw):
         return TextTable(list(texts), None, names, src)
+    if spec.task == "multi_label":
+        feature_names = names if names is not None else classes.get(f"{lcol}[]")  # Sequence(ClassLabel) on the Hub
+        labels, names = label_cells.multi_labels(src, raw, lcol, feature_names, spec.delimiter)
+        return TextTable(list(texts), labels, names, src)
+    if spec.task == "regression":
+        return TextTable(list(texts), label_cells.regression_targets(src, raw, lcol), [lcol], src)
     labels, names = _labels(src, raw, names)
     return TextTable(list(texts), labels, names, src)
+
+
+def _several_targets(src: str, columns: dict[str, list], texts: list, label_column: str,
+                     require_labels: bool) -> TextTable:
+    """Regression on several target columns (--label_column_name a,b): a row of floats per text."""
+    names = [c.strip() for c in label_column.split(",") if c.strip()]
+    if not require_labels and not all(c in columns for c in names):
+        return TextTable(list(texts), None, names, src)
+    values = [label_cells.regression_targets(src, columns[_pick(src, columns, c, (), "target", "label_column_name")], c)
+              for c in names]
+    return TextTable(list(texts), [list(row) for row in zip(*values)], names, src)
 
 
 def _label_set(names: list[str]) -> str:
@@ -503,7 +584,8 @@ def train_validation_split(table: TextTable, fraction: float, seed: int) -> tupl
     """Stratified seeded split; a class with one example stays in train, so validation may miss classes."""
     n = len(table.texts)
     rng = np.random.default_rng(seed)
-    groups = [np.arange(n)] if table.labels is None else [
+    stratified = table.labels is not None and all(isinstance(v, (int, np.integer)) for v in table.labels)
+    groups = [np.arange(n)] if not stratified else [
         np.flatnonzero(np.asarray(table.labels) == c) for c in sorted(set(table.labels))]
     val_parts = []
     for idx in groups:
@@ -523,7 +605,8 @@ def train_validation_split(table: TextTable, fraction: float, seed: int) -> tupl
     def take(mask: np.ndarray) -> TextTable:
         rows = np.flatnonzero(mask).tolist()
         labels = None if table.labels is None else [table.labels[i] for i in rows]
-        return TextTable([table.texts[i] for i in rows], labels, table.label_names, table.source)
+        pairs = None if table.text_pairs is None else [table.text_pairs[i] for i in rows]
+        return TextTable([table.texts[i] for i in rows], labels, table.label_names, table.source, text_pairs=pairs)
 
     return take(~is_val), take(is_val)
 
@@ -565,16 +648,28 @@ def _cache_key(table: TextTable, tokenizer, max_seq_length: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([tokenizer_fingerprint(tokenizer), max_seq_length, "budgetune-tokenize-v2"]).encode())
     hash_texts(h, table.texts)
-    h.update(b"labels" + (b"none" if table.labels is None else np.asarray(table.labels, np.int64).tobytes()))
+    if table.text_pairs is not None:
+        h.update(b"text_pairs")
+        hash_texts(h, table.text_pairs)
+    labels = None if table.labels is None else np.asarray(table.labels)
+    if labels is not None and (labels.ndim > 1 or labels.dtype.kind == "f"):  # multi-label rows, regression values
+        h.update(b"labels-" + str(labels.shape).encode() + labels.astype(np.float64).tobytes())
+    else:
+        h.update(b"labels" + (b"none" if labels is None else labels.astype(np.int64).tobytes()))
     return h.hexdigest()
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def encode(tokenizer, texts: list[str], max_seq_length: int) -> dict[str, list[list[int]]]:
+def encode(tokenizer, texts: list[str], max_seq_length: int,
+           text_pairs: list[str] | None = None) -> dict[str, list[list[int]]]:
     """The model inputs of each text, truncated to max_seq_length and not padded: how training, predict and serve
-    tokenize."""
+    tokenize. With text_pairs, each row is a true pair (the tokenizer's separators and token types), the longer of
+    the two truncated first."""
+    if text_pairs is not None:
+        enc = tokenizer(texts, text_pairs, truncation="longest_first", max_length=max_seq_length, padding=False)
+        return {k: enc[k] for k in MODEL_INPUTS if k in enc}
     enc = tokenizer(texts, truncation=True, max_length=max_seq_length, padding=False)
     return {k: enc[k] for k in MODEL_INPUTS if k in enc}
 
@@ -591,15 +686,18 @@ def tokenize(table: TextTable, tokenizer, max_seq_length: int,
     columns: dict[str, list] = {"text": table.texts, "idx": list(range(len(table.texts)))}
     if table.labels is not None:
         columns["labels"] = table.labels
+    if table.text_pairs is not None:
+        columns["text_pair"] = table.text_pairs
     ds = datasets.Dataset.from_dict(columns)
 
     def encode_batch(batch: dict) -> dict:
-        out = encode(tokenizer, batch["text"], max_seq_length)
+        out = encode(tokenizer, batch["text"], max_seq_length, batch.get("text_pair"))
         out["length"] = [len(ids) for ids in out["input_ids"]]
         return out
 
     # datasets writes to a temp file and renames it, so an interrupted run leaves no half-written cache hit.
     # Our key as the fingerprint: datasets would otherwise hash `encode` by pickling the tokenizer (~0.3 s a call).
-    return ds.map(encode_batch, batched=True, batch_size=1000, remove_columns=["text"], desc="Tokenizing",
+    drop = ["text"] + (["text_pair"] if table.text_pairs is not None else [])
+    return ds.map(encode_batch, batched=True, batch_size=1000, remove_columns=drop, desc="Tokenizing",
                   cache_file_name=None if path is None else str(path), load_from_cache_file=False,
                   new_fingerprint=key)

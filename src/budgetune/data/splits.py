@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from budgetune import tasks
 from budgetune.config import Config
 from budgetune.data import readers as data_lib
 from budgetune.metrics import classification_metrics, cross_entropy
@@ -17,18 +18,20 @@ class Splits:
     train: data_lib.TextTable
     validation: data_lib.TextTable
     test: data_lib.TextTable | None
-    label_names: list[str]
+    label_names: list[str]  # regression: the target column
     validation_source: str = "the validation split"  # where the validation rows come from, in words
+    task: str = "single_label"  # budgetune.tasks: how labels and logits are read
 
 
 def load_splits(cfg: Config) -> Splits:
     """Train/validation(/test) tables; validation is carved from train (stratified, seeded) when the data has none."""
     d = cfg.data
     kw = {"text_column": d.text_column_name, "label_column": d.label_column_name, "label_names": d.label_names,
-          "dataset_config_name": d.dataset_config_name}
+          "dataset_config_name": d.dataset_config_name, "task": d.task, "text_pair_column": d.text_pair_column_name,
+          "label_delimiter": d.label_delimiter}
     train = data_lib.load_table(d.dataset_name, split="train", **kw)
     names = train.label_names
-    kw["label_names"] = names
+    kw["label_names"] = names if d.task != "regression" else None
     if d.validation_file:
         val, source = data_lib.load_table(d.validation_file, split="validation", **kw), d.validation_file
     elif data_lib.has_split(d.dataset_name, "validation", d.dataset_config_name):
@@ -42,20 +45,19 @@ def load_splits(cfg: Config) -> Splits:
         test = data_lib.load_table(d.test_file, split="test", **kw)
     elif data_lib.has_split(d.dataset_name, "test", d.dataset_config_name):  # reported only, never selects
         test = data_lib.load_table(d.dataset_name, split="test", **kw)
-    if d.max_train_samples:
-        train = data_lib.TextTable(train.texts[: d.max_train_samples], train.labels[: d.max_train_samples],
-                                   names, train.source)
-    if d.max_eval_samples:
-        val = data_lib.TextTable(val.texts[: d.max_eval_samples], val.labels[: d.max_eval_samples], names, val.source)
-    return Splits(train, val, test, names, source)
+    train, val = train.first(d.max_train_samples or None), val.first(d.max_eval_samples or None)
+    return Splits(train, val, test, names, source, d.task)
 
 
 def cache_dir(cfg: Config) -> str:
     return cfg.data.cache_dir or str(Path.home() / ".cache" / "budgetune")
 
 
-def scores(logits: np.ndarray, splits: Splits) -> dict:
-    """Validation metrics (accuracy, macro-F1, per class, confusion matrix) and cross-entropy of logits."""
+def scores(logits: np.ndarray, splits: Splits, thresholds=None) -> dict:
+    """Validation metrics of the task (single-label: accuracy, macro-F1, per class, confusion matrix) and the loss
+    of logits; multi-label at `thresholds` (None: 0.5 for every label)."""
+    if splits.task != tasks.SINGLE_LABEL:
+        return tasks.task_metrics(splits.task, logits, splits.validation.labels, splits.label_names, thresholds)
     m = classification_metrics(splits.validation.labels, logits.argmax(-1), splits.label_names)
     m["loss"] = cross_entropy(logits, splits.validation.labels)
     return m

@@ -23,9 +23,11 @@ def save_bundle(peft_model, tokenizer, out_dir: str | os.PathLike, *, label_name
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        data = config["data"]
         info = {"base_model_name_or_path": base_model, "revision": revision, "label_names": label_names, "head": head,
-                "method": config["method"]["method"], "max_seq_length": config["data"]["max_seq_length"],
-                "budget": budget, "metrics": metrics}
+                "method": config["method"]["method"], "max_seq_length": data["max_seq_length"],
+                "task": data.get("task", "single_label"), "text_pair_column_name": data.get("text_pair_column_name"),
+                "label_delimiter": data.get("label_delimiter"), "budget": budget, "metrics": metrics}
         (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=json_default) + "\n")
         (tmp / "README.md").write_text(model_card(info, config))
     return Path(out_dir)
@@ -35,7 +37,6 @@ def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
     """A model card that lets someone use the adapter with plain transformers + peft."""
     budget = info.get("budget") or {}
     metrics = info.get("metrics") or {}
-    labels = info["label_names"]
     head_note = ""
     if info["head"] == "linear":
         head_note = ("\nThis adapter uses budgetune's linear head: call "
@@ -45,7 +46,7 @@ def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
         "---", f"library_name: {'transformers' if full else 'peft'}", f"base_model: {info['base_model_name_or_path']}",
         "pipeline_tag: text-classification", "tags: [budgetune, " + ("" if full else "peft, ") + info["method"] + "]", "---", "",
         f"# {'fully fine-tuned' if full else info['method'] + ' adapter for'} {info['base_model_name_or_path']}", "",
-        f"Trained with budgetune. Labels (in order): {', '.join(labels)}.", "",
+        f"Trained with budgetune. {task_sentence(info)}", "",
         "## Budget", "",
         f"- trainable parameters during training: {budget.get('total_trainable', 'n/a'):,}"
         if isinstance(budget.get("total_trainable"), int) else "- trainable parameters: n/a",
@@ -81,10 +82,9 @@ def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
               "model = AutoModelForSequenceClassification.from_pretrained(adapter).eval()",
               ]) + [
               "tok = AutoTokenizer.from_pretrained(adapter)",
-              "batch = tok(['Stocks rally as rates fall'], return_tensors='pt', truncation=True,",
-              "            max_length=info['max_seq_length'])",
+              *batch_lines(info),
               "with torch.inference_mode():",
-              "    print(labels[model(**batch).logits.argmax(-1).item()])", "```", head_note,
+              f"    {use_line(info)}", "```", head_note,
               "## Training configuration", "", "```yaml"]
     import yaml
 
@@ -92,7 +92,43 @@ def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
     return "\n".join(line for line in lines if line is not None)
 
 
+def task_sentence(info: dict[str, Any]) -> str:
+    """What the model predicts, in a sentence (the task, its labels or target, a text pair)."""
+    labels, task = ", ".join(info["label_names"]), info.get("task", "single_label")
+    pair = (f" Each input is a pair of texts (column {info['text_pair_column_name']!r} is the second), encoded as "
+            "the tokenizer's text, text_pair." if info.get("text_pair_column_name") else "")
+    if task == "multi_label":
+        how = (f"names joined by {info['label_delimiter']!r}" if info.get("label_delimiter") else "a JSON array")
+        return (f"Task: multi_label (any set of labels per text: one sigmoid per label, trained with binary "
+                f"cross-entropy; a label is predicted where its probability reaches its threshold). Labels (in "
+                f"order): {labels}. Training files gave each row's labels as {how}.{pair}")
+    if task == "regression":
+        return f"Task: regression (a number per text, trained with mean squared error). Target: {labels}.{pair}"
+    return f"Labels (in order): {labels}.{pair}"
+
+
+def batch_lines(info: dict[str, Any]) -> list[str]:
+    """The model card example's tokenizer call: one text, or a true pair."""
+    if info.get("text_pair_column_name"):
+        return ["batch = tok(['A man plays a guitar.'], ['Someone makes music.'], return_tensors='pt',",
+                "          truncation='longest_first', max_length=info['max_seq_length'])  # a text pair"]
+    return ["batch = tok(['Stocks rally as rates fall'], return_tensors='pt', truncation=True,",
+            "            max_length=info['max_seq_length'])"]
+
+
+def use_line(info: dict[str, Any]) -> str:
+    """The last line of the model card's example: the prediction, as the task reads it."""
+    task = info.get("task", "single_label")
+    if task == "multi_label":
+        return ("p = torch.sigmoid(model(**batch).logits)[0]; t = info.get('thresholds', {}); "
+                "print([n for n, q in zip(labels, p) if q >= t.get(n, 0.5)])")
+    if task == "regression":
+        return "print(model(**batch).logits[0].tolist())  # the predicted value(s)"
+    return "print(labels[model(**batch).logits.argmax(-1).item()])"
+
+
 SCALE_BEGIN, SCALE_END = "<!-- adapter_scale -->", "<!-- /adapter_scale -->"
+THRESHOLDS_BEGIN, THRESHOLDS_END = "<!-- thresholds -->", "<!-- /thresholds -->"
 
 
 def scale_card_section(info: dict[str, Any]) -> str:
@@ -106,27 +142,44 @@ def scale_card_section(info: dict[str, Any]) -> str:
     if info.get("baked_adapter_scale") is not None:
         lines += [f"These weights were exported at scale {info['baked_adapter_scale']:g}: it is already in them.", ""]
     if table:
-        tol = info.get("robust_tolerance")
-        lines += [f"Chosen as the smallest scale within {tol:g} points of the best validation accuracy:"
-                  if tol is not None else "Validation accuracy per scale:", "",
-                  "| scale | validation accuracy |", "| ---: | ---: |"]
+        tol, metric = info.get("robust_tolerance"), info.get("adapter_scale_metric", "accuracy")
+        lines += [f"Chosen as the smallest scale within {tol:g} points of the best validation {metric}:"
+                  if tol is not None else f"Validation {metric} per scale:", "",
+                  f"| scale | validation {metric} |", "| ---: | ---: |"]
         lines += [f"| {k} | {v:.2%} |" for k, v in table.items()]
     return "\n".join(lines + [SCALE_END])
 
 
 def record_adapter_scale(folder: str | os.PathLike, scale: float, table: dict[float, float] | None,
-                         tolerance: float | None) -> None:
-    """Record the default adapter scale (and {scale: validation accuracy}) in an adapter folder's budgetune.json
-    and model card (README.md); the rest of both files is kept."""
+                         tolerance: float | None, metric: str = "accuracy") -> None:
+    """Record the default adapter scale (and {scale: validation `metric`}, the task's scale metric) in an adapter
+    folder's budgetune.json and model card (README.md); the rest of both files is kept."""
     folder = Path(folder)
     table = {f"{float(s):g}": acc for s, acc in sorted((table or {}).items(), key=lambda kv: float(kv[0]))}
+    extra = {"adapter_scale_metric": metric} if metric != "accuracy" else {}
     info = update_json(folder / BUNDLE_FILE, {"adapter_scale": scale, "adapter_scale_validation": table,
-                                              "robust_tolerance": tolerance})
+                                              "robust_tolerance": tolerance, **extra})
+    put_card_section(folder, SCALE_BEGIN, SCALE_END, scale_card_section(info))
+
+
+def record_thresholds(folder: str | os.PathLike, label_names: list[str], thresholds: list[float]) -> None:
+    """Record a multi-label model's per-label thresholds ({label: threshold}, tuned on validation) in the folder's
+    budgetune.json and model card; evaluate, predict and load_model read them from there."""
+    folder = Path(folder)
+    chosen = {n: float(t) for n, t in zip(label_names, thresholds)}
+    update_json(folder / BUNDLE_FILE, {"thresholds": chosen})
+    lines = [THRESHOLDS_BEGIN, "## Thresholds", "", "A label is predicted where its sigmoid probability reaches its "
+             "threshold, tuned per label on the validation split (the best F1 of that label):", "",
+             "| label | threshold |", "| --- | ---: |"] + [f"| {n} | {t:.2f} |" for n, t in chosen.items()]
+    put_card_section(folder, THRESHOLDS_BEGIN, THRESHOLDS_END, "\n".join(lines + [THRESHOLDS_END]))
+
+
+def put_card_section(folder: Path, begin: str, end: str, section: str) -> None:
+    """Replace the model card's section between `begin` and `end`, or add it before the usage example."""
     card_path = folder / "README.md"
     card = card_path.read_text(encoding="utf-8") if card_path.is_file() else ""
-    section = scale_card_section(info)
-    if SCALE_BEGIN in card and SCALE_END in card:
-        card = card[:card.index(SCALE_BEGIN)] + section + card[card.index(SCALE_END) + len(SCALE_END):]
+    if begin in card and end in card:
+        card = card[:card.index(begin)] + section + card[card.index(end) + len(end):]
     elif "## Use without budgetune" in card:
         card = card.replace("## Use without budgetune", section + "\n\n## Use without budgetune", 1)
     else:

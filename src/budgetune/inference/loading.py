@@ -55,10 +55,23 @@ def bundle_info(run_or_adapter: str | Path) -> dict:
 
 
 def load_base_for(info: dict):
-    """The bundle's base model with a fresh head of the right size (the adapter's saved head replaces it)."""
-    base, _ = backbone.load_pretrained(info["base_model_name_or_path"], info["label_names"], info.get("revision"))
+    """The bundle's base model with a fresh head of the right size (the adapter's saved head replaces it) and the
+    task's problem_type."""
+    base, _ = backbone.load_pretrained(info["base_model_name_or_path"], info["label_names"], info.get("revision"),
+                                       problem_type=backbone.problem_type_of(info.get("task")))
     classifier_heads.apply_head(base, info["head"])
     return base
+
+
+def bundle_task(info: dict) -> str:
+    """The bundle's task (budgetune.tasks); bundles from before tasks are single_label."""
+    return info.get("task") or "single_label"
+
+
+def bundle_thresholds(info: dict) -> list[float] | None:
+    """A multi-label bundle's per-label thresholds in label order (None: 0.5 for every label)."""
+    recorded = info.get("thresholds")
+    return None if not recorded else [float(recorded.get(n, 0.5)) for n in info["label_names"]]
 
 
 def bundle_scale(info: dict, adapter_scale: float | None = None) -> float:

@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from budgetune import fileio
+from budgetune import fileio, tasks
 from budgetune.data import readers as data_lib
 from budgetune.errors import AdapterError
-from budgetune.inference.loading import load_for_inference
+from budgetune.inference.loading import bundle_task, bundle_thresholds, load_for_inference
 from budgetune.inference.runner import table_logits
-from budgetune.metrics import softmax
 
 BLANK_SHOWN = 10  # row numbers listed in the warning about empty texts
 
 
 def predict(run: str | Path, input_file: str, output: str, *, text_column: str | None = None,
             label_format: str = "int", batch_size: int = 256, cache_dir: str | None = None,
-            adapter_scale: float | None = None, probabilities: bool = False, id_column: str | None = None) -> Path:
+            adapter_scale: float | None = None, probabilities: bool = False, id_column: str | None = None,
+            text_pair_column: str | None = None) -> Path:
     """Write a Kaggle submission `ID,Label` in input order: IDs are the rows' positions 0..n-1, or the values of
-    the input's `id_column`.
+    the input's `id_column`. Label: the class (single_label), the set of labels as a JSON array (multi_label, at
+    the bundle's thresholds), or the value (regression).
 
     adapter_scale: None applies the bundle's recorded default (1 when it has none). probabilities: one more column
-    per class, named by its label, with the softmax probability.
+    per class (per label), named by its label, with the softmax (sigmoid) probability. text_pair_column: the
+    input's second text column (default: the bundle's).
     """
     if label_format not in ("int", "name"):
         raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
     accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale)
-    names = info["label_names"]
+    names, task = info["label_names"], bundle_task(info)
+    if task == tasks.REGRESSION and (probabilities or label_format == "name"):
+        flag = "--probabilities" if probabilities else "--label_format name"
+        raise AdapterError(f"{flag}: {run} is a regression model; it predicts values, not classes")
+    pair_column = text_pair_column or info.get("text_pair_column_name")
     n, blank, first_blank = 0, 0, []  # rows with empty text: how many, and the first few
     # Chunk by chunk (a big file streams): memory stays bounded by the chunk, whatever the file's size.
     # Every process computes (the batches are sharded); only the main one writes.
@@ -42,20 +49,34 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
                                          encoding="utf-8"))
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["ID", "Label"] + (list(names) if probabilities else []))
-        for texts, ids in data_lib.iter_rows(input_file, text_column=text_column, id_column=id_column):
+        for table in data_lib.iter_tables(input_file, text_column=text_column, id_column=id_column, task=task,
+                                          text_pair_column=pair_column, label_delimiter=info.get("label_delimiter")):
+            texts, ids = table.texts, table.ids
             rows = [n + i + 1 for i, t in enumerate(texts) if not t.strip()]
             blank, first_blank = blank + len(rows), (first_blank + rows)[:BLANK_SHOWN]
-            table = data_lib.TextTable(texts, None, None, str(input_file))
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
             if w is not None:
-                probs = softmax(logits) if probabilities else np.zeros((len(logits), 0))
-                w.writerows([i, names[p] if label_format == "name" else int(p), *(f"{q:.6f}" for q in row)]
-                            for i, p, row in zip(ids or range(n, n + len(logits)), logits.argmax(-1), probs))
+                labels = answers(task, logits, names, label_format, bundle_thresholds(info))
+                probs = tasks.probabilities(task, logits) if probabilities else np.zeros((len(logits), 0))
+                w.writerows([i, label, *(f"{q:.6f}" for q in row)]
+                            for i, label, row in zip(ids or range(n, n + len(logits)), labels, probs))
             n += len(texts)
     if accelerator.is_main_process:
         warn_blank(input_file, blank, first_blank)
         print(f"wrote {n} predictions to {output} (adapter scale {info['applied_adapter_scale']:g})")
     return Path(output)
+
+
+def answers(task: str, logits: np.ndarray, names: list[str], label_format: str, thresholds=None) -> list:
+    """The Label cell of each row: the class (its index or name), the label set as a JSON array (of indices or
+    names), or the value (regression; several targets: a JSON array)."""
+    preds = tasks.predictions(task, logits, thresholds)
+    if task == tasks.SINGLE_LABEL:
+        return [names[p] if label_format == "name" else int(p) for p in preds]
+    if task == tasks.MULTI_LABEL:
+        return [json.dumps([names[k] if label_format == "name" else k for k in np.flatnonzero(row).tolist()],
+                           ensure_ascii=False) for row in preds]
+    return [f"{row[0]:.7g}" if len(row) == 1 else json.dumps([float(f"{v:.7g}") for v in row]) for row in preds]
 
 
 def warn_blank(input_file: str, count: int, first: list[int]) -> None:

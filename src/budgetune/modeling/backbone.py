@@ -35,7 +35,7 @@ def architecture_file(name: str) -> Path | None:
 
 
 def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = None, revision: str | None = None,
-                   shipped_ok: bool = True):
+                   shipped_ok: bool = True, problem_type: str | None = None):
     """The transformers config of `name`: a local folder, shipped numbers (counting only), or the Hub (network).
 
     shipped_ok=False (real training) never uses the shipped numbers: the model's own config.json decides.
@@ -48,7 +48,9 @@ def load_hf_config(name: str, num_labels: int, label_names: list[str] | None = N
         if not (shipped_ok and architecture_file(name)):
             raise
         path = name
-    kwargs = {"num_labels": num_labels}
+    kwargs: dict = {"num_labels": num_labels}
+    if problem_type is not None:  # the loss transformers computes: multi_label_classification, regression
+        kwargs["problem_type"] = problem_type
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
@@ -99,19 +101,47 @@ def resolve_attention(cfg: Config) -> tuple[Config, str]:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=kernel)), line
 
 
+def problem_type_of(task: str | None) -> str | None:
+    """transformers' problem_type for a budgetune task; None for single_label (transformers infers it, as always)."""
+    from budgetune import tasks
+
+    return None if task in (None, tasks.SINGLE_LABEL) else tasks.problem_type(task)
+
+
 def load_base(cfg: Config, label_names: list[str]) -> tuple[nn.Module, list[str]]:
-    """Pretrained encoder + fresh head (seeded by the caller); also the head modules missing from the checkpoint."""
-    return load_pretrained(cfg.model.model_name_or_path, label_names, cfg.model.revision, cfg.model.attn_implementation)
+    """Pretrained encoder + fresh head (seeded by the caller); also the head modules missing from the checkpoint.
+    The head has one output per label (multi_label) or per target (regression: label_names is the target column)."""
+    return load_pretrained(cfg.model.model_name_or_path, label_names, cfg.model.revision, cfg.model.attn_implementation,
+                           cfg.model.attention_dropout, problem_type_of(cfg.data.task))
+
+
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")  # BERT-likes; DistilBERT, ...
+
+
+def set_attention_dropout(hf_config, p: float) -> None:
+    """Set the attention-probability dropout of `hf_config` to p, under whichever name its architecture uses."""
+    keys = [k for k in ATTENTION_DROPOUT_KEYS if hasattr(hf_config, k)]
+    if not keys:
+        raise ConfigError(f"--attention_dropout: model type {hf_config.model_type!r} has no attention dropout "
+                          f"setting ({' or '.join(ATTENTION_DROPOUT_KEYS)}); leave it null")
+    for k in keys:
+        setattr(hf_config, k, p)
 
 
 def load_pretrained(name: str, label_names: list[str], revision: str | None = None,
-                    attn_implementation: str = "auto") -> tuple[nn.Module, list[str]]:
+                    attn_implementation: str = "auto",
+                    attention_dropout: float | None = None,
+                    problem_type: str | None = None) -> tuple[nn.Module, list[str]]:
     """The pretrained model `name` with a fresh sequence-classification head for `label_names`, loaded with the
-    attention kernel `attn_implementation` means for it; also the head modules missing from the checkpoint."""
+    attention kernel `attn_implementation` means for it (and `attention_dropout` if not None); also the head
+    modules missing from the checkpoint."""
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
-    hf_config = load_hf_config(name, len(label_names), label_names, revision, shipped_ok=False)
+    hf_config = load_hf_config(name, len(label_names), label_names, revision, shipped_ok=False,
+                               problem_type=problem_type)
+    if attention_dropout is not None:
+        set_attention_dropout(hf_config, attention_dropout)
     if os.path.isdir(path) and not any(
         f.endswith((".safetensors", ".bin")) or f.endswith(".safetensors.index.json") for f in os.listdir(path)
     ):

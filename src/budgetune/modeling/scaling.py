@@ -237,11 +237,12 @@ def auto_scale(model, validate: Callable[[], float], scales: Iterable[float] = A
     return choose_scale(table, tolerance), table
 
 
-def scale_summary(chosen: float, table: dict[float, float]) -> str:
-    """One line for the run's output: what was chosen and what it cost on validation."""
+def scale_summary(chosen: float, table: dict[float, float], metric: str = "accuracy") -> str:
+    """One line for the run's output: what was chosen and what it cost on validation (`metric`: what the table
+    holds, the task's scale metric)."""
     raw = table.get(1.0, max(table.values()))
     change = (table[chosen] - raw) * 100
-    return (f"adapter_scale {chosen:g} chosen: validation accuracy {table[chosen]:.2%} at {chosen:g} vs "
+    return (f"adapter_scale {chosen:g} chosen: validation {metric} {table[chosen]:.2%} at {chosen:g} vs "
             f"{raw:.2%} as trained ({change:+.2f} points); --adapter_scale 1 restores the raw adapter")
 
 
@@ -272,9 +273,9 @@ def unresolved(rows: int, tolerance: float) -> str | None:
             f"{100 / rows:.2f} points; choosing a scale needs {need})")
 
 
-def scale_reason(chosen: float, table: dict[float, float], tolerance: float) -> str:
+def scale_reason(chosen: float, table: dict[float, float], tolerance: float, metric: str = "accuracy") -> str:
     """Why `chosen` is the adapter's scale, in words (for a run's closing summary)."""
     raw = table.get(1.0, max(table.values()))
     restore = "; --adapter_scale 1 restores the raw adapter" if chosen != 1 else ""
-    return (f"the smallest scale within {tolerance:g} points of the best validation accuracy ({table[chosen]:.2%} at "
+    return (f"the smallest scale within {tolerance:g} points of the best validation {metric} ({table[chosen]:.2%} at "
             f"{chosen:g}, {raw:.2%} as trained){restore}")

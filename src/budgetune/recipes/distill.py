@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from budgetune import fileio
+from budgetune import fileio, tasks
 from budgetune.adalora import lean_step
 from budgetune.budget.plan import check_budget, resolve_auto_rank
 from budgetune.config import Config
@@ -236,6 +236,7 @@ def check_options(teachers: list[str], alpha: float, temperature: float, output_
 def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = None, text_column: str | None = None,
             temperature: float = 2.0, alpha: float = 0.5, batch_size: int | None = None) -> dict:
     """Train cfg's student on its labelled rows (+ unlabelled texts) against the teachers; returns train()'s result."""
+    tasks.require_single_label(cfg.data.task, "distill")
     from transformers import AutoTokenizer
 
     from budgetune.modeling.backbone import resolve_model_path

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetune import fileio
+from budgetune import fileio, tasks
 from budgetune.config import Config
 from budgetune.data import readers as data_lib
 from budgetune.data import splits as splits_lib
@@ -200,6 +200,7 @@ def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) ->
 def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, *, cap_factor: float = 1.5,
                text_column: str | None = None, noise_dropout: float = 0.1, round_tolerance: float = 0.5) -> dict:
     """Rounds 0..rounds in RUN/round-N; the chosen round (see chosen_round) is copied into RUN. Returns a summary."""
+    tasks.require_single_label(cfg.data.task, "selftrain")
     check_options(rounds, threshold, cap_factor, noise_dropout, round_tolerance)
     out = Path(cfg.output.output_dir)
     continuing = (out / "round-0").is_dir() and not cfg.output.overwrite_output_dir

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from budgetune import tasks
 from budgetune.errors import AdapterError, ModelLoadError
 from budgetune.inference import adapter_bundle
 
@@ -105,6 +106,9 @@ def parse_run(spec: str) -> Adapter:
     missing = [k for k in BUNDLE_KEYS if k not in info]
     if missing:
         raise AdapterError(f"{folder / adapter_bundle.BUNDLE_FILE}: not a budgetune bundle (missing {', '.join(missing)})")
+    if info.get("task", tasks.SINGLE_LABEL) != tasks.SINGLE_LABEL:
+        raise AdapterError(f"{spec}: a {info['task']} model; budgetune serve answers single_label models only so far "
+                           "(use budgetune predict)")
     if not isinstance(info["label_names"], list) or len(info["label_names"]) < 2:
         raise AdapterError(f"{folder / adapter_bundle.BUNDLE_FILE}: label_names must list at least two labels")
     if is_full_model(folder):  # a fully fine-tuned model (method full): served alone on its own weights

@@ -20,7 +20,8 @@ from budgetune.fileio import atomic_dir, recover_dir
 # Settings that may change between the interrupted run and its resume without changing any number.
 RESUME_MAY_DIFFER = {("output", "output_dir"), ("output", "overwrite_output_dir"), ("output", "report_to"),
                      ("output", "run_name"), ("train", "resume_from_checkpoint"),
-                     ("train", "dataloader_num_workers"), ("train", "save_steps"), ("train", "save_total_limit"),
+                     ("train", "dataloader_num_workers"), ("train", "save_steps"), ("train", "save_strategy"),
+                     ("train", "save_total_limit"),
                      ("train", "logging_steps"), ("train", "per_device_eval_batch_size"), ("data", "cache_dir"),
                      ("train", "robust_tolerance"),
                      ("method", "lean_adalora"),  # the same numbers either way (tests/test_lean_adalora.py)

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from budgetune import fileio
+from budgetune import fileio, tasks
 from budgetune.adalora import rank_masks
 from budgetune.data.splits import cache_dir, scores
 from budgetune.errors import CheckpointError
 from budgetune.inference import adapter_bundle
 from budgetune.inference.runner import table_logits
-from budgetune.metrics import classification_metrics, metrics_text
+from budgetune.metrics import classification_metrics
 from budgetune.training import checkpoint
 from budgetune.training.runstate import Best, Run, TrainState
 
@@ -65,6 +65,17 @@ def record_shipped_ranks(run: Run, state: TrainState, best: Best) -> None:
         fileio.update_json(run.out / "budget.json", {"adalora_shipped": shipped})
 
 
+def score_last(run: Run, state: TrainState, best: Best, raw: dict) -> None:
+    """--eval_strategy no: the last step's adapter, scored on validation as saved, is the run's best: its metrics go
+    into the bundle, best_state.pt and what train() returns (search's objective reads them)."""
+    if best.metrics is None:
+        return
+    best.metrics.update(eval_accuracy=raw["accuracy"], eval_macro_f1=raw["macro_f1"], eval_loss=raw["loss"])
+    state.best_metric = raw[run.cfg.train.metric_for_best_model]
+    if run.accelerator.is_main_process:
+        save_best(run, best)
+
+
 def portable_model_id(name: str) -> str:
     """What the bundle stores as its base: a Hub id or a packaged name as given, a local folder made absolute."""
     if name.startswith("packaged:") or not Path(name).exists():
@@ -87,54 +98,78 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
     record_shipped_ranks(run, state, best)
     acc.wait_for_everyone()
     saved = reload_saved(run)  # what `predict` will load, through plain peft
+    task, names = run.splits.task, tasks.METRICS[run.splits.task]
     raw_logits = validation_logits(run, saved)
     raw = scores(raw_logits, run.splits)
+    if run.cfg.train.eval_strategy == "no":
+        score_last(run, state, best, raw)
     scale, table, logits, why = choose_adapter_scale(run, saved, raw_logits)
-    final = raw if scale == 1 else scores(logits, run.splits)
+    thresholds = tune_thresholds(run, logits)
+    final = raw if scale == 1 and thresholds is None else scores(logits, run.splits, thresholds)
     final.update(adapter_scale=scale, adapter_scale_reason=why, adapter_scale_validation=table,
-                 raw_adapter={k: raw[k] for k in ("accuracy", "macro_f1", "loss")})
+                 raw_adapter={k: raw[k] for k in names})
     if main:
         if table is not None:
-            adapter_bundle.record_adapter_scale(out / "adapter", scale, table, run.cfg.train.robust_tolerance)
+            adapter_bundle.record_adapter_scale(out / "adapter", scale, table, run.cfg.train.robust_tolerance,
+                                                tasks.SCALE_METRIC[task])
+        if thresholds is not None:
+            adapter_bundle.record_thresholds(out / "adapter", run.splits.label_names, thresholds)
         fileio.atomic_write_json(out / "evaluation.json", {"split": "validation", **final})
-        fileio.atomic_write_text(out / "evaluation.txt", metrics_text(
-            final, f"validation (saved adapter at adapter_scale {scale:g}: what predict loads)"))
-    test = evaluate_test(run, saved) if run.splits.test is not None else None
+        fileio.atomic_write_text(out / "evaluation.txt", tasks.metrics_text(
+            task, final, f"validation (saved adapter at adapter_scale {scale:g}: what predict loads)"))
+    test = evaluate_test(run, saved, thresholds) if run.splits.test is not None else None
     run.log.log("end", step=state.step, best_step=state.best_step, best_metric=state.best_metric,
                 final_ranks=rank_masks.rank_pattern(run.inner), replica_digests=replica_digests(run))
     if main:
         plot(out)
     acc.print(f"best validation {run.cfg.train.metric_for_best_model} {state.best_metric:.4f} at step "
               f"{state.best_step}; adapter: {out / 'adapter'}")
+    kept = [k for k in names if k != "loss"]
     return {"best_metric": state.best_metric, "best_step": state.best_step, **(best.metrics or {}),
-            "validation": {k: final[k] for k in ("accuracy", "macro_f1", "loss", "n")},
+            "validation": {k: final[k] for k in (*names, "n")},
             "validation_source": run.splits.validation_source, "adapter_scale": scale, "adapter_scale_reason": why,
-            "test": None if test is None else {k: test[k] for k in ("accuracy", "macro_f1", "n")},
-            "output_dir": str(out)}
+            "test": None if test is None else {k: test[k] for k in (*kept, "n")},
+            "output_dir": str(out), "task": task}
 
 
-def evaluate_test(run: Run, saved) -> dict:
+def tune_thresholds(run: Run, logits: np.ndarray) -> list[float] | None:
+    """multi_label: one threshold per label, tuned on the validation logits of the saved adapter at its scale
+    (tasks.tune_thresholds); None for the other tasks."""
+    if run.splits.task != tasks.MULTI_LABEL:
+        return None
+    thresholds = tasks.tune_thresholds(logits, run.splits.validation.labels)
+    run.accelerator.print("thresholds tuned on validation: " + ", ".join(
+        f"{n} {t:.2f}" for n, t in zip(run.splits.label_names, thresholds)))
+    return thresholds
+
+
+def evaluate_test(run: Run, saved, thresholds: list[float] | None = None) -> dict:
     """The test split's metrics with the saved adapter: reported once (files and a line), never used to choose."""
     tl = table_logits(saved, run.tokenizer, run.splits.test, run.accelerator, run.cfg.train.per_device_eval_batch_size,
                       run.cfg.data.max_seq_length, cache_dir(run.cfg), desc="test")
-    tm = classification_metrics(run.splits.test.labels, tl.argmax(-1), run.splits.label_names)
+    task = run.splits.task
+    if task == tasks.SINGLE_LABEL:
+        tm = classification_metrics(run.splits.test.labels, tl.argmax(-1), run.splits.label_names)
+    else:
+        tm = tasks.task_metrics(task, tl, run.splits.test.labels, run.splits.label_names, thresholds)
     if run.accelerator.is_main_process:
         fileio.atomic_write_json(run.out / "evaluation_test.json", {"split": "test", **tm})
-        fileio.atomic_write_text(run.out / "evaluation_test.txt", metrics_text(tm, "test (saved adapter)"))
-    run.accelerator.print(f"test accuracy {tm['accuracy']:.4f}")
+        fileio.atomic_write_text(run.out / "evaluation_test.txt", tasks.metrics_text(task, tm, "test (saved adapter)"))
+    shown = tasks.DEFAULT_METRIC[task]
+    run.accelerator.print(f"test {shown} {tm[shown]:.4f}")
     return tm
 
 
 def summary(result: dict, next_steps: list[str]) -> str:
     """A run's closing lines (train, demo): how good the saved model is, on which rows; its adapter scale and why;
     where the files are; what to run next."""
-    v, out = result["validation"], result["output_dir"]
-    lines = [f"validation accuracy {v['accuracy']:.2%} (macro-F1 {v['macro_f1']:.2%}) on {v['n']} rows: "
-             f"{result['validation_source']}",
+    v, out, task = result["validation"], result["output_dir"], result.get("task", tasks.SINGLE_LABEL)
+    lines = [f"validation {tasks.headline(task, v)} on {v['n']} rows: {result['validation_source']}",
              f"adapter scale {result['adapter_scale']:g}: {result['adapter_scale_reason']}"]
     if result.get("test"):
         t = result["test"]
-        lines.append(f"test accuracy {t['accuracy']:.2%} on {t['n']} rows (reported once, never used to choose)")
+        shown = (f"accuracy {t['accuracy']:.2%}" if task == tasks.SINGLE_LABEL else tasks.headline(task, t))
+        lines.append(f"test {shown} on {t['n']} rows (reported once, never used to choose)")
     lines.append(f"files: {out}/ (adapter/: the model; evaluation.txt; plots/; metrics.jsonl)")
     return "\n".join(lines + [f"next: {step}" for step in next_steps])
 
@@ -152,7 +187,7 @@ def choose_adapter_scale(run: Run, saved, raw_logits: np.ndarray):
     split is too small to resolve the tolerance (scaling.unresolved)."""
     from budgetune.modeling import scaling
 
-    tolerance = run.cfg.train.robust_tolerance
+    tolerance, metric = run.cfg.train.robust_tolerance, tasks.SCALE_METRIC[run.splits.task]
     why = scaling.kept_as_trained(tolerance, run.cfg.method.method, len(run.splits.validation.texts))
     if why is not None:
         if tolerance is not None and run.cfg.method.method != "full":  # the user asked for a choice: say why not
@@ -164,12 +199,12 @@ def choose_adapter_scale(run: Run, saved, raw_logits: np.ndarray):
         s = scaling.current_scale(saved)
         if s not in logits:
             logits[s] = validation_logits(run, saved)
-        return scores(logits[s], run.splits)["accuracy"]
+        return scores(logits[s], run.splits)[metric]
 
     chosen, table = scaling.auto_scale(saved, validate, scaling.AUTO_SCALES, tolerance)
     scaling.apply_scale(saved, chosen)
-    run.accelerator.print(scaling.scale_summary(chosen, table))
-    return chosen, table, logits[chosen], scaling.scale_reason(chosen, table, tolerance)
+    run.accelerator.print(scaling.scale_summary(chosen, table, metric))
+    return chosen, table, logits[chosen], scaling.scale_reason(chosen, table, tolerance, metric)
 
 
 def reload_saved(run: Run):

@@ -48,7 +48,12 @@ def unsupported(cfg, accelerator, custom_loss: bool) -> str | None:
     if accelerator.mixed_precision == "fp16":
         return "fp16's gradient scaler reads back whether a step overflowed; use --mixed_precision bf16"
     if custom_loss:
-        return "a custom training loss (distillation, soft labels) is not captured"
+        return ("a custom training loss (distillation, soft labels, --class_weights, --label_smoothing_factor) is "
+                "not captured")
+    if t.optim not in ("adamw_torch", "adamw_torch_fused"):
+        return f"--optim {t.optim} is not captured (AdamW only)"
+    if t.lr_scheduler_type == "greedy":  # it assigns a float where the graph reads the learning rate tensor
+        return "--lr_scheduler_type greedy replaces the learning rate a captured step reads"
     if t.torch_compile:
         return "--torch_compile is on; use one or the other"
     return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class Run:
     loss_fn: LossFn
     graphs: Any = None  # graphs.StepGraphs under --cuda_graphs where the step can be captured
     precision: Any = None  # devices.Precision: what the run computes in, and why
+    options: dict[str, Any] = field(default_factory=dict)  # resolved training options (metrics.jsonl `options`)
 
     @property
     def per_epoch(self) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from budgetune import fileio
+from budgetune import fileio, tasks
 from budgetune.adalora import lean_step, phases, rank_masks
 from budgetune.budget.count import Breakdown, check_live
 from budgetune.budget.plan import check_budget, resolve_auto_rank
@@ -21,7 +21,7 @@ from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.data import batching
 from budgetune.data import readers as data_lib
 from budgetune.data.splits import Splits, cache_dir, load_splits, scores
-from budgetune.errors import Interrupted, TrainingError
+from budgetune.errors import ConfigError, Interrupted, TrainingError
 from budgetune.hardware import precision
 from budgetune.hardware.devices import (
     make_accelerator,
@@ -33,8 +33,9 @@ from budgetune.hardware.devices import (
 from budgetune.inference.runner import inference_loader, predict_logits
 from budgetune.metrics import improves
 from budgetune.modeling import backbone, fast_forward, methods
-from budgetune.training import checkpoint, graphs
+from budgetune.training import checkpoint, graphs, losses, optim
 from budgetune.training.finish import BEST_STATE, finish, save_best
+from budgetune.training.optim import make_optimizer
 from budgetune.training.runlog import MetricsLog
 from budgetune.training.runstate import Best, LossFn, Run, TrainState
 
@@ -51,13 +52,24 @@ def default_loss(model, batch: dict) -> torch.Tensor:
 
 
 def gate(cfg: Config, label_names: list[str] | None) -> tuple[Config, Breakdown | None, str]:
-    """rank: auto resolved, AdaLoRA's ranks and the budget checked, as soon as the number of labels is known."""
+    """rank: auto resolved, AdaLoRA's ranks and the budget checked, as soon as the number of labels is known; the
+    optimizer's and schedule's arguments checked at once (before any data or weights load)."""
+    optim.check_schedule(cfg.train)
     if not label_names:
         return cfg, None, ""
     cfg, note = resolve_auto_rank(cfg, len(label_names))
     if cfg.method.method == "adalora":
         phases.check_ranks(cfg.method)
     return cfg, check_budget(cfg, len(label_names)), note
+
+
+def known_labels(cfg: Config) -> list[str] | None:
+    """The label names (regression: the target column) known before the data loads, for the budget gate."""
+    d = cfg.data
+    if d.task == tasks.REGRESSION:
+        return tasks.target_columns(d.task, d.label_column_name)
+    builtin = d.dataset_name == BUILTIN_DATA and d.task == tasks.SINGLE_LABEL
+    return d.label_names or (data_lib.AG_NEWS_LABELS if builtin else None)
 
 
 def make_loaders(cfg: Config, accelerator, splits: Splits, tokenizer):
@@ -97,31 +109,6 @@ def train_buckets(cfg: Config, lengths, sampler, multiple: int) -> list[int]:
     return batching.length_buckets(batching.batch_maxima(lengths, sampler), cfg.data.pad_to_buckets, multiple)
 
 
-def make_optimizer(cfg: Config, model, total_steps: int, device: torch.device, capturable: bool = False):
-    """AdamW with decay on projection matrices only (methods.decays), and the warm-up schedule.
-
-    Under --cuda_graphs (captured or not, so that a fallback trains the same numbers) AdamW is fused and its
-    learning rate a tensor on the device, which the scheduler fills in place: a captured step reads the current
-    rate, where a float would stay the one captured. `capturable` (a GPU run whose step will be captured) keeps
-    AdamW's step count on the device too.
-    """
-    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
-
-    t, on_gpu = cfg.train, device.type == "cuda"
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if methods.decays(n, p) else no_decay).append(p)
-    lr = torch.tensor(t.learning_rate, device=device) if t.cuda_graphs else t.learning_rate
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                                  fused=on_gpu or t.cuda_graphs, capturable=on_gpu and capturable)
-    warmup = int(t.warmup_ratio * total_steps)
-    if t.lr_scheduler_type == "linear":
-        return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    return optimizer, get_constant_schedule_with_warmup(optimizer, warmup)
-
-
 def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = None) -> Run:
     """Gate, data, model, optimizer, logger; nothing of an old run is replaced until all inputs have loaded."""
     from accelerate.utils import set_seed
@@ -135,18 +122,18 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
                                    kwargs_handlers=autocast_kwargs(t.cuda_graphs))
     accelerator.print(chosen.line())  # the run's header: what it computes in, and why
     # The gate comes first: a configuration over budget is refused before data or weights are loaded.
-    known = splits.label_names if splits else cfg.data.label_names or (
-        data_lib.AG_NEWS_LABELS if cfg.data.dataset_name == BUILTIN_DATA else None)
+    known = splits.label_names if splits else known_labels(cfg)
     cfg, expected, note = gate(cfg, known)
     cfg, attention = backbone.resolve_attention(cfg)  # the kernel it means is what config.yaml records
-    resuming = bool(t.resume_from_checkpoint)
     if accelerator.is_main_process:
-        fileio.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=resuming, clear=False)
+        fileio.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=bool(t.resume_from_checkpoint),
+                                clear=False)
     accelerator.wait_for_everyone()
     splits = splits or load_splits(cfg)
     if expected is None:
         cfg, expected, note = gate(cfg, splits.label_names)
-    accelerator.print("\n".join(filter(None, [attention, note])))
+    accelerator.print("\n".join(filter(None, [attention, note, eval_note(t)])))
+    loss_fn, options = training_loss(cfg, splits, loss_fn)
 
     tokenizer = AutoTokenizer.from_pretrained(backbone.resolve_model_path(cfg.model.model_name_or_path),
                                               revision=cfg.model.revision)
@@ -180,7 +167,36 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     log = MetricsLog(out / "metrics.jsonl", accelerator, enabled=accelerator.is_main_process)
     return Run(cfg, out, accelerator, splits, tokenizer, prepared, accelerator.unwrap_model(prepared), optimizer,
                scheduler, sampler, train_loader, val_loader, log, live, world, sched, loss_fn or default_loss,
-               step_graphs, chosen)
+               step_graphs, chosen, options)
+
+
+def training_loss(cfg: Config, splits: Splits, loss_fn: LossFn | None) -> tuple[LossFn | None, dict]:
+    """The loss train() steps on (None: the model's own cross-entropy) and the training options it resolved, for
+    metrics.jsonl's `options` event. --class_weights and --label_smoothing_factor shape the cross-entropy of
+    `budgetune train` (multi-label: --class_weights is BCE's pos_weight; Config refuses both for regression and
+    smoothing beyond single-label); a caller's own loss (distillation) is refused beside them rather than silently
+    kept."""
+    t = cfg.train
+    weights = losses.class_weights(t.class_weights, splits.train.labels, splits.label_names)
+    if splits.task == tasks.MULTI_LABEL:
+        weighted = losses.bce_loss(weights)
+    else:
+        weighted = losses.cross_entropy_loss(weights, t.label_smoothing_factor)
+    if weighted is not None and loss_fn is not None:
+        raise ConfigError("--class_weights and --label_smoothing_factor shape the cross entropy of `budgetune "
+                          "train`; this command trains with a loss of its own (distillation): leave them unset")
+    options = {"optim": t.optim, "lr_scheduler_type": t.lr_scheduler_type, "class_weights": weights,
+               "label_smoothing_factor": t.label_smoothing_factor}
+    return loss_fn or weighted, options
+
+
+def eval_note(t) -> str:
+    """What --eval_strategy no turns off, said once at the start."""
+    if t.eval_strategy != "no":
+        return ""
+    stops = (f" --early_stopping_patience {t.early_stopping_patience} and" if t.early_stopping_patience else "")
+    return (f"--eval_strategy no: no validation while training;{stops} --metric_for_best_model do not apply: the last "
+            "step's adapter is shipped (scored on validation at the end)")
 
 
 def graphs_wanted(cfg: Config, accelerator, custom_loss: bool) -> bool:
@@ -230,6 +246,7 @@ def start(run: Run) -> tuple[TrainState, Best]:
     if saved is None:
         run.log.log("budget", step=0, **run.live.to_dict())
         run.log.log("precision", step=0, **run.precision.to_dict())
+        run.log.log("options", step=0, **run.options, warmup_steps=optim.warmup_steps(cfg.train, run.total_steps))
         return TrainState(), Best()
     checkpoint.restore_model(run.inner, saved["model"])
     run.optimizer.optimizer.load_state_dict(saved["optimizer"])
@@ -262,21 +279,22 @@ def keep_best(run: Run, state: TrainState, best: Best, m: dict) -> bool:
 
     AdaLoRA: only validations with the final rank pattern compete (adalora.Schedule.may_be_best): one from the
     warm-up or mid-pruning would ship more than target_r ranks."""
-    key = run.cfg.train.metric_for_best_model
+    key, task = run.cfg.train.metric_for_best_model, run.splits.task
     eligible = run.schedule is None or run.schedule.may_be_best(state.step)
     better = eligible and improves(m[key], state.best_metric, key)
     if better:
         state.best_metric, state.best_step, state.bad_evals = m[key], state.step, 0
         best.state, best.pattern = checkpoint.trainable_state(run.inner), rank_masks.rank_pattern_masks(run.inner)
-        best.metrics = {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"], "eval_loss": m["loss"],
-                        "step": state.step, "epoch": run.epoch_of(state.step)}
+        best.metrics = {**tasks.prefixed(task, m), "step": state.step, "epoch": run.epoch_of(state.step)}
         if run.accelerator.is_main_process:
             save_best(run, best)
     elif run.schedule is None or run.schedule.is_final(state.step):
         state.bad_evals += 1  # AdaLoRA: only once the rank pattern is final (pruning makes the metric dip)
     run.log.log("eval", step=state.step, epoch=run.epoch_of(state.step), eval_loss=m["loss"],
-                eval_accuracy=m["accuracy"], eval_macro_f1=m["macro_f1"], best=better, bad_evals=state.bad_evals)
-    run.accelerator.print(f"step {state.step}: validation accuracy {m['accuracy']:.4f} loss {m['loss']:.4f}"
+                **{k: v for k, v in tasks.prefixed(task, m).items() if k != "eval_loss"}, best=better,
+                bad_evals=state.bad_evals)
+    shown = tasks.DEFAULT_METRIC[task]
+    run.accelerator.print(f"step {state.step}: validation {shown} {m[shown]:.4f} loss {m['loss']:.4f}"
                           + (" (best)" if better else ""))
     return better
 
@@ -326,7 +344,8 @@ def train_step(run: Run, batch: dict, steps_done: int) -> tuple[torch.Tensor, to
 def step_schedules(run: Run, steps_done: int) -> None:
     """After an optimizer step (eager or replayed): the learning rate, then AdaLoRA's allocation, which reads the
     gradients (before zero_grad)."""
-    run.scheduler.step()
+    if not optim.steps_on_metric(run.scheduler):  # reduce_lr_on_plateau, greedy: after each evaluation instead
+        run.scheduler.step()
     if run.schedule is not None:
         run.inner.base_model.update_and_allocate(steps_done)  # 0-based optimizer step
 
@@ -384,29 +403,62 @@ def fit(run: Run, state: TrainState, best: Best, stop_signal: StopSignal, on_eva
             end_of_epoch = state.batches_done >= len(run.train_loader)
             if end_of_epoch:
                 state.epoch, state.batches_done = state.epoch + 1, 0
-            stop = state.step >= run.total_steps
-            if due_for_eval(t, state.step, end_of_epoch) or stop:
-                window.check(run, state)  # never validate or checkpoint weights a non-finite step has touched
-                keep_best(run, state, best, m := validate(run))
-                if on_evaluate is not None:
-                    on_evaluate(state.step, {"eval_accuracy": m["accuracy"], "eval_macro_f1": m["macro_f1"],
-                                             "eval_loss": m["loss"], "epoch": run.epoch_of(state.step),
-                                             "final_ranks": run.schedule is None or run.schedule.is_final(state.step)})
-                patience = t.early_stopping_patience
-                stop = stop or (patience is not None and state.bad_evals >= patience)
-                save_checkpoint(run, state, best)
-            elif t.save_steps and state.step % t.save_steps == 0:
-                window.check(run, state)
-                save_checkpoint(run, state, best)
+            stop = after_step(run, state, best, window, on_evaluate, end_of_epoch,
+                              stop=state.step >= run.total_steps)
             # Several processes agree on a signal with a collective (a host sync): once per logging window.
             if (acc.num_processes == 1 or state.step % t.logging_steps == 0 or stop) and stop_signal.agreed(acc):
-                folder = save_checkpoint(run, state, best)
-                raise Interrupted(f"stopped by signal {stop_signal.signum} at step {state.step}; checkpoint: "
-                                  f"{folder}. Resume with: budgetune train --config {run.out / 'config.yaml'} "
-                                  f"--resume_from_checkpoint {run.out}")
+                raise interrupted(run, state, best, stop_signal.signum)
             if stop or end_of_epoch:
                 break
     bar.close()
+
+
+def after_step(run: Run, state: TrainState, best: Best, window: Window, on_evaluate: OnEvaluate | None,
+               end_of_epoch: bool, stop: bool) -> bool:
+    """What is due after an optimizer step: a validation (--eval_strategy), the last step kept as the adapter
+    (--eval_strategy no), a checkpoint (--save_strategy). Whether the run stops (its last step, or patience)."""
+    t = run.cfg.train
+    evaluated = due_for_eval(t, state.step, end_of_epoch) or (stop and t.eval_strategy != "no")
+    save = due_for_save(t, state.step, end_of_epoch, evaluated)
+    if evaluated or save or stop:
+        window.check(run, state)  # never validate, keep or checkpoint weights a non-finite step has touched
+    if evaluated:
+        stop = evaluate(run, state, best, on_evaluate) or stop
+    elif stop:
+        keep_last(run, state, best)
+    if save:
+        save_checkpoint(run, state, best)
+    return stop
+
+
+def evaluate(run: Run, state: TrainState, best: Best, on_evaluate: OnEvaluate | None) -> bool:
+    """Validate, keep the best, step a schedule that follows the metric, tell on_evaluate; whether early stopping's
+    patience has run out."""
+    t = run.cfg.train
+    keep_best(run, state, best, m := validate(run))
+    if optim.steps_on_metric(run.scheduler):  # reduce_lr_on_plateau, greedy (Hugging Face's Trainer does the same)
+        run.scheduler.step(m[t.metric_for_best_model])
+    if on_evaluate is not None:
+        on_evaluate(state.step, {**tasks.prefixed(run.splits.task, m), "epoch": run.epoch_of(state.step),
+                                 "final_ranks": run.schedule is None or run.schedule.is_final(state.step)})
+    return t.early_stopping_patience is not None and state.bad_evals >= t.early_stopping_patience
+
+
+def keep_last(run: Run, state: TrainState, best: Best) -> None:
+    """--eval_strategy no: the last step's adapter is the one shipped; finish scores it on validation."""
+    state.best_step = state.step
+    best.state, best.pattern = checkpoint.trainable_state(run.inner), rank_masks.rank_pattern_masks(run.inner)
+    best.metrics = {"step": state.step, "epoch": run.epoch_of(state.step)}
+
+
+def interrupted(run: Run, state: TrainState, best: Best, signum: int | None) -> Interrupted:
+    """A stop signal's error: the checkpoint it wrote and how to resume (none under --save_strategy no)."""
+    if run.cfg.train.save_strategy == "no":
+        return Interrupted(f"stopped by signal {signum} at step {state.step}; no checkpoint written "
+                           "(--save_strategy no), so the run cannot be resumed")
+    folder = save_checkpoint(run, state, best)
+    return Interrupted(f"stopped by signal {signum} at step {state.step}; checkpoint: {folder}. Resume with: "
+                       f"budgetune train --config {run.out / 'config.yaml'} --resume_from_checkpoint {run.out}")
 
 
 def epoch_loader(run: Run, state: TrainState):
@@ -425,6 +477,15 @@ def epoch_loader(run: Run, state: TrainState):
 
 def due_for_eval(t, step: int, end_of_epoch: bool) -> bool:
     return (t.eval_strategy == "steps" and step % t.eval_steps == 0) or (t.eval_strategy == "epoch" and end_of_epoch)
+
+
+def due_for_save(t, step: int, end_of_epoch: bool, evaluated: bool) -> bool:
+    """--save_strategy: no, epoch, steps (every --save_steps), or null: at each evaluation (each epoch's end under
+    --eval_strategy no) and every --save_steps when above 0."""
+    every = bool(t.save_steps) and step % t.save_steps == 0
+    if t.save_strategy is None:
+        return (end_of_epoch if t.eval_strategy == "no" else evaluated) or every
+    return {"no": False, "epoch": end_of_epoch, "steps": every}[t.save_strategy]
 
 
 class Window:
@@ -463,7 +524,7 @@ class Window:
 def log_window(run: Run, state: TrainState, window: Window, bar) -> None:
     w = window.read(run, state)
     run.log.log("train", step=state.step, epoch=run.epoch_of(state.step), loss=w["loss"],
-                learning_rate=float(run.scheduler.get_last_lr()[0]), grad_norm=w["grad_norm"],
+                learning_rate=optim.current_lr(run.scheduler, run.optimizer), grad_norm=w["grad_norm"],
                 samples_per_second=w["samples_per_second"])
     bar.set_postfix(loss=f"{w['loss']:.4f}")
     if run.schedule is not None and (pattern := rank_masks.rank_pattern(run.inner)):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from budgetune import tasks
 from budgetune.budget.plan import check_budget
 from budgetune.config import Config, build_config, load_yaml, merge, parse_overrides
 from budgetune.data import readers as data_lib
@@ -322,6 +323,7 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
     The space is refused before any training when nothing in it fits the budget. Test files are never read while
     searching; `test_file` (or cfg.data.test_file) is evaluated once on the selected trial at the end.
     """
+    tasks.require_single_label(cfg.data.task, "search")
     if pruner not in PRUNERS:
         raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     if n_trials < 1 or keep_top_k < 1:

@@ -1,0 +1,79 @@
+"""budgetune.tasks: each task's loss, metrics, outputs and multi-label thresholds, against sklearn/scipy/torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from budgetune import tasks
+from budgetune.errors import ConfigError
+
+
+def test_multi_label_metrics_are_sklearns():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    logits = np.array([[2.0, -1.0, 0.3], [-2.0, 1.0, -0.2], [1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    labels = [[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 0, 0]]
+    m = tasks.task_metrics(tasks.MULTI_LABEL, logits, labels, ["a", "b", "c"])
+    pred = (logits > 0).astype(int)  # sigmoid >= 0.5
+    assert m["micro_f1"] == pytest.approx(f1_score(labels, pred, average="micro"))
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
+    assert m["subset_accuracy"] == pytest.approx(accuracy_score(labels, pred)) == 0.75
+    bce = torch.nn.BCEWithLogitsLoss()(torch.tensor(logits, dtype=torch.float32), torch.tensor(labels, dtype=torch.float32))
+    assert m["loss"] == pytest.approx(float(bce), rel=1e-6)
+    assert m["thresholds"] == [0.5, 0.5, 0.5]
+    assert "micro_f1" in tasks.metrics_text(tasks.MULTI_LABEL, m)
+
+
+def test_regression_metrics_are_scipys_and_sklearns():
+    from scipy.stats import pearsonr, spearmanr
+
+    y = np.array([0.0, 1.0, 2.5, 4.0, 3.0])
+    pred = np.array([[0.2], [0.8], [2.0], [4.5], [2.0]])
+    m = tasks.task_metrics(tasks.REGRESSION, pred, y.tolist(), ["score"])
+    assert m["mse"] == pytest.approx(np.mean((y - pred[:, 0]) ** 2)) == pytest.approx(m["loss"], rel=1e-6)
+    assert m["mae"] == pytest.approx(np.mean(np.abs(y - pred[:, 0])))
+    assert m["pearson"] == pytest.approx(pearsonr(y, pred[:, 0])[0])
+    assert m["spearman"] == pytest.approx(spearmanr(y, pred[:, 0])[0])
+    const = tasks.task_metrics(tasks.REGRESSION, np.ones((5, 1)), y.tolist(), ["score"])
+    assert const["pearson"] == 0.0  # undefined for a constant prediction: 0, never NaN (it selects a model)
+
+
+def test_the_training_loss_is_transformers_problem_types():
+    """tasks.loss is what a transformers model computes for its problem_type (what training minimises)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    for task, labels in [(tasks.MULTI_LABEL, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+                         (tasks.REGRESSION, torch.tensor([0.5, -1.5]))]:
+        n = labels.shape[-1] if labels.dim() == 2 else 1
+        cfg = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, num_labels=n, problem_type=tasks.problem_type(task))
+        model = BertForSequenceClassification(cfg).eval()
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), labels=labels)
+        assert float(tasks.loss(task, out.logits, labels)) == pytest.approx(float(out.loss), rel=1e-6)
+        assert tasks.eval_loss(task, out.logits.detach().numpy(), labels.numpy()) == pytest.approx(float(out.loss),
+                                                                                                      rel=1e-5)
+
+
+def test_thresholds_are_tuned_per_label():
+    # label 0: positives have probability ~0.3, negatives ~0.1 -> a threshold between them; label 1: never positive
+    logits = np.log(np.array([[0.3, 0.2], [0.32, 0.6], [0.1, 0.1], [0.12, 0.3]]) /
+                    (1 - np.array([[0.3, 0.2], [0.32, 0.6], [0.1, 0.1], [0.12, 0.3]])))
+    labels = [[1, 0], [1, 0], [0, 0], [0, 0]]
+    t = tasks.tune_thresholds(logits, labels)
+    assert 0.12 < t[0] <= 0.3 and t[1] == 0.5
+    assert tasks.predictions(tasks.MULTI_LABEL, logits, t)[:, 0].tolist() == [1, 1, 0, 0]
+    assert tasks.predictions(tasks.MULTI_LABEL, logits)[:, 0].tolist() == [0, 0, 0, 0]  # at 0.5: none
+
+
+def test_a_metric_of_another_task_is_refused_naming_its_task():
+    tasks.check_metric(tasks.REGRESSION, "pearson")
+    with pytest.raises(ConfigError, match=r"'micro_f1' is a multi_label metric; with --task regression choose one"):
+        tasks.check_metric(tasks.REGRESSION, "micro_f1")
+    with pytest.raises(ConfigError, match="'acc' is unknown"):
+        tasks.check_metric(tasks.SINGLE_LABEL, "acc")
+    with pytest.raises(ConfigError, match="--task must be one of"):
+        tasks.problem_type("ranking")
