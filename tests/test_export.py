@@ -196,7 +196,7 @@ def test_onnx_gives_budgetunes_logits_with_the_labels_in_its_metadata(run, tmp_p
     assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]  # RoBERTa: no token types
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["id2label"]) == {str(i): n for i, n in enumerate(LABELS)}
-    assert meta["max_seq_length"] == "48" and meta["merged_adapter_scale"] == "0.5"
+    assert meta["max_seq_length"] == "48" and meta["merged_adapter_scale"] == "0.5" and meta["task"] == "single_label"
     # int8: weights and activations quantized, so a looser check: the same class on nearly every text
     int8 = ort_session(out / "model_int8.onnx")
     got = ort_run(int8, out)

@@ -104,7 +104,6 @@ def export_merged(run: str | Path, output: str | Path, adapter_scale: float | No
 
 def deployment_card(info: dict, fmt: str) -> str:
     """The model card of an exported model (fmt: transformers or onnx): what it is and how to run it."""
-    labels = info["label_names"]
     metrics = info.get("metrics") or {}
     usage = {"transformers": [
         "import torch",
@@ -130,8 +129,14 @@ def deployment_card(info: dict, fmt: str) -> str:
              + ("every weight fine-tuned" if info["method"] == "full" else "the adapter merged into the base weights "
                 f"at adapter scale {info['merged_adapter_scale']:g}") + ", the classification head included. Neither "
              "budgetune nor peft is needed to run it.", "",
-             f"Labels (in order): {', '.join(labels)}. Texts were truncated at {info['max_seq_length']} tokens in "
+             f"{adapter_bundle.task_sentence(info)} Texts were truncated at {info['max_seq_length']} tokens in "
              "training (the tokenizer's model_max_length here).", "", "## Validation metrics (best checkpoint)", ""]
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()]
-    lines += ["", "## Use", "", "```python", *usage, "```", ""]
+    task = info.get("task") or "single_label"
+    reading = {"multi_label": "The example takes the most likely label; this model is multi-label: read "
+                              "sigmoid(logits) per label against its threshold (budgetune.json's `thresholds`, "
+                              "0.5 by default).",
+               "regression": "The example takes an argmax; this model is a regression: the logits are the "
+                             "predicted values."}.get(task)
+    lines += ["", "## Use", "", "```python", *usage, "```", ""] + ([reading, ""] if reading else [])
     return "\n".join(lines)

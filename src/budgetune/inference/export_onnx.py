@@ -65,7 +65,9 @@ def label_metadata(path: Path, meta: dict) -> None:
              "label2id": json.dumps({n: i for i, n in enumerate(labels)}),
              "max_seq_length": str(meta["max_seq_length"]), "base_model": str(meta["base_model_name_or_path"]),
              "method": str(meta["method"]), "merged_adapter_scale": f"{meta['merged_adapter_scale']:g}",
-             "producer": "budgetune export --format onnx"}
+             "task": str(meta.get("task") or "single_label"), "producer": "budgetune export --format onnx"}
+    if meta.get("thresholds"):  # multi-label: a label is predicted where sigmoid(logit) reaches its threshold
+        props["thresholds"] = json.dumps(meta["thresholds"])
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(path))
 
