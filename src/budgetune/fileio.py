@@ -108,6 +108,16 @@ def recover_dir(path: str | os.PathLike) -> None:
         os.replace(old, path)
 
 
+def refuse_nonempty(path: str | os.PathLike, overwrite: bool, flag: str = "--output") -> Path:
+    """A folder to be written whole (atomic_dir): refused while it holds anything, unless --overwrite."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{flag} {out}: a file is there, not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunFolderError(f"{flag} {out}: the folder is not empty; choose another or pass --overwrite")
+    return out
+
+
 def guard_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool, clear: bool = True) -> Path:
     """Refuse to write into a folder that holds a run unless --overwrite_output_dir or resuming.
 

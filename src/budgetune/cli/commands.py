@@ -15,7 +15,8 @@ commands:
   train     --config FILE [--flag value ...]   train an adapter under the parameter budget
   evaluate  RUN --data_file FILE               metrics of a run's best adapter on labelled data
   predict   RUN --input FILE --output FILE     Kaggle submission (ID,Label) for unlabelled texts
-  export    RUN --adapter_scale A --output DIR  a peft adapter with its adapter scale baked in
+  export    RUN --output DIR [--merge | --format onnx [--quantize int8]]   a peft adapter with its adapter
+                                               scale baked in; merged into a transformers model; or ONNX
   plot      RUN                                learning curves, rank allocation, confusion matrix
   params    --config FILE [--json]             exact trainable-parameter breakdown (no weights needed)
   plan      --config FILE --budget 1M          configurations that fit a budget

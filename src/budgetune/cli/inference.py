@@ -1,5 +1,6 @@
 """`budgetune evaluate`, `budgetune predict` and `budgetune export`: a trained adapter on labelled files, on
-unlabelled texts, and saved with its adapter scale baked in."""
+unlabelled texts, and saved for use without budgetune (a peft adapter with its scale baked in, a merged
+transformers model, or ONNX)."""
 
 from __future__ import annotations
 
@@ -110,20 +111,47 @@ def predict_command(argv: list[str]) -> int:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = parser("export", "Save a run's adapter with its adapter scale baked into the weights: a peft adapter folder "
-               "(plus tokenizer, budgetune.json and model card) that plain peft loads to the same logits.")
+    p = parser("export", "Save a run for use without budgetune. By default its adapter with the adapter scale baked "
+               "into the weights: a peft adapter folder (plus tokenizer, budgetune.json and model card) that plain "
+               "peft loads to the same logits. --merge: a plain transformers model folder; --format onnx: an ONNX "
+               "model for onnxruntime.")
     p.add_argument("run", help="run folder or adapter folder")
     p.add_argument("--output", required=True, help="the folder to write")
     p.add_argument("--adapter_scale", help="scale in [0, 1] (default: the scale recorded in the bundle, else 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights (peft's "
+                   "merge_and_unload) and write a transformers model folder: safetensors weights with the trained "
+                   "head, config.json with id2label/label2id, tokenizer, model card; "
+                   "AutoModelForSequenceClassification.from_pretrained loads it without budgetune or peft")
+    p.add_argument("--format", choices=FORMATS, default="safetensors", help="safetensors: the peft adapter (or, "
+                   "with --merge, the merged model); onnx: the merged model as OUTPUT/model.onnx (dynamic batch and "
+                   "sequence axes, label names in its metadata) with tokenizer and config.json, for onnxruntime "
+                   "(needs pip install 'budgetune[onnx]')")
+    p.add_argument("--quantize", choices=("int8",), help="with --format onnx: also write model_int8.onnx, its "
+                   "Linear weights int8 and activations quantized dynamically (onnxruntime's quantize_dynamic)")
     return p
 
 
+FORMATS = ("safetensors", "onnx")
+
+
 def export_command(argv: list[str]) -> int:
-    from budgetune.inference.export import export
     from budgetune.modeling import scaling
 
     a = parse(export_parser(), argv)
     scale = scaling.one_scale(a.adapter_scale, "export")
-    export(a.run, a.output, scale, overwrite=a.overwrite)
+    if a.quantize is not None and a.format != "onnx":
+        raise ConfigError(f"--quantize {a.quantize} needs --format onnx (it quantizes the ONNX model)")
+    if a.format == "onnx":
+        from budgetune.inference.export_onnx import export_onnx
+
+        export_onnx(a.run, a.output, scale, quantize=a.quantize, overwrite=a.overwrite)
+    elif a.merge:
+        from budgetune.inference.export_merged import export_merged
+
+        export_merged(a.run, a.output, scale, overwrite=a.overwrite)
+    else:
+        from budgetune.inference.export import export
+
+        export(a.run, a.output, scale, overwrite=a.overwrite)
     return 0

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 from budgetune import fileio
-from budgetune.errors import RunFolderError
 from budgetune.inference import adapter_bundle
 from budgetune.inference.loading import adapter_dir, load_model
 from budgetune.modeling import scaling
@@ -19,9 +18,7 @@ def export(run: str | Path, output: str | Path, adapter_scale: float | None = No
     The folder loads with plain peft (`PeftModel.from_pretrained`) to the logits budgetune gives at that scale; its
     budgetune.json says adapter_scale 1 (the scale is in the weights) and baked_adapter_scale A.
     """
-    out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RunFolderError(f"--output {out}: the folder is not empty; choose another or pass --overwrite")
+    out = fileio.refuse_nonempty(output, overwrite)
     source = adapter_dir(run)
     model, tokenizer, info = load_model(source, merge=False, adapter_scale=adapter_scale)
     scale = info.pop("applied_adapter_scale")

@@ -202,3 +202,20 @@ def merge_for_inference(peft_model) -> bool:
 # head, FirstTokenLinear): in their last layer every other token's output is computed and thrown away.
 
 
+
+
+def merge_and_unload(peft_model) -> nn.Module:
+    """The plain transformers model: every adapter folded into its base weights at its current scale, the trained
+    head (modules_to_save) in place of the base model's, no peft module left.
+
+    The trained head copies are put in place first: peft 0.21's merge_and_unload fails for IA3, VeRA, LoHa and LoKr
+    on a saved module with no `weight` of its own (RoBERTa's classification head).
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(peft_model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent, _, attr = name.rpartition(".")
+            trained = [module.modules_to_save[a] for a in module.active_adapters if a in module.modules_to_save]
+            setattr(peft_model.get_submodule(parent), attr, trained[0] if trained else module.original_module)
+    return peft_model.merge_and_unload()
