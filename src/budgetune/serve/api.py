@@ -353,8 +353,9 @@ async def model_logits(state: ServeState, adapter: str, texts: list[str], pairs:
         try:
             # Tokenizers are used from one thread only: Rust tokenizers refuse concurrent calls that change
             # truncation. A wait that runs out there or in the batcher's queue leaves both unrun.
-            rows = await asyncio.wait_for(loop.run_in_executor(state.tokenizer_pool, state.registry.tokenize,
-                                                               adapter, texts, pairs), opts.request_timeout)
+            args = (adapter, texts) if pairs is None else (adapter, texts, pairs)
+            rows = await asyncio.wait_for(loop.run_in_executor(state.tokenizer_pool, state.registry.tokenize, *args),
+                                          opts.request_timeout)
             return await state.batcher.submit(rows, deadline)
         except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             raise refused(state, "timeout", f"timeout: waited {opts.request_timeout:g} s without a turn on the model "
