@@ -202,7 +202,8 @@ def openapi_reference() -> str:
             lines += endpoint(path, method, op)
     lines += ["### Schemas", ""]
     for name, component in schema.get("components", {}).get("schemas", {}).items():
-        lines += [f"#### {name}", "", *schema_table(component), ""]
+        lines += [f"#### {name}", "", *([component["description"], ""] if component.get("description") else []),
+                  *schema_table(component), ""]
     return "\n".join(lines)
 
 

@@ -301,7 +301,7 @@ def test_docs_and_page(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     schema = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(schema["properties"]) == {"texts", "adapter"}
+    assert set(schema["properties"]) == {"texts", "adapter", "text_pair"}
     assert {"/v1/adapters", "/health", "/metrics"} <= set(spec["paths"])
     page = client.get("/")
     assert page.status_code == 200 and 'id="adapter"' in page.text and "v1/classify" in page.text

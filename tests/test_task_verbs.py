@@ -275,35 +275,36 @@ def test_each_task_has_its_default_metric_and_accepts_its_own():
         assert resolve(None, ["--task", task, "--metric_for_best_model", metric]).train.metric_for_best_model == metric
 
 
-@pytest.mark.parametrize("verb", ["search", "distill", "selftrain"])
+@pytest.mark.parametrize("verb", ["distill", "selftrain"])
 def test_verbs_without_tasks_yet_refuse_them_naming_the_flag(verb, tmp_path):
     from budgetune.config import resolve
 
     cfg = resolve(None, ["--task", "regression", "--output_dir", str(tmp_path / "run")])
-    if verb == "search":
-        from budgetune.recipes.search.driver import search as call
-    elif verb == "distill":
+    if verb == "distill":
         from budgetune.recipes.distill import distill as call
     else:
         from budgetune.recipes.selftrain import self_train as call
-    args = {"search": (), "distill": (["teacher"],), "selftrain": ("unlabelled.csv", 1, 0.9)}[verb]
+    args = {"distill": (["teacher"],), "selftrain": ("unlabelled.csv", 1, 0.9)}[verb]
     with pytest.raises(ConfigError, match=f"budgetune {verb} handles --task single_label only so far, not --task "
                                           "regression"):
         call(cfg, *args)
     assert not (tmp_path / "run").exists()
 
 
-def test_serve_refuses_a_model_of_another_task(tmp_path):
+def test_serve_checks_a_bundles_task(tmp_path):
     from budgetune.errors import AdapterError
     from budgetune.serve.registry import parse_run
 
     folder = tmp_path / "scores" / "adapter"
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text("{}")
-    (folder / "budgetune.json").write_text(json.dumps({
-        "label_names": ["score"], "base_model_name_or_path": "x", "head": "default", "max_seq_length": 32,
-        "method": "lora", "task": "regression"}))
-    with pytest.raises(AdapterError, match="a regression model; budgetune serve answers single_label models only"):
+    info = {"label_names": ["score"], "base_model_name_or_path": "x", "head": "default", "max_seq_length": 32,
+            "method": "lora", "task": "ranking"}
+    (folder / "budgetune.json").write_text(json.dumps(info))
+    with pytest.raises(AdapterError, match="unknown task 'ranking'"):
+        parse_run(str(folder))
+    (folder / "budgetune.json").write_text(json.dumps({**info, "task": "single_label"}))
+    with pytest.raises(AdapterError, match="at least 2 labels for a single_label model"):
         parse_run(str(folder))
 
 

@@ -31,13 +31,13 @@ try:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.security import APIKeyHeader
-    from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+    from pydantic import BaseModel, Field, ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # an optional extra
     raise ImportError(f"budgetune serve needs FastAPI and uvicorn: pip install 'budgetune[serve]' ({e})") from e
 
 from budgetune.errors import ConfigError, RequestError
-from budgetune.metrics import softmax
+from budgetune.serve.answers import AnyResponse, ClassifyRequest, answer, check_pairs
 from budgetune.serve.queue import Backlog, DynamicBatcher, running
 from budgetune.serve.registry import Registry, parse_runs
 from budgetune.serve.telemetry import CONTENT_TYPE, Metrics
@@ -85,37 +85,16 @@ class ServeState:
         self.backlog = Backlog(self.options.max_queue_texts)
 
 
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"texts": ["Stocks slide as oil prices jump"], "adapter": "my-run"}]})
-
-    texts: list[StrictStr] = Field(min_length=1, description="texts to classify (at most --max_texts; each is cut "
-                                   "to --max_chars characters, which the answer states)")
-    adapter: StrictStr | None = Field(None, description="adapter name from /v1/adapters; may be left out when "
-                                      "the server has a single adapter")
-
-
-class Prediction(BaseModel):
-    label: str
-    label_id: int
-    probabilities: list[float] = Field(description="one per label, in the order of `labels`")
-    truncated: bool = Field(description="the text was cut to max_chars characters before it was classified")
-
-
-class ClassifyResponse(BaseModel):
-    adapter: str
-    labels: list[str]
-    predictions: list[Prediction]
-    max_chars: int
-    truncated_texts: int = Field(description="how many texts were cut to max_chars characters")
-
-
 class AdapterInfo(BaseModel):
     name: str
     base_model: str
     method: str
     trainable_parameters: int | None
-    labels: list[str]
+    labels: list[str] = Field(description="the classes (single_label), the labels (multi_label) or the targets "
+                              "(regression)")
+    task: str = Field(description="single_label, multi_label or regression: which answer /v1/classify gives")
+    text_pair: str | None = Field(description="the run was trained on text pairs (this column): requests send a "
+                                  "text_pair per text; null: single texts")
     validation_accuracy: float | None
     max_seq_length: int = Field(description="tokens the model reads; later tokens are not seen (as in training)")
     served: str = Field(description="merged (alone on its base), mixed (one forward for a batch of several "
@@ -234,10 +213,11 @@ def read_request(raw: bytes, content_type: str | None, max_texts: int) -> Classi
     """The body as a ClassifyRequest, or a 4xx naming the header or field at fault."""
     check_content_type(content_type)
     data = parse_json(raw)
-    texts = data.get("texts") if isinstance(data, dict) else None
-    if isinstance(texts, list) and len(texts) > max_texts:  # before each one is checked: no list of 200,000 errors
-        raise RequestError(422, "texts", f"texts: at most {max_texts} texts per request (got {len(texts)}; "
-                           "--max_texts)")
+    for key in ("texts", "text_pair"):  # before each one is checked: no list of 200,000 errors
+        texts = data.get(key) if isinstance(data, dict) else None
+        if isinstance(texts, list) and len(texts) > max_texts:
+            raise RequestError(422, key, f"{key}: at most {max_texts} texts per request (got {len(texts)}; "
+                               "--max_texts)")
     try:
         return ClassifyRequest.model_validate(data)
     except ValidationError as e:
@@ -360,7 +340,8 @@ def refused(state: ServeState, reason: str, message: str) -> RequestError:
     return RequestError(503, None, message, kind="overloaded" if reason == "queue_full" else reason)
 
 
-async def model_logits(state: ServeState, adapter: str, texts: list[str]) -> np.ndarray:
+async def model_logits(state: ServeState, adapter: str, texts: list[str], pairs: list[str] | None = None
+                       ) -> np.ndarray:
     """Logits for the texts, or a 503 when the queue is full or they wait past --request_timeout for the model."""
     opts, backlog = state.options, state.backlog
     if not backlog.fits(len(texts)):
@@ -372,15 +353,17 @@ async def model_logits(state: ServeState, adapter: str, texts: list[str]) -> np.
         try:
             # Tokenizers are used from one thread only: Rust tokenizers refuse concurrent calls that change
             # truncation. A wait that runs out there or in the batcher's queue leaves both unrun.
-            rows = await asyncio.wait_for(loop.run_in_executor(state.tokenizer_pool, state.registry.tokenize,
-                                                               adapter, texts), opts.request_timeout)
+            args = (adapter, texts) if pairs is None else (adapter, texts, pairs)
+            rows = await asyncio.wait_for(loop.run_in_executor(state.tokenizer_pool, state.registry.tokenize, *args),
+                                          opts.request_timeout)
             return await state.batcher.submit(rows, deadline)
         except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             raise refused(state, "timeout", f"timeout: waited {opts.request_timeout:g} s without a turn on the model "
                           "(--request_timeout); retry shortly") from None
 
 
-async def classify_texts(state: ServeState, payload: ClassifyRequest) -> ClassifyResponse:
+async def classify_texts(state: ServeState, payload: ClassifyRequest) -> AnyResponse:
+    """The answer of the adapter's task (serve.answers) for the request's texts (and pairs)."""
     registry, opts = state.registry, state.options
     names = list(registry.adapters)
     adapter = payload.adapter if payload.adapter is not None else (names[0] if len(names) == 1 else None)
@@ -388,15 +371,16 @@ async def classify_texts(state: ServeState, payload: ClassifyRequest) -> Classif
         raise RequestError(422, "adapter", f"adapter: required when several are served ({', '.join(names)})")
     if adapter not in registry.adapters:
         raise RequestError(422, "adapter", f"adapter: unknown adapter {adapter[:100]!r} (served: {', '.join(names)})")
-    cut = [len(t) > opts.max_chars for t in payload.texts]
+    served = registry.adapters[adapter]
+    check_pairs(payload, adapter, served.text_pair)
+    pairs = payload.text_pair
+    cut = [len(t) > opts.max_chars or (pairs is not None and len(pairs[i]) > opts.max_chars)
+           for i, t in enumerate(payload.texts)]
     texts = [t[:opts.max_chars] for t in payload.texts]
-    labels = registry.adapters[adapter].labels
-    probs = softmax((await model_logits(state, adapter, texts))[:, :len(labels)])
-    ids = probs.argmax(-1)
+    pairs = None if pairs is None else [t[:opts.max_chars] for t in pairs]
+    logits = await model_logits(state, adapter, texts, pairs)
     state.metrics.texts[adapter] += len(texts)
-    return ClassifyResponse(adapter=adapter, labels=labels, max_chars=opts.max_chars, truncated_texts=sum(cut),
-                            predictions=[Prediction(label=labels[i], label_id=int(i), probabilities=p.tolist(),
-                                                    truncated=c) for i, p, c in zip(ids, probs, cut)])
+    return answer(served.task, adapter, served.labels, logits, cut, opts.max_chars, served.thresholds)
 
 
 def create_app(registry: Registry, options: ServeOptions | None = None, *,
@@ -471,11 +455,14 @@ def add_routes(app: FastAPI, state: ServeState) -> None:
     key_doc = [Security(APIKeyHeader(name="X-API-Key", auto_error=False))]  # the docs' Authorize button
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 500, 503)}
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=errors, dependencies=key_doc,
+    @app.post("/v1/classify", response_model=AnyResponse, responses=errors, dependencies=key_doc,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": ClassifyRequest.model_json_schema()}}}})
-    async def classify(request: Request) -> ClassifyResponse:
-        """Label, label id and class probabilities for each text, from the named adapter."""
+    async def classify(request: Request) -> AnyResponse:
+        """Each text's answer from the named adapter, by its task (/v1/adapters says which): single_label, the
+        label, its id and the probability of each class; multi_label (`task` multi_label), the set of labels at
+        the run's thresholds and the probability of each label; regression (`task` regression), the value of each
+        target. A run trained on text pairs needs `text_pair`, one per text."""
         started = time.perf_counter()
         require_ready(state)
         payload = read_request(await request.body(), request.headers.get("content-type"), state.options.max_texts)

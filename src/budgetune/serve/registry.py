@@ -52,10 +52,27 @@ class Adapter:
     def labels(self) -> list[str]:
         return [str(n) for n in self.info["label_names"]]
 
+    @property
+    def task(self) -> str:
+        return self.info.get("task") or tasks.SINGLE_LABEL
+
+    @property
+    def text_pair(self) -> str | None:
+        """The second text's column the run was trained on, or None (single texts)."""
+        return self.info.get("text_pair_column_name") or None
+
+    @property
+    def thresholds(self) -> list[float] | None:
+        """A multi-label run's per-label thresholds, in label order, as predict applies them (bundle_thresholds)."""
+        from budgetune.inference.loading import bundle_thresholds
+
+        return bundle_thresholds(self.info) if self.task == tasks.MULTI_LABEL else None
+
     def describe(self, mode: str) -> dict:
         budget, metrics = self.info.get("budget") or {}, self.info.get("metrics") or {}
         return {"name": self.name, "base_model": self.info["base_model_name_or_path"], "method": self.info["method"],
                 "trainable_parameters": budget.get("total_trainable"), "labels": self.labels,
+                "task": self.task, "text_pair": self.text_pair,
                 "validation_accuracy": metrics.get("eval_accuracy"), "max_seq_length": self.info["max_seq_length"],
                 "served": mode}
 
@@ -106,11 +123,14 @@ def parse_run(spec: str) -> Adapter:
     missing = [k for k in BUNDLE_KEYS if k not in info]
     if missing:
         raise AdapterError(f"{folder / adapter_bundle.BUNDLE_FILE}: not a budgetune bundle (missing {', '.join(missing)})")
-    if info.get("task", tasks.SINGLE_LABEL) != tasks.SINGLE_LABEL:
-        raise AdapterError(f"{spec}: a {info['task']} model; budgetune serve answers single_label models only so far "
-                           "(use budgetune predict)")
-    if not isinstance(info["label_names"], list) or len(info["label_names"]) < 2:
-        raise AdapterError(f"{folder / adapter_bundle.BUNDLE_FILE}: label_names must list at least two labels")
+    task = info.get("task") or tasks.SINGLE_LABEL
+    if task not in tasks.TASKS:
+        raise AdapterError(f"{folder / adapter_bundle.BUNDLE_FILE}: unknown task {task!r} (budgetune serve answers "
+                           f"{', '.join(tasks.TASKS)})")
+    fewest = 2 if task == tasks.SINGLE_LABEL else 1  # a regression target, or a multi-label label, may be alone
+    if not isinstance(info["label_names"], list) or len(info["label_names"]) < fewest:
+        raise AdapterError(f"{folder / adapter_bundle.BUNDLE_FILE}: label_names must list at least {fewest} "
+                           f"{'labels' if fewest > 1 else 'label'} for a {task} model")
     if is_full_model(folder):  # a fully fine-tuned model (method full): served alone on its own weights
         return Adapter(name, folder, info, {"peft_type": FULL})
     try:
@@ -281,12 +301,13 @@ class Registry:
     def describe(self) -> list[dict]:
         return [a.describe(self.group_of[a.name].mode(a.name)) for a in self.adapters.values()]
 
-    def tokenize(self, adapter: str, texts: Sequence[str]) -> list[Row]:
-        """Rows truncated to the adapter's max_seq_length, as `predict` tokenizes (data.tokenize)."""
+    def tokenize(self, adapter: str, texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[Row]:
+        """Rows truncated to the adapter's max_seq_length, as `predict` tokenizes (data.tokenize); with `pairs`,
+        true pairs (the longer text truncated first)."""
         from budgetune.data.readers import encode
 
         a = self.adapters[adapter]
-        enc = encode(a.tokenizer, list(texts), a.info["max_seq_length"])
+        enc = encode(a.tokenizer, list(texts), a.info["max_seq_length"], None if pairs is None else list(pairs))
         return [Row(adapter, {k: ids[i] for k, ids in enc.items()}) for i in range(len(texts))]
 
     def logits(self, rows: Sequence[Row], forwards: Counter[str] | None = None) -> np.ndarray:

@@ -136,7 +136,7 @@ def trial_config(setup: Setup, trial) -> Config:
                                                               overwrite_output_dir=True))
     for k, v in {"method": cfg.method.method, "rank": cfg.method.rank if cfg.method.method != "ia3" else "",
                  "targets": targets_text(cfg.method.target_modules), "head": cfg.model.head,
-                 "learning_rate": cfg.train.learning_rate, "metric": setup.metric}.items():
+                 "learning_rate": cfg.train.learning_rate, "metric": setup.metric, "task": cfg.data.task}.items():
         trial.set_user_attr(k, v)
     return cfg
 
@@ -156,6 +156,12 @@ def gate_trial(setup: Setup, trial, cfg: Config) -> None:
     trial.set_user_attr("config_yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def record_metrics(trial, task: str, metric: str, m: dict) -> None:
+    """The trial's validation figures the leaderboard shows (val_accuracy, val_mse, ...), from eval_* metrics."""
+    for name in leaderboard.metric_names(task, metric):
+        trial.set_user_attr(f"val_{name}", m[f"eval_{name}"])
+
+
 def reporter(setup: Setup, trial, t0: float):
     """train()'s on_evaluate for this trial: the best validation so far on the trial, the comparable ones reported
     to the pruner (which may stop the trial)."""
@@ -168,8 +174,7 @@ def reporter(setup: Setup, trial, t0: float):
         value = m[key]
         if improves(value, best["value"], setup.metric):
             best["value"] = value
-            trial.set_user_attr("val_accuracy", m["eval_accuracy"])
-            trial.set_user_attr("val_macro_f1", m["eval_macro_f1"])
+            record_metrics(trial, setup.cfg.data.task, setup.metric, m)
         trial.set_user_attr("steps", step)
         trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 1))
         if not m["final_ranks"]:  # AdaLoRA's warm-up and pruning phases dip by design: not comparable
@@ -207,8 +212,7 @@ def objective(setup: Setup, trial) -> float:
         raise
     finally:
         trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 1))
-    trial.set_user_attr("val_accuracy", result["eval_accuracy"])
-    trial.set_user_attr("val_macro_f1", result["eval_macro_f1"])
+    record_metrics(trial, setup.cfg.data.task, setup.metric, result)
     return float(result["best_metric"])
 
 
@@ -233,10 +237,11 @@ def progress_line(study, trial, n_trials: int) -> str:
     finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                             optuna.trial.TrialState.PRUNED,
                                                             optuna.trial.TrialState.FAIL)))
-    acc = a.get("val_accuracy")
+    metric = a.get("metric", "accuracy")
+    value = a.get(f"val_{metric}")
     shape = f"{a.get('method', '?')} r{a.get('rank', '-')} {a.get('targets', '')} {a.get('head', '')}"
     lr = a.get("learning_rate")
-    score = f"val acc {acc:.4f}" if isinstance(acc, float) else "no score"
+    score = f"val {'acc' if metric == 'accuracy' else metric} {value:.4f}" if isinstance(value, float) else "no score"
     note = a.get("prune_reason") or a.get("error") or ""
     trainable = a.get("trainable")
     return (f"[{finished}/{n_trials}] trial {trial.number} {trial.state.name.lower()}: {shape} lr "
@@ -254,14 +259,15 @@ def write_outputs(study, out: Path, test_file: str | None, metric: str, splits: 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if done:
         best = study.best_trial
-        extra = (f"Best: trial {best.number}, validation {metric} {best.value:.4f}, "
+        extra = (f"Best: trial {best.number}, validation {metric} {best.value:.4f} "
+                 f"({'lower' if lower_is_better(metric) else 'higher'} is better), "
                  f"{best.user_attrs.get('trainable')} trainable parameters; re-train it with `budgetune train "
                  f"--config {out / 'best.yaml'}`.")
         run = out / "trials" / f"{best.number:04d}"
         if test_file and splits is not None and (run / "adapter").exists() and "config_yaml" in best.user_attrs:
             cfg = build_config(yaml.safe_load(best.user_attrs["config_yaml"]), f"trial {best.number}")
             written.update(evaluate_selected(run, cfg, splits, test_file, out))
-            extra += "\n\n" + selected_test_text(test_file, written)
+            extra += "\n\n" + selected_test_text(test_file, written, splits.task)
     written["leaderboard"] = leaderboard.write_leaderboard(study, out, extra)
     written["pareto"] = leaderboard.write_pareto(study, out / "pareto.png")
     return written
@@ -286,7 +292,7 @@ def shipped_scale(run: Path, cfg: Config, splits: Splits) -> tuple[float, dict |
     def validate() -> float:
         logits = table_logits(model, tokenizer, splits.validation, accelerator, cfg.train.per_device_eval_batch_size,
                               info["max_seq_length"], cache_dir(cfg), desc="validation")
-        return scores(logits, splits)["accuracy"]
+        return scores(logits, splits)[tasks.SCALE_METRIC[splits.task]]
 
     return (*scaling.auto_scale(model, validate, scaling.AUTO_SCALES, cfg.train.robust_tolerance), None)
 
@@ -303,14 +309,21 @@ def evaluate_selected(run: Path, cfg: Config, splits: Splits, test_file: str, ou
     return {"test": shipped, "test_as_trained": raw, "adapter_scale_validation": table, "adapter_scale_reason": why}
 
 
-def selected_test_text(test_file: str, written: dict) -> str:
+def test_figures(task: str, m: dict) -> str:
+    """'accuracy 0.9100, macro-F1 0.9050' (single-label), else the task's headline (tasks.headline)."""
+    if task == tasks.SINGLE_LABEL:
+        return f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}"
+    return tasks.headline(task, m)
+
+
+def selected_test_text(test_file: str, written: dict, task: str = tasks.SINGLE_LABEL) -> str:
     m, raw = written["test"], written["test_as_trained"]
     head = (f"Test ({test_file}), the selected trial evaluated once after the search (never used for selection): "
-            f"accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} at adapter scale {m['adapter_scale']:g}, ")
+            f"{test_figures(task, m)} at adapter scale {m['adapter_scale']:g}, ")
     if written["adapter_scale_validation"] is None:
         return head + f"as trained (best.yaml's retrain chooses no scale: {written['adapter_scale_reason']})."
-    return head + (f"the scale best.yaml's retrain chooses on validation and ships; as trained (scale 1): accuracy "
-                   f"{raw['accuracy']:.4f}, macro-F1 {raw['macro_f1']:.4f}.")
+    return head + (f"the scale best.yaml's retrain chooses on validation and ships; as trained (scale 1): "
+                   f"{test_figures(task, raw)}.")
 
 
 def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20, timeout: float | None = None,
@@ -323,7 +336,6 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
     The space is refused before any training when nothing in it fits the budget. Test files are never read while
     searching; `test_file` (or cfg.data.test_file) is evaluated once on the selected trial at the end.
     """
-    tasks.require_single_label(cfg.data.task, "search")
     if pruner not in PRUNERS:
         raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     if n_trials < 1 or keep_top_k < 1:
@@ -333,7 +345,8 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
     out = Path(output_dir)
     splits = load_splits(cfg)  # test_file is cleared above: the splits hold no test table
     rows, names = len(splits.train.labels), splits.label_names
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_names=names))
+    if cfg.data.task != tasks.REGRESSION:  # a regression's label_names are its targets: no classes to fix
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_names=names))
     total = trial_steps(cfg, rows)
     space = build_space(cfg, len(names), dims, cap)  # BudgetError here: nothing has trained
     batch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
@@ -352,7 +365,8 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
     setup = Setup(cfg, space, out, len(names), total, metric, pruner, splits)
     if verbose:
         print(f"search {study_name!r}: {len(space.shapes)} adapter shapes fit {cap:,} trainable parameters; "
-              f"{rows:,} training rows, {total} steps a trial, pruning from step {low} ({pruner})"
+              f"{rows:,} training rows, {total} steps a trial, pruning from step {low} ({pruner}); "
+              f"{'minimising' if lower_is_better(metric) else 'maximising'} validation {metric} ({cfg.data.task})"
               + ("; AdaLoRA trials are judged only on validations with their final rank pattern"
                  if any(s.method == "adalora" for s in space.shapes) else "")
               + f"; storage {storage or out / 'study.db'}", flush=True)
@@ -386,8 +400,12 @@ def open_study(study_name: str, storage: tuple[str | None, Path, int], sampler: 
     if sampler not in samplers:
         raise ConfigError(f"--sampler must be tpe or random, got {sampler!r}")
     direction = "minimize" if lower_is_better(metric) else "maximize"
-    return optuna.create_study(study_name=study_name, storage=make_storage(*storage), sampler=samplers[sampler](),
-                               pruner=pruner, direction=direction, load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=make_storage(*storage), sampler=samplers[sampler](),
+                                pruner=pruner, direction=direction, load_if_exists=True)
+    if study.direction.name.lower() != direction:  # an earlier search of this study optimised another metric
+        raise ConfigError(f"--study {study_name}: the stored study is to {study.direction.name.lower()} its "
+                          f"metric, but --metric_for_best_model {metric} is to {direction}; name another study")
+    return study
 
 
 def run_trials(study, setup: Setup, n_trials: int, timeout: float | None, keep_top_k: int, test_file: str | None,

@@ -7,11 +7,33 @@ import io
 import tempfile
 from pathlib import Path
 
-from budgetune import fileio
+from budgetune import fileio, tasks
 from budgetune.config import resolve, save_yaml
+from budgetune.metrics import lower_is_better
 
-COLUMNS = ("trial", "state", "method", "rank", "targets", "head", "learning_rate", "trainable", "val_accuracy",
-           "val_macro_f1", "steps", "wall_s", "note")
+HEAD = ("trial", "state", "method", "rank", "targets", "head", "learning_rate", "trainable")
+TAIL = ("steps", "wall_s", "note")
+COLUMNS = (*HEAD, "val_accuracy", "val_macro_f1", *TAIL)  # a single-label search's columns
+
+
+def metric_names(task: str, metric: str) -> list[str]:
+    """The validation metrics a trial records and the leaderboard shows: the task's (tasks.METRICS) but the loss,
+    and the selection metric whatever it is."""
+    names = [k for k in tasks.METRICS[task] if k != "loss"]
+    return names if metric in names else [*names, metric]
+
+
+def study_metric(study) -> tuple[str, str]:
+    """(task, metric) the study's trials were trained and judged on (a study from before tasks: single-label)."""
+    for t in study.get_trials(deepcopy=False):
+        if "metric" in t.user_attrs:
+            return t.user_attrs.get("task", tasks.SINGLE_LABEL), t.user_attrs["metric"]
+    return tasks.SINGLE_LABEL, "accuracy"
+
+
+def columns(study) -> tuple[str, ...]:
+    task, metric = study_metric(study)
+    return (*HEAD, *(f"val_{k}" for k in metric_names(task, metric)), *TAIL)
 
 
 def trial_rows(study) -> list[dict]:
@@ -19,6 +41,8 @@ def trial_rows(study) -> list[dict]:
     import optuna
 
     order = {"COMPLETE": 0, "PRUNED": 1, "FAIL": 2, "RUNNING": 3, "WAITING": 4}
+    task, metric = study_metric(study)
+    shown = [f"val_{k}" for k in metric_names(task, metric)]
     sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -29,9 +53,9 @@ def trial_rows(study) -> list[dict]:
         rows.append({"trial": t.number, "state": t.state.name, "method": a.get("method", ""),
                      "rank": a.get("rank", ""), "targets": a.get("targets", ""), "head": a.get("head", ""),
                      "learning_rate": a.get("learning_rate", ""), "trainable": a.get("trainable", ""),
-                     "val_accuracy": a.get("val_accuracy", ""), "val_macro_f1": a.get("val_macro_f1", ""),
+                     **{k: a.get(k, "") for k in shown},
                      "steps": a.get("steps", ""), "wall_s": a.get("wall_s", ""), "note": note,
-                     "value": t.value})
+                     "value": t.value, "score": a.get(f"val_{metric}")})
     rows.sort(key=lambda r: (order.get(r["state"], 5), sign * r["value"] if r["value"] is not None else 0,
                              r["trial"]))
     return rows
@@ -42,7 +66,7 @@ def _cell(column: str, value) -> str:
         return ""
     if column == "learning_rate":
         return f"{value:.2e}"
-    if column in ("val_accuracy", "val_macro_f1"):
+    if column.startswith("val_"):
         return f"{value:.4f}"
     if column == "wall_s":
         return f"{value:.0f}"
@@ -52,21 +76,24 @@ def _cell(column: str, value) -> str:
 
 
 def write_leaderboard(study, out: Path, extra: str = "") -> tuple[Path, Path]:
-    rows = trial_rows(study)
+    rows, cols, (task, metric) = trial_rows(study), columns(study), study_metric(study)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     fileio.atomic_write_text(out / "leaderboard.csv", buf.getvalue())
     counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     lines = [f"# Leaderboard of study `{study.study_name}`", "",
              ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) + ". Validation metrics are the best "
-             "evaluation of each trial (pruned: up to where it was stopped); selection never reads a test file.", ""]
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "|".join(" ---: " if c in ("trainable", "val_accuracy", "val_macro_f1", "steps", "wall_s",
-                                                 "rank", "learning_rate", "trial") else " --- " for c in COLUMNS) + "|")
+             "evaluation of each trial (pruned: up to where it was stopped); selection never reads a test file. "
+             f"Ranked by validation {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better; "
+             f"--task {task}).", ""]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "|".join(" ---: " if c.startswith("val_") or c in ("trainable", "steps", "wall_s", "rank",
+                                                                         "learning_rate", "trial") else " --- "
+                                for c in cols) + "|")
     for r in rows:
-        lines.append("| " + " | ".join(_cell(c, r[c]) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(c, r[c]) for c in cols) + " |")
     if extra:
         lines += ["", extra]
     fileio.atomic_write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
@@ -74,7 +101,7 @@ def write_leaderboard(study, out: Path, extra: str = "") -> tuple[Path, Path]:
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of (cost, accuracy) points that no other point beats on both (lower cost, higher accuracy)."""
+    """Indices of (cost, score) points that no other point beats on both (lower cost, higher score)."""
     front = []
     for i, (c, a) in enumerate(points):
         if not any((c2 <= c and a2 >= a) and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i):
@@ -83,42 +110,53 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def write_pareto(study, path: Path) -> Path | None:
-    """Validation accuracy against trainable parameters and against wall time; the Pareto front in red."""
+    """The validation metric the study optimises against trainable parameters and against wall time; the Pareto
+    front (fewer parameters or seconds, a better metric: lower for mse, mae and loss) in red."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
 
-    rows = [r for r in trial_rows(study) if isinstance(r["val_accuracy"], float) and r["state"] in ("COMPLETE", "PRUNED")]
+    _, metric = study_metric(study)
+    rows = [r for r in trial_rows(study) if isinstance(r["score"], float) and r["state"] in ("COMPLETE", "PRUNED")]
     if not rows:
         return None
+    sign = -1 if lower_is_better(metric) else 1
     fig = Figure(figsize=(10, 4), dpi=90)
     for ax, key, label in ((fig.add_subplot(1, 2, 1), "trainable", "trainable parameters"),
                            (fig.add_subplot(1, 2, 2), "wall_s", "wall time of the trial (s)")):
         done = [r for r in rows if r["state"] == "COMPLETE" and isinstance(r[key], (int, float))]
         pruned = [r for r in rows if r["state"] == "PRUNED" and isinstance(r[key], (int, float))]
-        ax.scatter([r[key] for r in pruned], [r["val_accuracy"] for r in pruned], marker="x", c="0.6", s=20,
-                   label="pruned (accuracy when stopped)")
-        ax.scatter([r[key] for r in done], [r["val_accuracy"] for r in done], c="tab:blue", s=24, label="complete")
-        front = sorted((done[i] for i in pareto_front([(r[key], r["val_accuracy"]) for r in done])),
+        ax.scatter([r[key] for r in pruned], [r["score"] for r in pruned], marker="x", c="0.6", s=20,
+                   label=f"pruned ({metric} when stopped)")
+        ax.scatter([r[key] for r in done], [r["score"] for r in done], c="tab:blue", s=24, label="complete")
+        front = sorted((done[i] for i in pareto_front([(r[key], sign * r["score"]) for r in done])),
                        key=lambda r: r[key])
-        if front:
-            ax.step([r[key] for r in front], [r["val_accuracy"] for r in front], where="post", c="tab:red", lw=1)
-            ax.scatter([r[key] for r in front], [r["val_accuracy"] for r in front], c="tab:red", s=30,
-                       label="Pareto front")
-            for r in front:
-                ax.annotate(f"#{r['trial']} {r['method']}", (r[key], r["val_accuracy"]), fontsize=7,
-                            xytext=(3, -9), textcoords="offset points")
-        if key == "trainable":
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^5, 3x10^5, ... collide
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation accuracy")
-        ax.grid(alpha=0.3)
+        draw_front(ax, front, key)
+        axis_labels(ax, key, label, metric)
     fig.axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(f"study {study.study_name!r}: {len(rows)} trials with a validation score")
     fig.tight_layout()
     with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+def draw_front(ax, front: list[dict], key: str) -> None:
+    if front:
+        ax.step([r[key] for r in front], [r["score"] for r in front], where="post", c="tab:red", lw=1)
+        ax.scatter([r[key] for r in front], [r["score"] for r in front], c="tab:red", s=30, label="Pareto front")
+        for r in front:
+            ax.annotate(f"#{r['trial']} {r['method']}", (r[key], r["score"]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points")
+
+
+def axis_labels(ax, key: str, label: str, metric: str) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    if key == "trainable":
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^5, 3x10^5, ... collide
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"validation {metric}" + (" (lower is better)" if lower_is_better(metric) else ""))
+    ax.grid(alpha=0.3)
 
 
 def write_best_yaml(study, out: Path) -> Path | None:
@@ -134,11 +172,12 @@ def write_best_yaml(study, out: Path) -> Path | None:
         source = Path(scratch) / "trial.yaml"
         source.write_text(best.user_attrs["config_yaml"], encoding="utf-8")
         cfg = resolve(str(source), ["--output_dir", str(out / "best")])
-    a = best.user_attrs
+    a, (task, metric) = best.user_attrs, study_metric(study)
     trainable = f"{a['trainable']:,}" if isinstance(a.get("trainable"), int) else "?"
     header = (f"# budgetune train --config {path}\n"
               f"# best of study {study.study_name!r}: trial {best.number}, validation "
-              f"{a.get('metric', 'accuracy')} {best.value:.4f} ({trainable} trainable); the same "
+              f"{metric} {best.value:.4f} ({'lowest' if lower_is_better(metric) else 'highest'} is best; --task "
+              f"{task}; {trainable} trainable); the same "
               "seed on CPU gives the same figure.\n# For all training rows: add --max_train_samples null "
               "--max_eval_samples null\n")
     save_yaml(cfg, path, header=header)
