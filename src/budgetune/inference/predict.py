@@ -21,16 +21,18 @@ BLANK_SHOWN = 10  # row numbers listed in the warning about empty texts
 
 def predict(run: str | Path, input_file: str, output: str, *, text_column: str | None = None,
             label_format: str = "int", batch_size: int = 256, cache_dir: str | None = None,
-            adapter_scale: float | None = None, probabilities: bool = False, id_column: str | None = None) -> Path:
+            adapter_scale: float | None = None, probabilities: bool = False, id_column: str | None = None,
+            precision: str = "auto") -> Path:
     """Write a Kaggle submission `ID,Label` in input order: IDs are the rows' positions 0..n-1, or the values of
     the input's `id_column`.
 
     adapter_scale: None applies the bundle's recorded default (1 when it has none). probabilities: one more column
-    per class, named by its label, with the softmax probability.
+    per class, named by its label, with the softmax probability. precision: auto, fp32, bf16 or int8
+    (inference.precisions).
     """
     if label_format not in ("int", "name"):
         raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
-    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale)
+    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision)
     names = info["label_names"]
     n, blank, first_blank = 0, 0, []  # rows with empty text: how many, and the first few
     # Chunk by chunk (a big file streams): memory stays bounded by the chunk, whatever the file's size.
