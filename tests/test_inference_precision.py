@@ -91,6 +91,25 @@ def test_the_choice_rule_takes_the_fastest_within_tolerance():
     assert choose(table, 0.0)[0] == "fp32"
 
 
+def test_a_precision_that_cannot_compute_is_recorded_and_never_chosen(monkeypatch):
+    """DeBERTa-v2 with LoHa fails under bf16 autocast (peft casts back to fp32, the mask fill overflows bf16): the
+    measurement at the end of a run records why and leaves bf16 out, instead of losing the run."""
+    from budgetune.inference.precision_choice import choose, measure
+
+    fake_cpu(monkeypatch, AVX512_BF16)
+    labels = np.array([0, 1, 1, 0])
+
+    def logits_of(model):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("value cannot be converted to type c10::BFloat16 without overflow")
+        return np.eye(2)[labels]
+
+    table = measure(nn.Sequential(nn.Linear(2, 2)), torch.device("cpu"), logits_of, labels)
+    assert table["bf16"] == {"error": "RuntimeError: value cannot be converted to type c10::BFloat16 without overflow"}
+    assert table["fp32"]["accuracy"] == table["int8"]["accuracy"] == 1.0
+    assert choose(table, 0.2)[0] in ("fp32", "int8") and table["bf16"]["within_tolerance"] is False
+
+
 def test_switched_off_training_records_nothing(tiny_roberta, headlines_csv, tmp_path):
     from budgetune.training.train import train
 
