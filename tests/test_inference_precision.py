@@ -149,6 +149,16 @@ def test_evaluate_bf16_runs_in_what_this_cpu_has(run, headlines_csv, tmp_path):
     assert json.loads((tmp_path / "ev.json").read_text())["precision"] == ("bf16" if why_not is None else "fp32")
 
 
+def test_train_prints_the_measured_table_and_the_choice(tiny_roberta, headlines_csv, tmp_path):
+    out = tmp_path / "cli"
+    proc = run_cli(*tiny_train_args(tiny_roberta, headlines_csv, out, "lora", max_train_samples=32,
+                                    num_train_epochs=1, robust_tolerance="null"))
+    rec = bundle(out)["inference_precision"]
+    assert f"inference precision auto -> {rec['choice']}: {rec['reason']}" in proc.stdout
+    assert all(f"  {name:5s} accuracy" in proc.stdout for name in rec["table"])
+    assert f"inference precision (--precision auto): {rec['choice']}, measured on validation" in proc.stdout
+
+
 def test_auto_reads_the_bundles_record(run, tmp_path):
     """The record says int8: auto computes in int8 (BUDGETUNE_MIXED_PRECISION unset: auto is not pinned)."""
     copy = tmp_path / "copy"

@@ -139,6 +139,9 @@ def summary(result: dict, next_steps: list[str]) -> str:
     if result.get("test"):
         t = result["test"]
         lines.append(f"test accuracy {t['accuracy']:.2%} on {t['n']} rows (reported once, never used to choose)")
+    if result.get("inference_precision"):
+        lines.append(f"inference precision (--precision auto): {result['inference_precision']}, measured on validation "
+                     "(table: adapter/budgetune.json, inference_precision)")
     lines.append(f"files: {out}/ (adapter/: the model; evaluation.txt; plots/; metrics.jsonl)")
     return "\n".join(lines + [f"next: {step}" for step in next_steps])
 
