@@ -48,13 +48,15 @@ def train_adapter(workdir: Path, steps: int) -> Path:
     return run
 
 
-def offline(run: Path, sample: list[str], repeats: int) -> float:
-    """Texts/s of predict's path (model loading excluded), best of `repeats`."""
+def offline(run: Path, sample: list[str], repeats: int, precision: str = "auto") -> float:
+    """Texts/s of predict's path (model loading excluded) in `precision`, best of `repeats`."""
     from budgetune.data.readers import TextTable
+    from budgetune.hardware.devices import release_accelerator
     from budgetune.inference.loading import load_for_inference
     from budgetune.inference.runner import table_logits
 
-    accelerator, model, tokenizer, info = load_for_inference(run)
+    release_accelerator()
+    accelerator, model, tokenizer, info = load_for_inference(run, precision=precision)
     table = TextTable(sample, None, None, "bench")
     table_logits(model, tokenizer, TextTable(sample[:64], None, None, "warm"), accelerator, 256,
                  info["max_seq_length"])
@@ -132,14 +134,23 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=1024, help="answers per level, at most")
     p.add_argument("--seconds", type=float, default=60, help="time per level, at most")
     p.add_argument("--repeats", type=int, default=2, help="offline passes (best kept)")
+    p.add_argument("--precisions", default="auto", help="the servers' --precision, comma-separated (e.g. "
+                   "fp32,int8): one dynamic-batching server and one offline pass each, side by side")
+    p.add_argument("--no_batching", default="true", choices=("true", "false"),
+                   help="also run a server without dynamic batching (in the first precision)")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run = Path(a.run) if a.run else train_adapter(Path(a.workdir), a.train_steps)
     sample = texts(a.texts, a.texts_file)
     levels = [int(c) for c in a.clients.split(",")]
-    off = offline(run, sample, a.repeats)
+    precisions = a.precisions.split(",")
+    off = {pr: offline(run, sample, a.repeats, pr) for pr in precisions}
+    servers = [(f"dynamic batching, {pr}", ["--precision", pr], pr) for pr in precisions]
+    if a.no_batching == "true":
+        servers.append((f"no batching, {precisions[0]}", ["--no_dynamic_batching", "--precision", precisions[0]],
+                        precisions[0]))
     results = {}
-    for label, extra in (("dynamic batching", []), ("no batching", ["--no_dynamic_batching"])):
+    for label, extra, _ in servers:
         proc, url = start(run, extra)
         try:
             results[label] = {c: load(url, sample, c, a.requests, a.seconds) for c in levels}
@@ -148,14 +159,16 @@ def main() -> None:
             proc.wait(timeout=60)
     print(f"run {run}, {len(sample)} texts (from {a.texts_file if a.texts_file.is_file() else 'the built-in headlines'}), "
           f"{os.cpu_count()} CPUs")
-    print(f"offline (predict's path, best of {a.repeats}): {off:.1f} texts/s")
-    print("| clients | server | answers | texts/s | vs offline | p50 ms | p99 ms |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for pr, rate in off.items():
+        print(f"offline (predict's path, --precision {pr}, best of {a.repeats}): {rate:.1f} texts/s")
+    print(f"| clients | server | answers | texts/s | x {servers[0][0]} | vs offline (same precision) | p50 ms | p99 ms |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in levels:
-        for label, by_level in results.items():
-            r = by_level[c]
-            print(f"| {c} | {label} | {r['n']} | {r['texts_s']:.1f} | {100 * r['texts_s'] / off:.0f} % | "
-                  f"{r['p50']:.1f} | {r['p99']:.1f} |")
+        first = results[servers[0][0]][c]["texts_s"]
+        for label, _, pr in servers:
+            r = results[label][c]
+            print(f"| {c} | {label} | {r['n']} | {r['texts_s']:.1f} | {r['texts_s'] / first:.2f} | "
+                  f"{100 * r['texts_s'] / off[pr]:.0f} % | {r['p50']:.1f} | {r['p99']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -346,6 +346,11 @@ class TrainConfig:
     """At the end, the adapter's default scale toward the pretrained model (0.5 to 1, see `evaluate
     --adapter_scale`): the smallest whose validation accuracy is within this many points of the best; it is what
     evaluate, predict and serve use unless --adapter_scale says otherwise. null: always 1 (the raw adapter)."""
+    inference_precision_tolerance: float | None = 0.2
+    """At the end, the saved adapter (merged, at its scale) runs the validation split in each precision this
+    machine computes in (fp32, bf16, int8); the fastest whose accuracy is within this many points of fp32's is
+    recorded in the bundle with the table: what `--precision auto` of evaluate, predict and serve uses. null: not
+    measured (auto then follows the hardware)."""
 
     def __post_init__(self):
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -371,6 +376,9 @@ class TrainConfig:
         self.check_training_options()
         if self.robust_tolerance is not None and not 0 <= self.robust_tolerance <= 100:
             raise ConfigError(f"--robust_tolerance must be between 0 and 100 points (or null), got {self.robust_tolerance}")
+        if self.inference_precision_tolerance is not None and not 0 <= self.inference_precision_tolerance <= 100:
+            raise ConfigError("--inference_precision_tolerance must be between 0 and 100 points (or null), got "
+                              f"{self.inference_precision_tolerance}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ConfigError(f"--early_stopping_patience must be at least 1 or null, got {self.early_stopping_patience}")
 

@@ -21,6 +21,14 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="texts per batch (default: the recipe's, 256; on CPU also capped at 2048 padded tokens)")
     p.add_argument("--config", help="a recipe (YAML) whose text_column_name, label_column_name, "
                    "per_device_eval_batch_size and cache_dir are the defaults")
+    p.add_argument("--precision", default="auto", help=PRECISION_HELP)
+
+
+PRECISION_HELP = ("what the model computes in: auto (default: the bundle's choice measured when training finished, "
+                  "the fastest precision within --inference_precision_tolerance points of fp32 on validation; a "
+                  "bundle without one: bf16 on a CPU with native bf16 matrix instructions, else fp32), fp32, bf16 "
+                  "(autocast; a device without native bf16 runs fp32 and says so) or int8 (the encoder's Linear "
+                  "layers quantized dynamically, CPU only; the head stays fp32). The first line printed says which")
 
 
 def inference_recipe(a: argparse.Namespace):
@@ -64,7 +72,8 @@ def evaluate_command(argv: list[str]) -> int:
     recipe = inference_recipe(a)
     scales = scaling.parse_scales(a.adapter_scale) if a.adapter_scale is not None else None
     common = {"text_column": a.text_column_name, "label_column": a.label_column_name or recipe.data.label_column_name,
-              "batch_size": a.per_device_eval_batch_size, "output": a.output, "cache_dir": recipe.data.cache_dir}
+              "batch_size": a.per_device_eval_batch_size, "output": a.output, "cache_dir": recipe.data.cache_dir,
+              "precision": a.precision}
     if a.compare is not None:
         if len(a.data_file) != 1 or a.adapter_scale is not None:
             raise ConfigError("--compare takes one --data_file and no --adapter_scale (each run is scored at its "
@@ -106,7 +115,7 @@ def predict_command(argv: list[str]) -> int:
     predict(a.run, a.input, a.output or str(Path(a.run) / "submission.csv"), text_column=a.text_column_name,
             label_format=a.label_format, batch_size=a.per_device_eval_batch_size, adapter_scale=scale,
             probabilities=a.probabilities, id_column=a.id_column, cache_dir=recipe.data.cache_dir,
-            text_pair_column=a.text_pair_column_name)
+            text_pair_column=a.text_pair_column_name, precision=a.precision)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from budgetune.cli.inference import PRECISION_HELP
 from budgetune.cli.parsing import parse, parser
 
 API_KEY_ENV = "BUDGETUNE_API_KEY"  # the default of --api_key
@@ -34,6 +35,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    "the model; past it, 503 and Retry-After (default 30; a request whose batch has started is "
                    "answered)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    p.add_argument("--precision", default="auto", help=PRECISION_HELP + "; several adapters sharing one base run "
+                   "unmerged, so not in int8")
     p.add_argument("--log_level", default="warning", help="uvicorn's log level (default warning)")
     return p
 
@@ -47,5 +50,6 @@ def serve_command(argv: list[str]) -> int:
                            max_body_bytes=a.max_body_bytes, batch_wait_ms=a.batch_wait_ms,
                            max_batch_tokens=a.max_batch_tokens, dynamic_batching=not a.no_dynamic_batching,
                            max_queue_texts=a.max_queue_texts, request_timeout=a.request_timeout)
-    run_server(a.runs, options, host=a.host, port=a.port, device=a.device, log_level=a.log_level)
+    run_server(a.runs, options, host=a.host, port=a.port, device=a.device, log_level=a.log_level,
+               precision=a.precision)
     return 0

@@ -22,9 +22,12 @@ class Precision:
 
     mixed_precision: str  # no, bf16 or fp16
     reason: str
+    int8: bool = False  # inference only: the encoder's Linear layers quantized to int8 (mixed_precision "no")
 
     @property
     def name(self) -> str:
+        if self.int8:
+            return "int8"
         return "fp32" if self.mixed_precision == "no" else self.mixed_precision
 
     def line(self) -> str:

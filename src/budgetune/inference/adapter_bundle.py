@@ -185,3 +185,9 @@ def put_card_section(folder: Path, begin: str, end: str, section: str) -> None:
     else:
         card = card.rstrip("\n") + "\n\n" + section + "\n"
     atomic_write_text(card_path, card)
+
+
+def record_inference_precision(folder: str | os.PathLike, record: dict) -> None:
+    """Record `--precision auto`'s measured choice and its table (inference.precision_choice.record) in an adapter
+    folder's budgetune.json; the rest of the file is kept."""
+    update_json(Path(folder) / BUNDLE_FILE, {"inference_precision": record})

@@ -10,7 +10,6 @@ from budgetune.errors import AdapterError
 from budgetune.inference.loading import bundle_info, bundle_task, bundle_thresholds, load_for_inference
 from budgetune.inference.runner import table_logits
 from budgetune.metrics import comparison_text, paired_comparison
-from budgetune.modeling import scaling
 
 
 def labelled_table(info: dict, data_file: str, *, split: str = "test", text_column: str | None = None,
@@ -30,16 +29,17 @@ def labelled_table(info: dict, data_file: str, *, split: str = "test", text_colu
 def evaluate(run: str | Path, data_file: str, *, split: str = "test", text_column: str | None = None,
              label_column: str | None = None, batch_size: int = 256, output: str | None = None,
              cache_dir: str | None = None, adapter_scale: float | None = None, text_pair_column: str | None = None,
-             label_delimiter: str | None = None) -> dict:
+             label_delimiter: str | None = None, precision: str = "auto") -> dict:
     """The task's metrics of the saved adapter on a labelled file (single-label: accuracy, macro-F1, per-class
     scores and confusion matrix; multi-label at the bundle's thresholds; regression).
 
-    adapter_scale: None applies the bundle's recorded default (1 when it has none).
+    adapter_scale: None applies the bundle's recorded default (1 when it has none). precision: auto, fp32, bf16 or
+    int8 (inference.precisions).
     """
     info = bundle_info(run)
     table = labelled_table(info, data_file, split=split, text_column=text_column, label_column=label_column,
                            text_pair_column=text_pair_column, label_delimiter=label_delimiter)
-    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale)
+    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
     m = file_metrics(table, logits, info)
     m["adapter_scale"], m["precision"] = info["applied_adapter_scale"], info["precision"]["precision"]
@@ -55,7 +55,7 @@ def evaluate(run: str | Path, data_file: str, *, split: str = "test", text_colum
 
 def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str = "test",
             text_column: str | None = None, label_column: str | None = None, batch_size: int = 256,
-            output: str | None = None, cache_dir: str | None = None) -> dict:
+            output: str | None = None, cache_dir: str | None = None, precision: str = "auto") -> dict:
     """Two runs on the same labelled file, each at its bundle's adapter scale: their metrics, the accuracy
     difference A - B with a paired bootstrap interval, and McNemar's exact test (metrics.paired_comparison).
     Written to OUTPUT.{json,txt} (default RUN_A/evaluation-compare-STEM)."""
@@ -72,10 +72,11 @@ def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str 
                                 label_names=names)
     preds, models = [], []
     for run in (run_a, run_b):
-        accelerator, model, tokenizer, info = load_for_inference(run)
+        accelerator, model, tokenizer, info = load_for_inference(run, precision=precision)
         logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
         preds.append(logits.argmax(-1))
         models.append({"run": str(run), "adapter_scale": info["applied_adapter_scale"],
+                       "precision": info["precision"]["precision"],
                        **file_metrics(table, logits, info)})
         del model
     report = {"data_file": str(data_file), "a": models[0], "b": models[1],
@@ -99,23 +100,23 @@ def file_metrics(table: data_lib.TextTable, logits, info: dict) -> dict:
 def evaluate_scales(run: str | Path, data_files: list[str], scales: list[float], *, split: str = "test",
                     text_column: str | None = None, label_column: str | None = None, batch_size: int = 256,
                     output: str | None = None, cache_dir: str | None = None, text_pair_column: str | None = None,
-                    label_delimiter: str | None = None) -> dict:
+                    label_delimiter: str | None = None, precision: str = "auto") -> dict:
     """Every file at every adapter scale: one table (printed, STEM.txt), STEM.json and the plot STEM.png.
 
     STEM defaults to RUN/evaluation-scales. Every input is read before any model work, so a bad file costs nothing.
+    The model is loaded once per scale: a bf16 or int8 model cannot be re-merged at another scale exactly.
     """
     info = bundle_info(run)
     tables = [labelled_table(info, f, split=split, text_column=text_column, label_column=label_column,
                              text_pair_column=text_pair_column, label_delimiter=label_delimiter) for f in data_files]
-    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=1.0)
-    plain = accelerator.unwrap_model(model)
     results = []
     for s in scales:
-        scaling.apply_scale(plain, s)  # merged: unmerged, scaled, merged again
+        accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=s, precision=precision)
         for f, table in zip(data_files, tables):
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"],
                                   cache_dir, desc=f"scale {s:g}")
             results.append({"adapter_scale": s, **file_metrics(table, logits, info), "data_file": str(f)})
+        del model
     report = {"run": str(run), "task": bundle_task(info), "data_files": [str(f) for f in data_files],
               "adapter_scales": scales,
               "bundle_adapter_scale": info.get("adapter_scale"), "precision": info["precision"]["precision"],

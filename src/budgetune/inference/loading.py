@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from budgetune.errors import AdapterError
-from budgetune.hardware.devices import make_accelerator, resolve_precision
-from budgetune.inference import adapter_bundle
+from budgetune.hardware.devices import default_device_type, make_accelerator
+from budgetune.inference import adapter_bundle, precisions
 from budgetune.modeling import backbone, classifier_heads, fast_forward, methods, scaling
 
 
@@ -110,7 +110,7 @@ def load_model(run_or_adapter: str | Path, merge: bool = True, adapter_scale: fl
         with readable(folder):
             model = load_full(folder, info).eval()
         fast_forward.first_token_last_layer(model)
-        info["applied_adapter_scale"] = 1.0
+        info["applied_adapter_scale"], info["merged"] = 1.0, True  # no adapter: nothing left to merge
         return model, AutoTokenizer.from_pretrained(folder), info
     base = load_base_for(info)
     with readable(folder):
@@ -118,19 +118,21 @@ def load_model(run_or_adapter: str | Path, merge: bool = True, adapter_scale: fl
     info["applied_adapter_scale"] = scale = bundle_scale(info, adapter_scale)
     if scale != 1:
         scaling.apply_scale(model, scale)  # before merging: the merge then carries the scale
-    if merge:
-        methods.merge_for_inference(model)
+    info["merged"] = merge and methods.merge_for_inference(model)
     fast_forward.first_token_last_layer(model)
     return model, AutoTokenizer.from_pretrained(folder), info
 
 
-def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None):
-    """(accelerator, model on its device, tokenizer, info), in the precision `auto` picks for this machine (bf16
-    on a GPU or on a CPU with native bf16 matrix instructions, else fp16 on a GPU, fp32 on CPU): printed, and
-    in info["precision"] ({precision, mixed_precision, reason}). The weights stay fp32; autocast computes."""
-    chosen = resolve_precision("auto")
-    accelerator = make_accelerator(mixed_precision=chosen.mixed_precision)
+def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None,
+                       precision: str = "auto"):
+    """(accelerator, model on its device, tokenizer, info), computing in `precision` (auto, fp32, bf16 or int8:
+    inference.precisions.resolve; auto = the bundle's measured choice, else the hardware rule): printed, and in
+    info["precision"] ({precision, mixed_precision, reason}). bf16 computes under the accelerator's autocast."""
+    precisions.check_choice(precision)
     model, tokenizer, info = load_model(run_or_adapter, merge=merge, adapter_scale=adapter_scale)
+    chosen = precisions.resolve(precision, info, default_device_type(), merged=info["merged"])
+    accelerator = make_accelerator(mixed_precision=chosen.mixed_precision)
+    precisions.prepare(model, chosen)
     info["precision"] = chosen.to_dict()
     accelerator.print(chosen.line())
     # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)

@@ -22,18 +22,19 @@ BLANK_SHOWN = 10  # row numbers listed in the warning about empty texts
 def predict(run: str | Path, input_file: str, output: str, *, text_column: str | None = None,
             label_format: str = "int", batch_size: int = 256, cache_dir: str | None = None,
             adapter_scale: float | None = None, probabilities: bool = False, id_column: str | None = None,
-            text_pair_column: str | None = None) -> Path:
+            text_pair_column: str | None = None, precision: str = "auto") -> Path:
     """Write a Kaggle submission `ID,Label` in input order: IDs are the rows' positions 0..n-1, or the values of
     the input's `id_column`. Label: the class (single_label), the set of labels as a JSON array (multi_label, at
     the bundle's thresholds), or the value (regression).
 
     adapter_scale: None applies the bundle's recorded default (1 when it has none). probabilities: one more column
     per class (per label), named by its label, with the softmax (sigmoid) probability. text_pair_column: the
-    input's second text column (default: the bundle's).
+    input's second text column (default: the bundle's). precision: auto, fp32, bf16 or int8
+    (inference.precisions).
     """
     if label_format not in ("int", "name"):
         raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
-    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale)
+    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision)
     names, task = info["label_names"], bundle_task(info)
     if task == tasks.REGRESSION and (probabilities or label_format == "name"):
         flag = "--probabilities" if probabilities else "--label_format name"

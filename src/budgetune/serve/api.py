@@ -109,7 +109,7 @@ class Health(BaseModel):
     status: str = Field(description="loading, ready or failed")
     ready: bool
     adapters: int
-    precision: str = Field(description="what the models compute in (fp32, bf16 or fp16) and why")
+    precision: str = Field(description="what the models compute in (fp32, bf16, fp16 or int8) and why")
     message: str | None = None
 
 
@@ -481,7 +481,7 @@ def add_routes(app: FastAPI, state: ServeState) -> None:
         """200 once every model is loaded; 503 while loading or after loading failed."""
         status = "ready" if state.ready else ("failed" if state.load_error else "loading")
         body = Health(status=status, ready=state.ready, adapters=len(registry.adapters),
-                      precision=registry.precision.line(),
+                      precision=registry.precision_line(),
                       message=str(state.load_error) if state.load_error else None)
         return JSONResponse(body.model_dump(), status_code=200 if state.ready else 503)
 
@@ -511,7 +511,7 @@ def check_options(options: ServeOptions) -> None:
 
 
 def run_server(runs: list[str], options: ServeOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-               device: str | None = None, log_level: str = "warning") -> None:
+               device: str | None = None, log_level: str = "warning", precision: str = "auto") -> None:
     """Serve RUN folders (or NAME=PATH) until SIGTERM or SIGINT, which drain in-flight requests and return.
 
     The options and every run folder are checked before anything loads; a failed load stops the server and is
@@ -522,7 +522,7 @@ def run_server(runs: list[str], options: ServeOptions | None = None, *, host: st
     options = options or ServeOptions()
     check_options(options)
     adapters = parse_runs(runs)  # a missing or incompatible folder stops here, named
-    registry = Registry(adapters, device=device)
+    registry = Registry(adapters, device=device, precision=precision)
     app = create_app(registry, options)
     state: ServeState = app.state.serve
 
@@ -533,7 +533,7 @@ def run_server(runs: list[str], options: ServeOptions | None = None, *, host: st
                 for sock in server.sockets:
                     bound_host, bound_port = sock.getsockname()[:2]
                     print(f"budgetune serve: listening on http://{bound_host}:{bound_port}/ ({len(adapters)} adapters "
-                          f"loading; /health says when ready; {registry.precision.line()})", flush=True)
+                          f"loading; /health says when ready; {registry.precision_line()})", flush=True)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                    timeout_graceful_shutdown=60))

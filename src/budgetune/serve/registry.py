@@ -92,6 +92,7 @@ class BaseGroup:
     adapters: list[Adapter]
     model: Any = None
     merged: bool = False
+    precision: Any = None  # hardware.devices.Precision: what this group computes in (group_precision)
 
     @property
     def mixed(self) -> set[str]:
@@ -209,16 +210,33 @@ def apply_bundle_scale(peft_model, adapter: Adapter) -> None:
         scaling.apply_scale(peft_model, scale, adapter.key)
 
 
-def load_group(group: BaseGroup, device) -> None:
-    """The group's base model once, every adapter on it, in eval mode on `device`; tokenizers per adapter."""
+def group_precision(group: BaseGroup, choice: str, device) -> Any:
+    """What a group computes in for --precision `choice` (inference.precisions.resolve): a group of one adapter
+    follows its bundle's measured choice under auto; several adapters on one base run unmerged, and no one bundle's
+    choice applies to them, so auto follows the hardware."""
+    import torch
+
+    from budgetune.inference import precisions
+
+    alone = len(group.adapters) == 1
+    merged = group.merged if group.model is not None else alone
+    return precisions.resolve(choice, group.adapters[0].info if alone else {}, torch.device(device).type,
+                              merged=merged)
+
+
+def load_group(group: BaseGroup, device, precision: str = "auto") -> None:
+    """The group's base model once, every adapter on it, in eval mode on `device`, in the group's precision
+    (group_precision: made ready by inference.precisions.prepare); tokenizers per adapter."""
     from peft import PeftModel
 
+    from budgetune.inference import precisions
     from budgetune.inference.loading import load_base_for
     from budgetune.modeling import fast_forward, methods
 
     first = group.adapters[0]
     if first.peft_type == FULL:
         load_full_group(group, device)
+        precisions.prepare(group.model, group.precision)
         return
     base_name = first.info["base_model_name_or_path"]
     try:
@@ -242,7 +260,10 @@ def load_group(group: BaseGroup, device) -> None:
     if group.mixed:
         allow_mixed_heads(model)
     fast_forward.first_token_last_layer(model)
-    group.model = model.to(device)
+    if group.precision.int8 and not group.merged:  # a method that cannot merge: int8 is out of reach
+        group.model = model
+        group.precision = group_precision(group, precision, device)
+    group.model = precisions.prepare(model, group.precision).to(device)
     load_tokenizers(group)
 
 
@@ -280,10 +301,11 @@ class Registry:
     """The served adapters by name, their base groups, and the forward pass over rows of any adapters."""
 
     def __init__(self, adapters: Sequence[Adapter], device: str | None = None, max_batch_texts: int = 256,
-                 max_batch_tokens: int | None = None):
+                 max_batch_tokens: int | None = None, precision: str = "auto"):
         import torch
 
-        from budgetune.hardware.devices import resolve_precision, token_cap
+        from budgetune.hardware.devices import token_cap
+        from budgetune.inference.precisions import check_choice
 
         self.adapters = {a.name: a for a in adapters}
         self.groups = group_adapters(adapters)
@@ -291,12 +313,22 @@ class Registry:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.max_batch_texts = max_batch_texts
         self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else token_cap(self.device)
-        self.precision = resolve_precision("auto", self.device.type)  # as predict and evaluate pick it
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision.mixed_precision)
+        self.precision_choice = check_choice(precision)  # --precision
+        for g in self.groups:
+            g.precision = group_precision(g, precision, self.device)
 
     def load(self) -> None:
         for g in self.groups:
-            load_group(g, self.device)
+            load_group(g, self.device, self.precision_choice)
+
+    def precision_line(self) -> str:
+        """What the models compute in, and why: one line, or one per group where the groups differ."""
+        lines: dict[str, list[str]] = {}
+        for g in self.groups:
+            lines.setdefault(g.precision.line(), []).extend(a.name for a in g.adapters)
+        if len(lines) == 1:
+            return next(iter(lines))
+        return "; ".join(f"{', '.join(names)}: {line}" for line, names in lines.items())
 
     def describe(self) -> list[dict]:
         return [a.describe(self.group_of[a.name].mode(a.name)) for a in self.adapters.values()]
@@ -348,7 +380,7 @@ class Registry:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if group.merged:
             forwards["merged"] += 1
-            return self._run(group.model, batch)
+            return self._run(group, batch)
         parts: dict[str, list[int]] = {}
         mixed = group.mixed
         for i, n in enumerate(names):  # the mixable adapters under one key: they share a forward
@@ -363,18 +395,19 @@ class Registry:
             if key:
                 group.model.set_adapter(self.adapters[key].key)
                 forwards["single"] += 1
-                part = self._run(group.model, sub)
+                part = self._run(group, sub)
             else:
                 forwards["mixed"] += 1
-                part = self._run(group.model, sub, adapter_names=[self.adapters[names[i]].key for i in rows])
+                part = self._run(group, sub, adapter_names=[self.adapters[names[i]].key for i in rows])
             if logits is None:
                 logits = np.zeros((len(names), part.shape[1]), dtype=np.float32)
             logits[rows] = part
         return logits
 
-    def _run(self, model, batch: dict, **kwargs) -> np.ndarray:
+    def _run(self, group: BaseGroup, batch: dict, **kwargs) -> np.ndarray:
         import torch
 
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                                     enabled=self.autocast_dtype is not None):
-            return model(**batch, **kwargs).logits.float().cpu().numpy()
+        from budgetune.inference.precisions import autocast
+
+        with torch.inference_mode(), autocast(group.precision, self.device.type):
+            return group.model(**batch, **kwargs).logits.float().cpu().numpy()

@@ -23,7 +23,7 @@ RESUME_MAY_DIFFER = {("output", "output_dir"), ("output", "overwrite_output_dir"
                      ("train", "dataloader_num_workers"), ("train", "save_steps"), ("train", "save_strategy"),
                      ("train", "save_total_limit"),
                      ("train", "logging_steps"), ("train", "per_device_eval_batch_size"), ("data", "cache_dir"),
-                     ("train", "robust_tolerance"),
+                     ("train", "robust_tolerance"), ("train", "inference_precision_tolerance"),
                      ("method", "lean_adalora"),  # the same numbers either way (tests/test_lean_adalora.py)
                      ("train", "frozen_in_compute_dtype")}  # the same numbers either way (tests/test_precision.py)
 

@@ -117,6 +117,9 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
         fileio.atomic_write_json(out / "evaluation.json", {"split": "validation", **final})
         fileio.atomic_write_text(out / "evaluation.txt", tasks.metrics_text(
             task, final, f"validation (saved adapter at adapter_scale {scale:g}: what predict loads)"))
+    precision = choose_inference_precision(run, scale)
+    if main and precision is not None:
+        adapter_bundle.record_inference_precision(out / "adapter", precision)
     test = evaluate_test(run, saved, thresholds) if run.splits.test is not None else None
     run.log.log("end", step=state.step, best_step=state.best_step, best_metric=state.best_metric,
                 final_ranks=rank_masks.rank_pattern(run.inner), replica_digests=replica_digests(run))
@@ -128,6 +131,7 @@ def finish(run: Run, state: TrainState, best: Best) -> dict:
     return {"best_metric": state.best_metric, "best_step": state.best_step, **(best.metrics or {}),
             "validation": {k: final[k] for k in (*names, "n")},
             "validation_source": run.splits.validation_source, "adapter_scale": scale, "adapter_scale_reason": why,
+            "inference_precision": None if precision is None else precision["choice"],
             "test": None if test is None else {k: test[k] for k in (*kept, "n")},
             "output_dir": str(out), "task": task}
 
@@ -170,6 +174,9 @@ def summary(result: dict, next_steps: list[str]) -> str:
         t = result["test"]
         shown = (f"accuracy {t['accuracy']:.2%}" if task == tasks.SINGLE_LABEL else tasks.headline(task, t))
         lines.append(f"test {shown} on {t['n']} rows (reported once, never used to choose)")
+    if result.get("inference_precision"):
+        lines.append(f"inference precision (--precision auto): {result['inference_precision']}, measured on validation "
+                     "(table: adapter/budgetune.json, inference_precision)")
     lines.append(f"files: {out}/ (adapter/: the model; evaluation.txt; plots/; metrics.jsonl)")
     return "\n".join(lines + [f"next: {step}" for step in next_steps])
 
@@ -205,6 +212,28 @@ def choose_adapter_scale(run: Run, saved, raw_logits: np.ndarray):
     scaling.apply_scale(saved, chosen)
     run.accelerator.print(scaling.scale_summary(chosen, table, metric))
     return chosen, table, logits[chosen], scaling.scale_reason(chosen, table, tolerance, metric)
+
+
+def choose_inference_precision(run: Run, scale: float) -> dict | None:
+    """`--precision auto`'s choice for this run (inference.precision_choice.record on the validation split, the saved
+    adapter merged at its scale, as predict loads it), printed; None when --inference_precision_tolerance is null
+    and for tasks other than single_label."""
+    from budgetune.inference import precision_choice
+    from budgetune.inference.loading import load_model
+
+    tolerance = run.cfg.train.inference_precision_tolerance
+    if tolerance is None:
+        return None
+    if run.splits.task != tasks.SINGLE_LABEL:  # the table compares accuracies
+        run.accelerator.print(f"inference precision: not measured for a {run.splits.task} run (the choice compares "
+                              "validation accuracies); --precision auto follows the hardware rule")
+        return None
+    model, _, info = load_model(run.out / "adapter", adapter_scale=scale)
+    device = run.accelerator.device
+    rec = precision_choice.record(model.to(device), device, lambda m: validation_logits(run, m),
+                                  np.asarray(run.splits.validation.labels), tolerance, merged=info["merged"])
+    run.accelerator.print(precision_choice.table_text(rec))
+    return rec
 
 
 def reload_saved(run: Run):

@@ -197,7 +197,8 @@ def objective(setup: Setup, trial) -> float:
     t0 = time.perf_counter()
     # the objective is the raw adapter's validation metric: choosing an adapter scale (5 more validation passes)
     # is left to the run trained from best.yaml, which keeps the base config's robust_tolerance
-    trial_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, robust_tolerance=None))
+    trial_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, robust_tolerance=None,
+                                                                   inference_precision_tolerance=None))
     try:
         result = train(trial_cfg, splits=setup.splits, on_evaluate=reporter(setup, trial, t0))
     except optuna.TrialPruned:
