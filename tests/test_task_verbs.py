@@ -275,18 +275,16 @@ def test_each_task_has_its_default_metric_and_accepts_its_own():
         assert resolve(None, ["--task", task, "--metric_for_best_model", metric]).train.metric_for_best_model == metric
 
 
-@pytest.mark.parametrize("verb", ["search", "distill", "selftrain"])
+@pytest.mark.parametrize("verb", ["search", "selftrain"])
 def test_verbs_without_tasks_yet_refuse_them_naming_the_flag(verb, tmp_path):
     from budgetune.config import resolve
 
     cfg = resolve(None, ["--task", "regression", "--output_dir", str(tmp_path / "run")])
     if verb == "search":
         from budgetune.recipes.search.driver import search as call
-    elif verb == "distill":
-        from budgetune.recipes.distill import distill as call
     else:
         from budgetune.recipes.selftrain import self_train as call
-    args = {"search": (), "distill": (["teacher"],), "selftrain": ("unlabelled.csv", 1, 0.9)}[verb]
+    args = {"search": (), "selftrain": ("unlabelled.csv", 1, 0.9)}[verb]
     with pytest.raises(ConfigError, match=f"budgetune {verb} handles --task single_label only so far, not --task "
                                           "regression"):
         call(cfg, *args)
