@@ -1,5 +1,6 @@
 """Distillation for every task: the soft-target loss per task against a hand computation, the teacher checks and
-the teacher-logit cache key, and (slow) tiny multi-label, regression and text-pair runs through the real CLI."""
+the teacher-logit cache key, and (slow) tiny multi-label, regression and text-pair runs through the real CLI; and
+self-training's refusal of the tasks and text pairs it does not handle yet."""
 
 from __future__ import annotations
 
@@ -244,4 +245,19 @@ def test_unlabelled_texts_with_text_pairs_are_refused_naming_the_flag(tmp_path):
     with pytest.raises(ConfigError, match=r"--unlabeled_file u.csv: unlabelled texts cannot be used with "
                                           r"--text_pair_column_name"):
         distill.distill(cfg, ["teacher"], unlabeled_file="u.csv")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "multi_label"], r"not --task multi_label: its pseudo-labels are one confident class per text; to learn "
+                                r"from unlabelled texts with --task multi_label, use `budgetune distill --teacher RUN"),
+    (["--text_pair_column_name", "q2"], r"budgetune selftrain does not read text pairs yet \(--text_pair_column_name q2\)"),
+])
+def test_selftrain_refuses_other_tasks_and_text_pairs_pointing_to_distill(tmp_path, flags, message):
+    from budgetune.errors import ConfigError
+    from budgetune.recipes.selftrain import self_train
+
+    cfg = resolve(None, [*flags, "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ConfigError, match=message):
+        self_train(cfg, "unlabelled.csv", 1, 0.9)
     assert not (tmp_path / "run").exists()
