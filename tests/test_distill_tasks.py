@@ -88,6 +88,28 @@ def test_every_row_labelled_and_alpha_one_is_the_models_own_loss(task, labels):
     assert torch.equal(kd_loss(targets, 1.0, 2.0, task)(Fixed(z), dict(batch)), own)
 
 
+@pytest.mark.parametrize("task, labels, names", [
+    (tasks.MULTI_LABEL, [[1, 0, 1], [0, 1, 0]], ["a", "b", "c"]),
+    (tasks.REGRESSION, [0.5, 1.5], ["score"]),
+    (tasks.REGRESSION, [[0.5, 1.0], [1.5, 2.0]], ["v", "w"]),
+])
+def test_an_unlabelled_rows_label_reaches_the_loss_as_nan(tiny_roberta, task, labels, names):
+    """The placeholder survives tokenization and collation, so kd_loss leaves the row out of the gold-label term."""
+    from transformers import AutoTokenizer
+
+    from budgetune.data import readers, unlabeled
+    from budgetune.data.batching import make_collator
+    from budgetune.recipes.soft_targets import placeholder
+
+    tok = AutoTokenizer.from_pretrained(tiny_roberta)
+    table = unlabeled.with_unlabeled(readers.TextTable(["a cat", "a dog"], labels, names, "mem"), ["a bird"],
+                                     [placeholder(task, len(names))])
+    ds = readers.tokenize(table, tok, 16, None)
+    got = make_collator(tok, None)([ds[i] for i in range(3)])["labels"]
+    assert got.dtype == torch.float32 and torch.isnan(got[2]).all() and not torch.isnan(got[:2]).any()
+    assert got[:2].tolist() == labels
+
+
 def test_the_teacher_cache_keys_on_the_task_and_the_text_pairs():
     texts = ["a cat sat", "the dog ran"]
     keys = {distill.texts_digest(texts, 48, task) for task in tasks.TASKS}
