@@ -123,3 +123,28 @@ def test_plot_run_missing_or_empty_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "ranks", "step": 1, "ranks": {}}) + "\n")
     with pytest.raises(ValueError, match="no training or evaluation events"):
         plot_run(tmp_path)
+
+
+@pytest.mark.parametrize("task, metrics, files", [
+    ("multi_label", {"eval_micro_f1": 0.6, "eval_macro_f1": 0.5, "eval_subset_accuracy": 0.4}, {"f1.png"}),
+    ("regression", {"eval_mse": 1.2, "eval_mae": 0.9, "eval_pearson": 0.5, "eval_spearman": 0.4},
+     {"error.png", "correlation.png"}),
+])
+def test_validation_plots_show_and_label_the_tasks_metrics(tmp_path, task, metrics, files):
+    from budgetune.training.plots import run_task, validation_figures
+
+    events = [{"event": "train", "step": s, "loss": 1.0 / s} for s in range(1, 5)]
+    events += [{"event": "eval", "step": s, "eval_loss": 1.0 / s, **{k: v + s / 100 for k, v in metrics.items()}}
+               for s in (2, 4)]
+    assert run_task(events) == task
+    figures = dict(validation_figures(events))
+    assert set(figures) == files
+    legends = {t.get_text() for fig in figures.values() for t in fig.axes[0].get_legend().get_texts()}
+    wanted = {"multi_label": {"micro-F1", "macro-F1", "subset accuracy"},
+              "regression": {"MSE", "MAE", "Pearson r", "Spearman rho"}}[task]
+    assert legends == wanted
+    assert all(task.replace("_", "-") in fig.axes[0].get_title() for fig in figures.values())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert {p.name for p in plot_run(run)} == {"loss.png"} | files  # no empty accuracy.png

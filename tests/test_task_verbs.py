@@ -13,7 +13,7 @@ import pytest
 from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, write_csv
 
 from budgetune.data import readers
-from budgetune.errors import ConfigError, DataError
+from budgetune.errors import DataError
 
 NAMES = ["World", "Sports", "Business", "Sci/Tech"]
 
@@ -273,22 +273,6 @@ def test_each_task_has_its_default_metric_and_accepts_its_own():
     for task, metric in [("multi_label", "subset_accuracy"), ("multi_label", "macro_f1"), ("regression", "pearson"),
                          ("regression", "spearman"), ("regression", "mae")]:
         assert resolve(None, ["--task", task, "--metric_for_best_model", metric]).train.metric_for_best_model == metric
-
-
-@pytest.mark.parametrize("verb", ["distill", "selftrain"])
-def test_verbs_without_tasks_yet_refuse_them_naming_the_flag(verb, tmp_path):
-    from budgetune.config import resolve
-
-    cfg = resolve(None, ["--task", "regression", "--output_dir", str(tmp_path / "run")])
-    if verb == "distill":
-        from budgetune.recipes.distill import distill as call
-    else:
-        from budgetune.recipes.selftrain import self_train as call
-    args = {"distill": (["teacher"],), "selftrain": ("unlabelled.csv", 1, 0.9)}[verb]
-    with pytest.raises(ConfigError, match=f"budgetune {verb} handles --task single_label only so far, not --task "
-                                          "regression"):
-        call(cfg, *args)
-    assert not (tmp_path / "run").exists()
 
 
 def test_serve_checks_a_bundles_task(tmp_path):

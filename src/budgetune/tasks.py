@@ -6,7 +6,7 @@ tuning of multi-label thresholds on validation. Every verb asks here.
 Public API:
 - TASKS, SINGLE_LABEL, MULTI_LABEL, REGRESSION; METRICS[task] (the metric names metric_for_best_model accepts),
   DEFAULT_METRIC[task], SCALE_METRIC[task] (what the adapter scale is chosen on: a fraction, higher is better)
-- problem_type(task); check_task(task); check_metric(task, metric, flag); require_single_label(task, verb)
+- problem_type(task); check_task(task); check_metric(task, metric, flag)
 - prefixed(task, m): the task's metrics as {"eval_" + name: value} (best-model metrics, logs, callbacks)
 - loss(task, logits, labels) (torch, what training minimises: cross-entropy, BCE with logits, MSE)
 - task_metrics(task, logits, labels, label_names, thresholds=None) -> dict with every METRICS[task] key, "n" ...
@@ -57,13 +57,6 @@ def target_columns(task: str, label_column: str | None) -> list[str] | None:
     if task != REGRESSION or not label_column:
         return None
     return [c.strip() for c in label_column.split(",") if c.strip()]
-
-
-def require_single_label(task: str, verb: str) -> None:
-    """Refuse a task a verb does not handle yet (serve, search, distill, self-training), naming the flag."""
-    if task != SINGLE_LABEL:
-        raise ConfigError(f"budgetune {verb} handles --task single_label only so far, not --task {task}; train, "
-                          "evaluate and predict handle every task")
 
 
 def problem_type(task: str) -> str:

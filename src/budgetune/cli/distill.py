@@ -11,18 +11,20 @@ UNLABELED_TEXT_COLUMN_HELP = "text column of --unlabeled_file (default: text, se
 
 
 def distill_parser() -> argparse.ArgumentParser:
-    p = parser("distill", "Train a budgeted student (any budgetune configuration) on the teachers' probabilities. "
+    p = parser("distill", "Train a budgeted student (any budgetune configuration, any --task) on the teachers' outputs. "
                "Any other --flag is a training option (see `budgetune train --help`).")
     p.add_argument("--teacher", nargs="+", required=True, action="extend", metavar="RUN",
                    help="teacher run or bundle folder (adapter or full model); several: an ensemble (averaged "
-                        "probabilities)")
+                        "probabilities; regression: values)")
     p.add_argument("--config", help="the student's configuration YAML")
     p.add_argument("--unlabeled_file", help="unlabelled target texts to distil on (validation/test duplicates "
                                             "are dropped)")
     p.add_argument("--unlabeled_text_column", help=UNLABELED_TEXT_COLUMN_HELP)
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T (default 2)")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="temperature T of the softmax (multi-label: of each sigmoid); regression has none (default 2)")
     p.add_argument("--alpha", type=float, default=0.5,
-                   help="weight of the gold-label cross-entropy; 1 - alpha weighs the teachers (default 0.5)")
+                   help="weight of the gold-label loss (the task's: cross-entropy, BCE or MSE); 1 - alpha weighs the "
+                        "teachers (default 0.5)")
     p.add_argument("--teacher_batch_size", type=int, default=None,
                    help="texts per teacher inference batch (default: --per_device_eval_batch_size)")
     return p

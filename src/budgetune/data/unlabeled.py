@@ -104,7 +104,7 @@ def load_unlabeled(path: str, validation: data_lib.TextTable, test: data_lib.Tex
     return found
 
 
-def with_unlabeled(train: data_lib.TextTable, texts: list[str], labels: list[int] | None = None) -> data_lib.TextTable:
+def with_unlabeled(train: data_lib.TextTable, texts: list[str], labels: list | None = None) -> data_lib.TextTable:
     """The training table followed by `texts`, labelled `labels` or UNLABELED; rows 0..n-1 stay the labelled ones."""
     extra = labels if labels is not None else [UNLABELED] * len(texts)
     return data_lib.TextTable(list(train.texts) + list(texts), list(train.labels or []) + list(extra),

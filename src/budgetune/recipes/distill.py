@@ -1,9 +1,12 @@
-"""Knowledge distillation: big (unbudgeted) teachers' probabilities train a student under the budget.
+"""Knowledge distillation: big (unbudgeted) teachers' outputs train a student under the budget, for every task.
 
-Per row i of a batch of N rows: alpha x cross-entropy on the gold label (0 for an unlabelled row) + (1 - alpha) x T^2 x
-KL(teacher_T || student_T); the loss is the mean over all N rows, plus AdaLoRA's orthogonal regulariser at its
-configured weight (see kd_loss). Teacher logits are computed once per text with the fast inference path and
-cached on disk, keyed by the teacher's files and the texts; temperature and ensembling are applied afterwards.
+Per row i of a batch of N rows: alpha x the task's loss on the gold label (0 for an unlabelled row) + (1 - alpha) x
+the soft-target loss (single-label: T^2 x KL(teacher_T || student_T); multi-label: T^2 x BCE on the teachers'
+sigmoid probabilities at T; regression: squared error to the teachers' values); the loss is the mean over all N rows,
+plus AdaLoRA's orthogonal regulariser at its configured weight (recipes.soft_targets.kd_loss). Teacher logits are
+computed once per text (or text pair) with the fast inference path and cached on disk, keyed by the teacher's files,
+the task and the texts; temperature and ensembling are applied afterwards. ensemble_log_probs and kd_loss are
+re-exported from recipes.soft_targets.
 """
 
 from __future__ import annotations
@@ -15,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from budgetune import fileio, tasks
-from budgetune.adalora import lean_step
 from budgetune.budget.plan import check_budget, resolve_auto_rank
 from budgetune.config import Config
 from budgetune.data import readers as data_lib
@@ -27,8 +28,8 @@ from budgetune.data import unlabeled
 from budgetune.errors import AdapterError, ConfigError
 from budgetune.hardware.devices import is_main_process, resolve_precision
 from budgetune.inference import adapter_bundle
-from budgetune.inference.loading import adapter_dir, bundle_info, is_full_model
-from budgetune.metrics import softmax
+from budgetune.inference.loading import adapter_dir, bundle_info, bundle_task, is_full_model
+from budgetune.recipes.soft_targets import ensemble_log_probs, kd_loss, placeholder, teacher_targets  # noqa: F401
 from budgetune.training import train as train_lib
 
 CACHE_VERSION = "budgetune-teacher-logits-v2"
@@ -78,9 +79,14 @@ def hash_files(h, folder: Path, files: list[Path]) -> None:
                 h.update(block)
 
 
-def texts_digest(texts: list[str], max_seq_length: int) -> str:
-    h = hashlib.sha256(f"{max_seq_length}\0".encode())
+def texts_digest(texts: list[str], max_seq_length: int, task: str = tasks.SINGLE_LABEL,
+                 text_pairs: list[str] | None = None) -> str:
+    """The texts (and text pairs), the truncation length and the task the logits are read as."""
+    h = hashlib.sha256(f"{max_seq_length}\0{task}\0".encode())
     data_lib.hash_texts(h, texts)
+    if text_pairs is not None:
+        h.update(b"text_pairs")
+        data_lib.hash_texts(h, text_pairs)
     return h.hexdigest()
 
 
@@ -88,23 +94,24 @@ def cache_path(cache_dir: str | Path, teacher_fp: str, texts_fp: str) -> Path:
     return Path(cache_dir) / "teacher-logits" / f"{teacher_fp[:24]}-{texts_fp[:24]}.npy"
 
 
-def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
-                   batch_size: int = 128) -> tuple[np.ndarray, Path | None, bool]:
-    """(logits [n, labels] in text order, cache file, whether it was a cache hit); computed once per text and
-    teacher content (`fingerprint`). No cache file (None) when the teacher's base cannot be fingerprinted."""
+def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path, batch_size: int = 128,
+                   text_pairs: list[str] | None = None) -> tuple[np.ndarray, Path | None, bool]:
+    """(logits [n, labels or targets] in text order, cache file, whether it was a cache hit); computed once per text
+    (text pair: tokenized as a true pair), task and teacher content (`fingerprint`). No cache file (None) when the
+    teacher's base cannot be fingerprinted."""
     from budgetune.hardware.devices import release_accelerator
     from budgetune.inference.loading import load_for_inference
     from budgetune.inference.runner import table_logits
 
     info = bundle_info(teacher)
-    digest = texts_digest(texts, info["max_seq_length"])
+    digest = texts_digest(texts, info["max_seq_length"], bundle_task(info), text_pairs)
     teacher_fp = fingerprint(teacher)
     if teacher_fp is not None and (path := cache_path(cache_dir, teacher_fp, digest)).is_file():
         logits = np.load(path)
         if logits.shape == (len(texts), len(info["label_names"])):
             return logits, path, True
     accelerator, model, tokenizer, info = load_for_inference(teacher)
-    table = data_lib.TextTable(texts, None, info["label_names"], str(teacher))
+    table = data_lib.TextTable(texts, None, info["label_names"], str(teacher), text_pairs=text_pairs)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc=f"teacher {Path(teacher).name}")
     del model
@@ -116,45 +123,6 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, logits.astype(np.float32))
     return logits, path, False
-
-
-def ensemble_log_probs(logits: list[np.ndarray], temperature: float) -> np.ndarray:
-    """log of the teachers' averaged probabilities at temperature T (averaging probabilities, not logits)."""
-    probs = np.mean([softmax(z, temperature) for z in logits], axis=0)
-    return np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
-
-
-def kd_loss(teacher_log_probs: torch.Tensor, alpha: float, temperature: float):
-    """loss_fn(model, batch) for train(): rows are looked up in teacher_log_probs by the batch's `idx`.
-
-    Defined per row and averaged over all N rows of the batch, labelled or not:
-
-        loss = 1/N sum_i [alpha x CE_i + (1 - alpha) x T^2 x KL_i] + orth_reg_weight x R
-
-    CE_i: cross-entropy on row i's gold label (0 for an unlabelled row); KL_i: KL(teacher_T || student_T) of row i;
-    R: AdaLoRA's orthogonal regulariser (absent for other methods), at its configured weight on every batch,
-    whatever alpha and whether or not the batch has a labelled row. A labelled row weighs the same in a batch of
-    labelled rows as among unlabelled ones. With alpha = 1 and every row labelled it is the model's own loss
-    (transformers' mean cross-entropy, plus AdaLoRA's regulariser), so such a run equals ordinary training.
-    """
-    t2 = temperature * temperature
-
-    def loss_fn(model, batch: dict) -> torch.Tensor:
-        out = model(**{k: v for k, v in batch.items() if k not in ("idx", "labels")})
-        rows, labels = out.logits.shape[0], batch.get("labels")
-        terms = []
-        if alpha > 0 and labels is not None:  # unlabelled rows (ignored) add 0 to the sum
-            ce = F.cross_entropy(out.logits, labels.view(-1), ignore_index=unlabeled.UNLABELED, reduction="sum")
-            terms.append(alpha * ce / rows)
-        if alpha < 1:
-            log_q = F.log_softmax(out.logits.float() / temperature, dim=-1)
-            log_p = teacher_log_probs[batch["idx"].to(teacher_log_probs.device)].to(log_q.device)
-            terms.append((1 - alpha) * t2 * F.kl_div(log_q, log_p, reduction="sum", log_target=True) / rows)
-        if (penalty := lean_step.orth_penalty(model)) is not None:
-            terms.append(penalty)
-        return sum(terms[1:], terms[0]) if terms else out.logits.sum() * 0.0
-
-    return loss_fn
 
 
 SPLIT_KEYS = (("data", "validation_file"), ("data", "validation_split_percentage"), ("train", "seed"))
@@ -185,14 +153,12 @@ def unknown_split(teacher: str | Path) -> str:
 
 
 def check_teachers(teachers: list[str], label_names: list[str], student_tokenizer, cfg: Config) -> list[dict]:
-    """Each teacher's identity; other label names or another label order is refused, another tokenizer noted."""
+    """Each teacher's identity; another task, other label names or order (another number of regression targets),
+    pairs against single texts are refused; another tokenizer noted."""
     out = []
     for t in teachers:
         info = bundle_info(t)
-        if info["label_names"] != list(label_names):
-            raise AdapterError(
-                f"--teacher {t}: its labels are {info['label_names']} but the training data's are {list(label_names)} "
-                "(names and order must match: a teacher's class k must be the student's class k)")
+        check_same_task(t, info, cfg, label_names)
         same = _same_tokenizer(adapter_dir(t), student_tokenizer)
         entry = {"path": str(t), "folder": str(adapter_dir(t)), "method": info.get("method"),
                  "base_model": info["base_model_name_or_path"], "label_names": info["label_names"],
@@ -211,6 +177,29 @@ def check_teachers(teachers: list[str], label_names: list[str], student_tokenize
                   "texts for itself", file=sys.stderr)
         out.append(entry)
     return out
+
+
+def check_same_task(teacher: str, info: dict, cfg: Config, label_names: list[str]) -> None:
+    """Refuse a teacher that answers another question than the student learns, naming the teacher."""
+    task, theirs = cfg.data.task, bundle_task(info)
+    if theirs != task:
+        raise AdapterError(f"--teacher {teacher}: it is a --task {theirs} model but the student trains --task {task} "
+                           "(teacher and student must have the same task)")
+    if task == tasks.REGRESSION and len(info["label_names"]) != len(label_names):
+        raise AdapterError(f"--teacher {teacher}: it predicts {len(info['label_names'])} target(s) "
+                           f"{info['label_names']} but the student trains on {len(label_names)} {list(label_names)}")
+    if task != tasks.REGRESSION and info["label_names"] != list(label_names):
+        raise AdapterError(
+            f"--teacher {teacher}: its labels are {info['label_names']} but the training data's are "
+            f"{list(label_names)} (names and order must match: a teacher's class k must be the student's class k)")
+    pair, student_pair = info.get("text_pair_column_name"), cfg.data.text_pair_column_name
+    if bool(pair) != bool(student_pair):
+        raise AdapterError(f"--teacher {teacher}: it {_reads(pair)} but the student {_reads(student_pair)} "
+                           "(both must read text pairs, or neither)")
+
+
+def _reads(pair_column: str | None) -> str:
+    return f"reads text pairs (--text_pair_column_name {pair_column})" if pair_column else "reads single texts"
 
 
 def _same_tokenizer(folder: Path, student_tokenizer) -> bool:
@@ -236,12 +225,14 @@ def check_options(teachers: list[str], alpha: float, temperature: float, output_
 def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = None, text_column: str | None = None,
             temperature: float = 2.0, alpha: float = 0.5, batch_size: int | None = None) -> dict:
     """Train cfg's student on its labelled rows (+ unlabelled texts) against the teachers; returns train()'s result."""
-    tasks.require_single_label(cfg.data.task, "distill")
     from transformers import AutoTokenizer
 
     from budgetune.modeling.backbone import resolve_model_path
 
-    out = Path(cfg.output.output_dir)
+    out, task = Path(cfg.output.output_dir), cfg.data.task
+    if unlabeled_file and cfg.data.text_pair_column_name:
+        raise ConfigError(f"--unlabeled_file {unlabeled_file}: unlabelled texts cannot be used with "
+                          f"--text_pair_column_name (budgetune reads no unlabelled text pairs yet)")
     check_options(teachers, alpha, temperature, out)
     fileio.guard_output_dir(out, cfg.output.overwrite_output_dir,
                                resuming=bool(cfg.train.resume_from_checkpoint), clear=False)
@@ -257,27 +248,49 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     if unlabeled_file:
         dedup = unlabeled.load_unlabeled(unlabeled_file, splits.validation, splits.test, splits.train, text_column)
         print(dedup.summary(unlabeled_file))
-        splits.train = unlabeled.with_unlabeled(splits.train, dedup.kept)
-    cache = Path(splits_lib.cache_dir(cfg))
-    all_logits = []
-    for entry in identities:
-        logits, path, hit = teacher_logits(entry["path"], splits.train.texts, cache,
-                                           batch_size or cfg.train.per_device_eval_batch_size)
-        entry.update(cache_file=str(path) if path else None, cache_hit=hit,
-                     precision=None if hit else resolve_precision("auto").name,
-                     agreement_with_gold=_agreement(logits[:n_labelled], splits.train.labels[:n_labelled]))
-        all_logits.append(logits)
-    log_p = torch.from_numpy(ensemble_log_probs(all_logits, temperature))
-    result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(log_p, alpha, temperature))
-    record = {"teachers": identities, "alpha": alpha, "temperature": temperature, "labelled_rows": n_labelled,
-              "unlabeled_file": unlabeled_file, "unlabeled": dedup.to_dict() if dedup else None}
+        splits.train = unlabeled.with_unlabeled(splits.train, dedup.kept,
+                                                [placeholder(task, len(names))] * len(dedup.kept))
+    all_logits = teachers_logits(identities, splits, cfg, batch_size, n_labelled)
+    targets = torch.from_numpy(teacher_targets(task, all_logits, temperature))
+    result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(targets, alpha, temperature, task))
+    record = {"task": task, "teachers": identities, "alpha": alpha, "temperature": temperature,
+              "labelled_rows": n_labelled, "unlabeled_file": unlabeled_file,
+              "unlabeled": dedup.to_dict() if dedup else None}
     if is_main_process():
         write_record(out, record)
     return result
 
 
-def _agreement(logits: np.ndarray, labels: list[int]) -> float:
-    return float(np.mean(logits.argmax(-1) == np.asarray(labels))) if len(labels) else float("nan")
+def teachers_logits(identities: list[dict], splits, cfg: Config, batch_size: int | None,
+                    n_labelled: int) -> list[np.ndarray]:
+    """Each teacher's logits on the training rows (cached), its cache entry and its fit to the gold labels recorded
+    in its identity."""
+    cache = Path(splits_lib.cache_dir(cfg))
+    train, out = splits.train, []
+    for entry in identities:
+        logits, path, hit = teacher_logits(entry["path"], train.texts, cache,
+                                           batch_size or cfg.train.per_device_eval_batch_size, train.text_pairs)
+        entry.update(cache_file=str(path) if path else None, cache_hit=hit,
+                     precision=None if hit else resolve_precision("auto").name,
+                     **gold_fit(splits.task, logits[:n_labelled], train.labels[:n_labelled], splits.label_names,
+                                entry["path"]))
+        out.append(logits)
+    return out
+
+
+def gold_fit(task: str, logits: np.ndarray, labels: list, names: list[str], teacher: str) -> dict:
+    """How well a teacher answers the labelled training rows: single-label, `agreement_with_gold` (its accuracy);
+    other tasks, `teacher_on_gold` {the task's default metric: value} (multi-label at the teacher's thresholds)."""
+    if task == tasks.SINGLE_LABEL:
+        agree = float(np.mean(logits.argmax(-1) == np.asarray(labels))) if len(labels) else float("nan")
+        return {"agreement_with_gold": agree}
+    if not len(labels):
+        return {"teacher_on_gold": None}
+    from budgetune.inference.loading import bundle_thresholds
+
+    metric = tasks.DEFAULT_METRIC[task]
+    m = tasks.task_metrics(task, logits, labels, names, bundle_thresholds(bundle_info(teacher)))
+    return {"teacher_on_gold": {metric: m[metric]}}
 
 
 def write_record(out: Path, record: dict) -> None:
@@ -294,16 +307,28 @@ def write_record(out: Path, record: dict) -> None:
         fileio.atomic_write_text(bundle / "README.md", card.rstrip("\n") + "\n\n" + card_section(record) + "\n")
 
 
+CARD_LOSS = {  # the gold-label loss and the soft-target loss, in words, per task
+    tasks.SINGLE_LABEL: ("cross-entropy", "T^2 x KL(teacher || student)"),
+    tasks.MULTI_LABEL: ("binary cross-entropy", "T^2 x binary cross-entropy on the teachers' sigmoid probabilities"),
+    tasks.REGRESSION: ("squared error", "squared error to the teachers' values"),
+}
+
+
 def card_section(record: dict) -> str:
+    task = record.get("task", tasks.SINGLE_LABEL)
+    hard, soft = CARD_LOSS[task]
+    at = f", T = {record['temperature']}" if task != tasks.REGRESSION else ""
+    averaged = "values" if task == tasks.REGRESSION else "probabilities"
     lines = ["## Distilled from", "",
-             f"Trained by `budgetune distill`: loss = mean over a batch's rows of {record['alpha']} x cross-entropy "
-             f"on the gold label (0 for an unlabelled row) + {1 - record['alpha']:g} x T^2 x KL(teacher || student), "
-             f"T = {record['temperature']} (+ AdaLoRA's orthogonal regulariser at its configured weight)"
-             + ("; the teachers' probabilities are averaged." if len(record["teachers"]) > 1 else "."), ""]
+             f"Trained by `budgetune distill`: loss = mean over a batch's rows of {record['alpha']} x {hard} "
+             f"on the gold label (0 for an unlabelled row) + {1 - record['alpha']:g} x {soft}"
+             f"{at} (+ AdaLoRA's orthogonal regulariser at its configured weight)"
+             + (f"; the teachers' {averaged} are averaged." if len(record["teachers"]) > 1 else "."), ""]
+    metric = tasks.DEFAULT_METRIC[task]
     for t in record["teachers"]:
-        acc = (t.get("validation") or {}).get("eval_accuracy")
+        value = (t.get("validation") or {}).get(f"eval_{metric}")
         lines.append(f"- `{t['path']}` ({t['method']} on {t['base_model']}"
-                     + (f", validation accuracy {acc:.4f}" if isinstance(acc, float) else "") + ")")
+                     + (f", validation {metric} {value:.4f}" if isinstance(value, float) else "") + ")")
     u = record.get("unlabeled")
     if u:
         lines += ["", f"Unlabelled texts: {record['unlabeled_file']} ({u['kept']} used of {u['read']}; "

@@ -57,6 +57,19 @@ def check_options(rounds: int, threshold: float, cap_factor: float, noise_dropou
         raise ConfigError(f"--round_tolerance must be between 0 and 100 points, got {round_tolerance}")
 
 
+def check_task(cfg: Config) -> None:
+    """Refuse what self-training does not handle yet: a task other than single_label (its pseudo-labels are one
+    confident class per text), and text pairs (the unlabelled file holds single texts)."""
+    task = cfg.data.task
+    if task != tasks.SINGLE_LABEL:
+        raise ConfigError(f"budgetune selftrain handles --task single_label only so far, not --task {task}: its "
+                          "pseudo-labels are one confident class per text; to learn from unlabelled texts with "
+                          f"--task {task}, use `budgetune distill --teacher RUN --unlabeled_file FILE`")
+    if cfg.data.text_pair_column_name:
+        raise ConfigError(f"budgetune selftrain does not read text pairs yet (--text_pair_column_name "
+                          f"{cfg.data.text_pair_column_name}): the unlabelled file holds single texts")
+
+
 def class_shares(labels: list[int], n_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes) / max(1, len(labels))
 
@@ -200,7 +213,7 @@ def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) ->
 def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, *, cap_factor: float = 1.5,
                text_column: str | None = None, noise_dropout: float = 0.1, round_tolerance: float = 0.5) -> dict:
     """Rounds 0..rounds in RUN/round-N; the chosen round (see chosen_round) is copied into RUN. Returns a summary."""
-    tasks.require_single_label(cfg.data.task, "selftrain")
+    check_task(cfg)
     check_options(rounds, threshold, cap_factor, noise_dropout, round_tolerance)
     out = Path(cfg.output.output_dir)
     continuing = (out / "round-0").is_dir() and not cfg.output.overwrite_output_dir

@@ -153,6 +153,35 @@ def _rounds_figure(rounds: list[dict]) -> Figure:
     return fig
 
 
+# Per task (budgetune.tasks): (file, title, y label, ((legend, eval event key), ...)) of each validation figure.
+VALIDATION_FIGURES = {
+    "single_label": [("accuracy.png", "Validation metrics", "score",
+                      (("accuracy", "eval_accuracy"), ("macro-F1", "eval_macro_f1")))],
+    "multi_label": [("f1.png", "Validation metrics (multi-label)", "score",
+                     (("micro-F1", "eval_micro_f1"), ("macro-F1", "eval_macro_f1"),
+                      ("subset accuracy", "eval_subset_accuracy")))],
+    "regression": [("error.png", "Validation error (regression)", "error", (("MSE", "eval_mse"), ("MAE", "eval_mae"))),
+                   ("correlation.png", "Validation correlation (regression)", "correlation",
+                    (("Pearson r", "eval_pearson"), ("Spearman rho", "eval_spearman")))],
+}
+
+
+def run_task(events: Iterable[dict]) -> str:
+    """The task whose metrics a run's eval events carry (regression: eval_mse; multi-label: eval_micro_f1)."""
+    keys = {k for ev in events if ev.get("event") == "eval" for k in ev}
+    return "regression" if "eval_mse" in keys else "multi_label" if "eval_micro_f1" in keys else "single_label"
+
+
+def validation_figures(events: list[dict]) -> list[tuple[str, Figure]]:
+    """The validation metrics of the run's task over steps, as VALIDATION_FIGURES lays them out (those with data)."""
+    figures = []
+    for name, title, ylabel, curves in VALIDATION_FIGURES[run_task(events)]:
+        series = [(legend, *_series(events, "eval", key)) for legend, key in curves]
+        if any(xs for _, xs, _ in series):
+            figures.append((name, _line_plot(series, title, ylabel)))
+    return figures
+
+
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> list[Path]:
     """Write PNGs for a run and return their paths; a plot is only written when it has data to show."""
     run_dir = Path(run_dir)
@@ -160,19 +189,15 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     events = read_metrics(metrics_path)
     if not any(ev.get("event") in ("train", "eval") for ev in events):
         raise ValueError(f"{metrics_path}: no training or evaluation events to plot")
-    train = _series(events, "train", "loss")
-    evals = {k: _series(events, "eval", k) for k in ("eval_loss", "eval_accuracy", "eval_macro_f1")}
+    train, eval_loss = _series(events, "train", "loss"), _series(events, "eval", "eval_loss")
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
 
     figures: list[tuple[str, Figure]] = []
-    if train[0] or evals["eval_loss"][0]:
+    if train[0] or eval_loss[0]:
         figures.append(("loss.png", _line_plot(
-            [("train loss", *train), ("validation loss", *evals["eval_loss"])], "Loss", "loss")))
-    if evals["eval_accuracy"][0] or evals["eval_macro_f1"][0]:
-        figures.append(("accuracy.png", _line_plot(
-            [("accuracy", *evals["eval_accuracy"]), ("macro-F1", *evals["eval_macro_f1"])],
-            "Validation metrics", "score")))
+            [("train loss", *train), ("validation loss", *eval_loss)], "Loss", "loss")))
+    figures += validation_figures(events)
     lr = _series(events, "train", "learning_rate")
     if lr[0]:
         figures.append(("learning_rate.png", _line_plot([("learning rate", *lr)], "Learning rate", "lr")))
