@@ -149,6 +149,8 @@ def prepare(model: nn.Module, precision: Precision) -> nn.Module:
         torch.backends.quantized.engine = int8_engine()
         with warnings.catch_warnings():  # torch 2.13 announces that its quantized tensors move to torchao
             warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated",
+                                    category=DeprecationWarning)
             quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in layers}, dtype=torch.qint8,
                              inplace=True)
     elif precision.mixed_precision == "bf16":
