@@ -104,8 +104,13 @@ def load_unlabeled(path: str, validation: data_lib.TextTable, test: data_lib.Tex
     return found
 
 
-def with_unlabeled(train: data_lib.TextTable, texts: list[str], labels: list | None = None) -> data_lib.TextTable:
-    """The training table followed by `texts`, labelled `labels` or UNLABELED; rows 0..n-1 stay the labelled ones."""
+def with_unlabeled(train: data_lib.TextTable, texts: list[str], labels: list | None = None,
+                   text_pairs: list[str] | None = None) -> data_lib.TextTable:
+    """The training table followed by `texts` (and their `text_pairs`, where the table has pairs), labelled `labels`
+    or UNLABELED; rows 0..n-1 stay the labelled ones."""
     extra = labels if labels is not None else [UNLABELED] * len(texts)
+    if (train.text_pairs is None) != (text_pairs is None):
+        raise ValueError("the training table and the added texts must both have text pairs, or neither")
+    pairs = None if text_pairs is None else list(train.text_pairs) + list(text_pairs)
     return data_lib.TextTable(list(train.texts) + list(texts), list(train.labels or []) + list(extra),
-                              train.label_names, train.source)
+                              train.label_names, train.source, text_pairs=pairs)

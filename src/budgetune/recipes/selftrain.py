@@ -24,11 +24,13 @@ from budgetune.config import Config
 from budgetune.data import readers as data_lib
 from budgetune.data import splits as splits_lib
 from budgetune.data import unlabeled
-from budgetune.errors import ConfigError, RunFolderError
+from budgetune.errors import ConfigError, DataError, RunFolderError
 from budgetune.hardware.devices import is_main_process
-from budgetune.metrics import lower_is_better, softmax
+from budgetune.metrics import lower_is_better
 from budgetune.modeling import backbone
 from budgetune.modeling.scaling import near_best
+from budgetune.recipes import pseudo_labels
+from budgetune.recipes.pseudo_labels import Pseudo, select_confident  # noqa: F401 (re-exported)
 from budgetune.training import checkpoint
 from budgetune.training import finish as finish_lib
 from budgetune.training import train as train_lib
@@ -57,42 +59,47 @@ def check_options(rounds: int, threshold: float, cap_factor: float, noise_dropou
         raise ConfigError(f"--round_tolerance must be between 0 and 100 points, got {round_tolerance}")
 
 
-def check_task(cfg: Config) -> None:
-    """Refuse what self-training does not handle yet: a task other than single_label (its pseudo-labels are one
-    confident class per text), and text pairs (the unlabelled file holds single texts)."""
-    task = cfg.data.task
-    if task != tasks.SINGLE_LABEL:
-        raise ConfigError(f"budgetune selftrain handles --task single_label only so far, not --task {task}: its "
-                          "pseudo-labels are one confident class per text; to learn from unlabelled texts with "
-                          f"--task {task}, use `budgetune distill --teacher RUN --unlabeled_file FILE`")
-    if cfg.data.text_pair_column_name:
-        raise ConfigError(f"budgetune selftrain does not read text pairs yet (--text_pair_column_name "
-                          f"{cfg.data.text_pair_column_name}): the unlabelled file holds single texts")
+def unlabelled_pairs(cfg: Config, path: str, text_column: str | None) -> dict[str, tuple[str, str]] | None:
+    """With --text_pair_column_name: the unlabelled file's (text, text_pair) rows, keyed as drop_heldout sees them
+    (both texts); the file must have the pair column (same name). None without text pairs."""
+    column = cfg.data.text_pair_column_name
+    if not column:
+        return None
+    try:
+        table = data_lib.load_table(path, split="train", text_column=text_column, require_labels=False,
+                                    text_pair_column=column)
+    except DataError as e:
+        raise DataError(f"--unlabeled_file {path}: with --text_pair_column_name {column} the unlabelled file needs "
+                        f"that column too: {e}") from None
+    return {pair_key(t, q): (t, q) for t, q in zip(table.texts, table.text_pairs)}
 
 
-def class_shares(labels: list[int], n_classes: int) -> np.ndarray:
-    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes) / max(1, len(labels))
+def pair_key(text: str, pair: str) -> str:
+    return f"{text}\n\n{pair}"
 
 
-def select_confident(probs: np.ndarray, threshold: float, shares: np.ndarray,
-                     cap_factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """(row indices, labels) of the pseudo-labels kept: top probability >= threshold, the most confident first,
-    and no class holding more than cap_factor x its labelled share of the kept rows."""
-    conf, pred = probs.max(-1), probs.argmax(-1)
-    by_class = []
-    for c in range(probs.shape[1]):
-        rows = np.flatnonzero((pred == c) & (conf >= threshold))
-        by_class.append(rows[np.argsort(-conf[rows], kind="stable")])
-    keep = np.array([len(r) for r in by_class])
-    while True:  # the cap depends on the total kept, which the cap lowers: shrink to the fixed point
-        cap = np.floor(cap_factor * shares * keep.sum() + 1e-9).astype(int)
-        new = np.minimum(keep, cap)
-        if (new == keep).all():
-            break
-        keep = new
-    rows = np.concatenate([r[:k] for r, k in zip(by_class, keep)]).astype(np.int64)
-    rows.sort()
-    return rows, pred[rows]
+def pair_keys(table: data_lib.TextTable) -> data_lib.TextTable:
+    """A table whose texts are its (text, text_pair) keys, for dropping held-out pairs."""
+    if table.text_pairs is None:
+        return table
+    return data_lib.TextTable([pair_key(t, q) for t, q in zip(table.texts, table.text_pairs)], table.labels,
+                              table.label_names, table.source)
+
+
+def load_unlabelled(cfg: Config, splits: splits_lib.Splits, path: str,
+                    text_column: str | None) -> tuple[unlabeled.Dedup, list[str], list[str] | None]:
+    """(what was dropped, texts, text pairs or None): held-out and labelled texts (pairs: both texts) dropped."""
+    pairs = unlabelled_pairs(cfg, path, text_column)
+    if pairs is None:
+        dedup = unlabeled.load_unlabeled(path, splits.validation, splits.test, splits.train, text_column)
+        return dedup, dedup.kept, None
+    found = unlabeled.drop_heldout(list(pairs), [pair_keys(t) for t in
+                                                 unlabeled.heldout_tables(splits.validation, splits.test)],
+                                   pair_keys(splits.train))
+    if not found.kept:
+        raise DataError(f"--unlabeled_file: {path}: no text pair left after dropping validation/test duplicates "
+                        f"({found.summary(path)})")
+    return found, [pairs[k][0] for k in found.kept], [pairs[k][1] for k in found.kept]
 
 
 def round_config(cfg: Config, out: Path, r: int, noise_dropout: float) -> Config:
@@ -105,31 +112,18 @@ def round_config(cfg: Config, out: Path, r: int, noise_dropout: float) -> Config
     return dataclasses.replace(cfg, method=method, output=output)
 
 
-def label_texts(run: Path, texts: list[str], batch_size: int) -> np.ndarray:
-    """Probabilities of the run's best adapter on texts (the fast inference path)."""
+def label_texts(run: Path, texts: list[str], pairs: list[str] | None, batch_size: int) -> tuple[np.ndarray, list | None]:
+    """(logits, multi-label thresholds or None) of the run's best adapter on texts (the fast inference path)."""
     from budgetune.hardware.devices import release_accelerator
-    from budgetune.inference.loading import load_for_inference
+    from budgetune.inference.loading import bundle_thresholds, load_for_inference
     from budgetune.inference.runner import table_logits
 
     accelerator, model, tokenizer, info = load_for_inference(run)
-    table = data_lib.TextTable(texts, None, info["label_names"], "unlabelled")
+    table = data_lib.TextTable(texts, None, info["label_names"], "unlabelled", text_pairs=pairs)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc="pseudo-labels")
     release_accelerator()  # the next round's training starts its own accelerator
-    return softmax(logits)
-
-
-def pseudo_labels_csv(texts: list[str], rows: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                      names: list[str]) -> str:
-    """The round's pseudo-labelled rows, for inspection: text, label id, label name, probability."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["text", "label", "label_name", "probability"])
-    w.writerows([texts[i], int(c), names[c], f"{probs[i, c]:.6f}"] for i, c in zip(rows, labels))
-    return buf.getvalue()
+    return logits, bundle_thresholds(info)
 
 
 def chosen_round(values: list[float], metric: str, tolerance: float) -> int:
@@ -140,16 +134,8 @@ def chosen_round(values: list[float], metric: str, tolerance: float) -> int:
 
 
 def same_pseudo_labels(path: Path, csv_text: str) -> bool:
-    """The same rows and labels, probabilities equal to 1e-4 (another thread count may change the last digit)."""
-    import csv
-    import io
-
-    if not path.is_file():
-        return False
-    old = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
-    new = list(csv.reader(io.StringIO(csv_text)))
-    return len(old) == len(new) and old[:1] == new[:1] and all(
-        a[:3] == b[:3] and abs(float(a[3]) - float(b[3])) <= 1e-4 for a, b in zip(old[1:], new[1:]))
+    """The same rows and labels, numbers equal to 1e-4 (another thread count may change the last digit)."""
+    return path.is_file() and pseudo_labels.same_csv(path.read_text(encoding="utf-8"), csv_text)
 
 
 def finished_round(folder: Path, cfg: Config, pseudo_csv: str | None) -> dict | None:
@@ -175,24 +161,6 @@ def finished_round(folder: Path, cfg: Config, pseudo_csv: str | None) -> dict | 
             **{k: v for k, v in best.items() if k.startswith("eval_")}}
 
 
-@dataclasses.dataclass
-class Pseudo:
-    """One round's pseudo-labelled rows."""
-
-    rows: np.ndarray
-    labels: np.ndarray
-    confident: int
-    csv: str
-
-
-def pseudo_label(labeler: Path, texts: list[str], names: list[str], shares: np.ndarray, threshold: float,
-                 cap_factor: float, batch_size: int) -> Pseudo:
-    probs = label_texts(labeler, texts, batch_size)
-    rows, labels = select_confident(probs, threshold, shares, cap_factor)
-    return Pseudo(rows, labels, int((probs.max(-1) >= threshold).sum()),
-                  pseudo_labels_csv(texts, rows, labels, probs, names))
-
-
 def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) -> tuple[dict, bool]:
     """(train()'s result, whether it was reused): a finished round with this config and these pseudo-labels is
     reused; an unfinished one (killed) is trained again; one finished otherwise needs --overwrite_output_dir."""
@@ -213,16 +181,20 @@ def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) ->
 def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, *, cap_factor: float = 1.5,
                text_column: str | None = None, noise_dropout: float = 0.1, round_tolerance: float = 0.5) -> dict:
     """Rounds 0..rounds in RUN/round-N; the chosen round (see chosen_round) is copied into RUN. Returns a summary."""
-    check_task(cfg)
     check_options(rounds, threshold, cap_factor, noise_dropout, round_tolerance)
-    out = Path(cfg.output.output_dir)
+    task, out = cfg.data.task, Path(cfg.output.output_dir)
     continuing = (out / "round-0").is_dir() and not cfg.output.overwrite_output_dir
     fileio.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=continuing, clear=False)
     splits = splits_lib.load_splits(cfg)
     names = splits.label_names
-    dedup = unlabeled.load_unlabeled(unlabeled_file, splits.validation, splits.test, splits.train, text_column)
+    dedup, texts, pairs = load_unlabelled(cfg, splits, unlabeled_file, text_column)
     print(dedup.summary(unlabeled_file))
-    texts, shares, metric = dedup.kept, class_shares(splits.train.labels, len(names)), cfg.train.metric_for_best_model
+    if task == tasks.REGRESSION:
+        print("note: --task regression: every unlabelled text is pseudo-labelled with its predicted value "
+              "(--pseudo_label_threshold and --pseudo_label_class_cap apply to probabilities, which regression has "
+              "not)", file=sys.stderr)
+    shares = pseudo_labels.labelled_shares(task, splits.train.labels, len(names))
+    metric = cfg.train.metric_for_best_model
     summary: list[dict] = []
     values: list[float] = []
     for r in range(rounds + 1):
@@ -230,38 +202,48 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
         pseudo, train_table = None, splits.train
         if r > 0:
             labeler = out / f"round-{chosen_round(values, metric, round_tolerance)}"
-            pseudo = pseudo_label(labeler, texts, names, shares, threshold, cap_factor,
-                                  cfg.train.per_device_eval_batch_size)
+            logits, thresholds = label_texts(labeler, texts, pairs, cfg.train.per_device_eval_batch_size)
+            pseudo = pseudo_labels.pseudo_label(task, logits, thresholds, texts, pairs, names, shares, threshold,
+                                                cap_factor)
             if not len(pseudo.rows):
-                why = (f"none of the {pseudo.confident} texts at probability >= {threshold} fits the class-balance "
-                       "cap" if pseudo.confident else f"no unlabelled text reaches probability {threshold}")
-                print(f"round {r}: {why}; stopping", file=sys.stderr)
+                print(f"round {r}: {no_pseudo_labels(task, pseudo, threshold)}; stopping", file=sys.stderr)
                 summary.append({"round": r, "pseudo_labels": 0, "pseudo_per_class": [0] * len(names),
                                 "trained": False, "confident": pseudo.confident})
                 break
-            train_table = unlabeled.with_unlabeled(splits.train, [texts[i] for i in pseudo.rows],
-                                                   pseudo.labels.tolist())
+            train_table = unlabeled.with_unlabeled(
+                splits.train, [texts[i] for i in pseudo.rows], pseudo_labels.train_labels(task, pseudo),
+                None if pairs is None else [pairs[i] for i in pseudo.rows])
         result, reused = run_round(rcfg, splits_lib.Splits(train_table, splits.validation, splits.test, names),
                                    pseudo)
         values.append(result["best_metric"])
-        counts = np.bincount(pseudo.labels, minlength=len(names)).tolist() if pseudo else [0] * len(names)
+        counts = pseudo_labels.per_label_counts(task, pseudo, len(names))
         summary.append({"round": r, "pseudo_labels": len(pseudo.rows) if pseudo else 0, "pseudo_per_class": counts,
                         "trained": True, "reused": reused, "confident": pseudo.confident if pseudo else None,
                         "labeled_by": int(labeler.name.split("-")[1]) if pseudo else None,
-                        "best_metric": values[-1], "eval_accuracy": result.get("eval_accuracy"),
-                        "eval_macro_f1": result.get("eval_macro_f1"), "eval_loss": result.get("eval_loss"),
+                        "best_metric": values[-1],
+                        **{f"eval_{m}": result.get(f"eval_{m}") for m in tasks.METRICS[task]},
                         "lora_dropout": rcfg.method.lora_dropout})
         print(f"round {r}{' (reused: finished before with the same configuration and pseudo-labels)' if reused else ''}"
-              f": {summary[-1]['pseudo_labels']} pseudo-labels {counts}; validation {metric} {values[-1]:.4f}; "
-              f"chosen so far: round {chosen_round(values, metric, round_tolerance)}")
+              f": {summary[-1]['pseudo_labels']} pseudo-labels{'' if counts is None else f' {counts}'}; validation "
+              f"{metric} {values[-1]:.4f}; chosen so far: round {chosen_round(values, metric, round_tolerance)}")
     best_round = chosen_round(values, metric, round_tolerance)
-    record = {"unlabeled_file": unlabeled_file, "threshold": threshold, "class_cap_factor": cap_factor,
-              "round_tolerance": round_tolerance, "labelled_shares": shares.tolist(), "label_names": names,
-              "best_round": best_round, "metric_for_best_model": metric, "rounds": summary,
+    record = {"unlabeled_file": unlabeled_file, "task": task,
+              "threshold": None if task == tasks.REGRESSION else threshold,
+              "class_cap_factor": None if task == tasks.REGRESSION else cap_factor,
+              "round_tolerance": round_tolerance, "labelled_shares": None if shares is None else shares.tolist(),
+              "label_names": names, "best_round": best_round, "metric_for_best_model": metric, "rounds": summary,
               "unlabeled": dedup.to_dict()}
     if is_main_process():
         finish(out, best_round, summary, record)
     return record
+
+
+def no_pseudo_labels(task: str, pseudo: Pseudo, threshold: float) -> str:
+    """Why a round kept no pseudo-label."""
+    what = "probability" if task == tasks.SINGLE_LABEL else "confidence"
+    if pseudo.confident:
+        return f"none of the {pseudo.confident} texts at {what} >= {threshold} fits the class-balance cap"
+    return f"no unlabelled text reaches {what} {threshold}"
 
 
 def finish(out: Path, best_round: int, summary: list[dict], record: dict) -> None:
