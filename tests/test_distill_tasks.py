@@ -268,18 +268,3 @@ def test_unlabelled_texts_with_text_pairs_are_refused_naming_the_flag(tmp_path):
                                           r"--text_pair_column_name"):
         distill.distill(cfg, ["teacher"], unlabeled_file="u.csv")
     assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--task", "multi_label"], r"not --task multi_label: its pseudo-labels are one confident class per text; to learn "
-                                r"from unlabelled texts with --task multi_label, use `budgetune distill --teacher RUN"),
-    (["--text_pair_column_name", "q2"], r"budgetune selftrain does not read text pairs yet \(--text_pair_column_name q2\)"),
-])
-def test_selftrain_refuses_other_tasks_and_text_pairs_pointing_to_distill(tmp_path, flags, message):
-    from budgetune.errors import ConfigError
-    from budgetune.recipes.selftrain import self_train
-
-    cfg = resolve(None, [*flags, "--output_dir", str(tmp_path / "run")])
-    with pytest.raises(ConfigError, match=message):
-        self_train(cfg, "unlabelled.csv", 1, 0.9)
-    assert not (tmp_path / "run").exists()

@@ -97,15 +97,18 @@ def test_text_pairs_need_the_pair_column_in_the_unlabelled_file(files, tmp_path)
     assert len(pairs) == 30 and all(k == selftrain.pair_key(*v) for k, v in pairs.items())
 
 
-def one_round(tiny_roberta, data, out, unlabelled, threshold=0.05, **flags):
-    args = tiny_train_args(tiny_roberta, data, out, "lora", num_train_epochs=3, learning_rate=2e-2,
+def one_round(tiny_roberta, data, out, unlabelled, threshold=0.001, cap_factor=1.5, **flags):
+    """One self-training round of a tiny model (never sure of itself: a low threshold keeps some of its answers)."""
+    args = tiny_train_args(tiny_roberta, data, out, "lora", num_train_epochs=4, learning_rate=2e-2,
                            robust_tolerance=5, **flags)
-    return selftrain.self_train(resolve(None, args[1:]), str(unlabelled), rounds=1, threshold=threshold)
+    return selftrain.self_train(resolve(None, args[1:]), str(unlabelled), rounds=1, threshold=threshold,
+                                cap_factor=cap_factor)
 
 
 @pytest.mark.slow
 def test_multi_label_self_trains_one_round_on_label_sets(tiny_roberta, files, tmp_path):
-    record = one_round(tiny_roberta, files["multi"], tmp_path / "run", files["unlabelled"], task="multi_label")
+    record = one_round(tiny_roberta, files["multi"], tmp_path / "run", files["unlabelled"], cap_factor=4,
+                       task="multi_label")
     assert record["task"] == "multi_label" and record["metric_for_best_model"] == "micro_f1"
     r1 = record["rounds"][1]
     assert r1["trained"] and r1["pseudo_labels"] > 0 and "eval_micro_f1" in r1 and len(r1["pseudo_per_class"]) == 4
@@ -113,10 +116,11 @@ def test_multi_label_self_trains_one_round_on_label_sets(tiny_roberta, files, tm
         kept = list(csv.DictReader(f))
     assert len(kept) == r1["pseudo_labels"]
     assert all(set(json.loads(r["labels"])) <= set(NAMES) and json.loads(r["labels"]) for r in kept)
-    assert all(float(r["confidence"]) >= 0.05 for r in kept)
+    assert all(float(r["confidence"]) >= 0.001 for r in kept)
     info = json.loads((tmp_path / "run" / "adapter" / "budgetune.json").read_text())
     assert info["task"] == "multi_label" and set(info["thresholds"]) == set(NAMES)
-    again = one_round(tiny_roberta, files["multi"], tmp_path / "run", files["unlabelled"], task="multi_label")
+    again = one_round(tiny_roberta, files["multi"], tmp_path / "run", files["unlabelled"], cap_factor=4,
+                       task="multi_label")
     assert [r["reused"] for r in again["rounds"]] == [True, True]  # same config and pseudo-labels: reused
 
 

@@ -213,8 +213,7 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
             train_table = unlabeled.with_unlabeled(
                 splits.train, [texts[i] for i in pseudo.rows], pseudo_labels.train_labels(task, pseudo),
                 None if pairs is None else [pairs[i] for i in pseudo.rows])
-        result, reused = run_round(rcfg, splits_lib.Splits(train_table, splits.validation, splits.test, names),
-                                   pseudo)
+        result, reused = run_round(rcfg, dataclasses.replace(splits, train=train_table), pseudo)
         values.append(result["best_metric"])
         counts = pseudo_labels.per_label_counts(task, pseudo, len(names))
         summary.append({"round": r, "pseudo_labels": len(pseudo.rows) if pseudo else 0, "pseudo_per_class": counts,

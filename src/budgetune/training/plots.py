@@ -129,17 +129,23 @@ def _confusion_figure(cm: np.ndarray, names: list[str]) -> Figure:
     return fig
 
 
+ROUND_METRICS = (("accuracy", "eval_accuracy"), ("micro-F1", "eval_micro_f1"), ("MSE", "eval_mse"))
+
+
 def _rounds_figure(rounds: list[dict]) -> Figure:
-    """Self-training: validation accuracy per round, and the pseudo-labels kept per class (stacked)."""
+    """Self-training: the task's main validation metric per round (accuracy, micro-F1 or MSE), and the pseudo-labels
+    kept per class or label (stacked; regression: all)."""
     fig = Figure(figsize=(7, 6))
     acc, kept = fig.subplots(2, 1, sharex=True)
     xs = [ev["round"] for ev in rounds]
-    ys = [ev.get("eval_accuracy") if _is_num(ev.get("eval_accuracy")) else np.nan for ev in rounds]
+    name, key = next(((n, k) for n, k in ROUND_METRICS if any(_is_num(ev.get(k)) for ev in rounds)),
+                     ROUND_METRICS[0])
+    ys = [ev.get(key) if _is_num(ev.get(key)) else np.nan for ev in rounds]
     acc.plot(xs, ys, marker="o")
     for ev, y in zip(rounds, ys):
         if ev.get("best"):
             acc.annotate("best", (ev["round"], y), textcoords="offset points", xytext=(0, 6), ha="center")
-    acc.set(title="Self-training rounds", ylabel="validation accuracy")
+    acc.set(title="Self-training rounds", ylabel=f"validation {name}")
     acc.grid(alpha=0.3)
     per_class = np.array([ev.get("pseudo_per_class") or [] for ev in rounds], dtype=float)
     if per_class.ndim == 2 and per_class.size:
@@ -148,6 +154,8 @@ def _rounds_figure(rounds: list[dict]) -> Figure:
             kept.bar(xs, per_class[:, c], bottom=bottom, label=f"class {c}")
             bottom += per_class[:, c]
         kept.legend(fontsize=8)
+    else:
+        kept.bar(xs, [ev.get("pseudo_labels") or 0 for ev in rounds])
     kept.set(xlabel="round", ylabel="pseudo-labels kept")
     kept.set_xticks(xs)
     return fig
