@@ -50,9 +50,12 @@ def selftrain_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled_text_column", help=UNLABELED_TEXT_COLUMN_HELP)
     p.add_argument("--self_training_rounds", type=int, default=2, help="rounds after round 0 (default 2)")
     p.add_argument("--pseudo_label_threshold", type=float, default=0.9,
-                   help="keep a pseudo-label when its probability is at least this, in (0, 1) (default 0.9)")
+                   help="keep a pseudo-label when its probability (multi-label: its confidence, the smallest margin "
+                        "of a label's probability from its threshold) is at least this, in (0, 1); unused by "
+                        "regression, which keeps every text (default 0.9)")
     p.add_argument("--pseudo_label_class_cap", type=float, default=1.5,
-                   help="no class may exceed its labelled share x this among the kept pseudo-labels (default 1.5)")
+                   help="no class (multi-label: no label, and no empty set) may exceed its labelled share x this among "
+                        "the kept pseudo-labels; unused by regression (default 1.5)")
     p.add_argument("--self_training_dropout", type=float, default=0.1,
                    help="adapter dropout (noise) from round 1 on, where the method has one (default 0.1)")
     p.add_argument("--round_tolerance", type=float, default=0.5,

@@ -1,7 +1,9 @@
 """Self-training on unlabelled target texts: rounds of confident, class-balanced pseudo-labels and fresh students.
 
-Round 0 trains as `budgetune train` does. Each next round labels the unlabelled texts with the best model so far,
-keeps those whose top probability reaches the threshold (no class above its labelled share x cap_factor), and
+Round 0 trains as `budgetune train` does. Each next round labels the unlabelled texts (text pairs, read from the
+unlabelled file's pair column) with the best model so far and keeps the confident ones, per task
+(recipes.pseudo_labels: single-label: top probability >= threshold, no class above its labelled share x cap_factor;
+multi-label: label sets by their smallest margin from the tuned thresholds; regression: every predicted value), and
 trains a fresh student on labelled + pseudo-labelled rows with dropout on. The round kept is chosen on the labelled
 validation split: the latest round within `round_tolerance` points of the best (later rounds have adapted to more
 target text; 0: the best). Each round is a run folder (RUN/round-N); RUN itself holds the chosen round's adapter and
