@@ -134,6 +134,9 @@ def test_regression_self_trains_one_round_on_predicted_values(tiny_roberta, file
     with open(tmp_path / "run" / "round-1" / "pseudo_labels.csv", encoding="utf-8") as f:
         kept = list(csv.DictReader(f))
     assert len(kept) == r1["pseudo_labels"] and all(np.isfinite(float(r["score"])) for r in kept)
+    assert (tmp_path / "run" / "plots" / "rounds.png").is_file()
+    again = one_round(tiny_roberta, files["reg"], tmp_path / "run", files["unlabelled"], task="regression")
+    assert [r["reused"] for r in again["rounds"]] == [True, True]  # the same values (to 1e-4): reused
 
 
 @pytest.mark.slow
