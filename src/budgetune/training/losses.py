@@ -57,15 +57,11 @@ def cross_entropy_loss(weights: list[float] | None, smoothing: float):
         return None
     table = None if weights is None else torch.tensor(weights, dtype=torch.float32)
 
-    def loss_fn(model, batch: dict) -> torch.Tensor:
-        out = model(**{k: v for k, v in batch.items() if k not in ("idx", "labels")})
-        logits = out.logits.float()
+    def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         w = None if table is None else table.to(logits.device)
-        loss = F.cross_entropy(logits, batch["labels"].view(-1), weight=w, label_smoothing=smoothing)
-        penalty = lean_step.orth_penalty(model)
-        return loss if penalty is None else loss + penalty
+        return F.cross_entropy(logits, labels.view(-1), weight=w, label_smoothing=smoothing)
 
-    return loss_fn
+    return on_logits(criterion)
 
 
 def bce_loss(pos_weight: list[float] | None):
@@ -76,11 +72,19 @@ def bce_loss(pos_weight: list[float] | None):
         return None
     table = torch.tensor(pos_weight, dtype=torch.float32)
 
+    def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), pos_weight=table.to(logits.device))
+
+    return on_logits(criterion)
+
+
+def on_logits(criterion):
+    """loss_fn(model, batch) for train(): `criterion(logits, labels)` on the model's fp32 logits for the batch, plus
+    AdaLoRA's orthogonal regulariser, as the model's own loss adds it."""
+
     def loss_fn(model, batch: dict) -> torch.Tensor:
         out = model(**{k: v for k, v in batch.items() if k not in ("idx", "labels")})
-        logits = out.logits.float()
-        loss = F.binary_cross_entropy_with_logits(logits, batch["labels"].to(logits.dtype),
-                                                  pos_weight=table.to(logits.device))
+        loss = criterion(out.logits.float(), batch["labels"])
         penalty = lean_step.orth_penalty(model)
         return loss if penalty is None else loss + penalty
 
