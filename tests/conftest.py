@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,15 @@ def write_csv(path: Path, header: list[str], rows) -> Path:
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def wait_ready(get, timeout: float = 120) -> None:
+    """Poll a served app's /health (`get`: a TestClient's or an HTTP client's get) until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = get("/health")
+        if r.status_code == 200:
+            return
+        assert r.json()["status"] == "loading", r.json()
+        time.sleep(0.05)
+    raise AssertionError("server not ready in time")

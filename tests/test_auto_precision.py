@@ -9,12 +9,11 @@ suite's own BUDGETUNE_MIXED_PRECISION=fp32 (conftest) is unset here.
 from __future__ import annotations
 
 import json
-import time
 from types import MappingProxyType
 
 import pytest
 import torch
-from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, write_csv
+from conftest import headline_rows, read_jsonl, run_cli, tiny_train_args, wait_ready, write_csv
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
@@ -267,11 +266,8 @@ def test_serve_computes_in_what_the_cpu_has_and_health_says_so(trained, monkeypa
     registry = Registry(parse_runs([str(trained)]), device="cpu")
     assert registry.groups[0].precision.name == name
     with TestClient(create_app(registry)) as c:
-        for _ in range(600):
-            health = c.get("/health").json()
-            if health["ready"]:
-                break
-            time.sleep(0.05)
+        wait_ready(c.get)
+        health = c.get("/health").json()
         assert health["ready"] and health["precision"].startswith(f"precision {name}: auto: the CPU has")
         r = c.post("/v1/classify", json={"texts": TEXTS[:4], "adapter": trained.name})
         assert r.status_code == 200 and len(r.json()["predictions"]) == 4

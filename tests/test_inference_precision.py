@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from types import MappingProxyType
 
 import numpy as np
 import pytest
 import torch
-from conftest import headline_rows, run_cli, tiny_train_args, write_csv
+from conftest import headline_rows, run_cli, tiny_train_args, wait_ready, write_csv
 from torch import nn
 
 from budgetune.config import resolve
@@ -287,11 +286,8 @@ def test_serve_int8_answers_like_fp32_and_health_says_int8(run, monkeypatch):
     for name in ("fp32", "int8"):
         registry = Registry(parse_runs([str(run)]), device="cpu", precision=name)
         with TestClient(create_app(registry)) as c:
-            for _ in range(600):
-                health = c.get("/health").json()
-                if health["ready"]:
-                    break
-                time.sleep(0.05)
+            wait_ready(c.get)
+            health = c.get("/health").json()
             assert health["precision"] == f"precision {name}: --precision {name}"
             r = c.post("/v1/classify", json={"texts": TEXTS[:16]})
             assert r.status_code == 200

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, headline_rows, tiny_train_args
+from conftest import ROOT, headline_rows, tiny_train_args, wait_ready
 from fastapi.testclient import TestClient
 
 from budgetune.cli.serve import serve_parser
@@ -71,17 +71,6 @@ def offline(runs) -> dict[str, np.ndarray]:
         out[name] = table_logits(model, tokenizer, TextTable(TEXTS, None, None, "texts"), accelerator, 256,
                                  info["max_seq_length"])
     return out
-
-
-def wait_ready(get, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = get("/health")
-        if r.status_code == 200:
-            return
-        assert r.json()["status"] == "loading", r.json()
-        time.sleep(0.05)
-    raise AssertionError("server not ready in time")
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_train_args, write_csv
+from conftest import run_cli, tiny_train_args, wait_ready, write_csv
 from fastapi.testclient import TestClient
-from test_serve import wait_ready
 from test_task_verbs import read_submission, task_files  # noqa: F401  (task_files: the fixture, shared)
 
 from budgetune.serve.api import ServeOptions, create_app
