@@ -1,5 +1,6 @@
 """`budgetune predict`'s path in fp32, bf16 and int8 side by side, one process, the same texts: texts/s (tokenization
-included) and accuracy on the run's validation split and on shifted_dev.csv per precision.
+included) and accuracy on the run's validation split and on shifted_dev.csv per precision; int8 twice, by each
+backend `--precision int8` can use (torch's dynamic quantization, and onnxruntime's where installed).
 
     python bench/infer_precision.py RUN [--texts 1024] [--repeats 3] [--threads 2] [--shifted FILE] [--out FILE]
 
@@ -7,8 +8,9 @@ RUN: a trained run folder (e.g. `budgetune train --config configs/minilm_agnews.
 The speed texts are the first --texts rows of the run's validation split (AG News: real lengths). The precisions
 take turns going first over --repeats repeats; the table gives medians and the ratio to fp32, with every repeat's
 figure, since the machine may be shared. Accuracy is measured once per precision on the whole validation split and
-on --shifted (measure only: nothing is chosen on it). The bundle's own record (`inference_precision`, written when
-the run finished) is printed beside it.
+on --shifted (measure only: nothing is chosen on it), with the share of texts given fp32's class. The bundle's own
+record (`inference_precision`, written when the run finished) is printed beside it. onnxruntime's int8 graph is
+built on first use and cached (~/.cache/budgetune/onnx-int8); the time of its load, build included, is printed.
 """
 
 from __future__ import annotations
@@ -23,19 +25,33 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTED = ROOT.parent / "shared" / "data" / "nyu_dlsp25_proj2" / "shifted_dev.csv"
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "int8 (torch)", "int8 (onnxruntime)")
 
 
-def load_all(run: str) -> dict:
-    """{precision: (accelerator, model, tokenizer, info)}: each precision's model, loaded as predict loads it."""
+def load_all(run: str) -> tuple[dict, dict[str, float]]:
+    """({precision: (accelerator, model, tokenizer, info)}, {precision: load seconds}): each precision's model,
+    loaded as predict loads it; int8 once per backend (precisions.prepare's backend; onnxruntime's where it is
+    installed)."""
     from budgetune.hardware.devices import release_accelerator
+    from budgetune.inference import precisions
     from budgetune.inference.loading import load_for_inference
+    from budgetune.inference.onnx_graph import missing_module
 
-    out = {}
+    out, seconds = {}, {}
     for name in PRECISIONS:
+        if name == "int8 (onnxruntime)" and missing_module() is not None:
+            continue
         release_accelerator()  # each load makes its own accelerator (its own autocast)
-        out[name] = load_for_inference(run, precision=name)
-    return out
+        start = time.perf_counter()
+        if name.startswith("int8"):  # fp32's accelerator (no autocast, as int8's), the model made int8 by backend
+            accelerator, model, tokenizer, info = load_for_inference(run, precision="fp32")
+            backend = name.split("(")[1].rstrip(")")
+            model = precisions.prepare(model, precisions.named("int8", "bench"), tokenizer, backend)
+            out[name] = (accelerator, model, tokenizer, info)
+        else:
+            out[name] = load_for_inference(run, precision=name)
+        seconds[name] = time.perf_counter() - start
+    return out, seconds
 
 
 def logits(loaded, table, batch_size: int = 256) -> np.ndarray:
@@ -59,9 +75,11 @@ def timed(models: dict, table, repeats: int) -> dict[str, list[float]]:
     return speeds
 
 
-def accuracy(models: dict, table) -> dict[str, float]:
+def accuracy(models: dict, table) -> dict[str, tuple[float, float]]:
+    """{precision: (accuracy, share of texts given fp32's class)}."""
     labels = np.asarray(table.labels)
-    return {n: float(np.mean(logits(m, table).argmax(-1) == labels)) for n, m in models.items()}
+    preds = {n: logits(m, table).argmax(-1) for n, m in models.items()}
+    return {n: (float(np.mean(p == labels)), float(np.mean(p == preds["fp32"]))) for n, p in preds.items()}
 
 
 def main() -> None:
@@ -86,7 +104,7 @@ def main() -> None:
     val = load_splits(resolve(str(Path(a.run) / "config.yaml"), [])).validation
     speed_table = readers.TextTable(val.texts[:a.texts], None, None, "speed")
     shifted = readers.load_table(a.shifted, label_names=names) if Path(a.shifted).is_file() else None
-    models = load_all(a.run)
+    models, load_s = load_all(a.run)
     speeds = timed(models, speed_table, a.repeats)
     acc_val = accuracy(models, val)
     acc_shift = accuracy(models, shifted) if shifted is not None else {}
@@ -95,14 +113,18 @@ def main() -> None:
              f"speed: {len(speed_table.texts)} validation texts, predict's path (tokenize + length-sorted batches of "
              f"256, 2,048-token cap), medians of {a.repeats}, order rotated",
              f"accuracy: validation {len(val.texts)} rows"
-             + (f", {Path(a.shifted).name} {len(shifted.texts)} rows" if shifted is not None else ""), "",
-             "| precision | texts/s (median) | x fp32 | per repeat | validation acc. | shifted_dev acc. |",
+             + (f", {Path(a.shifted).name} {len(shifted.texts)} rows" if shifted is not None else "")
+             + "; agree: the share of texts given fp32's class",
+             "load (s, int8 by onnxruntime: its graph built or read from the cache): "
+             + ", ".join(f"{n} {s:.1f}" for n, s in load_s.items()), "",
+             "| precision | texts/s (median) | x fp32 | per repeat | validation acc. (agree) | shifted_dev acc. (agree) |",
              "| --- | ---: | ---: | --- | ---: | ---: |"]
     for n in models:
         med = statistics.median(speeds[n])
         per = ", ".join(f"{s:.1f}" for s in speeds[n])
-        shift = f"{acc_shift[n]:.2%}" if n in acc_shift else "n/a"
-        lines.append(f"| {n} | {med:.1f} | {med / base:.2f} | {per} | {acc_val[n]:.2%} | {shift} |")
+        shift = f"{acc_shift[n][0]:.2%} ({acc_shift[n][1]:.2%})" if n in acc_shift else "n/a"
+        lines.append(f"| {n} | {med:.1f} | {med / base:.2f} | {per} | {acc_val[n][0]:.2%} ({acc_val[n][1]:.2%}) | "
+                     f"{shift} |")
     lines += ["", "per-repeat ratios to fp32: " + "; ".join(
         f"{n} " + ", ".join(f"{s / f:.2f}" for s, f in zip(speeds[n], speeds["fp32"])) for n in models if n != "fp32")]
     record = bundle_info(a.run).get("inference_precision")

@@ -15,6 +15,12 @@ from typing import Any
 from budgetune.errors import RunFolderError
 
 
+def user_cache() -> Path:
+    """budgetune's own cache folder (~/.cache/budgetune): tokenized data by default, joined packaged models, int8
+    graphs for onnxruntime. Everything in it is rebuilt when missing."""
+    return Path.home() / ".cache" / "budgetune"
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)

@@ -27,8 +27,10 @@ def add_inference_options(p: argparse.ArgumentParser) -> None:
 PRECISION_HELP = ("what the model computes in: auto (default: the bundle's choice measured when training finished, "
                   "the fastest precision within --inference_precision_tolerance points of fp32 on validation; a "
                   "bundle without one: bf16 on a CPU with native bf16 matrix instructions, else fp32), fp32, bf16 "
-                  "(autocast; a device without native bf16 runs fp32 and says so) or int8 (the encoder's Linear "
-                  "layers quantized dynamically, CPU only; the head stays fp32). The first line printed says which")
+                  "(autocast; a device without native bf16 runs fp32 and says so) or int8 (CPU only: onnxruntime's "
+                  "dynamic int8 where the [onnx] extra is installed, its graph built once per bundle and adapter "
+                  "scale and cached in ~/.cache/budgetune/onnx-int8; else torch's dynamic quantization of the "
+                  "encoder's Linear layers). The first line printed says which")
 
 
 def inference_recipe(a: argparse.Namespace):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from budgetune import tasks
+from budgetune import fileio, tasks
 from budgetune.config import Config
 from budgetune.data import readers as data_lib
 from budgetune.metrics import classification_metrics, cross_entropy
@@ -50,7 +49,7 @@ def load_splits(cfg: Config) -> Splits:
 
 
 def cache_dir(cfg: Config) -> str:
-    return cfg.data.cache_dir or str(Path.home() / ".cache" / "budgetune")
+    return cfg.data.cache_dir or str(fileio.user_cache())
 
 
 def scores(logits: np.ndarray, splits: Splits, thresholds=None) -> dict:

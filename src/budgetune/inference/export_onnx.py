@@ -3,15 +3,13 @@ dynamically quantized to int8, for onnxruntime without torch, transformers, peft
 
 from __future__ import annotations
 
-import inspect
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from budgetune import fileio
-from budgetune.errors import AdapterError, ConfigError
+from budgetune.errors import ConfigError
 from budgetune.inference.export_merged import (
     check_batch,
     deployment_card,
@@ -19,40 +17,22 @@ from budgetune.inference.export_merged import (
     logits_of,
     merged_model,
 )
+from budgetune.inference.onnx_graph import (
+    OPSET,
+    missing_module,
+    ort_logits,
+    quantize_int8,
+    write_checked,
+)
 
-OPSET = 17  # LayerNormalization as one operator; onnxruntime >= 1.13 runs it
-ONNX_TOLERANCE = 1e-3  # max |logit difference| of onnxruntime (fp32) against budgetune
 QUANTIZE = ("int8",)
-TRACE_TEXTS = ["a", "Markets close higher"]  # padded: the attention mask's path is traced
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # those of them the tokenizer returns and the model takes
 
 
 def require_onnx() -> None:
     """onnx and onnxruntime are an optional extra: a clear error naming it where they are missing."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise ConfigError(f"--format onnx needs onnx and onnxruntime ({e.name} is not installed): "
-                          "pip install 'budgetune[onnx]'") from None
-
-
-def input_names(model, tokenizer) -> list[str]:
-    """The graph's inputs: the tokenizer's outputs that the model's forward takes (token_type_ids where it does)."""
-    takes = inspect.signature(model.forward).parameters
-    return [n for n in INPUTS if n in tokenizer.model_input_names and n in takes]
-
-
-def write_graph(model, batch: dict, names: list[str], path: Path) -> None:
-    """torch.onnx's TorchScript exporter (no onnxscript needed), traced on `batch` (padded, so that the attention
-    mask's path is the one traced); batch and sequence axes dynamic."""
-    import torch
-
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
-    with warnings.catch_warnings():  # the legacy exporter's notice, tracing notes on shape checks (constants here)
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (), str(path), kwargs={n: batch[n] for n in names}, input_names=names,
-                          output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    if (missing := missing_module()) is not None:
+        raise ConfigError(f"--format onnx needs onnx and onnxruntime ({missing} is not installed): "
+                          "pip install 'budgetune[onnx]'")
 
 
 def label_metadata(path: Path, meta: dict) -> None:
@@ -72,27 +52,6 @@ def label_metadata(path: Path, meta: dict) -> None:
     onnx.save(model, str(path))
 
 
-def ort_logits(path: Path, batch: dict) -> np.ndarray:
-    """onnxruntime's logits for a tokenized batch (feeding the inputs the graph has)."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {i.name: batch[i.name].numpy() for i in session.get_inputs()})[0]
-
-
-def quantize_int8(source: Path, target: Path) -> None:
-    """Weights int8, activations quantized dynamically per batch (onnxruntime's quantize_dynamic), after
-    onnxruntime's recommended pre-processing (ONNX shape inference and graph optimization; its symbolic shape
-    inference is skipped: it gives up on MiniLM's graph, "Incomplete symbolic shape inference")."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = target.with_name(f".{target.stem}.prepared.onnx")
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-    quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
-    prepared.unlink()
-
-
 def export_onnx(run: str | Path, output: str | Path, adapter_scale: float | None = None,
                 quantize: str | None = None, overwrite: bool = False) -> Path:
     """Write RUN's merged model (at `adapter_scale`; None: the bundle's default) as OUTPUT/model.onnx with the
@@ -107,14 +66,9 @@ def export_onnx(run: str | Path, output: str | Path, adapter_scale: float | None
     expected = logits_of(model, batch).numpy()
     meta = exported_info(info, source, info["applied_adapter_scale"], "onnx")
     with fileio.atomic_dir(out) as tmp:
-        # traced on two short texts, checked on other sizes and lengths: the axes must really be dynamic
-        traced = check_batch(tokenizer, info["max_seq_length"], TRACE_TEXTS)
-        write_graph(model, traced, input_names(model, tokenizer), tmp / "model.onnx")
+        diff = write_checked(model, tokenizer, info["max_seq_length"], tmp / "model.onnx",
+                             "export --format onnx (nothing written)")
         label_metadata(tmp / "model.onnx", meta)
-        diff = float(np.abs(ort_logits(tmp / "model.onnx", batch) - expected).max())
-        if not diff <= ONNX_TOLERANCE:
-            raise AdapterError(f"export --format onnx: onnxruntime gives logits up to {diff:.2e} away from "
-                               f"budgetune's (tolerance {ONNX_TOLERANCE:g}); nothing written")
         notes = [f"onnxruntime logits within {diff:.1e} of budgetune's"]
         if quantize == "int8":
             quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx")

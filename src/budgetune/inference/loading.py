@@ -132,8 +132,8 @@ def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_s
     model, tokenizer, info = load_model(run_or_adapter, merge=merge, adapter_scale=adapter_scale)
     chosen = precisions.resolve(precision, info, default_device_type(), merged=info["merged"])
     accelerator = make_accelerator(mixed_precision=chosen.mixed_precision)
-    precisions.prepare(model, chosen)
     info["precision"] = chosen.to_dict()
     accelerator.print(chosen.line())
+    model = precisions.prepare(model, chosen, tokenizer)  # int8 by onnxruntime: a module around its session
     # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
     return accelerator, accelerator.prepare_model(model, evaluation_mode=True), tokenizer, info

@@ -26,20 +26,32 @@ def capability(device_type: str) -> str:
     caps = cpu_capabilities()
     vnni = "AVX512-VNNI" if caps.get("avx512_vnni") else ("AVX-VNNI" if caps.get("avx_vnni") else "no VNNI")
     return (f"CPU with {cpu_bf16_instructions() or 'no native bf16 matrix instructions'}, {vnni}, "
-            f"int8 engine {precisions.int8_engine()}, {torch.get_num_threads()} threads")
+            f"int8 by {int8_by()}, {torch.get_num_threads()} threads")
+
+
+def int8_by() -> str:
+    """What computes int8 here, in words: onnxruntime (its version), or torch's engine."""
+    backend = precisions.int8_backend()[0]
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        return f"onnxruntime {onnxruntime.__version__}"
+    return f"torch (engine {precisions.int8_engine()})"
 
 
 def measure(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Module], np.ndarray],
-            labels: np.ndarray, merged: bool = True) -> dict[str, dict]:
+            labels: np.ndarray, merged: bool = True, tokenizer=None) -> dict[str, dict]:
     """{precision: {accuracy, texts_per_s}} for each precision this device computes in, over the rows `logits_of`
-    runs. `model` (fp32, adapter merged) is left as it is; each other precision runs on a copy. Each pass is timed
-    after one warm-up call on the same copy (kernels chosen, caches filled)."""
+    runs; int8's row also names its backend (onnxruntime or torch: precisions.int8_backend, what int8 means on
+    this machine). `model` (fp32, adapter merged) is left as it is; each other precision runs on a copy (int8 by
+    onnxruntime: its graph, built from the model and `tokenizer`). Each pass is timed after one warm-up call on
+    the same copy (kernels chosen, caches filled)."""
     table = {}
     for name in MEASURED:
         if precisions.unavailable(name, device.type, merged) is not None:
             continue
         try:
-            table[name] = measure_one(model, device, logits_of, labels, name)
+            table[name] = measure_one(model, device, logits_of, labels, name, tokenizer)
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
             if name == "fp32":
                 raise
@@ -50,17 +62,19 @@ def measure(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Modu
 
 
 def measure_one(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Module], np.ndarray],
-                labels: np.ndarray, name: str) -> dict:
-    """{accuracy, texts_per_s} of one precision (a warm-up call, then one timed call)."""
+                labels: np.ndarray, name: str, tokenizer=None) -> dict:
+    """{accuracy, texts_per_s} of one precision (a warm-up call, then one timed call); int8's backend."""
     precision = precisions.named(name, "measured")
-    candidate = model if name == "fp32" else precisions.prepare(copy.deepcopy(model), precision).to(device)
+    backend = {"backend": precisions.int8_backend()[0]} if precision.int8 else {}
+    candidate = model if name == "fp32" else precisions.prepare(copy.deepcopy(model), precision, tokenizer,
+                                                                backend.get("backend")).to(device)
     with precisions.autocast(precision, device.type):
         logits_of(candidate)  # warm-up
         start = time.perf_counter()
         logits = logits_of(candidate)
         seconds = time.perf_counter() - start
     return {"accuracy": float(np.mean(logits.argmax(-1) == labels)),
-            "texts_per_s": round(len(labels) / max(seconds, 1e-9), 1)}
+            "texts_per_s": round(len(labels) / max(seconds, 1e-9), 1), **backend}
 
 
 def choose(table: dict[str, dict], tolerance: float) -> tuple[str, str]:
@@ -76,14 +90,15 @@ def choose(table: dict[str, dict], tolerance: float) -> tuple[str, str]:
     row = table[best]
     if best == "fp32":
         return best, f"no faster precision within {tolerance:g} points of fp32's validation accuracy"
-    return best, (f"the fastest within {tolerance:g} points of fp32's validation accuracy: {row['speedup']:g}x "
+    by = f" (computed by {row['backend']})" if "backend" in row else ""
+    return best, (f"the fastest{by} within {tolerance:g} points of fp32's validation accuracy: {row['speedup']:g}x "
                   f"fp32's texts/s, accuracy {row['accuracy']:.2%} against {ref['accuracy']:.2%}")
 
 
 def record(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Module], np.ndarray],
-           labels: np.ndarray, tolerance: float, merged: bool = True) -> dict:
+           labels: np.ndarray, tolerance: float, merged: bool = True, tokenizer=None) -> dict:
     """The bundle's `inference_precision` record: choice, reason, tolerance, where measured, and the table."""
-    table = measure(model, device, logits_of, labels, merged)
+    table = measure(model, device, logits_of, labels, merged, tokenizer)
     choice, reason = choose(table, tolerance)
     return {"choice": choice, "reason": reason, "tolerance": tolerance, "validation_rows": int(len(labels)),
             "measured_on": capability(device.type), "table": table}
@@ -95,5 +110,5 @@ def table_text(rec: dict) -> str:
              f"rows; {rec['measured_on']})"]
     lines += [f"  {name:5s} failed: {row['error']}" if "error" in row else
               f"  {name:5s} accuracy {row['accuracy']:.2%}  {row['texts_per_s']:9.1f} texts/s  x{row['speedup']:g}"
-              for name, row in rec["table"].items()]
+              + (f"  ({row['backend']})" if "backend" in row else "") for name, row in rec["table"].items()]
     return "\n".join(lines)

@@ -5,9 +5,12 @@
 * bf16: the encoder's Linear weights stored in bf16 once, computed under bf16 autocast (autocast would otherwise
   re-cast every fp32 weight on every forward); on a device without native bf16 it falls back to what the hardware
   rule picks, and says so.
-* int8: the encoder's Linear layers quantized with torch's dynamic quantization (int8 weights per output channel,
-  activations quantized per batch; the x86/fbgemm engine uses AVX512-VNNI where the CPU has it). CPU only, and only
-  for a model whose adapter is merged into its base weights. The classification head stays fp32.
+* int8: the merged model with int8 weights and activations quantized per batch, CPU only, and only for a model
+  whose adapter is merged into its base weights. Computed by onnxruntime where it is installed (the `[onnx]` extra:
+  the model written once as an int8 ONNX graph, cached by its content, inference.ort_int8; 1.3x torch's int8 on
+  MiniLM, bench/results/cpu_infer_precision_ort.txt), else by torch's dynamic quantization of the encoder's Linear
+  layers (int8 weights per output channel; the x86/fbgemm engine uses AVX512-VNNI where the CPU has it; the
+  classification head stays fp32). The header line says which.
 
 `auto` = the choice the bundle records (`inference_precision` in budgetune.json, written when a training run
 finishes by `inference.precision_choice`: the fastest precision whose validation accuracy is within
@@ -36,6 +39,7 @@ from budgetune.hardware.devices import (
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 RECORD_KEY = "inference_precision"  # the bundle's record of the measured choice
 INT8_ENGINES = ("x86", "fbgemm", "qnnpack")  # torch's quantized CPU engines, best first
+INT8_BACKENDS = ("onnxruntime", "torch")  # what computes --precision int8, preferred first
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -51,6 +55,17 @@ def int8_engine() -> str | None:
     return next((e for e in INT8_ENGINES if e in engines), None)
 
 
+def int8_backend() -> tuple[str, str]:
+    """(what computes int8 here: onnxruntime or torch, in words for the header line)."""
+    from budgetune.inference.onnx_graph import missing_module
+
+    missing = missing_module()
+    if missing is None:
+        return "onnxruntime", "computed by onnxruntime (int8 weights per channel, activations quantized per batch)"
+    return "torch", (f"computed by torch's dynamic quantization ({missing} is not installed; pip install "
+                     "'budgetune[onnx]' for onnxruntime's int8, faster)")
+
+
 def unavailable(name: str, device_type: str, merged: bool = True) -> str | None:
     """Why `name` cannot compute here (None: it can)."""
     if name == "bf16":
@@ -62,17 +77,19 @@ def unavailable(name: str, device_type: str, merged: bool = True) -> str | None:
             return f"no bf16 autocast on {device_type}"
     if name == "int8":
         if device_type != "cpu":
-            return f"int8 (torch's dynamic quantization) runs on CPU only, not {device_type}"
-        if int8_engine() is None:
-            return "this torch has no quantized CPU engine"
+            return f"int8 (onnxruntime's or torch's dynamic quantization) runs on CPU only, not {device_type}"
+        if int8_backend()[0] == "torch" and int8_engine() is None:
+            return "onnxruntime is not installed and this torch has no quantized CPU engine"
         if not merged:
             return "int8 needs the adapter merged into the base weights, and this model runs unmerged"
     return None
 
 
 def named(name: str, reason: str) -> Precision:
-    """fp32, bf16, fp16 or int8 as a Precision (int8 computes without autocast)."""
-    return Precision("no" if name in ("fp32", "int8") else name, reason, int8=name == "int8")
+    """fp32, bf16, fp16 or int8 as a Precision (int8 computes without autocast; its reason says which backend)."""
+    if name == "int8":
+        return Precision("no", f"{reason}, {int8_backend()[1]}", int8=True)
+    return Precision("no" if name == "fp32" else name, reason)
 
 
 def resolve(choice: str, info: dict, device_type: str, merged: bool = True) -> Precision:
@@ -139,23 +156,40 @@ def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(m, nn.Linear) and id(m) in inside and id(m) not in adapter_parts}
 
 
-def prepare(model: nn.Module, precision: Precision) -> nn.Module:
-    """The model (in place) made ready to compute in `precision`: bf16 stores the encoder's Linear weights in bf16
-    (run it under `autocast`), int8 quantizes them dynamically; fp32 and fp16 leave it as is."""
-    layers = encoder_linears(model)
+def prepare(model: nn.Module, precision: Precision, tokenizer=None, backend: str | None = None) -> nn.Module:
+    """The model made ready to compute in `precision`: bf16 stores the encoder's Linear weights in bf16 (in place;
+    run it under `autocast`); int8 returns onnxruntime's int8 model (inference.ort_int8: needs the tokenizer) or
+    quantizes the encoder's Linear layers in place with torch's dynamic quantization, as `backend` says (None:
+    int8_backend()); fp32 and fp16 leave it as is."""
     if precision.int8:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        backend = backend or int8_backend()[0]
+        if backend not in INT8_BACKENDS:
+            raise ValueError(f"int8 backend must be one of {', '.join(INT8_BACKENDS)}, got {backend!r}")
+        if backend == "onnxruntime":
+            from budgetune.inference.ort_int8 import int8_model
 
-        torch.backends.quantized.engine = int8_engine()
-        with warnings.catch_warnings():  # torch 2.13 announces that its quantized tensors move to torchao
-            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated",
-                                    category=DeprecationWarning)
-            quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in layers}, dtype=torch.qint8,
-                             inplace=True)
-    elif precision.mixed_precision == "bf16":
-        for layer in layers.values():
+            if tokenizer is None:
+                raise ValueError("int8 through onnxruntime needs the model's tokenizer (the graph's inputs)")
+            return int8_model(model, tokenizer)
+        return torch_int8(model)
+    if precision.mixed_precision == "bf16":
+        for layer in encoder_linears(model).values():
             layer.to(torch.bfloat16)
+    return model
+
+
+def torch_int8(model: nn.Module) -> nn.Module:
+    """The encoder's Linear layers quantized in place by torch's dynamic quantization (int8 weights per output
+    channel); the classification head and an adapter's own layers stay as they are."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    torch.backends.quantized.engine = int8_engine()
+    with warnings.catch_warnings():  # torch 2.13 announces that its quantized tensors move to torchao
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated",
+                                category=DeprecationWarning)
+        quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in encoder_linears(model)},
+                         dtype=torch.qint8, inplace=True)
     return model
 
 

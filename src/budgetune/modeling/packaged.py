@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from budgetune import fileio
 from budgetune.config import PACKAGED_MINILM, PACKAGED_MPNET
 from budgetune.errors import ConfigError, ModelLoadError
 
@@ -33,7 +34,7 @@ WEIGHTS = "model.safetensors"
 
 def model_cache() -> Path:
     """Where joined models live: beside the tokenized data's default cache."""
-    return Path.home() / ".cache" / "budgetune" / "models"
+    return fileio.user_cache() / "models"
 
 
 def resolve(name: str) -> str:

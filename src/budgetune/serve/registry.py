@@ -236,7 +236,7 @@ def load_group(group: BaseGroup, device, precision: str = "auto") -> None:
     first = group.adapters[0]
     if first.peft_type == FULL:
         load_full_group(group, device)
-        precisions.prepare(group.model, group.precision)
+        group.model = precisions.prepare(group.model, group.precision, first.tokenizer)
         return
     base_name = first.info["base_model_name_or_path"]
     try:
@@ -263,8 +263,8 @@ def load_group(group: BaseGroup, device, precision: str = "auto") -> None:
     if group.precision.int8 and not group.merged:  # a method that cannot merge: int8 is out of reach
         group.model = model
         group.precision = group_precision(group, precision, device)
-    group.model = precisions.prepare(model, group.precision).to(device)
     load_tokenizers(group)
+    group.model = precisions.prepare(model, group.precision, first.tokenizer).to(device)
 
 
 def load_full_group(group: BaseGroup, device) -> None:

@@ -228,10 +228,11 @@ def choose_inference_precision(run: Run, scale: float) -> dict | None:
         run.accelerator.print(f"inference precision: not measured for a {run.splits.task} run (the choice compares "
                               "validation accuracies); --precision auto follows the hardware rule")
         return None
-    model, _, info = load_model(run.out / "adapter", adapter_scale=scale)
+    model, tokenizer, info = load_model(run.out / "adapter", adapter_scale=scale)
     device = run.accelerator.device
     rec = precision_choice.record(model.to(device), device, lambda m: validation_logits(run, m),
-                                  np.asarray(run.splits.validation.labels), tolerance, merged=info["merged"])
+                                  np.asarray(run.splits.validation.labels), tolerance, merged=info["merged"],
+                                  tokenizer=tokenizer)
     run.accelerator.print(precision_choice.table_text(rec))
     return rec
 
