@@ -85,6 +85,8 @@ def test_training_records_the_measured_choice_and_its_table(run):
     assert list(table) == ["fp32", "bf16", "int8"]  # every precision this (faked) CPU computes in
     assert rec["tolerance"] == 0.2 and rec["validation_rows"] > 0 and "AVX512-BF16" in rec["measured_on"]
     assert table["int8"]["backend"] == int8_backend()[0] and f"int8 by {int8_backend()[0]}" in rec["measured_on"]
+    if int8_backend()[0] == "onnxruntime":  # its graph kept under the run's cache_dir, for predict to reuse
+        assert len(list((run.parent / "cache" / "onnx-int8").glob("*.onnx"))) == 1
     fp32 = table["fp32"]["accuracy"]
     for row in table.values():
         assert 0 <= row["accuracy"] <= 1 and row["texts_per_s"] > 0

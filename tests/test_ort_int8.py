@@ -122,8 +122,8 @@ def test_the_measurement_at_the_end_of_training_names_the_int8_backend(monkeypat
 
     rows = {"fp32": {"accuracy": 0.9, "texts_per_s": 10.0}, "int8": {"accuracy": 0.9, "texts_per_s": 30.0}}
     monkeypatch.setattr(precision_choice, "measure_one",
-                        lambda m, d, f, y, name, tok=None: dict(rows[name], **({"backend": "onnxruntime"}
-                                                                               if name == "int8" else {})))
+                        lambda m, d, f, y, name, *rest: dict(rows[name], **({"backend": "onnxruntime"}
+                                                                             if name == "int8" else {})))
     monkeypatch.setattr(precisions, "unavailable", lambda name, *a: None if name in rows else "faked away")
     rec = precision_choice.record(nn.Linear(2, 2), torch.device("cpu"), None, np.zeros(4), 0.2)
     assert rec["choice"] == "int8" and rec["reason"].startswith("the fastest (computed by onnxruntime) within")

@@ -102,7 +102,8 @@ class DataConfig:
     """Pad each training batch up to one of this many fixed lengths, those that pad the first epoch's batches least
     (a few shapes, for CUDA graphs or a compiled step); 0: pad each batch to its longest text."""
     cache_dir: str | None = None
-    """Where tokenized data is cached (default: ~/.cache/budgetune)."""
+    """Where tokenized data is cached, and the int8 graphs of `--precision int8` by onnxruntime (under onnx-int8/;
+    default: ~/.cache/budgetune)."""
 
     def __post_init__(self):
         if not 0 < self.validation_split_percentage < 100:

@@ -39,7 +39,8 @@ def evaluate(run: str | Path, data_file: str, *, split: str = "test", text_colum
     info = bundle_info(run)
     table = labelled_table(info, data_file, split=split, text_column=text_column, label_column=label_column,
                            text_pair_column=text_pair_column, label_delimiter=label_delimiter)
-    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision)
+    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision,
+                                                             cache_dir=cache_dir)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
     m = file_metrics(table, logits, info)
     m["adapter_scale"], m["precision"] = info["applied_adapter_scale"], info["precision"]["precision"]
@@ -72,7 +73,7 @@ def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str 
                                 label_names=names)
     preds, models = [], []
     for run in (run_a, run_b):
-        accelerator, model, tokenizer, info = load_for_inference(run, precision=precision)
+        accelerator, model, tokenizer, info = load_for_inference(run, precision=precision, cache_dir=cache_dir)
         logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
         preds.append(logits.argmax(-1))
         models.append({"run": str(run), "adapter_scale": info["applied_adapter_scale"],
@@ -111,7 +112,8 @@ def evaluate_scales(run: str | Path, data_files: list[str], scales: list[float],
                              text_pair_column=text_pair_column, label_delimiter=label_delimiter) for f in data_files]
     results = []
     for s in scales:
-        accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=s, precision=precision)
+        accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=s, precision=precision,
+                                                                 cache_dir=cache_dir)
         for f, table in zip(data_files, tables):
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"],
                                   cache_dir, desc=f"scale {s:g}")

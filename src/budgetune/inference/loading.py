@@ -124,16 +124,17 @@ def load_model(run_or_adapter: str | Path, merge: bool = True, adapter_scale: fl
 
 
 def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_scale: float | None = None,
-                       precision: str = "auto"):
+                       precision: str = "auto", cache_dir: str | None = None):
     """(accelerator, model on its device, tokenizer, info), computing in `precision` (auto, fp32, bf16 or int8:
     inference.precisions.resolve; auto = the bundle's measured choice, else the hardware rule): printed, and in
-    info["precision"] ({precision, mixed_precision, reason}). bf16 computes under the accelerator's autocast."""
+    info["precision"] ({precision, mixed_precision, reason}). bf16 computes under the accelerator's autocast; int8
+    by onnxruntime keeps its graph under `cache_dir` (None: ~/.cache/budgetune)."""
     precisions.check_choice(precision)
     model, tokenizer, info = load_model(run_or_adapter, merge=merge, adapter_scale=adapter_scale)
     chosen = precisions.resolve(precision, info, default_device_type(), merged=info["merged"])
     accelerator = make_accelerator(mixed_precision=chosen.mixed_precision)
     info["precision"] = chosen.to_dict()
     accelerator.print(chosen.line())
-    model = precisions.prepare(model, chosen, tokenizer)  # int8 by onnxruntime: a module around its session
+    model = precisions.prepare(model, chosen, tokenizer, cache_dir=cache_dir)  # int8 by onnxruntime: a module around its session
     # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
     return accelerator, accelerator.prepare_model(model, evaluation_mode=True), tokenizer, info

@@ -40,8 +40,9 @@ class OrtModel(nn.Module):
         return SequenceClassifierOutput(logits=torch.from_numpy(self.session.run(["logits"], feed)[0]))
 
 
-def cache_folder() -> Path:
-    return fileio.user_cache() / "onnx-int8"
+def cache_folder(cache_dir: str | Path | None = None) -> Path:
+    """Where the int8 graphs are kept: under --cache_dir (a run's data.cache_dir), else budgetune's user cache."""
+    return Path(cache_dir or fileio.user_cache()) / "onnx-int8"
 
 
 def plain(model: nn.Module) -> nn.Module:
@@ -86,11 +87,12 @@ def build(model: nn.Module, tokenizer, path: Path) -> None:
         onnx_graph.quantize_int8(fp32, target)
 
 
-def int8_model(model: nn.Module, tokenizer) -> OrtModel:
-    """The merged `model` as onnxruntime int8, built once per model content (cache_key) under cache_folder() and
-    reused by every later predict, evaluate or serve of the same bundle at the same adapter scale."""
+def int8_model(model: nn.Module, tokenizer, cache_dir: str | Path | None = None) -> OrtModel:
+    """The merged `model` as onnxruntime int8, built once per model content (cache_key) under
+    cache_folder(cache_dir) and reused by every later predict, evaluate or serve of the same bundle at the same
+    adapter scale."""
     model = plain(model).eval()
-    path = cache_folder() / f"{cache_key(model, onnx_graph.input_names(model, tokenizer))}.onnx"
+    path = cache_folder(cache_dir) / f"{cache_key(model, onnx_graph.input_names(model, tokenizer))}.onnx"
     if not path.is_file():
         print(f"--precision int8: writing the merged model as an onnxruntime int8 graph, once, into {path}",
               file=sys.stderr)

@@ -40,18 +40,18 @@ def int8_by() -> str:
 
 
 def measure(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Module], np.ndarray],
-            labels: np.ndarray, merged: bool = True, tokenizer=None) -> dict[str, dict]:
+            labels: np.ndarray, merged: bool = True, tokenizer=None, cache_dir: str | None = None) -> dict[str, dict]:
     """{precision: {accuracy, texts_per_s}} for each precision this device computes in, over the rows `logits_of`
     runs; int8's row also names its backend (onnxruntime or torch: precisions.int8_backend, what int8 means on
     this machine). `model` (fp32, adapter merged) is left as it is; each other precision runs on a copy (int8 by
-    onnxruntime: its graph, built from the model and `tokenizer`). Each pass is timed after one warm-up call on
+    onnxruntime: its graph, built from the model and `tokenizer`, kept under `cache_dir`). Each pass is timed after one warm-up call on
     the same copy (kernels chosen, caches filled)."""
     table = {}
     for name in MEASURED:
         if precisions.unavailable(name, device.type, merged) is not None:
             continue
         try:
-            table[name] = measure_one(model, device, logits_of, labels, name, tokenizer)
+            table[name] = measure_one(model, device, logits_of, labels, name, tokenizer, cache_dir)
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:
             if name == "fp32":
                 raise
@@ -62,12 +62,12 @@ def measure(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Modu
 
 
 def measure_one(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Module], np.ndarray],
-                labels: np.ndarray, name: str, tokenizer=None) -> dict:
+                labels: np.ndarray, name: str, tokenizer=None, cache_dir: str | None = None) -> dict:
     """{accuracy, texts_per_s} of one precision (a warm-up call, then one timed call); int8's backend."""
     precision = precisions.named(name, "measured")
     backend = {"backend": precisions.int8_backend()[0]} if precision.int8 else {}
     candidate = model if name == "fp32" else precisions.prepare(copy.deepcopy(model), precision, tokenizer,
-                                                                backend.get("backend")).to(device)
+                                                                backend.get("backend"), cache_dir).to(device)
     with precisions.autocast(precision, device.type):
         logits_of(candidate)  # warm-up
         start = time.perf_counter()
@@ -96,9 +96,10 @@ def choose(table: dict[str, dict], tolerance: float) -> tuple[str, str]:
 
 
 def record(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Module], np.ndarray],
-           labels: np.ndarray, tolerance: float, merged: bool = True, tokenizer=None) -> dict:
+           labels: np.ndarray, tolerance: float, merged: bool = True, tokenizer=None,
+           cache_dir: str | None = None) -> dict:
     """The bundle's `inference_precision` record: choice, reason, tolerance, where measured, and the table."""
-    table = measure(model, device, logits_of, labels, merged, tokenizer)
+    table = measure(model, device, logits_of, labels, merged, tokenizer, cache_dir)
     choice, reason = choose(table, tolerance)
     return {"choice": choice, "reason": reason, "tolerance": tolerance, "validation_rows": int(len(labels)),
             "measured_on": capability(device.type), "table": table}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -156,11 +157,12 @@ def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(m, nn.Linear) and id(m) in inside and id(m) not in adapter_parts}
 
 
-def prepare(model: nn.Module, precision: Precision, tokenizer=None, backend: str | None = None) -> nn.Module:
+def prepare(model: nn.Module, precision: Precision, tokenizer=None, backend: str | None = None,
+            cache_dir: str | Path | None = None) -> nn.Module:
     """The model made ready to compute in `precision`: bf16 stores the encoder's Linear weights in bf16 (in place;
-    run it under `autocast`); int8 returns onnxruntime's int8 model (inference.ort_int8: needs the tokenizer) or
-    quantizes the encoder's Linear layers in place with torch's dynamic quantization, as `backend` says (None:
-    int8_backend()); fp32 and fp16 leave it as is."""
+    run it under `autocast`); int8 returns onnxruntime's int8 model (inference.ort_int8: needs the tokenizer; its
+    graph cached under `cache_dir`, None: ~/.cache/budgetune) or quantizes the encoder's Linear layers in place with
+    torch's dynamic quantization, as `backend` says (None: int8_backend()); fp32 and fp16 leave it as is."""
     if precision.int8:
         backend = backend or int8_backend()[0]
         if backend not in INT8_BACKENDS:
@@ -170,7 +172,7 @@ def prepare(model: nn.Module, precision: Precision, tokenizer=None, backend: str
 
             if tokenizer is None:
                 raise ValueError("int8 through onnxruntime needs the model's tokenizer (the graph's inputs)")
-            return int8_model(model, tokenizer)
+            return int8_model(model, tokenizer, cache_dir)
         return torch_int8(model)
     if precision.mixed_precision == "bf16":
         for layer in encoder_linears(model).values():

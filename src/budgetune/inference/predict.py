@@ -34,7 +34,8 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
     """
     if label_format not in ("int", "name"):
         raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
-    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision)
+    accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision,
+                                                             cache_dir=cache_dir)
     names, task = info["label_names"], bundle_task(info)
     if task == tasks.REGRESSION and (probabilities or label_format == "name"):
         flag = "--probabilities" if probabilities else "--label_format name"

@@ -232,7 +232,7 @@ def choose_inference_precision(run: Run, scale: float) -> dict | None:
     device = run.accelerator.device
     rec = precision_choice.record(model.to(device), device, lambda m: validation_logits(run, m),
                                   np.asarray(run.splits.validation.labels), tolerance, merged=info["merged"],
-                                  tokenizer=tokenizer)
+                                  tokenizer=tokenizer, cache_dir=cache_dir(run.cfg))
     run.accelerator.print(precision_choice.table_text(rec))
     return rec
 
