@@ -35,14 +35,12 @@ SHIFTED = SHARED / "nyu_dlsp25_proj2" / "shifted_dev.csv"
 def ort_variant(path: Path, folder: Path, threads: int, max_seq_length: int, batch_size: int, cap: int | None):
     """texts -> logits with onnxruntime: tokenized, length-sorted batches as budgetune's, padded per batch."""
     import numpy as np
-    import onnxruntime
     from transformers import AutoTokenizer
 
     from budgetune.data import batching
+    from budgetune.inference.onnx_graph import session as ort_session
 
-    opts = onnxruntime.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = onnxruntime.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads)
     names = [i.name for i in session.get_inputs()]
     tokenizer = AutoTokenizer.from_pretrained(folder)
 

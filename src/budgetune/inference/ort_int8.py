@@ -55,7 +55,8 @@ def plain(model: nn.Module) -> nn.Module:
     from budgetune.modeling import methods
 
     with warnings.catch_warnings():  # merged already: peft notes that there is nothing left to merge
-        warnings.filterwarnings("ignore", message="Already following adapters were merged")
+        warnings.filterwarnings("ignore", message="(Already following adapters were merged|All adapters are "
+                                "already merged)")
         return methods.merge_and_unload(model)
 
 
