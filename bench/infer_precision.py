@@ -117,7 +117,8 @@ def main() -> None:
              + "; agree: the share of texts given fp32's class",
              "load (s, int8 by onnxruntime: its graph built or read from the cache): "
              + ", ".join(f"{n} {s:.1f}" for n, s in load_s.items()), "",
-             "| precision | texts/s (median) | x fp32 | per repeat | validation acc. (agree) | shifted_dev acc. (agree) |",
+             "| precision | texts/s (median) | x fp32 | per repeat | validation acc. (agree) "
+             "| shifted_dev acc. (agree) |",
              "| --- | ---: | ---: | --- | ---: | ---: |"]
     for n in models:
         med = statistics.median(speeds[n])

@@ -135,6 +135,6 @@ def load_for_inference(run_or_adapter: str | Path, merge: bool = True, adapter_s
     accelerator = make_accelerator(mixed_precision=chosen.mixed_precision)
     info["precision"] = chosen.to_dict()
     accelerator.print(chosen.line())
-    model = precisions.prepare(model, chosen, tokenizer, cache_dir=cache_dir)  # int8 by onnxruntime: a module around its session
+    model = precisions.prepare(model, chosen, tokenizer, cache_dir=cache_dir)  # onnxruntime's int8: another module
     # evaluation_mode: placed on the device, not wrapped in DDP (nothing trains; DDP refuses frozen models)
     return accelerator, accelerator.prepare_model(model, evaluation_mode=True), tokenizer, info

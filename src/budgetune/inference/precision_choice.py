@@ -44,8 +44,8 @@ def measure(model: nn.Module, device: torch.device, logits_of: Callable[[nn.Modu
     """{precision: {accuracy, texts_per_s}} for each precision this device computes in, over the rows `logits_of`
     runs; int8's row also names its backend (onnxruntime or torch: precisions.int8_backend, what int8 means on
     this machine). `model` (fp32, adapter merged) is left as it is; each other precision runs on a copy (int8 by
-    onnxruntime: its graph, built from the model and `tokenizer`, kept under `cache_dir`). Each pass is timed after one warm-up call on
-    the same copy (kernels chosen, caches filled)."""
+    onnxruntime: its graph, built from the model and `tokenizer`, kept under `cache_dir`). Each pass is timed
+    after one warm-up call on the same copy (kernels chosen, caches filled)."""
     table = {}
     for name in MEASURED:
         if precisions.unavailable(name, device.type, merged) is not None:

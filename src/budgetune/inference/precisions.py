@@ -6,11 +6,11 @@
   re-cast every fp32 weight on every forward); on a device without native bf16 it falls back to what the hardware
   rule picks, and says so.
 * int8: the merged model with int8 weights and activations quantized per batch, CPU only, and only for a model
-  whose adapter is merged into its base weights. Computed by onnxruntime where it is installed (the `[onnx]` extra:
-  the model written once as an int8 ONNX graph, cached by its content, inference.ort_int8; 1.26x torch's int8 and
-  2.77x fp32 on MiniLM, bench/results/cpu_infer_precision_ort.txt), else by torch's dynamic quantization of the encoder's Linear
-  layers (int8 weights per output channel; the x86/fbgemm engine uses AVX512-VNNI where the CPU has it; the
-  classification head stays fp32). The header line says which.
+  whose adapter is merged into its base weights. Computed by onnxruntime where it is installed (the `[onnx]`
+  extra: the model written once as an int8 ONNX graph, cached by its content, inference.ort_int8; 1.26x torch's
+  int8 and 2.77x fp32 on MiniLM, bench/results/cpu_infer_precision_ort.txt), else by torch's dynamic quantization
+  of the encoder's Linear layers (int8 weights per output channel; the x86/fbgemm engine uses AVX512-VNNI where the
+  CPU has it; the classification head stays fp32). The header line says which.
 
 `auto` = the choice the bundle records (`inference_precision` in budgetune.json, written when a training run
 finishes by `inference.precision_choice`: the fastest precision whose validation accuracy is within
