@@ -10,13 +10,7 @@ import numpy as np
 
 from budgetune import fileio
 from budgetune.errors import ConfigError
-from budgetune.inference.export_merged import (
-    check_batch,
-    deployment_card,
-    exported_info,
-    logits_of,
-    merged_model,
-)
+from budgetune.inference.export_merged import deployment_card, exported_info, merged_model
 from budgetune.inference.onnx_graph import (
     OPSET,
     missing_module,
@@ -62,20 +56,19 @@ def export_onnx(run: str | Path, output: str | Path, adapter_scale: float | None
     out = fileio.refuse_nonempty(output, overwrite)
     require_onnx()
     model, tokenizer, info, source = merged_model(run, adapter_scale)
-    batch = check_batch(tokenizer, info["max_seq_length"])
-    expected = logits_of(model, batch).numpy()
     meta = exported_info(info, source, info["applied_adapter_scale"], "onnx")
     with fileio.atomic_dir(out) as tmp:
-        diff = write_checked(model, tokenizer, info["max_seq_length"], tmp / "model.onnx",
-                             "export --format onnx (nothing written)")
+        check = write_checked(model, tokenizer, info["max_seq_length"], tmp / "model.onnx",
+                              "export --format onnx (nothing written)")
         label_metadata(tmp / "model.onnx", meta)
-        notes = [f"onnxruntime logits within {diff:.1e} of budgetune's"]
+        notes = [f"onnxruntime logits within {check.diff:.1e} of budgetune's"]
         if quantize == "int8":
             quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx")
             label_metadata(tmp / "model_int8.onnx", meta)
-            got = ort_logits(tmp / "model_int8.onnx", batch)
-            notes.append(f"model_int8.onnx: same class on {int((got.argmax(-1) == expected.argmax(-1)).sum())} of "
-                         f"{len(got)} check texts, logits within {float(np.abs(got - expected).max()):.2g}")
+            got = ort_logits(tmp / "model_int8.onnx", check.batch)
+            same = int((got.argmax(-1) == check.logits.argmax(-1)).sum())
+            notes.append(f"model_int8.onnx: same class on {same} of {len(got)} check texts, logits within "
+                         f"{float(np.abs(got - check.logits).max()):.2g}")
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)  # id2label for tools that read it (optimum's ORTModel)
         (tmp / "README.md").write_text(deployment_card(meta, "onnx"))

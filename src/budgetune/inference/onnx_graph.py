@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,18 +52,28 @@ def write_graph(model, batch: dict, names: list[str], path: Path) -> None:
                           output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
-def write_checked(model, tokenizer, max_seq_length: int, path: Path, what: str) -> float:
+class Checked(NamedTuple):
+    """What write_checked compared: the check texts tokenized, the model's logits for them, and the largest
+    |onnxruntime - model| difference."""
+
+    batch: dict
+    logits: np.ndarray
+    diff: float
+
+
+def write_checked(model, tokenizer, max_seq_length: int, path: Path, what: str) -> Checked:
     """Write the model's graph at `path`, traced on TRACE_TEXTS, and check it on export_merged's check texts (other
     sizes and lengths: the axes must really be dynamic): onnxruntime must give the model's logits to ONNX_TOLERANCE,
-    else AdapterError starting with `what`. Returns the largest difference."""
+    else AdapterError starting with `what`."""
     traced = check_batch(tokenizer, max_seq_length, TRACE_TEXTS)
     write_graph(model, traced, input_names(model, tokenizer), path)
     batch = check_batch(tokenizer, max_seq_length)
-    diff = float(np.abs(ort_logits(path, batch) - logits_of(model, batch).numpy()).max())
+    expected = logits_of(model, batch).numpy()
+    diff = float(np.abs(ort_logits(path, batch) - expected).max())
     if not diff <= ONNX_TOLERANCE:
         raise AdapterError(f"{what}: onnxruntime gives logits up to {diff:.2e} away from budgetune's (tolerance "
                            f"{ONNX_TOLERANCE:g})")
-    return diff
+    return Checked(batch, expected, diff)
 
 
 def quantize_int8(source: Path, target: Path, per_channel: bool = PER_CHANNEL) -> None:
