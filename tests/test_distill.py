@@ -142,20 +142,44 @@ def test_teacher_cache_is_reused_and_invalidated_when_the_teacher_changes(files,
     texts = data_lib.load_table(str(files["train"])).texts[:50]
     copy = tmp_path / "teacher"
     shutil.copytree(teacher / "adapter", copy)
-    first, path, hit = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    first, path, hit, _ = distill.teacher_logits(copy, texts, tmp_path / "cache")
     assert not hit and path.is_file()
-    again, path2, hit2 = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    again, path2, hit2, _ = distill.teacher_logits(copy, texts, tmp_path / "cache")
     assert hit2 and path2 == path and np.array_equal(first, again)
     (copy / "README.md").write_text("a new model card changes no logit\n")
     assert distill.teacher_logits(copy, texts, tmp_path / "cache")[2]
     weights = load_file(copy / "model.safetensors")
     weights["classifier.out_proj.bias"] = weights["classifier.out_proj.bias"] + torch.tensor([3.0, 0, 0, 0])
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
-    changed, path3, hit3 = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    changed, path3, hit3, _ = distill.teacher_logits(copy, texts, tmp_path / "cache")
     assert not hit3 and path3 != path
     assert np.allclose(changed[:, 0] - first[:, 0], 3.0, atol=1e-4)  # recomputed with the new weights
-    other, path4, hit4 = distill.teacher_logits(copy, texts[:-1], tmp_path / "cache")
+    other, path4, hit4, _ = distill.teacher_logits(copy, texts[:-1], tmp_path / "cache")
     assert not hit4 and path4 != path3 and np.allclose(other, changed[:-1], atol=1e-5)
+
+
+def test_teacher_cache_and_record_follow_the_precision_the_teacher_computes_in(files, teacher, tmp_path,
+                                                                               monkeypatch):
+    """The same teacher bundle computes in fp32 where auto is pinned (or the CPU lacks bf16) and in its measured
+    choice elsewhere: the cached logits of one are not the other's, and distill.json names the one computed."""
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher / "adapter", copy)
+    info = json.loads((copy / "budgetune.json").read_text())
+    info["inference_precision"] = {"choice": "int8", "reason": "measured by the test", "tolerance": 0.2,
+                                   "table": {"fp32": {"accuracy": 0.5, "texts_per_s": 1.0, "within_tolerance": True},
+                                             "int8": {"accuracy": 0.5, "texts_per_s": 3.0, "within_tolerance": True}}}
+    (copy / "budgetune.json").write_text(json.dumps(info))
+    texts = data_lib.load_table(str(files["train"])).texts[:40]
+    monkeypatch.setenv("BUDGETUNE_MIXED_PRECISION", "fp32")
+    pinned = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    assert pinned.precision == "fp32" and not pinned.cache_hit
+    monkeypatch.setenv("BUDGETUNE_MIXED_PRECISION", "auto")
+    measured = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    assert measured.precision == "int8" and not measured.cache_hit and measured.cache_file != pinned.cache_file
+    assert distill.teacher_logits(copy, texts, tmp_path / "cache").cache_hit
+    monkeypatch.setenv("BUDGETUNE_MIXED_PRECISION", "fp32")
+    again = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    assert again.cache_hit and again.cache_file == pinned.cache_file and np.array_equal(again.logits, pinned.logits)
 
 
 def test_teacher_cache_follows_the_base_models_weights(files, tiny_roberta, tmp_path):
@@ -168,13 +192,13 @@ def test_teacher_cache_follows_the_base_models_weights(files, tiny_roberta, tmp_
     run = tmp_path / "lora-teacher"
     train_lib.train(config(files, base, run, "lora", max_steps=2, eval_strategy="steps", eval_steps=2))
     texts = data_lib.load_table(str(files["train"])).texts[:40]
-    first, path, hit = distill.teacher_logits(run, texts, tmp_path / "cache")
+    first, path, hit, _ = distill.teacher_logits(run, texts, tmp_path / "cache")
     assert not hit and distill.teacher_logits(run, texts, tmp_path / "cache")[2]
     weights = load_file(base / "model.safetensors")
     key = next(k for k in weights if k.endswith("layer.1.output.LayerNorm.weight"))
     weights[key] = weights[key] * 3
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-    changed, path2, hit2 = distill.teacher_logits(run, texts, tmp_path / "cache")
+    changed, path2, hit2, _ = distill.teacher_logits(run, texts, tmp_path / "cache")
     assert not hit2 and path2 != path
     assert not np.allclose(changed, first, atol=1e-4)  # recomputed on the new base weights
     accelerator, model, tokenizer, info = load_for_inference(run)

@@ -5,7 +5,7 @@ the soft-target loss (single-label: T^2 x KL(teacher_T || student_T); multi-labe
 sigmoid probabilities at T; regression: squared error to the teachers' values); the loss is the mean over all N rows,
 plus AdaLoRA's orthogonal regulariser at its configured weight (recipes.soft_targets.kd_loss). Teacher logits are
 computed once per text (or text pair) with the fast inference path and cached on disk, keyed by the teacher's files,
-the task and the texts; temperature and ensembling are applied afterwards. ensemble_log_probs and kd_loss are
+the task, the texts and the precision the pass computes in; temperature and ensembling are applied afterwards. ensemble_log_probs and kd_loss are
 re-exported from recipes.soft_targets.
 """
 
@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ from budgetune.data import readers as data_lib
 from budgetune.data import splits as splits_lib
 from budgetune.data import unlabeled
 from budgetune.errors import AdapterError, ConfigError
-from budgetune.hardware.devices import is_main_process, resolve_precision
-from budgetune.inference import adapter_bundle
+from budgetune.hardware.devices import default_device_type, is_main_process
+from budgetune.inference import adapter_bundle, precisions
 from budgetune.inference.loading import adapter_dir, bundle_info, bundle_task, is_full_model
 from budgetune.recipes.soft_targets import ensemble_log_probs, kd_loss, placeholder, teacher_targets  # noqa: F401
 from budgetune.training import train as train_lib
@@ -90,27 +91,40 @@ def texts_digest(texts: list[str], max_seq_length: int, task: str = tasks.SINGLE
     return h.hexdigest()
 
 
-def cache_path(cache_dir: str | Path, teacher_fp: str, texts_fp: str) -> Path:
-    return Path(cache_dir) / "teacher-logits" / f"{teacher_fp[:24]}-{texts_fp[:24]}.npy"
+def cache_path(cache_dir: str | Path, teacher_fp: str, texts_fp: str, precision: str) -> Path:
+    return Path(cache_dir) / "teacher-logits" / f"{teacher_fp[:24]}-{texts_fp[:24]}-{precision}.npy"
+
+
+class TeacherPass(NamedTuple):
+    logits: np.ndarray  # [n, labels or targets], in text order
+    cache_file: Path | None  # None: the teacher's base cannot be fingerprinted, nothing cached
+    cache_hit: bool
+    precision: str  # what the teacher computed in: fp32, bf16 or int8
+
+
+def teacher_precision(info: dict) -> str:
+    """What the teacher's pass computes in on this machine: `--precision auto` of its bundle (the bundle's measured
+    choice where it can compute here, else the hardware rule), as load_for_inference resolves it."""
+    return precisions.resolve("auto", info, default_device_type()).name
 
 
 def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path, batch_size: int = 128,
-                   text_pairs: list[str] | None = None) -> tuple[np.ndarray, Path | None, bool]:
-    """(logits [n, labels or targets] in text order, cache file, whether it was a cache hit); computed once per text
-    (text pair: tokenized as a true pair), task and teacher content (`fingerprint`). No cache file (None) when the
-    teacher's base cannot be fingerprinted."""
+                   text_pairs: list[str] | None = None) -> TeacherPass:
+    """The teacher's logits, computed once per text (text pair: tokenized as a true pair), task, teacher content
+    (`fingerprint`) and precision (the same bundle computes in bf16 on one machine, fp32 on another)."""
     from budgetune.hardware.devices import release_accelerator
     from budgetune.inference.loading import load_for_inference
     from budgetune.inference.runner import table_logits
 
     info = bundle_info(teacher)
     digest = texts_digest(texts, info["max_seq_length"], bundle_task(info), text_pairs)
-    teacher_fp = fingerprint(teacher)
-    if teacher_fp is not None and (path := cache_path(cache_dir, teacher_fp, digest)).is_file():
+    teacher_fp, precision = fingerprint(teacher), teacher_precision(info)
+    if teacher_fp is not None and (path := cache_path(cache_dir, teacher_fp, digest, precision)).is_file():
         logits = np.load(path)
         if logits.shape == (len(texts), len(info["label_names"])):
-            return logits, path, True
+            return TeacherPass(logits, path, True, precision)
     accelerator, model, tokenizer, info = load_for_inference(teacher)
+    precision = info["precision"]["precision"]  # as computed (an unmerged model may not take int8)
     table = data_lib.TextTable(texts, None, info["label_names"], str(teacher), text_pairs=text_pairs)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc=f"teacher {Path(teacher).name}")
@@ -118,11 +132,11 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
     release_accelerator()  # the student's training starts its own accelerator in this process
     teacher_fp = teacher_fp or fingerprint(teacher)  # a Hub base is in the Hub cache now that it has loaded
     if teacher_fp is None:
-        return logits, None, False
-    path = cache_path(cache_dir, teacher_fp, digest)
+        return TeacherPass(logits, None, False, precision)
+    path = cache_path(cache_dir, teacher_fp, digest, precision)
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, logits.astype(np.float32))
-    return logits, path, False
+    return TeacherPass(logits, path, False, precision)
 
 
 SPLIT_KEYS = (("data", "validation_file"), ("data", "validation_split_percentage"), ("train", "seed"))
@@ -268,13 +282,12 @@ def teachers_logits(identities: list[dict], splits, cfg: Config, batch_size: int
     cache = Path(splits_lib.cache_dir(cfg))
     train, out = splits.train, []
     for entry in identities:
-        logits, path, hit = teacher_logits(entry["path"], train.texts, cache,
-                                           batch_size or cfg.train.per_device_eval_batch_size, train.text_pairs)
-        entry.update(cache_file=str(path) if path else None, cache_hit=hit,
-                     precision=None if hit else resolve_precision("auto").name,
-                     **gold_fit(splits.task, logits[:n_labelled], train.labels[:n_labelled], splits.label_names,
-                                entry["path"]))
-        out.append(logits)
+        got = teacher_logits(entry["path"], train.texts, cache, batch_size or cfg.train.per_device_eval_batch_size,
+                             train.text_pairs)
+        entry.update(cache_file=str(got.cache_file) if got.cache_file else None, cache_hit=got.cache_hit,
+                     precision=got.precision, **gold_fit(splits.task, got.logits[:n_labelled],
+                                                         train.labels[:n_labelled], splits.label_names, entry["path"]))
+        out.append(got.logits)
     return out
 
 
