@@ -233,9 +233,14 @@ def test_a_teacher_whose_split_cannot_be_checked_is_warned_about(files, tiny_rob
     distill.check_teachers([str(teacher)], ["0", "1", "2", "3"], tok, cfg)
     assert "warning" not in capsys.readouterr().err  # a run folder: its config.yaml says it held out the same rows
     (entry,) = distill.check_teachers([str(teacher / "adapter")], ["0", "1", "2", "3"], tok, cfg)
+    assert entry["same_validation_split"] is True  # RUN/adapter: the run's config.yaml is beside it
+    assert "warning" not in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(teacher / "adapter", bare)
+    (entry,) = distill.check_teachers([str(bare)], ["0", "1", "2", "3"], tok, cfg)
     err = capsys.readouterr().err
     assert entry["same_validation_split"] is None
-    assert f"warning: teacher {teacher / 'adapter'}: {teacher / 'adapter' / 'config.yaml'} is missing" in err
+    assert f"warning: teacher {bare}: {bare / 'config.yaml'} is missing" in err
     assert "cannot check that it held out the student's validation rows" in err
 
 
@@ -330,7 +335,9 @@ def test_teacher_checks_note_another_tokenizer_and_another_validation_split(file
     assert distill.same_split(other, carved) is False  # seed 1 carved other rows than seed 3 would
     assert distill.same_split(other, config(files, tiny_roberta, tmp_path / "s", "lora", validation_file="null",
                                             seed=1)) is True
-    assert distill.same_split(other / "adapter", carved) is None  # a bare bundle: unknown
+    assert distill.same_split(other / "adapter", carved) is False  # RUN/adapter: the run's config.yaml decides
+    shutil.copytree(other / "adapter", tmp_path / "bare")
+    assert distill.same_split(tmp_path / "bare", carved) is None  # a bare bundle: unknown
 
 
 def tiny_batch(tiny_roberta, labels: list[int]) -> dict:

@@ -149,7 +149,7 @@ def same_split(teacher: str | Path, cfg: Config) -> bool | None:
     """
     import yaml
 
-    path = Path(teacher) / "config.yaml"
+    path = run_config(teacher)
     if not path.is_file():
         return None
     tcfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -160,9 +160,19 @@ def same_split(teacher: str | Path, cfg: Config) -> bool | None:
     return all(tcfg.get(g, {}).get(k) == s[g][k] for g, k in keys)
 
 
+def run_config(teacher: str | Path) -> Path:
+    """The config.yaml of the run a teacher comes from: in the run folder given, or beside the run's adapter/
+    folder when that is what was given (RUN/adapter)."""
+    folder = Path(teacher)
+    own = folder / "config.yaml"
+    if not own.is_file() and folder.name == "adapter" and (folder.parent / "config.yaml").is_file():
+        return folder.parent / "config.yaml"
+    return own
+
+
 def unknown_split(teacher: str | Path) -> str:
     """Why `same_split` cannot tell (it returned None)."""
-    path = Path(teacher) / "config.yaml"
+    path = run_config(teacher)
     return f"{path} is missing (a bare bundle)" if not path.is_file() else "it trained on another dataset"
 
 
