@@ -50,13 +50,15 @@ def train_adapter(workdir: Path, steps: int) -> Path:
 
 def offline(run: Path, sample: list[str], repeats: int, precision: str = "auto") -> float:
     """Texts/s of predict's path (model loading excluded) in `precision`, best of `repeats`."""
+    from budgetune.cli.quiet import library_output
     from budgetune.data.readers import TextTable
     from budgetune.hardware.devices import release_accelerator
     from budgetune.inference.loading import load_for_inference
     from budgetune.inference.runner import table_logits
 
     release_accelerator()
-    accelerator, model, tokenizer, info = load_for_inference(run, precision=precision)
+    with library_output(verbose=False):  # as `budgetune predict` loads it: no library load reports or warnings
+        accelerator, model, tokenizer, info = load_for_inference(run, precision=precision)
     table = TextTable(sample, None, None, "bench")
     table_logits(model, tokenizer, TextTable(sample[:64], None, None, "warm"), accelerator, 256,
                  info["max_seq_length"])
