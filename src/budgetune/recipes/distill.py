@@ -5,8 +5,8 @@ the soft-target loss (single-label: T^2 x KL(teacher_T || student_T); multi-labe
 sigmoid probabilities at T; regression: squared error to the teachers' values); the loss is the mean over all N rows,
 plus AdaLoRA's orthogonal regulariser at its configured weight (recipes.soft_targets.kd_loss). Teacher logits are
 computed once per text (or text pair) with the fast inference path and cached on disk, keyed by the teacher's files,
-the task, the texts and the precision the pass computes in; temperature and ensembling are applied afterwards. ensemble_log_probs and kd_loss are
-re-exported from recipes.soft_targets.
+the task, the texts and the precision the pass computes in; temperature and ensembling are applied afterwards.
+ensemble_log_probs and kd_loss are re-exported from recipes.soft_targets.
 """
 
 from __future__ import annotations
