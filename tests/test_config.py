@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -222,6 +223,20 @@ def test_train_help_lists_every_option_with_its_docstring(capsys):
     assert "Peak learning rate of the optimizer." in flat
     assert "AdaLoRA: average rank kept at the end; default rank // 2" in flat
     assert "Hard cap on trainable parameters (adapters + head + anything unfrozen); null switches the gate off." in flat
+
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["params", "--help"]])
+def test_help_into_a_closed_pipe_ends_without_a_traceback(argv):
+    """`budgetune train --help | head`: the reader has gone when budgetune writes; exit 1, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "budgetune", *argv], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (1, "")
 
 
 # ---------------------------------------------------------------- config.yaml of a run

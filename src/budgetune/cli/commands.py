@@ -46,6 +46,14 @@ def run_verb(verb: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return dispatch(argv)
+    except BrokenPipeError:  # the reader went away (`budgetune train --help | head`): stop without a traceback
+        stdout_to_devnull()
+        return 1
+
+
+def dispatch(argv: list[str] | None) -> int:
     from budgetune.cli.quiet import library_output
 
     argv = sys.argv[1:] if argv is None else argv
@@ -68,3 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"budgetune: error: {e}", file=sys.stderr)
         return 2
+
+
+def stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not hit the closed pipe again (the recipe of
+    Python's `signal` documentation for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
