@@ -220,3 +220,16 @@ def test_a_killed_run_continues_reusing_finished_rounds(run, tiny_roberta, tmp_p
     with pytest.raises(RunFolderError, match=r"round-1 holds a round trained with another configuration"):
         selftrain.self_train(cfg, str(files["unlabelled"]), rounds=1, threshold=THRESHOLD + 0.05)
     assert (out / "round-1" / "evaluation.json").is_file()  # nothing already written is lost
+
+
+def test_a_finished_rank_auto_run_is_reused_not_refused(run, tiny_roberta, tmp_path):
+    """--rank auto: each round's config.yaml holds the rank it resolved to; the same command again reuses the round
+    instead of calling it another configuration."""
+    files, out = run["files"], tmp_path / "run"
+    args = tiny_train_args(tiny_roberta, files["train"], out, "lora", validation_file=files["validation"],
+                           cache_dir=tmp_path / "cache", num_train_epochs=1, rank="auto", max_trainable_params=3000)
+    cfg = resolve(None, args[1:])
+    first = selftrain.self_train(cfg, str(files["unlabelled"]), rounds=0, threshold=THRESHOLD)
+    again = selftrain.self_train(cfg, str(files["unlabelled"]), rounds=0, threshold=THRESHOLD)
+    assert [r["reused"] for r in first["rounds"]] == [False] and [r["reused"] for r in again["rounds"]] == [True]
+    assert again["rounds"][0]["best_metric"] == first["rounds"][0]["best_metric"]

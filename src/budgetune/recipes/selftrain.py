@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from budgetune import fileio, tasks
+from budgetune.budget.plan import resolve_auto_rank
 from budgetune.config import Config
 from budgetune.data import readers as data_lib
 from budgetune.data import splits as splits_lib
@@ -189,6 +190,10 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
     fileio.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=continuing, clear=False)
     splits = splits_lib.load_splits(cfg)
     names = splits.label_names
+    # once for every round: each round's config.yaml holds the resolved rank, which a continued run compares against
+    cfg, note = resolve_auto_rank(cfg, len(names))
+    if note:
+        print(note)
     dedup, texts, pairs = load_unlabelled(cfg, splits, unlabeled_file, text_column)
     print(dedup.summary(unlabeled_file))
     if task == tasks.REGRESSION:
