@@ -190,10 +190,7 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
     fileio.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=continuing, clear=False)
     splits = splits_lib.load_splits(cfg)
     names = splits.label_names
-    # once for every round: each round's config.yaml holds the resolved rank, which a continued run compares against
-    cfg, note = resolve_auto_rank(cfg, len(names))
-    if note:
-        print(note)
+    cfg = with_resolved_rank(cfg, len(names))
     dedup, texts, pairs = load_unlabelled(cfg, splits, unlabeled_file, text_column)
     print(dedup.summary(unlabeled_file))
     if task == tasks.REGRESSION:
@@ -242,6 +239,15 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
     if is_main_process():
         finish(out, best_round, summary, record)
     return record
+
+
+def with_resolved_rank(cfg: Config, num_labels: int) -> Config:
+    """--rank auto resolved once for every round: each round's config.yaml holds the resolved rank, which a continued
+    run compares its configuration against (finished_round)."""
+    cfg, note = resolve_auto_rank(cfg, num_labels)
+    if note:
+        print(note)
+    return cfg
 
 
 def no_pseudo_labels(task: str, pseudo: Pseudo, threshold: float) -> str:
