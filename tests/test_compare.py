@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import headline_rows, run_cli, tiny_train_args
 
-from budgetune.metrics import paired_comparison
+from budgetune.metrics import comparison_text, paired_comparison
 
 
 def mcnemar_by_hand(only_a: int, only_b: int) -> float:
@@ -49,6 +49,50 @@ def test_identical_models_differ_by_nothing():
 def test_rows_must_pair():
     with pytest.raises(ValueError, match="same non-empty rows"):
         paired_comparison([0, 1], [0, 1], [0])
+
+
+
+def test_a_p_value_below_the_smallest_double_is_not_shown_as_zero():
+    c = paired_comparison(np.zeros(1296, dtype=int), np.r_[np.zeros(1274), np.ones(22)].astype(int),
+                          np.r_[np.ones(1274), np.zeros(22)].astype(int), n_boot=100)
+    assert c["mcnemar_p"] == 0.0  # scipy's exact value underflows
+    text = comparison_text(c, "a", "b", "data.csv")
+    assert "McNemar exact test p < 1e-300" in text and "p = 0\n" not in text
+
+
+def test_compare_reads_each_runs_text_pairs(tmp_path, monkeypatch):
+    """A pair run is scored on its pairs, a single-text run on the first text alone, on the same rows; an explicit
+    text pair column applies to both."""
+    from budgetune.inference import evaluate as evaluate_lib
+
+    data = tmp_path / "pairs.csv"
+    data.write_text("text,text_b,label\nrates rise,banks follow,1\ncup final,rain falls,0\n", encoding="utf-8")
+    infos = {"pair": {"label_names": ["0", "1"], "task": "single_label", "text_pair_column_name": "text_b",
+                      "max_seq_length": 16},
+             "single": {"label_names": ["0", "1"], "task": "single_label", "max_seq_length": 16}}
+    seen = []
+
+    class Main:
+        is_main_process = True
+
+    def fake_load(run, **kwargs):
+        return Main(), object(), None, {**infos[run], "applied_adapter_scale": 1.0,
+                                        "precision": {"precision": "fp32"}}
+
+    def fake_logits(model, tokenizer, table, *args):
+        seen.append(table.text_pairs)
+        return np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
+
+    monkeypatch.setattr(evaluate_lib, "bundle_info", lambda run: infos[run])
+    monkeypatch.setattr(evaluate_lib, "load_for_inference", fake_load)
+    monkeypatch.setattr(evaluate_lib, "table_logits", fake_logits)
+    report = evaluate_lib.compare("pair", "single", str(data), output=str(tmp_path / "c"))
+    assert seen == [["banks follow", "rain falls"], None]
+    assert report["comparison"]["accuracy_a"] == 1.0
+    assert "A = pair (adapter scale 1, fp32)" in (tmp_path / "c.txt").read_text()
+    seen.clear()
+    evaluate_lib.compare("pair", "single", str(data), output=str(tmp_path / "c"), text_pair_column="text_b")
+    assert seen == [["banks follow", "rain falls"]] * 2
 
 
 @pytest.fixture(scope="module")

@@ -250,6 +250,10 @@ def test_text_pairs_end_to_end(tiny_roberta, task_files, tmp_path):
     assert info["text_pair_column_name"] == "text_b" and info["task"] == "single_label"
     ev = run_cli("evaluate", str(out), "--data_file", str(task_files["pairs"]), "--output", str(tmp_path / "ev"))
     assert "accuracy" in ev.stdout
+    run_cli("evaluate", str(out), "--data_file", str(task_files["pairs"]), "--compare", str(out), "--output",
+            str(tmp_path / "cmp"))  # --compare reads the pairs too: the same figures as evaluate's
+    plain, report = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ev", "cmp"))
+    assert report["a"]["confusion_matrix"] == report["b"]["confusion_matrix"] == plain["confusion_matrix"]
     run_cli("predict", str(out), "--input", str(task_files["pairs"]), "--output", str(tmp_path / "p.csv"),
             "--probabilities", "--id_column", "id")
     rows = read_submission(tmp_path / "p.csv")

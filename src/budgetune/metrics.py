@@ -96,4 +96,9 @@ def comparison_text(c: dict, name_a: str, name_b: str, data_file: str) -> str:
             f"points, {c['level']:.0%} paired bootstrap interval [{c['ci_low_points']:+.2f}, "
             f"{c['ci_high_points']:+.2f}] ({c['n_boot']:,} resamples of the rows, seed {c['seed']})\n"
             f"  rows only A gets right: {c['only_a_right']}, only B: {c['only_b_right']}; McNemar exact test "
-            f"p = {c['mcnemar_p']:.4g}\n")
+            f"p {shown_p(c['mcnemar_p'])}\n")
+
+
+def shown_p(p: float) -> str:
+    """A p-value as text; one below the smallest double (it comes back as 0.0) is not shown as exactly 0."""
+    return "< 1e-300" if p == 0 else f"= {p:.4g}"

@@ -59,7 +59,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="path stem of the reports (default: RUN/evaluation-STEM for one file at "
                    "one scale, RUN/evaluation-scales otherwise)")
     p.add_argument("--compare", metavar="RUN_B", help="a second run scored on the same file (one --data_file, each "
-                   "run at its bundle's adapter scale): accuracy of each, the difference RUN - RUN_B in points with "
+                   "run at its bundle's adapter scale and, with --precision auto, its bundle's measured precision; a "
+                   "pair run reads its text pairs): accuracy of each, the difference RUN - RUN_B in points with "
                    "a 95%% paired bootstrap interval, and McNemar's exact test; written to "
                    "RUN/evaluation-compare-STEM.{json,txt} (or --output)")
     return p
@@ -80,7 +81,7 @@ def evaluate_command(argv: list[str]) -> int:
         if len(a.data_file) != 1 or a.adapter_scale is not None:
             raise ConfigError("--compare takes one --data_file and no --adapter_scale (each run is scored at its "
                               "bundle's adapter scale)")
-        compare(a.run, a.compare, a.data_file[0], **common)
+        compare(a.run, a.compare, a.data_file[0], text_pair_column=a.text_pair_column_name, **common)
         return 0
     common.update(text_pair_column=a.text_pair_column_name,
                   label_delimiter=a.label_delimiter or recipe.data.label_delimiter)

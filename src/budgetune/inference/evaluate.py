@@ -56,10 +56,12 @@ def evaluate(run: str | Path, data_file: str, *, split: str = "test", text_colum
 
 def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str = "test",
             text_column: str | None = None, label_column: str | None = None, batch_size: int = 256,
-            output: str | None = None, cache_dir: str | None = None, precision: str = "auto") -> dict:
-    """Two runs on the same labelled file, each at its bundle's adapter scale: their metrics, the accuracy
-    difference A - B with a paired bootstrap interval, and McNemar's exact test (metrics.paired_comparison).
-    Written to OUTPUT.{json,txt} (default RUN_A/evaluation-compare-STEM)."""
+            output: str | None = None, cache_dir: str | None = None, precision: str = "auto",
+            text_pair_column: str | None = None) -> dict:
+    """Two runs on the same labelled file, each at its bundle's adapter scale and reading the rows as it was
+    trained to (a pair run: with its text pair column): their metrics, the accuracy difference A - B with a paired
+    bootstrap interval, and McNemar's exact test (metrics.paired_comparison). Written to OUTPUT.{json,txt}
+    (default RUN_A/evaluation-compare-STEM)."""
     info_a, info_b = bundle_info(run_a), bundle_info(run_b)
     names, names_b = info_a["label_names"], info_b["label_names"]
     for run, info in ((run_a, info_a), (run_b, info_b)):
@@ -69,10 +71,10 @@ def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str 
     if names_b != names:
         raise AdapterError(f"--compare: {run_b} has the labels {names_b}, {run_a} has {names}; runs compared on one "
                            "file must share their label names")
-    table = data_lib.load_table(data_file, split=split, text_column=text_column, label_column=label_column,
-                                label_names=names)
     preds, models = [], []
-    for run in (run_a, run_b):
+    for run, info in ((run_a, info_a), (run_b, info_b)):  # the same rows and labels; each run's own text pairs
+        table = labelled_table(info, data_file, split=split, text_column=text_column, label_column=label_column,
+                               text_pair_column=text_pair_column)
         accelerator, model, tokenizer, info = load_for_inference(run, precision=precision, cache_dir=cache_dir)
         logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
         preds.append(logits.argmax(-1))
@@ -84,11 +86,16 @@ def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str 
               "comparison": paired_comparison(table.labels, preds[0], preds[1])}
     if accelerator.is_main_process:
         stem = Path(output) if output else Path(run_a) / f"evaluation-compare-{Path(data_file).stem}"
-        text = comparison_text(report["comparison"], str(run_a), str(run_b), str(data_file))
+        text = comparison_text(report["comparison"], *(describe(m) for m in models), str(data_file))
         fileio.atomic_write_json(stem.with_suffix(".json"), report)
         fileio.atomic_write_text(stem.with_suffix(".txt"), text)
         print(text, end="")
     return report
+
+
+def describe(model: dict) -> str:
+    """A compared run as the report names it: its folder, adapter scale and the precision it computed in."""
+    return f"{model['run']} (adapter scale {model['adapter_scale']:g}, {model['precision']})"
 
 
 def file_metrics(table: data_lib.TextTable, logits, info: dict) -> dict:
