@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -336,6 +337,10 @@ def test_teacher_checks_note_another_tokenizer_and_another_validation_split(file
     assert distill.same_split(other, config(files, tiny_roberta, tmp_path / "s", "lora", validation_file="null",
                                             seed=1)) is True
     assert distill.same_split(other / "adapter", carved) is False  # RUN/adapter: the run's config.yaml decides
+    relative = {k: os.path.relpath(files[k]) for k in ("train", "validation")}  # the same files, spelled otherwise
+    respelled = config({**files, **relative}, tiny_roberta, tmp_path / "s", "lora")
+    assert respelled.data.dataset_name == relative["train"] != str(files["train"])
+    assert distill.same_split(teacher, respelled) is True
     shutil.copytree(other / "adapter", tmp_path / "bare")
     assert distill.same_split(tmp_path / "bare", carved) is None  # a bare bundle: unknown
 

@@ -154,10 +154,21 @@ def same_split(teacher: str | Path, cfg: Config) -> bool | None:
         return None
     tcfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     s = cfg.to_dict()
-    if tcfg.get("data", {}).get("dataset_name") != s["data"]["dataset_name"]:
+    if not same_source(tcfg.get("data", {}).get("dataset_name"), s["data"]["dataset_name"]):
         return None
     keys = SPLIT_KEYS[:1] if s["data"]["validation_file"] else SPLIT_KEYS
-    return all(tcfg.get(g, {}).get(k) == s[g][k] for g, k in keys)
+    return all(same_source(tcfg.get(g, {}).get(k), s[g][k]) for g, k in keys)
+
+
+def same_source(a, b) -> bool:
+    """Two config values equal, or two spellings of one local file or folder (relative and absolute, say; a relative
+    path is read from the current folder)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    pa, pb = Path(a), Path(b)
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def run_config(teacher: str | Path) -> Path:
