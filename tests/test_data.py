@@ -452,3 +452,80 @@ def test_sampler_invariants(lengths, bs, mult, seed, epoch, drop_last, cap):
     assert sorted(i for b in capped for i in b) == list(range(len(lengths)))
     for b in capped:  # within the cap, unless one text alone is longer
         assert 0 < len(b) <= bs and (cap is None or len(b) == 1 or len(b) * max(lengths[i] for i in b) <= cap)
+
+
+# ---- labels, headers and splits read the same whatever the file's format ----------------------------------
+
+
+def test_integer_label_cells_that_are_names_read_as_those_names(tmp_path):
+    """1 in a JSON file is the class named "1", as the text "1" in a CSV is (it was class index 1, i.e. "2")."""
+    stars = [str(k) for k in range(1, 6)]
+    rows = [{"text": t, "label": v} for t, v in (("a", 1), ("b", 3), ("c", 5))]
+    jl = tmp_path / "stars.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    csv_table = load_table(str(write_csv(tmp_path / "stars.csv", rows)), label_names=stars)
+    json_table = load_table(str(jl), label_names=stars)
+    assert json_table.labels == csv_table.labels == [0, 2, 4]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"text": t, "label": v}) + "\n" for t, v in (("a", 1), ("b", 2), ("c", "x"))))
+    table = load_table(str(mixed))
+    assert table.label_names == ["1", "2", "x"] and table.labels == [0, 1, 2]
+    assert load_table(str(write_csv(tmp_path / "ids.csv", ROWS)), label_names=AG_NEWS_LABELS).labels == [0, 1, 2, 3]
+
+
+def test_integer_labels_with_empty_classes_are_warned_about(tmp_path, capsys):
+    rows = [{"text": f"t{k}", "label": k} for k in range(1, 6)]
+    table = load_table(str(write_csv(tmp_path / "stars.csv", rows)))
+    assert table.label_names == ["0", "1", "2", "3", "4", "5"] and table.labels == [1, 2, 3, 4, 5]
+    err = capsys.readouterr().err
+    assert "stars.csv: integer labels make the classes 0..5, and 1 of them have no rows (0)" in err
+    load_table(str(write_csv(tmp_path / "full.csv", ROWS)))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_header_naming_a_column_twice_is_refused(tmp_path, monkeypatch, stream):
+    monkeypatch.setattr(readers, "STREAM_BYTES", 0 if stream else readers.STREAM_BYTES)
+    p = tmp_path / "dup.csv"
+    p.write_text("\ntext,label,text\nfirst,0,second\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}, line 2: the header names the column 'text' twice; rename")):
+        list(readers.iter_texts(str(p)))
+
+
+def test_a_malformed_tsv_line_is_named_alike_whole_or_streamed(tmp_path, monkeypatch):
+    p = tmp_path / "bad.tsv"
+    p.write_text('text\tlabel\nfine\t0\n"a"b\t1\n')
+    want = re.escape(f"{p}, line 3: malformed TSV")
+    with pytest.raises(DataError, match=want):
+        load_table(str(p))
+    monkeypatch.setattr(readers, "STREAM_BYTES", 0)
+    with pytest.raises(DataError, match=want):
+        list(readers.iter_texts(str(p)))
+
+
+def test_texts_to_predict_do_not_read_their_label_column(tmp_path):
+    p = tmp_path / "pred.csv"
+    p.write_text("text,label\nhello,pos\nworld,\n")
+    assert list(readers.iter_rows(str(p))) == [(["hello", "world"], None)]
+    with pytest.raises(DataError, match="row 2: label is missing"):
+        load_table(str(p))  # as labelled data it is still refused
+
+
+def test_an_empty_id_is_refused(tmp_path):
+    p = tmp_path / "ids.csv"
+    p.write_text("id,text\n7,good\n  ,bad\n")
+    with pytest.raises(DataError, match=re.escape(f"{p}, row 2: empty 'id' (--id_column)")):
+        load_table(str(p), require_labels=False, id_column="id")
+
+
+def test_a_folders_unlabelled_test_file_is_left_for_predict(tmp_path, capsys):
+    from budgetune.config import resolve
+    from budgetune.data.splits import load_splits
+
+    write_csv(tmp_path / "train.csv", ROWS * 5)
+    (tmp_path / "test.csv").write_text("id,text\n0,a headline to predict\n")
+    splits = load_splits(resolve(None, ["--dataset_name", str(tmp_path), "--validation_split_percentage", "20"]))
+    assert splits.test is None and len(splits.train.texts) + len(splits.validation.texts) == 20
+    assert f"the test split of {tmp_path} has no labels, so it is not scored" in capsys.readouterr().err
+    (tmp_path / "test.csv").write_text("text,label\na labelled headline,2\n")
+    assert load_splits(resolve(None, ["--dataset_name", str(tmp_path)])).test.labels == [2]

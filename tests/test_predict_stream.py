@@ -115,3 +115,27 @@ def test_sorted_batches_keep_padding_low_in_the_long_tail():
     pad, real = batching.padding_stats(lengths, batches)
     pad_fixed, _ = batching.padding_stats(lengths, fixed)
     assert (pad + real) / real < 1.1 and pad < pad_fixed / 1.5
+
+
+def test_an_output_that_is_the_input_or_a_folder_is_refused_before_any_model_loads(tmp_path):
+    from budgetune.errors import ConfigError
+    from budgetune.inference.predict import predict
+
+    texts = tmp_path / "texts.csv"
+    write_csv(texts, [(0, "keep me")])
+    before = texts.read_bytes()
+    with pytest.raises(ConfigError, match=re.escape(f"--output {tmp_path}/./texts.csv is the --input file")):
+        predict(tmp_path / "no-run", str(texts), f"{tmp_path}/./texts.csv")  # another spelling of the same file
+    with pytest.raises(ConfigError, match=re.escape(f"--output {tmp_path} is a folder")):
+        predict(tmp_path / "no-run", str(texts), str(tmp_path))
+    assert texts.read_bytes() == before
+
+
+def test_a_repeated_id_is_refused_naming_both_rows():
+    from budgetune.inference.predict import check_unique_ids
+
+    seen: dict[str, int] = {}
+    check_unique_ids("in.csv", "id", ["a", "b", "c"], 0, seen)  # the first chunk: rows 1-3
+    with pytest.raises(data_lib.DataError, match=re.escape("in.csv, row 5: ID 'b' (column 'id', --id_column) "
+                                                           "repeats row 2's")):
+        check_unique_ids("in.csv", "id", ["d", "b"], 3, seen)  # the next chunk: rows 4-5

@@ -86,10 +86,12 @@ def load_table(source: str, *, split: str = "train", text_column: str | None = N
                label_column: str | None = None, label_names: list[str] | None = None,
                require_labels: bool = True, dataset_config_name: str | None = None,
                max_samples: int | None = None, id_column: str | None = None, task: str = "single_label",
-               text_pair_column: str | None = None, label_delimiter: str | None = None) -> TextTable:
+               text_pair_column: str | None = None, label_delimiter: str | None = None,
+               read_labels: bool = True) -> TextTable:
     """Load BUILTIN, a local file or folder, or a Hub dataset; validates every row, then keeps max_samples.
 
-    task: how the label column reads (budgetune.tasks); text_pair_column: a second text per row."""
+    task: how the label column reads (budgetune.tasks); text_pair_column: a second text per row; read_labels
+    False: a label column is not read at all (texts to predict or pseudo-label: their labels are never used)."""
     path = builtin_path() if source == BUILTIN else Path(source).expanduser()
     if source == BUILTIN and label_names is None and task == "single_label":  # AG News label ids
         label_names = AG_NEWS_LABELS
@@ -106,7 +108,7 @@ def load_table(source: str, *, split: str = "train", text_column: str | None = N
     else:
         name, (columns, classes) = source, _read_hub(source, split, dataset_config_name)
     label = LabelSpec(label_column, label_names, task, label_delimiter)
-    table = _to_table(name, columns, classes, text_column, label, require_labels)
+    table = _to_table(name, columns, classes, text_column, label, require_labels, read_labels)
     if text_pair_column is not None:
         table.text_pairs = text_pairs(name, columns, text_pair_column)
     if id_column is not None:
@@ -140,7 +142,7 @@ class LabelSpec:
 
 def _id_value(src: str, where: str, column: str, value: object) -> str:
     """An ID as written in the submission: integers without a decimal point, anything else as text."""
-    if _missing(value):
+    if _missing(value) or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{src}, {where}: empty {column!r} (--id_column)")
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -270,6 +272,7 @@ def _read_csv(path: Path, text: str, delimiter: str) -> Columns:
     if delimiter == "," and len(rows[0]) == 3 and rows[0][0].strip() in ("1", "2", "3", "4"):
         return _ag_news(path, rows, starts)
     header, body = rows[0], rows[1:]
+    check_header(path, header, starts[0])
     if not body:
         raise DataError(f"{path}: no data rows")
     for row, line in zip(body, starts[1:]):
@@ -278,6 +281,15 @@ def _read_csv(path: Path, text: str, delimiter: str) -> Columns:
     if [h.lower() for h in header] == ["class index", "title", "description"]:  # Kaggle's AG News layout
         return _ag_news(path, body, starts[1:])
     return {h: [r[j] for r in body] for j, h in enumerate(header)}, {}
+
+
+def check_header(path: Path, header: list[str], line: int) -> None:
+    """Refuse a header that names one column twice: which of the two a reader took would be arbitrary."""
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}, line {line}: the header names the column {name!r} twice; rename one of them")
+        seen.add(name)
 
 
 def _ag_news(path: Path, rows: list[list[str]], starts: list[int]) -> Columns:
@@ -303,15 +315,14 @@ def iter_tables(source: str, *, text_column: str | None = None, id_column: str |
                 chunk_rows: int | None = None, task: str = "single_label", text_pair_column: str | None = None,
                 label_delimiter: str | None = None) -> Iterator[TextTable]:
     """Unlabelled rows in chunks as TextTables (their IDs in `ids`): streamed like iter_rows, except that rows with
-    a text pair (text_pair_column) load whole. A label column, if the file has one, is read as `task` reads it (with
-    label_delimiter) and dropped."""
+    a text pair (text_pair_column) load whole. A label column, if the file has one, is not read."""
     if text_pair_column is None and task == "single_label":
         for texts, ids in iter_rows(source, text_column=text_column, id_column=id_column, chunk_rows=chunk_rows):
             yield TextTable(texts, None, None, str(source), ids)
         return
     table = load_table(source, split="test", text_column=text_column, require_labels=False, id_column=id_column,
-                       task=task, text_pair_column=text_pair_column, label_delimiter=label_delimiter)
-    table.labels, table.label_names = None, None
+                       task=task, text_pair_column=text_pair_column, label_delimiter=label_delimiter,
+                       read_labels=False)
     size = chunk_rows or CHUNK_ROWS
     for start in range(0, len(table.texts), size):
         yield table.part(start, start + size)
@@ -324,7 +335,8 @@ def iter_rows(source: str, *, text_column: str | None = None, id_column: str | N
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if not path.is_file() or suffix not in (".csv", ".tsv", ".jsonl") or path.stat().st_size < STREAM_BYTES:
-        table = load_table(source, split="test", text_column=text_column, require_labels=False, id_column=id_column)
+        table = load_table(source, split="test", text_column=text_column, require_labels=False, id_column=id_column,
+                           read_labels=False)
         yield table.texts, table.ids
         return
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM would glue onto the first header
@@ -348,19 +360,20 @@ def iter_rows(source: str, *, text_column: str | None = None, id_column: str | N
 def _stream_csv(path: Path, f, text_column: str | None, delimiter: str,
                 id_column: str | None = None) -> Iterator[tuple[str, str | None]]:
     reader = csv.reader(f, delimiter=delimiter, strict=True)
-    header, col, id_col, ag_news, line = None, 0, None, False, 0
+    header, col, id_col, ag_news, last = None, 0, None, False, 0  # last: the file line the previous record ended on
     try:
         for row in reader:
-            line += 1
+            line, last = last + 1, reader.line_num  # the record's first line, as the whole-file reader names it
             if not row:
                 continue
             if any("\x00" in v for v in row):
-                raise DataError(f"{path}, line {reader.line_num}: contains a NUL byte")
+                raise DataError(f"{path}, line {line}: contains a NUL byte")
             if header is None:
                 if delimiter == "," and len(row) == 3 and row[0].strip() in ("1", "2", "3", "4"):
                     header, ag_news = ["class index", "title", "description"], True  # headerless AG News
                 else:
                     header = row
+                    check_header(path, header, line)
                     if [h.lower() for h in header] == ["class index", "title", "description"]:
                         ag_news = True
                         continue
@@ -372,11 +385,11 @@ def _stream_csv(path: Path, f, text_column: str | None, delimiter: str,
                 if id_column is not None:
                     raise DataError(f"{path}: the headerless AG News layout has no {id_column!r} column (--id_column)")
             if len(row) != len(header):
-                raise DataError(f"{path}, line {reader.line_num}: expected {len(header)} fields, found {len(row)}")
-            row_id = None if id_col is None else _id_value(str(path), f"line {reader.line_num}", id_column, row[id_col])
+                raise DataError(f"{path}, line {line}: expected {len(header)} fields, found {len(row)}")
+            row_id = None if id_col is None else _id_value(str(path), f"line {line}", id_column, row[id_col])
             yield (f"{row[1]} {row[2]}" if ag_news else row[col]), row_id
     except csv.Error as e:
-        raise DataError(f"{path}, line {reader.line_num + 1}: malformed CSV ({e})") from None
+        raise DataError(f"{path}, line {last + 1}: malformed {'CSV' if delimiter == ',' else 'TSV'} ({e})") from None
 
 
 def _stream_jsonl(path: Path, f, text_column: str | None,
@@ -494,7 +507,7 @@ def _missing(v: object) -> bool:
 
 
 def _to_table(src: str, columns: dict[str, list], classes: dict[str, list[str]], text_column: str | None,
-              spec: LabelSpec, require_labels: bool) -> TextTable:
+              spec: LabelSpec, require_labels: bool, read_labels: bool = True) -> TextTable:
     tcol = _pick(src, columns, text_column, TEXT_COLUMNS, "text", "text_column_name")
     texts = columns[tcol]
     for i, t in enumerate(texts):
@@ -502,6 +515,8 @@ def _to_table(src: str, columns: dict[str, list], classes: dict[str, list[str]],
             what = "missing" if _missing(t) else f"not a string ({type(t).__name__})"
             raise DataError(f"{src}, row {i + 1}: text is {what} (column {tcol!r})")
         check_text(src, f"row {i + 1}, column {tcol!r}", t)
+    if not read_labels:
+        return TextTable(list(texts), None, None, src)
     label_column, label_names = spec.column, spec.names
     if spec.task == "regression" and label_column and "," in label_column:
         return _several_targets(src, columns, texts, label_column, require_labels)
@@ -541,7 +556,8 @@ def _label_set(names: list[str]) -> str:
 
 
 def _labels(src: str, raw: list, names: list[str] | None) -> tuple[list[int], list[str]]:
-    """Integer labels index names; string labels match a name first, then an index written as a string."""
+    """A label that is a name (an integer cell too: 1 is the class named "1") is that class; else an integer, or
+    one written as a string, is a 0-based index."""
     vals: list[int | str] = []
     for i, v in enumerate(raw):
         if _missing(v) or (isinstance(v, str) and not v.strip()):
@@ -556,20 +572,11 @@ def _labels(src: str, raw: list, names: list[str] | None) -> tuple[list[int], li
             v = int(v)
         vals.append(v.strip() if isinstance(v, str) else v)
     if names is None:
-        if all(isinstance(v, int) or _INT.fullmatch(v) for v in vals):
-            ints = [int(v) for v in vals]
-            top = max(ints)
-            if top >= MAX_CLASSES:
-                raise DataError(f"{src}, row {ints.index(top) + 1}: label {str(top)[:30]} would make the classes "
-                                f"0..{str(top)[:30]} (at most {MAX_CLASSES} are supported); set --label_names, or "
-                                "write the labels as names")
-            names = [str(k) for k in range(max(top, 0) + 1)]
-        else:
-            names = sorted({str(v) for v in vals})
+        names = _inferred_names(src, vals)
     index = {n: k for k, n in enumerate(names)}
     out = []
     for i, v in enumerate(vals):
-        k = index.get(v) if isinstance(v, str) else None
+        k = index.get(str(v))
         if k is None and (isinstance(v, int) or _INT.fullmatch(v)):
             k = int(v)
             if not 0 <= k < len(names):
@@ -578,6 +585,26 @@ def _labels(src: str, raw: list, names: list[str] | None) -> tuple[list[int], li
             raise DataError(f"{src}, row {i + 1}: label {v!r} is not one of {', '.join(names)}")
         out.append(k)
     return out, names
+
+
+def _inferred_names(src: str, vals: list[int | str]) -> list[str]:
+    """Class names when none are given: integer labels name the classes 0..max (a warning names classes with no
+    rows, e.g. labels 1..5 make a class 0), other labels their sorted set."""
+    if not all(isinstance(v, int) or _INT.fullmatch(v) for v in vals):
+        return sorted({str(v) for v in vals})
+    ints = [int(v) for v in vals]
+    top = max(ints)
+    if top >= MAX_CLASSES:
+        raise DataError(f"{src}, row {ints.index(top) + 1}: label {str(top)[:30]} would make the classes "
+                        f"0..{str(top)[:30]} (at most {MAX_CLASSES} are supported); set --label_names, or "
+                        "write the labels as names")
+    empty = sorted(set(range(max(top, 0) + 1)) - set(ints))
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+        print(f"warning: {src}: integer labels make the classes 0..{top}, and {len(empty)} of them have no rows "
+              f"({shown}): the model still gets an output for each; set --label_names to the classes you have "
+              "(labels that are names are read as those names)", file=sys.stderr)
+    return [str(k) for k in range(max(top, 0) + 1)]
 
 
 def train_validation_split(table: TextTable, fraction: float, seed: int) -> tuple[TextTable, TextTable]:

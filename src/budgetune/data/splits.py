@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,9 +44,20 @@ def load_splits(cfg: Config) -> Splits:
     if d.test_file:
         test = data_lib.load_table(d.test_file, split="test", **kw)
     elif data_lib.has_split(d.dataset_name, "test", d.dataset_config_name):  # reported only, never selects
-        test = data_lib.load_table(d.dataset_name, split="test", **kw)
+        test = found_test_split(d.dataset_name, kw)
     train, val = train.first(d.max_train_samples or None), val.first(d.max_eval_samples or None)
     return Splits(train, val, test, names, source, d.task)
+
+
+def found_test_split(dataset: str, kw: dict) -> data_lib.TextTable | None:
+    """The dataset's own test split when it has labels; a Kaggle-style test.csv without them (or the Hub's -1
+    labels) is left for `predict`, with a note, instead of stopping the run."""
+    test = data_lib.load_table(dataset, split="test", require_labels=False, **kw)
+    if test.labels is None:
+        print(f"note: the test split of {dataset} has no labels, so it is not scored; predict it with `budgetune "
+              "predict RUN --input FILE`", file=sys.stderr)
+        return None
+    return test
 
 
 def cache_dir(cfg: Config) -> str:

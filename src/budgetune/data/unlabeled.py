@@ -53,7 +53,8 @@ class Dedup:
 def load_texts(path: str, text_column: str | None = None, flag: str = "--unlabeled_file") -> list[str]:
     """The texts of an unlabelled file (any format load_table reads; a label column, if any, is ignored)."""
     try:
-        table = data_lib.load_table(path, split="train", text_column=text_column, require_labels=False)
+        table = data_lib.load_table(path, split="train", text_column=text_column, require_labels=False,
+                                    read_labels=False)
     except DataError as e:
         raise DataError(f"{flag}: {e}") from None
     if not table.texts:

@@ -12,7 +12,7 @@ import numpy as np
 
 from budgetune import fileio, tasks
 from budgetune.data import readers as data_lib
-from budgetune.errors import AdapterError
+from budgetune.errors import AdapterError, ConfigError, DataError
 from budgetune.inference.loading import bundle_task, bundle_thresholds, load_for_inference
 from budgetune.inference.runner import table_logits
 
@@ -34,6 +34,7 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
     """
     if label_format not in ("int", "name"):
         raise AdapterError(f"--label_format must be int or name, got {label_format!r}")
+    check_output(input_file, output)
     accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision,
                                                              cache_dir=cache_dir)
     names, task = info["label_names"], bundle_task(info)
@@ -42,6 +43,7 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
         raise AdapterError(f"{flag}: {run} is a regression model; it predicts values, not classes")
     pair_column = text_pair_column or info.get("text_pair_column_name")
     n, blank, first_blank = 0, 0, []  # rows with empty text: how many, and the first few
+    id_rows: dict[str, int] = {}  # --id_column: each ID's row (1 = the first data row), to refuse a repeat
     # Chunk by chunk (a big file streams): memory stays bounded by the chunk, whatever the file's size.
     # Every process computes (the batches are sharded); only the main one writes.
     with contextlib.ExitStack() as stack:
@@ -54,6 +56,8 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
         for table in data_lib.iter_tables(input_file, text_column=text_column, id_column=id_column, task=task,
                                           text_pair_column=pair_column, label_delimiter=info.get("label_delimiter")):
             texts, ids = table.texts, table.ids
+            if ids is not None:
+                check_unique_ids(input_file, id_column, ids, n, id_rows)
             rows = [n + i + 1 for i, t in enumerate(texts) if not t.strip()]
             blank, first_blank = blank + len(rows), (first_blank + rows)[:BLANK_SHOWN]
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
@@ -67,6 +71,25 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
         warn_blank(input_file, blank, first_blank)
         print(f"wrote {n} predictions to {output} (adapter scale {info['applied_adapter_scale']:g})")
     return Path(output)
+
+
+def check_output(input_file: str, output: str) -> None:
+    """Refuse an --output that would replace the input's texts, or that is a folder, before any model loads."""
+    out = Path(output)
+    if out.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give the path of the submission file to write")
+    if out.exists() and Path(input_file).exists() and out.resolve() == Path(input_file).resolve():
+        raise ConfigError(f"--output {output} is the --input file: the submission would replace the texts; choose "
+                          "another path")
+
+
+def check_unique_ids(input_file: str, id_column: str, ids: list[str], start: int, seen: dict[str, int]) -> None:
+    """Refuse an ID that repeats one of an earlier row (a submission keys its rows by ID), naming both rows."""
+    for i, row_id in enumerate(ids, start + 1):
+        first = seen.setdefault(row_id, i)
+        if first != i:
+            raise DataError(f"{input_file}, row {i}: ID {row_id!r} (column {id_column!r}, --id_column) repeats row "
+                            f"{first}'s; a submission needs one row per ID")
 
 
 def answers(task: str, logits: np.ndarray, names: list[str], label_format: str, thresholds=None) -> list:
