@@ -337,3 +337,15 @@ def test_two_regression_targets_end_to_end(tiny_roberta, tmp_path):
     values = np.array([json.loads(r["Label"]) for r in read_submission(tmp_path / "p.csv")])
     y = np.array([[r[1], r[2]] for r in rows])
     assert values.shape == (480, 2) and m["mse"] == pytest.approx(np.mean((values - y) ** 2), rel=1e-4)
+
+
+@pytest.mark.parametrize("task, data, metric", [("multi_label", "multi_delim", "eval_micro_f1"),
+                                                ("regression", "reg", "eval_mse")])
+def test_eval_strategy_no_ships_the_last_state_for_every_task(tiny_roberta, task_files, tmp_path, task, data, metric):
+    """--eval_strategy no scores the shipped adapter at the end with the task's own metrics (it asked for accuracy)."""
+    out = tmp_path / "run"
+    delimiter = {"label_delimiter": ";"} if task == "multi_label" else {}
+    run_cli(*tiny_train_args(tiny_roberta, task_files[data], out, "lora", task=task, num_train_epochs=1,
+                             eval_strategy="no", **delimiter))
+    info = json.loads((out / "adapter" / "budgetune.json").read_text())
+    assert metric in info["metrics"] and "eval_accuracy" not in info["metrics"]

@@ -70,7 +70,7 @@ def score_last(run: Run, state: TrainState, best: Best, raw: dict) -> None:
     into the bundle, best_state.pt and what train() returns (search's objective reads them)."""
     if best.metrics is None:
         return
-    best.metrics.update(eval_accuracy=raw["accuracy"], eval_macro_f1=raw["macro_f1"], eval_loss=raw["loss"])
+    best.metrics.update(tasks.prefixed(run.splits.task, raw))
     state.best_metric = raw[run.cfg.train.metric_for_best_model]
     if run.accelerator.is_main_process:
         save_best(run, best)
