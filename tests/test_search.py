@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,9 +337,10 @@ def test_ctrl_c_ends_the_search_with_the_leaderboard_written(tiny_roberta, headl
     assert proc.returncode == 130, err[-3000:]
     assert "search interrupted; leaderboard:" in err and "Run the same command again" in err
     rows = {r["trial"]: r for r in csv.DictReader(open(out / "leaderboard.csv", newline=""))}
-    assert set(rows) == {"0", "1"}  # no trial started after the interrupt
+    assert set(rows) == {"0", "1", "2"}  # no trial started after the interrupt; the interrupted one's point queued
     assert rows["0"]["state"] in ("COMPLETE", "PRUNED")
     assert rows["1"]["state"] == "FAIL" and rows["1"]["note"].startswith("interrupted")
+    assert rows["2"]["state"] == "WAITING" and rows["2"]["note"] == "queued: runs when the search continues"
     assert (out / "leaderboard.md").exists()
 
 
@@ -412,3 +414,162 @@ def test_best_yaml_is_written_while_another_worker_writes_it_too(tmp_path, monke
     assert len(set(calls)) == 2
     assert yaml.safe_load((tmp_path / "best.yaml").read_text())["output"]["output_dir"] == str(tmp_path / "best")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]  # no scratch left behind
+
+
+# ---- a study continued, its settings, its counts and its leaderboard (no training) -------------------------
+
+
+SIGNATURE = {"dataset_name": "d.csv", "budget": 1000, "trial_steps": 30, "metric_for_best_model": "accuracy"}
+
+
+def sampled(study, n: int) -> list[float]:
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=n)
+    return [t.params["x"] for t in study.get_trials()]
+
+
+def test_a_seeded_study_continued_draws_new_points(tmp_path):
+    from budgetune.recipes.search.driver import open_study
+
+    def opened():
+        return open_study("s", (None, tmp_path, 0), "random", 3, optuna.pruners.NopPruner(), "accuracy", SIGNATURE)
+
+    first = sampled(opened(), 3)
+    both = sampled(opened(), 3)
+    assert both[:3] == first and not set(both[3:]) & set(first)  # the same seed used to draw the same 3 again
+
+
+def test_a_study_continued_with_other_settings_is_refused_naming_them(tmp_path):
+    from budgetune.errors import ConfigError
+    from budgetune.recipes.search.driver import open_study
+
+    args = ("s", (None, tmp_path, 0), "tpe", 0, optuna.pruners.NopPruner(), "accuracy")
+    sampled(open_study(*args, SIGNATURE), 1)
+    assert len(sampled(open_study(*args, dict(SIGNATURE)), 1)) == 2  # the same settings continue
+    with pytest.raises(ConfigError, match=r"--study s: the stored study searched with other settings \(budget: "
+                                          r"stored 1000, now 2000\)"):
+        open_study(*args, {**SIGNATURE, "budget": 2000})
+
+
+def test_an_interrupted_trial_does_not_count_and_its_point_is_queued_again(tmp_path):
+    from types import SimpleNamespace
+
+    from budgetune.errors import Interrupted
+    from budgetune.recipes.search import driver
+
+    study = optuna.create_study()
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+
+    def interrupted(setup, trial):
+        trial.suggest_float("x", 0, 1)
+        raise Interrupted("stopped by signal 15")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driver, "trial_config", interrupted)
+        with pytest.raises(Interrupted):
+            study.optimize(lambda t: driver.objective(SimpleNamespace(flags={}), t), n_trials=1)
+    stopped = study.get_trials()[2]
+    assert stopped.state == optuna.trial.TrialState.FAIL and driver.finished_trials(study) == 2
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)  # the search continued: the same point
+    assert study.get_trials()[3].params == stopped.params
+
+
+def test_a_trial_that_fails_before_training_records_why(tmp_path):
+    """An error while sampling or gating is the trial's own (the leaderboard used to say its worker died)."""
+    from types import SimpleNamespace
+
+    from budgetune.errors import ConfigError
+    from budgetune.recipes.search import driver
+
+    study = optuna.create_study()
+    trial = study.ask()
+
+    def bad(setup, trial):
+        raise ConfigError("--learning_rate must be positive")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driver, "trial_config", bad)
+        with pytest.raises(ConfigError):
+            driver.objective(SimpleNamespace(flags={}), trial)
+    assert study.get_trials()[0].user_attrs["error"] == "ConfigError: --learning_rate must be positive"
+
+
+def test_warm_up_validations_do_not_set_a_pruned_adalora_trials_figures():
+    from types import SimpleNamespace
+
+    from budgetune.recipes.search.driver import reporter
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    setup = SimpleNamespace(metric="accuracy", cfg=SimpleNamespace(data=SimpleNamespace(task="single_label")),
+                            pruner_name="median")
+    report = reporter(setup, trial, 0.0)
+    report(5, {"eval_accuracy": 0.80, "eval_macro_f1": 0.8, "eval_loss": 0.5, "final_ranks": False})
+    report(9, {"eval_accuracy": 0.55, "eval_macro_f1": 0.5, "eval_loss": 0.9, "final_ranks": True})
+    assert trial.user_attrs["val_accuracy"] == 0.55
+
+
+def test_the_leaderboard_ranks_pruned_trials_by_the_figure_it_shows_and_empty_ones_last():
+    from budgetune.recipes.search.leaderboard import trial_rows
+
+    study = optuna.create_study(direction="minimize")
+    P = optuna.trial.TrialState.PRUNED
+    for attrs, values in (({"prune_reason": "over budget"}, None), ({"val_loss": 0.4}, {0: 0.3}),
+                          ({"val_loss": 0.3}, {0: 0.5})):  # pruned at a last report of 0.3 and 0.5, best 0.4 and 0.3
+        study.add_trial(optuna.trial.create_trial(state=P, user_attrs={"metric": "loss", **attrs},
+                                                  intermediate_values=values or {}))
+    assert [r["trial"] for r in trial_rows(study)] == [2, 1, 0]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: __import__("budgetune.cli.search", fromlist=["x"]).parse_duration("1.2.3"), "--timeout: expected"),
+    (lambda: __import__("budgetune.recipes.search.driver", fromlist=["x"]).make_storage("runs/x/study.txt",
+                                                                                        Path("."), 0),
+     "--storage runs/x/study.txt: give a database URL"),
+])
+def test_bad_search_flags_are_refused_naming_the_flag(call, message):
+    from budgetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        call()
+
+
+def test_a_storage_path_ending_in_db_is_sqlite(tmp_path):
+    from budgetune.recipes.search.driver import make_storage
+
+    storage = make_storage(str(tmp_path / "study.db"), tmp_path, 0)
+    optuna.create_study(study_name="s", storage=storage)
+    assert (tmp_path / "study.db").is_file()
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"learning_rate": [0.0, 1e-3]}, r"search.learning_rate: values must be above 0"),
+    ({"alpha_ratio": [-1.0, 2.0]}, r"search.alpha_ratio: values must be above 0"),
+])
+def test_search_values_that_cannot_train_are_refused(group, message):
+    from budgetune.errors import ConfigError
+    from budgetune.recipes.search.search_space import parse_search_group
+
+    with pytest.raises(ConfigError, match=message):
+        parse_search_group(group)
+    assert parse_search_group({"target_modules": ["query, value"]})["target_modules"].choices == ["query,value"]
+
+
+def test_min_steps_below_one_is_refused_before_anything_loads(tmp_path):
+    from budgetune.config import Config
+    from budgetune.errors import ConfigError
+    from budgetune.recipes.search.driver import search
+
+    with pytest.raises(ConfigError, match="--min_steps must be at least 1, got 0"):
+        search(Config(), n_trials=1, output_dir=tmp_path, budget_cap=1000, min_steps=0)
+
+
+def test_an_adalora_winner_s_schedule_is_also_given_as_fractions_of_the_run():
+    from budgetune.config import resolve
+    from budgetune.recipes.search.leaderboard import adalora_fractions
+
+    study = optuna.create_study()
+    study.set_user_attr("budgetune_signature", {"trial_steps": 200})
+    cfg = resolve(None, ["--method", "adalora", "--tinit", "20", "--tfinal", "60"])
+    assert adalora_fractions(cfg, study).startswith(" --tinit 0.1 --tfinal 0.3 (AdaLoRA's schedule")
+    assert adalora_fractions(resolve(None, []), study) == ""

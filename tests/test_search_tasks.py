@@ -53,10 +53,11 @@ def test_a_study_stored_for_the_other_direction_is_refused(tmp_path):
     from budgetune.recipes.search.driver import open_study
 
     storage = (None, tmp_path, 0)
-    assert open_study("s", storage, "tpe", 0, optuna.pruners.NopPruner(), "mse").direction.name == "MINIMIZE"
+    study = open_study("s", storage, "tpe", 0, optuna.pruners.NopPruner(), "mse", {"task": "regression"})
+    assert study.direction.name == "MINIMIZE"
     with pytest.raises(ConfigError, match="--study s: the stored study is to minimize its metric, but "
                                           "--metric_for_best_model micro_f1 is to maximize"):
-        open_study("s", storage, "tpe", 0, optuna.pruners.NopPruner(), "micro_f1")
+        open_study("s", storage, "tpe", 0, optuna.pruners.NopPruner(), "micro_f1", {"task": "multi_label"})
 
 
 @pytest.mark.slow

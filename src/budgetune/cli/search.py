@@ -54,7 +54,7 @@ def parse_duration(text: str | None) -> float | None:
     """'90', '45m', '3h' -> seconds."""
     if text is None:
         return None
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([smh]?)\s*", text)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([smh]?)\s*", text)
     if not m:
         raise ConfigError(f"--timeout: expected seconds or a duration like 45m or 3h, got {text!r}")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]

@@ -10,6 +10,7 @@ is reported). Outputs (leaderboard.py) are rebuilt from the study, so any worker
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -26,7 +27,7 @@ from budgetune.budget.plan import check_budget
 from budgetune.config import Config, build_config, load_yaml, merge, parse_overrides
 from budgetune.data import readers as data_lib
 from budgetune.data.splits import Splits, load_splits
-from budgetune.errors import BudgetError, ConfigError, Interrupted
+from budgetune.errors import BudgetError, ConfigError, Interrupted, TrainingError
 from budgetune.metrics import improves, lower_is_better
 from budgetune.recipes.search import leaderboard
 from budgetune.recipes.search.search_space import (
@@ -72,6 +73,11 @@ def make_storage(storage: str | None, out: Path, retry_failed: int):
     if storage and re.search(r"\.(log|journal)$", storage) and "://" not in storage:
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage))
+    if storage and "://" not in storage:
+        if not re.search(r"\.(db|sqlite3?)$", storage):
+            raise ConfigError(f"--storage {storage}: give a database URL (sqlite:///FILE.db), a file ending in .db "
+                              "(SQLite), or one ending in .log or .journal (Optuna's journal file)")
+        storage = f"sqlite:///{Path(storage).resolve()}"
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
@@ -172,13 +178,13 @@ def reporter(setup: Setup, trial, t0: float):
 
     def on_evaluate(step: int, m: dict) -> None:
         value = m[key]
-        if improves(value, best["value"], setup.metric):
-            best["value"] = value
-            record_metrics(trial, setup.cfg.data.task, setup.metric, m)
         trial.set_user_attr("steps", step)
         trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 1))
         if not m["final_ranks"]:  # AdaLoRA's warm-up and pruning phases dip by design: not comparable
             return
+        if improves(value, best["value"], setup.metric):
+            best["value"] = value
+            record_metrics(trial, setup.cfg.data.task, setup.metric, m)
         trial.report(value, step)
         if trial.should_prune():
             trial.set_user_attr("prune_reason", f"{setup.pruner_name} pruner at step {step}: {key} {value:.4f}")
@@ -192,19 +198,23 @@ def objective(setup: Setup, trial) -> float:
 
     from budgetune.training.train import train
 
-    cfg = trial_config(setup, trial)
-    gate_trial(setup, trial, cfg)
     t0 = time.perf_counter()
-    # the objective is the raw adapter's validation metric: choosing an adapter scale (5 more validation passes)
-    # is left to the run trained from best.yaml, which keeps the base config's robust_tolerance
-    trial_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, robust_tolerance=None,
-                                                                   inference_precision_tolerance=None))
     try:
+        cfg = trial_config(setup, trial)
+        gate_trial(setup, trial, cfg)
+        # the objective is the raw adapter's validation metric: choosing an adapter scale (5 more validation
+        # passes) is left to the run trained from best.yaml, which keeps the base config's robust_tolerance
+        trial_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, robust_tolerance=None,
+                                                                       inference_precision_tolerance=None))
         result = train(trial_cfg, splits=setup.splits, on_evaluate=reporter(setup, trial, t0))
+        value = float(result["best_metric"])
+        if not math.isfinite(value):
+            raise TrainingError(f"validation {setup.metric} is {value}")
     except optuna.TrialPruned:
         raise
     except (Interrupted, KeyboardInterrupt) as e:
-        trial.set_user_attr("error", f"interrupted: {e}"[:500])
+        trial.set_user_attr("error", f"{INTERRUPTED}: {e}"[:500])
+        trial.study.enqueue_trial(trial.params)  # the same point is tried again when the search continues
         trial.study.stop()
         setup.flags["interrupted"] = True
         raise Interrupted(str(e)) from None
@@ -214,7 +224,7 @@ def objective(setup: Setup, trial) -> float:
     finally:
         trial.set_user_attr("wall_s", round(time.perf_counter() - t0, 1))
     record_metrics(trial, setup.cfg.data.task, setup.metric, result)
-    return float(result["best_metric"])
+    return value
 
 
 def prune_run_folders(study, out: Path, keep_top_k: int) -> None:
@@ -341,6 +351,9 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
         raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
     if n_trials < 1 or keep_top_k < 1:
         raise ConfigError("--n_trials and --keep_top_k must be at least 1")
+    for flag, value in (("--min_steps", min_steps), ("--min_train_samples", min_train_samples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     cfg, cap, test_file = searched_config(cfg, budget_cap, test_file)
     dims = parse_search_group(search_group)
     out = Path(output_dir)
@@ -356,8 +369,12 @@ def search(cfg: Config, *, search_group: dict | None = None, n_trials: int = 20,
         raise ConfigError(f"--min_train_samples/--min_steps ({low} steps) exceeds a trial's {total} steps")
     metric = cfg.train.metric_for_best_model
     out.mkdir(parents=True, exist_ok=True)
+    signature = {"dataset_name": cfg.data.dataset_name, "model_name_or_path": cfg.model.model_name_or_path,
+                 "task": cfg.data.task, "metric_for_best_model": metric, "budget": cap, "trial_steps": total,
+                 "space": sorted(f"{s.key}|{s.ranks}" for s in space.shapes),
+                 "search": {k: [d.choices, d.low, d.high, d.log] for k, d in sorted(dims.items())}}
     study = open_study(study_name, (storage, out, retry_failed), sampler, sampler_seed,
-                       make_pruner(pruner, low, total), metric)
+                       make_pruner(pruner, low, total), metric, signature)
     start = base_point(space, cfg)
     if start is not None and not study.get_trials(deepcopy=False):
         study.enqueue_trial(start, skip_if_exists=True)  # trial 0 measures the base config at this fidelity
@@ -389,46 +406,74 @@ def searched_config(cfg: Config, budget_cap: int | None, test_file: str | None) 
     return cfg, cap, test_file
 
 
+def make_sampler(sampler: str, seed: int | None):
+    import optuna
+
+    if sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"--sampler must be tpe or random, got {sampler!r}")
+
+
 def open_study(study_name: str, storage: tuple[str | None, Path, int], sampler: str, sampler_seed: int | None,
-               pruner, metric: str):
+               pruner, metric: str, signature: dict):
     """Create the study, or load it when another worker (or an earlier run) made it; `storage`: make_storage's
-    arguments (the storage is opened once the sampler is known to be valid)."""
+    arguments (the storage is opened once the sampler is known to be valid). A study continued with other settings
+    (`signature`: data, model, task, metric, budget, trial length, space) is refused. A seeded sampler continuing a
+    study is seeded past its trials (seed + their count): the same seed would draw the first trials' points again."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True),
-                "random": lambda: optuna.samplers.RandomSampler(seed=sampler_seed)}
-    if sampler not in samplers:
-        raise ConfigError(f"--sampler must be tpe or random, got {sampler!r}")
+    make_sampler(sampler, sampler_seed)  # an unknown sampler is refused before the storage opens
     direction = "minimize" if lower_is_better(metric) else "maximize"
-    study = optuna.create_study(study_name=study_name, storage=make_storage(*storage), sampler=samplers[sampler](),
-                                pruner=pruner, direction=direction, load_if_exists=True)
+    study = optuna.create_study(study_name=study_name, storage=make_storage(*storage),
+                                sampler=make_sampler(sampler, sampler_seed), pruner=pruner, direction=direction,
+                                load_if_exists=True)
     if study.direction.name.lower() != direction:  # an earlier search of this study optimised another metric
         raise ConfigError(f"--study {study_name}: the stored study is to {study.direction.name.lower()} its "
                           f"metric, but --metric_for_best_model {metric} is to {direction}; name another study")
+    check_signature(study, study_name, json.loads(json.dumps(signature)))
+    done = len(study.get_trials(deepcopy=False))
+    if done and sampler_seed is not None:
+        study.sampler = make_sampler(sampler, sampler_seed + done)
     return study
+
+
+def check_signature(study, study_name: str, signature: dict) -> None:
+    """Record the search's settings on a new study; refuse to continue one stored with other settings, naming them
+    (a study from before the record is continued unchecked)."""
+    stored = study.user_attrs.get("budgetune_signature")
+    if stored is None:
+        if not study.get_trials(deepcopy=False):
+            study.set_user_attr("budgetune_signature", signature)
+        return
+    differ = [k for k in signature if stored.get(k) != signature[k]]
+    if differ:
+        shown = "; ".join(f"{k}: stored {stored.get(k)!r}, now {signature[k]!r}"[:300] for k in differ)
+        raise ConfigError(f"--study {study_name}: the stored study searched with other settings ({shown}); its "
+                          "trials cannot be ranked with these. Name another study, or use the settings it had")
 
 
 def run_trials(study, setup: Setup, n_trials: int, timeout: float | None, keep_top_k: int, test_file: str | None,
                verbose: bool) -> None:
     """Trials until the study has n_trials finished ones (or the timeout), then the outputs; Ctrl-C keeps them."""
-    import optuna
 
     out = setup.out
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
     def after_trial(study, trial) -> None:
         prune_run_folders(study, out, keep_top_k)
         if verbose:
             print(progress_line(study, trial, n_trials), flush=True)
+        if finished_trials(study) >= n_trials:  # several workers share the count
+            study.stop()
 
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=states))
+    remaining = n_trials - finished_trials(study)
     interrupted = False
     try:
         if remaining > 0:
             study.optimize(lambda trial: objective(setup, trial), n_trials=remaining, timeout=timeout,
-                           catch=(Exception,), gc_after_trial=True,
-                           callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=states), after_trial])
+                           catch=(Exception,), gc_after_trial=True, callbacks=[after_trial])
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -440,6 +485,19 @@ def run_trials(study, setup: Setup, n_trials: int, timeout: float | None, keep_t
                           "again to continue the study")
     if verbose:
         print(f"leaderboard: {written['leaderboard'][1]}\npareto: {written['pareto']}\nbest: {written['best_yaml']}")
+
+
+INTERRUPTED = "interrupted"  # the start of the error a trial stopped by Ctrl-C or a signal records
+
+
+def finished_trials(study) -> int:
+    """Trials that count toward --n_trials: complete, pruned or failed, but not one stopped by an interruption
+    (its point is queued again)."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.FAIL))
+               if not str(t.user_attrs.get("error", "")).startswith(f"{INTERRUPTED}:"))
 
 
 def load_search_config(config: str | None, overrides: list[str]) -> tuple[Config, dict | None]:

@@ -50,15 +50,25 @@ def trial_rows(study) -> list[dict]:
         note = a.get("prune_reason") or a.get("error") or ""
         if t.state.name == "FAIL" and not note:  # failed from outside: its worker died (kill -9, lost machine)
             note = f"worker {a.get('worker', '?')} stopped mid-trial"
+        if t.state.name == "WAITING":  # an interrupted or retried trial's point, queued again
+            note = "queued: runs when the search continues"
         rows.append({"trial": t.number, "state": t.state.name, "method": a.get("method", ""),
                      "rank": a.get("rank", ""), "targets": a.get("targets", ""), "head": a.get("head", ""),
                      "learning_rate": a.get("learning_rate", ""), "trainable": a.get("trainable", ""),
                      **{k: a.get(k, "") for k in shown},
                      "steps": a.get("steps", ""), "wall_s": a.get("wall_s", ""), "note": note,
                      "value": t.value, "score": a.get(f"val_{metric}")})
-    rows.sort(key=lambda r: (order.get(r["state"], 5), sign * r["value"] if r["value"] is not None else 0,
+    rows.sort(key=lambda r: (order.get(r["state"], 5), shown_value(r) is None, sign * (shown_value(r) or 0),
                              r["trial"]))
     return rows
+
+
+def shown_value(row: dict) -> float | None:
+    """What a row is ranked by: a pruned trial's best comparable validation (the figure it shows), else its value;
+    None (ranked after the others of its state) when it has neither."""
+    if row["state"] == "PRUNED" and isinstance(row["score"], (int, float)):
+        return row["score"]
+    return row["value"]
 
 
 def _cell(column: str, value) -> str:
@@ -159,6 +169,17 @@ def axis_labels(ax, key: str, label: str, metric: str) -> None:
     ax.grid(alpha=0.3)
 
 
+def adalora_fractions(cfg, study) -> str:
+    """For an AdaLoRA winner: its schedule as fractions of the run, since best.yaml holds step counts of this
+    search's trial length, which a run on all rows would stretch."""
+    steps = study.user_attrs.get("budgetune_signature", {}).get("trial_steps")
+    m = cfg.method
+    if m.method != "adalora" or not steps:
+        return ""
+    return (f" --tinit {m.tinit / steps:.3g} --tfinal {m.tfinal / steps:.3g} (AdaLoRA's schedule as fractions of "
+            f"the run: best.yaml holds steps of a {steps}-step trial)")
+
+
 def write_best_yaml(study, out: Path) -> Path | None:
     """The best complete trial's resolved config, retargeted to OUT/best; its first line is the command."""
     import optuna
@@ -179,6 +200,6 @@ def write_best_yaml(study, out: Path) -> Path | None:
               f"{metric} {best.value:.4f} ({'lowest' if lower_is_better(metric) else 'highest'} is best; --task "
               f"{task}; {trainable} trainable); the same "
               "seed on CPU gives the same figure.\n# For all training rows: add --max_train_samples null "
-              "--max_eval_samples null\n")
+              "--max_eval_samples null" + adalora_fractions(cfg, study) + "\n")
     save_yaml(cfg, path, header=header)
     return path

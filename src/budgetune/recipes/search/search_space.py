@@ -94,7 +94,8 @@ class Space:
 def targets_text(targets) -> str:
     if targets is None:
         return "null"
-    return targets if isinstance(targets, str) else ",".join(targets)
+    names = targets.split(",") if isinstance(targets, str) else targets
+    return ",".join(str(t).strip() for t in names)
 
 
 def parse_dim(key: str, value: Any, kind: str) -> Dim:
@@ -125,7 +126,7 @@ def parse_dim(key: str, value: Any, kind: str) -> Dim:
     if kind != "choice":
         values = [_number(v, where, kind == "int") for v in values]
     elif key == "target_modules":
-        values = [targets_text(v) if isinstance(v, list) else str(v) for v in values]
+        values = [targets_text(v) if isinstance(v, (list, str)) else str(v) for v in values]
     if len(set(map(str, values))) != len(values):
         raise ConfigError(f"{where}: repeated choices in {values}")
     return Dim(key, choices=values, integer=kind == "int")
@@ -179,6 +180,11 @@ def _parse_group(group: Any) -> dict[str, Dim]:
     bad_heads = [h for h in (dims["head"].choices if "head" in dims else []) if h not in HEADS]
     if bad_heads:
         raise ConfigError(f"search.head: unknown head {bad_heads[0]!r}; choose among {', '.join(HEADS)}")
+    for key in ("learning_rate", "alpha_ratio"):
+        d = dims[key]
+        values = d.choices if d.choices is not None else [d.low, d.high]
+        if any(v <= 0 for v in values):
+            raise ConfigError(f"search.{key}: values must be above 0, got {values}")
     for key in ("lora_dropout", "target_r_fraction", "tinit_fraction", "tfinal_fraction"):
         d = dims[key]
         values = d.choices if d.choices is not None else [d.low, d.high]
