@@ -268,3 +268,15 @@ def test_unlabelled_texts_with_text_pairs_are_refused_naming_the_flag(tmp_path):
                                           r"--text_pair_column_name"):
         distill.distill(cfg, ["teacher"], unlabeled_file="u.csv")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_regression_teacher_with_other_target_names_is_warned_about(capsys):
+    from budgetune.config import resolve
+    from budgetune.recipes.distill import check_same_task
+
+    cfg = resolve(None, ["--task", "regression"])
+    info = {"task": "regression", "label_names": ["valence", "arousal"]}
+    check_same_task("runs/t", info, cfg, ["arousal", "valence"])
+    assert "warning: teacher runs/t predicts the targets ['valence', 'arousal']" in capsys.readouterr().err
+    check_same_task("runs/t", info, cfg, ["valence", "arousal"])
+    assert capsys.readouterr().err == ""

@@ -233,3 +233,40 @@ def test_a_finished_rank_auto_run_is_reused_not_refused(run, tiny_roberta, tmp_p
     again = selftrain.self_train(cfg, str(files["unlabelled"]), rounds=0, threshold=THRESHOLD)
     assert [r["reused"] for r in first["rounds"]] == [False] and [r["reused"] for r in again["rounds"]] == [True]
     assert again["rounds"][0]["best_metric"] == first["rounds"][0]["best_metric"]
+
+
+def test_a_round_killed_while_finishing_is_trained_again_not_refused(tmp_path, monkeypatch):
+    """evaluation.json is written before the run's `end` event: a round killed between the two is unfinished."""
+    from budgetune.training import train as train_lib
+
+    folder = tmp_path / "run" / "round-1"
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text('{"event": "eval", "step": 4, "eval_accuracy": 0.5}\n')
+    (folder / "evaluation.json").write_text("{}")
+    cfg = resolve(None, ["--output_dir", str(folder)])
+    calls = []
+    monkeypatch.setattr(train_lib, "train", lambda rcfg, splits: calls.append(rcfg) or {"best_metric": 0.5})
+    result, reused = selftrain.run_round(cfg, None, None)
+    assert (result, reused) == ({"best_metric": 0.5}, False) and calls[0].output.overwrite_output_dir
+    (folder / "metrics.jsonl").write_text('{"event": "eval", "step": 4}\n{"event": "end", "best_step": 9}\n')
+    with pytest.raises(RunFolderError, match="holds a round trained with another configuration"):
+        selftrain.run_round(cfg, None, None)  # a finished round that does not match is still refused
+
+
+def test_an_infinite_class_cap_is_refused():
+    with pytest.raises(ConfigError, match="--pseudo_label_class_cap must be a number of at least 1"):
+        selftrain.check_options(1, 0.9, float("inf"), 0.1)
+
+
+def test_the_lowest_loss_round_kept_is_the_latest_of_equals():
+    assert selftrain.chosen_round([0.3, 0.3, 0.4], "loss", 0.5) == 1
+
+
+def test_overwriting_a_run_folder_clears_a_recipes_files_too(tmp_path):
+    from budgetune import fileio
+
+    for name in ("metrics.jsonl", "distill.json", "selftrain.json", "round-robin.csv"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "round-0").mkdir()
+    fileio.guard_output_dir(tmp_path, overwrite=True, resuming=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-robin.csv"]  # the user's own file stays

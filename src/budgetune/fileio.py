@@ -147,10 +147,10 @@ def guard_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: b
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "budget.json", "best_state.pt", "adapter", "checkpoints", "plots",
-             "submission.csv")
+             "submission.csv", "distill.json", "selftrain.json")
 
 
-RUN_PATTERNS = ("evaluation*.json", "evaluation*.txt", "evaluation*.png", ".*.tmp", ".*.old")
+RUN_PATTERNS = ("evaluation*.json", "evaluation*.txt", "evaluation*.png", ".*.tmp", ".*.old", "round-[0-9]*")
 
 
 def run_files(out: Path) -> list[Path]:

@@ -60,7 +60,8 @@ def selftrain_parser() -> argparse.ArgumentParser:
                    help="adapter dropout (noise) from round 1 on, where the method has one (default 0.1)")
     p.add_argument("--round_tolerance", type=float, default=0.5,
                    help="the round kept (and labelling the next) is the latest whose validation metric is within "
-                        "this many points of the best round's; 0: the best (default 0.5)")
+                        "this many points of the best round's; 0: the best; not for loss, mse or mae, whose "
+                        "lowest round is kept (default 0.5)")
     return p
 
 

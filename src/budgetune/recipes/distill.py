@@ -223,6 +223,10 @@ def check_same_task(teacher: str, info: dict, cfg: Config, label_names: list[str
     if task == tasks.REGRESSION and len(info["label_names"]) != len(label_names):
         raise AdapterError(f"--teacher {teacher}: it predicts {len(info['label_names'])} target(s) "
                            f"{info['label_names']} but the student trains on {len(label_names)} {list(label_names)}")
+    if task == tasks.REGRESSION and info["label_names"] != list(label_names):
+        print(f"warning: teacher {teacher} predicts the targets {info['label_names']}, the student trains on "
+              f"{list(label_names)}: the teacher's target k is taught as the student's target k, in that order",
+              file=sys.stderr)
     if task != tasks.REGRESSION and info["label_names"] != list(label_names):
         raise AdapterError(
             f"--teacher {teacher}: its labels are {info['label_names']} but the training data's are "

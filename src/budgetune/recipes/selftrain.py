@@ -53,8 +53,8 @@ def check_options(rounds: int, threshold: float, cap_factor: float, noise_dropou
         raise ConfigError(f"--pseudo_label_threshold must be between 0 and 1 (exclusive), got {threshold}")
     if not isinstance(rounds, int) or rounds < 0:
         raise ConfigError(f"--self_training_rounds must be a whole number >= 0, got {rounds!r}")
-    if not cap_factor >= 1:
-        raise ConfigError(f"--pseudo_label_class_cap must be at least 1 (x the class's labelled share), "
+    if not 1 <= cap_factor < float("inf"):
+        raise ConfigError(f"--pseudo_label_class_cap must be a number of at least 1 (x the class's labelled share), "
                           f"got {cap_factor}")
     if not 0 <= noise_dropout < 1:
         raise ConfigError(f"--self_training_dropout must be in [0, 1), got {noise_dropout}")
@@ -130,9 +130,10 @@ def label_texts(run: Path, texts: list[str], pairs: list[str] | None, batch_size
 
 
 def chosen_round(values: list[float], metric: str, tolerance: float) -> int:
-    """The latest round whose metric is within `tolerance` points of the best (loss: the lowest, no tolerance)."""
+    """The latest round whose metric is within `tolerance` points of the best; for loss, mse and mae (no points) the
+    latest of the lowest, without a tolerance."""
     if lower_is_better(metric):
-        return int(np.argmin(values))
+        return max(i for i, v in enumerate(values) if v == min(values))
     return max(near_best(dict(enumerate(values)), tolerance))
 
 
@@ -164,6 +165,13 @@ def finished_round(folder: Path, cfg: Config, pseudo_csv: str | None) -> dict | 
             **{k: v for k, v in best.items() if k.startswith("eval_")}}
 
 
+def round_ended(folder: Path) -> bool:
+    """Whether a round in `folder` ran to its end (its `end` event): one killed while finishing has written
+    evaluation.json but not that, and is trained again."""
+    path = folder / "metrics.jsonl"
+    return path.is_file() and any(ev.get("event") == "end" for ev in read_metrics(path))
+
+
 def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) -> tuple[dict, bool]:
     """(train()'s result, whether it was reused): a finished round with this config and these pseudo-labels is
     reused; an unfinished one (killed) is trained again; one finished otherwise needs --overwrite_output_dir."""
@@ -171,7 +179,7 @@ def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) ->
     done = finished_round(folder, rcfg, pseudo.csv if pseudo else None)
     if done is not None and not rcfg.output.overwrite_output_dir:
         return done, True
-    if (folder / "evaluation.json").is_file() and not rcfg.output.overwrite_output_dir:
+    if round_ended(folder) and not rcfg.output.overwrite_output_dir:
         raise RunFolderError(f"{folder} holds a round trained with another configuration or other pseudo-labels; "
                              "pass --overwrite_output_dir to train every round again, or choose another --output_dir")
     if (folder / "metrics.jsonl").is_file():  # a round killed before it finished: train it again
@@ -233,7 +241,7 @@ def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, 
     record = {"unlabeled_file": unlabeled_file, "task": task,
               "threshold": None if task == tasks.REGRESSION else threshold,
               "class_cap_factor": None if task == tasks.REGRESSION else cap_factor,
-              "round_tolerance": round_tolerance, "labelled_shares": None if shares is None else shares.tolist(),
+              "round_tolerance": None if lower_is_better(metric) else round_tolerance, "labelled_shares": None if shares is None else shares.tolist(),
               "label_names": names, "best_round": best_round, "metric_for_best_model": metric, "rounds": summary,
               "unlabeled": dedup.to_dict()}
     if is_main_process():
