@@ -446,3 +446,25 @@ def test_the_student_may_not_overwrite_its_teacher(files, tiny_roberta, teacher)
         with pytest.raises(ConfigError, match="the student would overwrite it"):
             distill.distill(config(files, tiny_roberta, out, "lora"), [str(teacher)])
     assert (teacher / "adapter" / "model.safetensors").is_file()
+
+
+def test_a_stopped_distill_run_says_to_continue_with_distill_not_train(files, tiny_roberta, teacher, tmp_path,
+                                                                        monkeypatch):
+    """`budgetune train --config RUN/config.yaml` would continue without the teachers: the hint names distill."""
+    import os
+    import signal
+
+    from budgetune.errors import Interrupted
+
+    real = train_lib.after_step
+
+    def stop_after_step_two(run, state, *args, **kwargs):
+        if state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler: it checkpoints and stops
+        return real(run, state, *args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "after_step", stop_after_step_two)
+    cfg = config(files, tiny_roberta, tmp_path / "kd", "lora", max_steps=6, logging_steps=1)
+    with pytest.raises(Interrupted, match=r"stopped by signal 15 at step 2; checkpoint: .*\. Resume with: the same "
+                                          r"`budgetune distill` command .* with --resume_from_checkpoint auto"):
+        distill.distill(cfg, [str(teacher)], alpha=0.5)

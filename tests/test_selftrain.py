@@ -245,9 +245,10 @@ def test_a_round_killed_while_finishing_is_trained_again_not_refused(tmp_path, m
     (folder / "evaluation.json").write_text("{}")
     cfg = resolve(None, ["--output_dir", str(folder)])
     calls = []
-    monkeypatch.setattr(train_lib, "train", lambda rcfg, splits: calls.append(rcfg) or {"best_metric": 0.5})
+    monkeypatch.setattr(train_lib, "train", lambda rcfg, splits, **kw: calls.append((rcfg, kw)) or {"best_metric": 0.5})
     result, reused = selftrain.run_round(cfg, None, None)
-    assert (result, reused) == ({"best_metric": 0.5}, False) and calls[0].output.overwrite_output_dir
+    assert (result, reused) == ({"best_metric": 0.5}, False) and calls[0][0].output.overwrite_output_dir
+    assert "the same `budgetune selftrain` command" in calls[0][1]["resume_hint"]
     (folder / "metrics.jsonl").write_text('{"event": "eval", "step": 4}\n{"event": "end", "best_step": 9}\n')
     with pytest.raises(RunFolderError, match="holds a round trained with another configuration"):
         selftrain.run_round(cfg, None, None)  # a finished round that does not match is still refused

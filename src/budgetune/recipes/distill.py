@@ -291,7 +291,9 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
                                                 [placeholder(task, len(names))] * len(dedup.kept))
     all_logits = teachers_logits(identities, splits, cfg, batch_size, n_labelled)
     targets = torch.from_numpy(teacher_targets(task, all_logits, temperature))
-    result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(targets, alpha, temperature, task))
+    result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(targets, alpha, temperature, task),
+                             resume_hint="the same `budgetune distill` command (the same teachers, --alpha, "
+                             "--temperature and --unlabeled_file) with --resume_from_checkpoint auto")
     record = {"task": task, "teachers": identities, "alpha": alpha, "temperature": temperature,
               "labelled_rows": n_labelled, "unlabeled_file": unlabeled_file,
               "unlabeled": dedup.to_dict() if dedup else None}

@@ -186,7 +186,9 @@ def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) ->
         rcfg = dataclasses.replace(rcfg, output=dataclasses.replace(rcfg.output, overwrite_output_dir=True))
     if pseudo is not None and is_main_process():
         fileio.atomic_write_text(folder / "pseudo_labels.csv", pseudo.csv)
-    return train_lib.train(rcfg, splits=splits), False
+    hint = ("the same `budgetune selftrain` command: the finished rounds are reused and this round trains again "
+            "from its start")
+    return train_lib.train(rcfg, splits=splits, resume_hint=hint), False
 
 
 def self_train(cfg: Config, unlabeled_file: str, rounds: int, threshold: float, *, cap_factor: float = 1.5,

@@ -65,6 +65,7 @@ class Run:
     graphs: Any = None  # graphs.StepGraphs under --cuda_graphs where the step can be captured
     precision: Any = None  # devices.Precision: what the run computes in, and why
     options: dict[str, Any] = field(default_factory=dict)  # resolved training options (metrics.jsonl `options`)
+    resume_hint: str | None = None  # how a stopped run continues (default: `budgetune train` on its config.yaml)
 
     @property
     def per_epoch(self) -> int:

@@ -457,8 +457,8 @@ def interrupted(run: Run, state: TrainState, best: Best, signum: int | None) -> 
         return Interrupted(f"stopped by signal {signum} at step {state.step}; no checkpoint written "
                            "(--save_strategy no), so the run cannot be resumed")
     folder = save_checkpoint(run, state, best)
-    return Interrupted(f"stopped by signal {signum} at step {state.step}; checkpoint: {folder}. Resume with: "
-                       f"budgetune train --config {run.out / 'config.yaml'} --resume_from_checkpoint {run.out}")
+    hint = run.resume_hint or f"budgetune train --config {run.out / 'config.yaml'} --resume_from_checkpoint {run.out}"
+    return Interrupted(f"stopped by signal {signum} at step {state.step}; checkpoint: {folder}. Resume with: {hint}")
 
 
 def epoch_loader(run: Run, state: TrainState):
@@ -540,7 +540,7 @@ def log_graphs(run: Run, state: TrainState) -> None:
 
 
 def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None = None,
-          on_evaluate: OnEvaluate | None = None) -> dict:
+          on_evaluate: OnEvaluate | None = None, resume_hint: str | None = None) -> dict:
     """Train cfg's adapter; returns the best validation metrics. Writes everything into cfg.output.output_dir.
 
     splits: train on these tables instead of loading cfg's data (self-training, distillation add rows).
@@ -548,12 +548,15 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
     row's index into splits.train). on_evaluate(step, metrics): called after every validation with
     {eval_accuracy, eval_macro_f1, eval_loss, epoch, final_ranks} (final_ranks: False while AdaLoRA's rank pattern
     may still change, where the metric dips by design); anything it raises ends the run and propagates.
-    Can be called many times in one process: signal handlers and accelerate's state are restored afterwards.
+    resume_hint: how a run stopped by a signal continues, in its message (a recipe's own command; default
+    `budgetune train` on the run's config.yaml, which rebuilds cfg's data and loss). Can be called many times in one
+    process: signal handlers and accelerate's state are restored afterwards.
     """
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     try:
         run = setup(cfg, splits, loss_fn)
+        run.resume_hint = resume_hint
         state, best = start(run)
         with StopSignal() as stop_signal, oom_message(run, state):
             fit(run, state, best, stop_signal, on_evaluate)
