@@ -4,6 +4,7 @@ the logits of budgetune's own inference, with no budgetune or peft needed to loa
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -263,6 +264,8 @@ def test_minilm_merged_and_onnx(tmp_path):
                              max_seq_length=64, robust_tolerance="null", learning_rate=1e-3))
     texts = [t for _, t in headline_rows()[::5]]
     expected = budgetune_logits(out, texts)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"  # not this machine's folder
     run_cli("export", str(out), "--merge", "--output", str(tmp_path / "merged"))
     assert np.abs(plain_transformers_logits(tmp_path / "merged", texts)[0] - expected).max() < 1e-4
     run_cli("export", str(out), "--format", "onnx", "--quantize", "int8", "--output", str(tmp_path / "onnx"))
@@ -270,3 +273,65 @@ def test_minilm_merged_and_onnx(tmp_path):
                   - expected).max() < 1e-3
     got = ort_run(ort_session(tmp_path / "onnx" / "model_int8.onnx"), tmp_path / "onnx", texts)
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
+
+
+def test_written_files_and_folders_are_readable_as_plain_ones_would_be(tmp_path):
+    """tempfile makes 0600 files and 0700 folders; an export copied into a container or served by another user must
+    read like a file written by open() (the umask's mode)."""
+    from budgetune import fileio
+
+    fileio.atomic_write_text(tmp_path / "card.md", "x")
+    with fileio.atomic_dir(tmp_path / "bundle") as tmp:
+        (tmp / "a.json").write_text("{}")
+    assert (tmp_path / "card.md").stat().st_mode & 0o777 == 0o666 & ~fileio.UMASK
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o777 & ~fileio.UMASK
+
+
+def test_a_bundles_peft_config_names_a_base_another_machine_finds(run, tmp_path):
+    """peft's adapter_config.json: a packaged base by its Hub id, never this machine's folder of it."""
+    from budgetune.inference.adapter_bundle import model_card, portable_adapter_config
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(run / "adapter", folder)
+    portable_adapter_config(folder, "packaged:all-MiniLM-L6-v2")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    info = json.loads((folder / "budgetune.json").read_text())
+    card = model_card({**info, "base_model_name_or_path": "packaged:all-mpnet-base-v2"}, {"method": {}})
+    assert "base_model: sentence-transformers/all-mpnet-base-v2" in card and "budgetune.modeling" not in card
+    local = model_card(info, {"method": {}})  # a local folder's base: no Hub id to name
+    assert "base_model:" not in local
+
+
+def test_exporting_an_exported_folder_records_the_scale_in_all(run, tmp_path):
+    run_cli("export", str(run), "--adapter_scale", "0.5", "--output", str(tmp_path / "half"))
+    run_cli("export", str(tmp_path / "half"), "--adapter_scale", "0.5", "--output", str(tmp_path / "quarter"))
+    info = json.loads((tmp_path / "quarter" / "budgetune.json").read_text())
+    assert info["baked_adapter_scale"] == 0.25
+    np.testing.assert_allclose(budgetune_logits(tmp_path / "quarter"), budgetune_logits(run, adapter_scale=0.25),
+                               atol=1e-5)
+
+
+def test_a_finished_runs_saved_adapter_reloads_as_trained_whatever_scale_it_recorded(run, tmp_path):
+    """finish() reloads the saved adapter to measure it at scale 1; a run resumed after it recorded a default scale
+    (killed while finishing) must not measure that scale as 'as trained'."""
+    from types import SimpleNamespace
+
+    from budgetune.modeling import scaling
+    from budgetune.training.finish import reload_saved
+
+    copy = tmp_path / "run"
+    shutil.copytree(run / "adapter", copy / "adapter")
+    adapter_bundle.record_adapter_scale(copy / "adapter", 0.6, {0.6: 0.5, 1.0: 0.5}, 0.5)
+    model = reload_saved(SimpleNamespace(out=copy, accelerator=SimpleNamespace(prepare_model=lambda m, **kw: m)))
+    assert scaling.current_scale(model) == 1.0
+
+
+def test_the_int8_check_line_reads_the_logits_as_the_task_does():
+    from budgetune.inference.export_onnx import int8_note
+
+    got, want = np.array([[0.1, 2.0], [1.0, -1.0]]), np.array([[0.2, 2.1], [-1.0, -1.0]])
+    assert int8_note(got, want, {"task": "single_label"}).startswith("model_int8.onnx: same class on 2 of 2")
+    multi = {"task": "multi_label", "label_names": ["a", "b"], "thresholds": {"a": 0.5, "b": 0.5}}
+    assert int8_note(got, want, multi).startswith("model_int8.onnx: the same label set on 1 of 2")  # row 2: a flips
+    assert int8_note(got, want, {"task": "regression"}) == "model_int8.onnx: values within 2 of fp32's on 2 check texts"

@@ -21,6 +21,16 @@ def user_cache() -> Path:
     return Path.home() / ".cache" / "budgetune"
 
 
+def process_umask() -> int:
+    """This process's umask (read once: setting it to read it is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = process_umask()  # what a plain open() or mkdir() would give: tempfile's own 0600 and 0700 are undone
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -38,6 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~UMASK)  # readable as a file written by open() would be, not private to its owner
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:  # flush to disk before the rename makes it visible
@@ -87,6 +98,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~UMASK)  # a deploy folder others (a container, a server user) can read
     try:
         yield tmp
         for f in tmp.rglob("*"):

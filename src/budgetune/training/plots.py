@@ -6,13 +6,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from budgetune import fileio
 from budgetune.training.runlog import read_metrics
 
 _LAYER_RE = re.compile(r"layer\.(\d+)\.")
@@ -64,14 +64,8 @@ def rank_matrix(events: Iterable[dict]) -> tuple[list[str], list[int], np.ndarra
 
 def _save(fig: Figure, path: Path) -> Path:
     """Write fig to path via a temp file in the same folder, so readers never see a half-written PNG."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
     return path
 
 
