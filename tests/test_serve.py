@@ -263,6 +263,9 @@ def test_errors_never_500_and_the_server_keeps_answering(client):
 
 
 def test_field_names():
+    from budgetune.serve.telemetry import field_label
+
+    assert field_label("text_pair[0]") == "text_pair" and field_label("texts[2]") == "texts"  # not `other`
     assert field_name(("body", "texts", 3)) == "texts[3]"
     assert field_name(("body",)) == "body" and field_name(("body", "adapter")) == "adapter"
 
@@ -312,6 +315,16 @@ def test_api_key_guards_every_api_request(runs):
         ok = {"texts": ["Stocks rally"]}  # one adapter served: the name may be left out
         assert c.post("/v1/classify", json=ok, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.post("/v1/classify", json=ok, headers={"X-API-Key": "s3cret"}).json()["adapter"] == "a"
+        assert c.post("/v1/classify", json=ok, headers={"Authorization": "bearer s3cret"}).status_code == 200  # RFC 7235
+        assert c.post("/v1/classify", json=ok, headers={"Authorization": "s3cret"}).status_code == 401  # no scheme
+
+
+def test_an_api_key_beyond_ascii_matches_as_sent(runs):
+    app = create_app(Registry(parse_runs([str(runs["a"])])), ServeOptions(api_key="clé"))
+    with TestClient(app) as c:
+        wait_ready(c.get)
+        r = c.post("/v1/classify", json={"texts": ["x"]}, headers={"X-API-Key": "clé".encode()})
+        assert r.status_code == 200, r.text
 
 
 def test_api_key_from_the_environment(monkeypatch):
@@ -710,6 +723,30 @@ def test_a_request_waiting_past_request_timeout_is_a_503_and_leaves_the_queue(ru
     assert metric(text, "budgetune_queue_texts") == 0
     assert metric(text, "budgetune_batch_texts_sum") == 2  # "first" and "later": the timed-out texts never ran
 
+
+def test_a_client_that_hangs_up_leaves_the_queue_uncomputed(runs):
+    """A client giving up on its own timeout closes the connection: its texts leave the queue and never reach the
+    model (they used to be computed for nobody, holding queue room under overload)."""
+    with gated_server(runs["a"]) as (url, gate, entered):
+        first: list = []
+        sender = threading.Thread(target=lambda: first.extend(classify_concurrently(url, [{"texts": ["first"]}])))
+        sender.start()
+        assert entered.wait(60)  # the first request's batch is on the model, which is held
+        with httpx.Client(base_url=url, timeout=0.5) as impatient, pytest.raises(httpx.TimeoutException):
+            impatient.post("/v1/classify", json={"texts": ["second", "third"]})
+        with httpx.Client(base_url=url, timeout=60) as c:
+            deadline = time.monotonic() + 30
+            while metric(c.get("/metrics").text, "budgetune_abandoned_total") < 1:
+                assert time.monotonic() < deadline, "the server never noticed the client leave"
+                time.sleep(0.05)
+            assert metric(c.get("/metrics").text, "budgetune_queue_texts") == 1  # only the first one's text
+            gate.set()
+            sender.join(timeout=60)
+            assert c.post("/v1/classify", json={"texts": ["later"]}).status_code == 200
+            text = c.get("/metrics").text
+    assert first[0].status_code == 200
+    assert metric(text, "budgetune_batch_texts_sum") == 2  # "first" and "later": the abandoned texts never ran
+    assert metric(text, "budgetune_classify_latency_seconds_count") == 3  # every answer is timed, the 499 too
 
 def chromium() -> str | None:
     return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)

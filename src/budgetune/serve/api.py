@@ -235,6 +235,17 @@ def header(scope, name: bytes) -> str | None:
     return next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == name), None)
 
 
+def raw_header(scope, name: bytes) -> bytes | None:
+    """A request header's value as sent (bytes), or None."""
+    return next((v for k, v in scope["headers"] if k.lower() == name), None)
+
+
+def bearer_token(value: bytes | None) -> bytes | None:
+    """The token of `Authorization: Bearer TOKEN` (the scheme in any case, RFC 7235), else None."""
+    scheme, _, token = (value or b"").strip().partition(b" ")
+    return token.strip() or None if scheme.lower() == b"bearer" else None
+
+
 def request_id(scope) -> str:
     """The caller's X-Request-ID when it is a plain token (letters, digits, . _ : -), else a fresh one."""
     given = header(scope, b"x-request-id")
@@ -298,8 +309,8 @@ class Guard:
         key = self.state.options.api_key
         if not key or scope["path"] in PUBLIC_PATHS:
             return None
-        given = header(scope, b"x-api-key") or (header(scope, b"authorization") or "").removeprefix("Bearer ").strip()
-        if given and hmac.compare_digest(given.encode(), key.encode()):
+        given = raw_header(scope, b"x-api-key") or bearer_token(raw_header(scope, b"authorization"))
+        if given and hmac.compare_digest(given, key.encode()):
             return None
         return RequestError(401, "Authorization", "missing or wrong API key: send `Authorization: Bearer KEY` or "
                             "`X-API-Key: KEY`")
@@ -360,6 +371,29 @@ async def model_logits(state: ServeState, adapter: str, texts: list[str], pairs:
         except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             raise refused(state, "timeout", f"timeout: waited {opts.request_timeout:g} s without a turn on the model "
                           "(--request_timeout); retry shortly") from None
+
+
+async def unless_client_leaves(state: ServeState, request: Request, work):
+    """Await `work` (a request's turn on the model) while watching its connection: a client that hangs up (its own
+    timeout, say) cancels it, so its texts leave the queue and the model never computes them."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        state.metrics.abandoned += 1
+        raise RequestError(499, None, "the client closed the connection before its answer", kind="client_gone")
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def disconnected(request: Request) -> None:
+    """Return once the client has gone (after the body, the server's receive() waits for the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def classify_texts(state: ServeState, payload: ClassifyRequest) -> AnyResponse:
@@ -464,11 +498,12 @@ def add_routes(app: FastAPI, state: ServeState) -> None:
         the run's thresholds and the probability of each label; regression (`task` regression), the value of each
         target. A run trained on text pairs needs `text_pair`, one per text."""
         started = time.perf_counter()
-        require_ready(state)
-        payload = read_request(await request.body(), request.headers.get("content-type"), state.options.max_texts)
-        response = await classify_texts(state, payload)
-        state.metrics.latency.observe(time.perf_counter() - started)
-        return response
+        try:
+            require_ready(state)
+            payload = read_request(await request.body(), request.headers.get("content-type"), state.options.max_texts)
+            return await unless_client_leaves(state, request, classify_texts(state, payload))
+        finally:  # every answer, refusals and errors included
+            state.metrics.latency.observe(time.perf_counter() - started)
 
     @app.get("/v1/adapters", response_model=AdaptersResponse, responses=errors, dependencies=key_doc)
     async def adapters() -> AdaptersResponse:

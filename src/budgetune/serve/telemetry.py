@@ -18,7 +18,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-FIELDS = frozenset({"texts", "adapter", "body", "Authorization", "Content-Type"})
+FIELDS = frozenset({"texts", "text_pair", "adapter", "body", "Authorization", "Content-Type"})
 REJECTIONS = ("queue_full", "timeout")
 
 
@@ -76,6 +76,7 @@ class Metrics:
         self.rejected: dict[str, int] = dict.fromkeys(REJECTIONS, 0)  # 503s for load, by reason
         self.forwards: Counter[str] = Counter()  # model calls by kind, added here as each batch returns
         self.in_flight = 0
+        self.abandoned = 0  # /v1/classify requests whose client hung up first: their texts left the queue
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_texts = Histogram(SIZE_BUCKETS)
         self.batch_requests = Histogram(SIZE_BUCKETS)
@@ -102,6 +103,9 @@ class Metrics:
                 "(queue_full) or the request waited past --request_timeout (timeout).",
                 "# TYPE budgetune_rejected_total counter"]
         out += [f"budgetune_rejected_total{_labels([('reason', r)])} {n}" for r, n in self.rejected.items()]
+        out += ["# HELP budgetune_abandoned_total /v1/classify requests whose client closed the connection before "
+                "the answer: their texts left the queue uncomputed.", "# TYPE budgetune_abandoned_total counter",
+                f"budgetune_abandoned_total {self.abandoned}"]
         out += ["# HELP budgetune_requests_in_flight Requests received and not yet answered.",
                 "# TYPE budgetune_requests_in_flight gauge", f"budgetune_requests_in_flight {self.in_flight}",
                 "# HELP budgetune_queue_texts Texts admitted to /v1/classify and not yet answered "
@@ -112,7 +116,7 @@ class Metrics:
                 "# TYPE budgetune_forwards_total counter"]
         out += [f"budgetune_forwards_total{_labels([('kind', k)])} {n}" for k, n in sorted(self.forwards.items())]
         for name, hist, text in (
-                ("budgetune_classify_latency_seconds", self.latency, "Time from request to answer of /v1/classify."),
+                ("budgetune_classify_latency_seconds", self.latency, "Time from the request's body to the answer of /v1/classify (every status)."),
                 ("budgetune_batch_texts", self.batch_texts, "Texts per model batch (all requests gathered)."),
                 ("budgetune_batch_requests", self.batch_requests, "Requests gathered into one model batch.")):
             out += [f"# HELP {name} {text}", f"# TYPE {name} histogram", *hist.lines(name)]
