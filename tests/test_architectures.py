@@ -112,6 +112,25 @@ def test_heads_are_counted_for_each_architecture(arch, tiny_encoder):
         assert bd.total_trainable - bd.head == 64 * 4 * 4, (head, bd.by_module)
 
 
+
+@pytest.mark.parametrize("flags", [{"bias": "all"}, {"target_modules": "dense"}],
+                         ids=["bias-all", "dense-targets"])
+def test_the_count_knows_the_head_parts_a_checkpoint_lacks(tiny_encoder, flags):
+    """A masked-LM BERT checkpoint has no pooler: a live run saves it frozen (modules_to_save), which keeps peft's
+    biases and LoRA off it; the weight-free count must do the same or training stops at the live recount."""
+    import torch
+
+    from budgetune.modeling import backbone, methods
+
+    cfg = build_config({"model": {"model_name_or_path": str(tiny_encoder("bert"))},
+                        "method": {"method": "lora", "rank": 2, "target_modules": "query,value", **flags}})
+    torch.manual_seed(0)
+    model, missing = backbone.load_base(cfg, ["a", "b", "c", "d"])
+    assert "bert.pooler.dense" in missing
+    live = count.count_trainable(methods.wrap(cfg, model, 1000, missing))
+    counted = count.config_breakdown(cfg, 4)
+    assert (counted.total_trainable, counted.by_kind) == (live.total_trainable, live.by_kind)
+
 HEAD_RUNS = [pytest.param(arch, head, id=f"{arch}-{head}",
                           marks=() if (arch, head) in {("mpnet", "frozen_dense"), ("distilbert", "linear")}
                           else pytest.mark.slow)

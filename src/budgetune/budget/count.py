@@ -182,7 +182,10 @@ def config_breakdown(cfg: Config, num_labels: int) -> Breakdown:
     if key not in _COUNTS:
         with _no_init():
             counted, total = _counting_schedule(cfg)
-            model = methods.wrap(counted, meta_base(cfg, num_labels), total)
+            base = meta_base(cfg, num_labels)
+            # head parts the checkpoint lacks are saved frozen in a live run (methods.wrap): counted the same way
+            missing = backbone.checkpoint_missing(cfg.model.model_name_or_path, base)
+            model = methods.wrap(counted, base, total, missing)
         _COUNTS[key] = count_trainable(model)
     return dataclasses.replace(_COUNTS[key], budget=cfg.budget.max_trainable_params)
 

@@ -157,6 +157,40 @@ def load_pretrained(name: str, label_names: list[str], revision: str | None = No
     return model, sorted(missing)
 
 
+def checkpoint_missing(name: str, model: nn.Module) -> list[str]:
+    """The modules of `model` whose parameters a local folder's checkpoint lacks (as load_pretrained reports them:
+    e.g. BERT's pooler in a masked-LM checkpoint), read from the safetensors header or shard index, no weights; []
+    where that cannot be read without loading (a Hub id, a packaged name, pytorch_model.bin)."""
+    folder = Path(name)
+    if name.startswith("packaged:") or not folder.is_dir():
+        return []
+    keys = checkpoint_keys(folder)
+    if keys is None:
+        return []
+    prefix = f"{model.base_model_prefix}."
+
+    def plain(key: str) -> str:  # transformers' renames: the base model's prefix, LayerNorm's gamma/beta
+        key = key.removeprefix(prefix)
+        return key[: -len(".gamma")] + ".weight" if key.endswith(".gamma") else (
+            key[: -len(".beta")] + ".bias" if key.endswith(".beta") else key)
+
+    have = {plain(k) for k in keys}
+    return sorted({n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if plain(n) not in have})
+
+
+def checkpoint_keys(folder: Path) -> set[str] | None:
+    """The tensor names of a folder's safetensors checkpoint (one file or shards), or None."""
+    from safetensors import safe_open
+
+    if (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return set(f.keys())
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    return None
+
+
 def meta_model(cfg: Config, num_labels: int):
     """The model's structure on the meta device: no weights loaded, no memory used."""
     from transformers import AutoModelForSequenceClassification
