@@ -202,3 +202,40 @@ def test_plan_command(capsys, tmp_path):
     assert show_plan(str(config), ["--rank", "2"], "60k", False) == 0  # counts cached: quick
     out = capsys.readouterr().out
     assert "fit 60,000" in out and f"{data['rows'][0]['trainable']:,}" in out
+
+
+def test_adalora_rank_auto_never_picks_a_rank_training_refuses():
+    """AdaLoRA trains only above target_r (at least rank 2): --rank auto starts there, and says so when even that
+    is over the budget (it picked rank 1, or target_r itself, which training then refused)."""
+    from budgetune.adalora import phases
+
+    cfg, _ = resolve_auto_rank(cfg_for(method="adalora", rank="auto", budget=680_000), 4)  # rank 2: 667,444
+    phases.check_ranks(cfg.method)  # training's own check passes
+    assert cfg.method.rank == 2
+    with pytest.raises(BudgetError, match="even the lowest rank needs 667,444"):
+        resolve_auto_rank(cfg_for(method="adalora", rank="auto", budget=630_000), 4)  # rank 1 fits, and cannot train
+    with pytest.raises(BudgetError, match="even the lowest rank needs"):
+        resolve_auto_rank(cfg_for(method="adalora", rank="auto", target_r=8, budget=888_772), 4)  # rank 9 is over
+    assert resolve_auto_rank(cfg_for(method="adalora", rank="auto", target_r=8), 4)[0].method.rank == 11
+
+
+def test_target_r_means_nothing_to_other_methods():
+    cfg = cfg_for(method="lora", rank=4, target_r=8)  # AdaLoRA's option, refused beside --rank 4 only for AdaLoRA
+    assert resolve_auto_rank(cfg_for(method="lora", rank="auto", target_r=8, budget=700_000), 4)[0].method.rank == 2
+    assert config_breakdown(cfg, 4).total_trainable == config_breakdown(cfg_for(method="lora", rank=4), 4).total_trainable
+
+
+def test_a_suggested_other_method_clears_this_methods_options():
+    cfg = cfg_for(method="vera", rank=8, budget=600_000, method_options={"d_initial": 0.2})
+    with pytest.raises(BudgetError) as info:
+        check_budget(cfg, 4)
+    others = [s["override"] for s in info.value.suggestions if "--method" in s["override"]]
+    assert others and all("--method_options {}" in o for o in others)
+
+
+def test_ia3_on_all_linear_layers_counts_on_every_architecture(tiny_encoder):
+    """peft has no feed-forward defaults for a regex on MPNet, DistilBERT or ELECTRA: budgetune gives its own."""
+    for arch in ("mpnet", "distilbert", "electra"):
+        cfg = build_config({"model": {"model_name_or_path": str(tiny_encoder(arch))},
+                            "method": {"method": "ia3", "target_modules": "all-linear"}})
+        assert config_breakdown(cfg, 4).by_kind["ia3_l"] > 0

@@ -175,7 +175,7 @@ def test_unknown_method_through_the_real_cli(tmp_path):
     (["--validation_split_percentage", "100"], "--validation_split_percentage must be between 0 and 100, got 100.0"),
     (["--max_seq_length", "4"], "--max_seq_length must be at least 8, got 4"),
     (["--rank", "0"], "--rank must be a positive integer or auto, got 0"),
-    (["--rank", "8", "--target_r", "9"], "--target_r must be between 1 and --rank (8), got 9"),
+    (["--method", "adalora", "--rank", "8", "--target_r", "9"], "--target_r must be between 1 and --rank (8), got 9"),
     (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1), got 1.0"),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
     (["--learning_rate", "0"], "--learning_rate must be a positive number, got 0.0"),

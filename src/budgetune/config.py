@@ -222,7 +222,8 @@ class MethodConfig:
                 raise ConfigError(f"--{flag} must not be negative, got {value}")
         if self.deltaT < 1:
             raise ConfigError(f"--deltaT must be at least 1 optimizer step, got {self.deltaT}")
-        if self.target_r is not None and isinstance(self.rank, int) and not 1 <= self.target_r <= self.rank:
+        if (self.method == "adalora" and self.target_r is not None and isinstance(self.rank, int)
+                and not 1 <= self.target_r <= self.rank):
             raise ConfigError(f"--target_r must be between 1 and --rank ({self.rank}), got {self.target_r}")
 
     def resolved_target_r(self) -> int:

@@ -40,8 +40,11 @@ def _rank_cap(cfg: Config, num_labels: int) -> int:
 
 
 def _lowest(cfg: Config) -> int:
-    # MethodConfig refuses a rank below an explicit target_r.
-    return cfg.method.target_r or 1
+    """The lowest rank worth counting: AdaLoRA trains only above its target_r (phases.check_ranks: at least 2);
+    target_r means nothing to the other methods."""
+    if cfg.method.method != "adalora":
+        return 1
+    return cfg.method.target_r + 1 if cfg.method.target_r is not None else 2
 
 
 def _largest_rank(cfg: Config, num_labels: int, budget: int) -> tuple[int, Breakdown] | None:
@@ -169,6 +172,8 @@ def _suggest(cfg: Config, num_labels: int, budget: int, n: int = 5) -> list[dict
                 continue
             rank, bd = found
             flags = [f"--method {method}"] * (method != cfg.method.method) + [f"--rank {rank}"] * (rank is not None)
+            # another method would be handed this one's options (plan() clears them too)
+            flags += ["--method_options {}"] * (method != cfg.method.method and bool(cfg.method.method_options))
             flags += [f"--head {head}"] * (head != cfg.model.head)
             out.append({"method": method, "rank": rank, "head": head, "trainable": bd.total_trainable,
                         "override": " ".join(flags)})

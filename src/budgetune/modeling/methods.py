@@ -117,11 +117,13 @@ def peft_config(cfg: Config, model: nn.Module, total_step: int | None, modules_t
                                       deltaT=m.deltaT, beta1=m.beta1, beta2=m.beta2,
                                       orth_reg_weight=m.orth_reg_weight, total_step=total_step, **common, **opts)
         if m.method == "ia3":
-            if isinstance(targets, list) and "feedforward_modules" not in opts:
+            if "feedforward_modules" not in opts:
                 # peft would fill in its per-architecture feed-forward modules even when they are not targeted,
-                # and then refuse to reload the saved adapter (feedforward_modules must be within target_modules).
+                # and then refuse to reload the saved adapter (feedforward_modules must be within target_modules);
+                # for a regex (all-linear) it has no defaults for some architectures (MPNet, DistilBERT, ELECTRA)
                 feedforward = ia3_defaults(model.config.model_type)[1]
-                opts["feedforward_modules"] = [t for t in feedforward if t in targets]
+                opts["feedforward_modules"] = [t for t in feedforward if t in targets] if isinstance(
+                    targets, list) else feedforward
             return peft.IA3Config(**common, **opts)
         if m.method == "vera":
             # save_projection: the frozen random matrices travel with the adapter, so reloading is exact.
@@ -131,7 +133,7 @@ def peft_config(cfg: Config, model: nn.Module, total_step: int | None, modules_t
             return peft.LoHaConfig(r=m.rank, alpha=m.lora_alpha, **common, **opts)
         if m.method == "lokr":
             return peft.LoKrConfig(r=m.rank, alpha=m.lora_alpha, **common, **opts)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown or ill-matched option (peft checks some values itself)
         raise ConfigError(f"--method_options: {e}") from None
     raise ConfigError(f"--method {m.method!r} is unknown")
 
