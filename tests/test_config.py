@@ -302,3 +302,40 @@ def test_a_hostile_config_through_the_real_cli_is_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cfg.yaml, line 2: not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- a flag on top of a file, odd values
+
+
+def test_a_flag_completes_or_corrects_the_file(tmp_path):
+    p = tmp_path / "graphs.yaml"
+    p.write_text("train:\n  cuda_graphs: true\n")
+    assert resolve(str(p), ["--pad_to_buckets", "6"]).data.pad_to_buckets == 6  # the file alone is refused
+    q = tmp_path / "metric.yaml"
+    q.write_text("train:\n  metric_for_best_model: mse\n")
+    assert resolve(str(q), ["--task", "regression"]).train.metric_for_best_model == "mse"
+    assert _error(str(p), ["--seed", "3"]).startswith(f"{p}: ")  # a flag that does not fix it: the file is named
+
+
+@pytest.mark.parametrize("value, message", [
+    ("inf", "--max_trainable_params: expected a whole count like 1000000, 1M or 250k, got 'inf'"),
+    ("1.5", "--max_trainable_params: expected a whole count like 1000000, 1M or 250k, got '1.5'"),
+    ("1e400", "--max_trainable_params: expected a whole count like 1000000, 1M or 250k, got '1e400'"),
+])
+def test_a_budget_that_is_no_whole_count_is_refused(value, message):
+    assert _error(None, ["--max_trainable_params", value]) == message
+
+
+def test_report_to_none_and_odd_yaml_are_errors_or_nothing_not_tracebacks(tmp_path):
+    assert resolve(None, ["--report_to", "none"]).output.report_to == []
+    p = tmp_path / "null.yaml"
+    p.write_text("output:\n  report_to: null\n")
+    assert resolve(str(p), []).output.report_to == []
+    assert _error(None, ["--method_options", "{a:[}"]).startswith("command line: method.method_options: not a YAML")
+    p.write_text("1:\n  seed: 3\n")
+    assert "unknown section 1" in _error(str(p), [])
+
+
+def test_plan_refuses_a_budget_below_one(capsys):
+    assert cli.main(["plan", "--budget", "0"]) == 2
+    assert "--budget must be a positive count, got 0" in capsys.readouterr().err

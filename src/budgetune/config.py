@@ -470,9 +470,12 @@ def parse_count(text: str | int, flag: str) -> int:
     s = str(text).strip().replace("_", "").replace(",", "").lower()
     mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(s[-1:], 1)
     try:
-        return int(round(float(s[:-1] if mult > 1 else s) * mult))
+        value = float(s[:-1] if mult > 1 else s) * mult
     except ValueError:
         raise ConfigError(f"{flag}: expected a count like 1000000, 1M or 250k, got {text!r}") from None
+    if not math.isfinite(value) or value != int(value):
+        raise ConfigError(f"{flag}: expected a whole count like 1000000, 1M or 250k, got {text!r}")
+    return int(value)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -495,6 +498,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any:
         return value
     if origin is list:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+            value = []  # `--report_to none` (Hugging Face's spelling) and a YAML null: an empty list
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
@@ -502,7 +507,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return [_coerce(v, args[0], where) for v in value] if args else value
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{where}: not a YAML mapping ({' '.join(str(e).split())[:200]})") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return value
@@ -577,7 +585,7 @@ def build_config(sections: dict[str, dict[str, Any]], source: str = "config") ->
     groups = {}
     for group, values in sections.items():
         if group not in GROUPS:
-            close = difflib.get_close_matches(group, GROUPS, n=1)
+            close = difflib.get_close_matches(str(group), GROUPS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{source}: unknown section {group!r}{hint}; sections are {', '.join(GROUPS)}")
         if values is None:
@@ -597,7 +605,10 @@ def build_config(sections: dict[str, dict[str, Any]], source: str = "config") ->
             groups[group] = cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}" if source != "command line" else str(e)) from None
-    return Config(**groups)
+    try:  # the checks across sections (--cuda_graphs needs --pad_to_buckets, a task's metric, ...)
+        return Config(**groups)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source != "command line" else str(e)) from None
 
 
 def refuse_lone_surrogate(value: object, source: str) -> None:
@@ -678,8 +689,19 @@ def resolve(config_file: str | None, overrides: list[str]) -> Config:
     """The config a command runs with: defaults <- YAML file <- command-line overrides."""
     sections = load_yaml(config_file) if config_file else {}
     source = str(config_file) if config_file else "command line"
-    build_config(sections, source)  # validate the file alone first so errors name it
-    return build_config(merge(sections, parse_overrides(overrides)), "command line" if overrides else source)
+    return build_merged(sections, overrides, source)
+
+
+def build_merged(sections: dict, overrides: list[str], source: str) -> Config:
+    """The file's sections with the overrides on top; a flag may complete or correct the file (--pad_to_buckets
+    beside the file's cuda_graphs). When that fails, an error the file makes on its own is the one reported, naming
+    the file."""
+    try:
+        return build_config(merge(sections, parse_overrides(overrides)), "command line" if overrides else source)
+    except ConfigError:
+        if overrides:
+            build_config(sections, source)
+        raise
 
 
 def save_yaml(config: Config, path: str | Path, header: str = "") -> None:

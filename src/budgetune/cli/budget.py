@@ -105,6 +105,8 @@ def show_plan(config: str | None, overrides: list[str], budget: str | None, as_j
     cap = parse_count(budget, "--budget") if budget is not None else cfg.budget.max_trainable_params
     if cap is None:
         raise ConfigError("plan needs a budget: --budget 1M (or --max_trainable_params)")
+    if cap < 1:
+        raise ConfigError(f"--budget must be a positive count, got {budget}")
     rows = plan(cfg, num_labels_of(cfg, num_labels), cap)
     if as_json:
         print(json.dumps({"budget": cap, "rows": rows}, indent=2))

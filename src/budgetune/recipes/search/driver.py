@@ -24,7 +24,7 @@ import yaml
 
 from budgetune import tasks
 from budgetune.budget.plan import check_budget
-from budgetune.config import Config, build_config, load_yaml, merge, parse_overrides
+from budgetune.config import Config, build_config, build_merged, load_yaml
 from budgetune.data import readers as data_lib
 from budgetune.data.splits import Splits, load_splits
 from budgetune.errors import BudgetError, ConfigError, Interrupted, TrainingError
@@ -506,6 +506,5 @@ def load_search_config(config: str | None, overrides: list[str]) -> tuple[Config
     group = sections.pop("search", None)
     source = str(config) if config else "command line"
     if config:
-        build_config(sections, source)  # errors name the file first
         parse_search_group(group, source)
-    return build_config(merge(sections, parse_overrides(overrides)), "command line" if overrides else source), group
+    return build_merged(sections, overrides, source), group
