@@ -806,6 +806,18 @@ def test_loading_failure_stops_the_command_with_exit_2(runs, tmp_path):
     assert p.returncode == 2 and "gone-model" in p.stderr and str(broken / "adapter") in p.stderr
 
 
+def test_an_adapter_without_its_tokenizer_stops_the_command_with_exit_2(runs, tmp_path):
+    broken = tmp_path / "no-tokenizer"
+    shutil.copytree(runs["a"], broken)
+    for f in (broken / "adapter").glob("*"):
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    p = subprocess.run([sys.executable, "-m", "budgetune", "serve", str(broken), "--port", "0"], cwd=ROOT,
+                       env=serve_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"{broken / 'adapter'}: cannot load its tokenizer" in p.stderr
+
+
 def start_server(*args: str, log: Path) -> tuple[subprocess.Popen, str]:
     """`budgetune serve ARGS --port 0` as a subprocess; its URL from the line it prints once listening."""
     with open(log, "w") as err:

@@ -229,14 +229,13 @@ def load_group(group: BaseGroup, device, precision: str = "auto") -> None:
     (group_precision: made ready by inference.precisions.prepare); tokenizers per adapter."""
     from peft import PeftModel
 
-    from budgetune.inference import precisions
     from budgetune.inference.loading import load_base_for
     from budgetune.modeling import fast_forward, methods
 
     first = group.adapters[0]
     if first.peft_type == FULL:
         load_full_group(group, device)
-        group.model = precisions.prepare(group.model, group.precision, first.tokenizer)
+        group.model = prepared(group, group.model, first, device)
         return
     base_name = first.info["base_model_name_or_path"]
     try:
@@ -264,12 +263,23 @@ def load_group(group: BaseGroup, device, precision: str = "auto") -> None:
         group.model = model
         group.precision = group_precision(group, precision, device)
     load_tokenizers(group)
-    group.model = precisions.prepare(model, group.precision, first.tokenizer).to(device)
+    group.model = prepared(group, model, first, device)
+
+
+def prepared(group: BaseGroup, model, first, device):
+    """The group's model in its precision on the device; a failure (building the int8 graph, out of memory) names
+    the folder, so the command stops with the reason (exit 2), not a traceback."""
+    from budgetune.inference import precisions
+
+    try:
+        return precisions.prepare(model, group.precision, first.tokenizer).to(device)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise AdapterError(f"{first.folder}: cannot prepare it in {group.precision.name} on {device} "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
 def load_full_group(group: BaseGroup, device) -> None:
     """A fully fine-tuned model: its own weights, nothing to share or merge."""
-    from transformers import AutoTokenizer
 
     from budgetune.inference.loading import load_full
     from budgetune.modeling import fast_forward
@@ -281,16 +291,25 @@ def load_full_group(group: BaseGroup, device) -> None:
         raise AdapterError(f"{a.folder}: cannot load this model ({e})") from None
     fast_forward.first_token_last_layer(model)
     group.model, group.merged = model.to(device), True
-    a.tokenizer = AutoTokenizer.from_pretrained(a.folder)
+    a.tokenizer = folder_tokenizer(a.folder)
+
+
+def folder_tokenizer(folder):
+    """The tokenizer saved beside an adapter; a folder without a readable one is an error naming it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise AdapterError(f"{folder}: cannot load its tokenizer ({' '.join(str(e).split())[:300]})") from None
 
 
 def load_tokenizers(group: BaseGroup) -> None:
     """Each adapter's own tokenizer; one base pads with one id, or rows of a mixed batch would disagree."""
-    from transformers import AutoTokenizer
 
     pads = set()
     for a in group.adapters:
-        a.tokenizer = AutoTokenizer.from_pretrained(a.folder)
+        a.tokenizer = folder_tokenizer(a.folder)
         pads.add(a.tokenizer.pad_token_id)
     if len(pads) > 1:
         raise AdapterError(f"adapters {', '.join(a.name for a in group.adapters)} share a base model but their "
