@@ -339,3 +339,15 @@ def test_report_to_none_and_odd_yaml_are_errors_or_nothing_not_tracebacks(tmp_pa
 def test_plan_refuses_a_budget_below_one(capsys):
     assert cli.main(["plan", "--budget", "0"]) == 2
     assert "--budget must be a positive count, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weight_decay", "nan"], "--weight_decay must be a number of at least 0, got nan"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be a number of at least 0, got -1.0"),
+    (["--num_train_epochs", "inf"], "--num_train_epochs must be a positive number (or set --max_steps), got inf"),
+    (["--lora_alpha", "0"], "--lora_alpha must be a positive number, got 0.0"),
+    (["--beta1", "5"], "--beta1 must be in [0, 1), got 5.0"),
+    (["--method", "loha", "--bias", "all"], "--bias all: peft's loha has no bias option"),
+])
+def test_values_that_would_train_nonsense_or_be_ignored_are_refused(flags, message):
+    assert _error(None, flags).startswith(message)

@@ -212,6 +212,14 @@ class MethodConfig:
             raise ConfigError(f"--bias must be none, all or lora_only, got {self.bias!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ConfigError(f"--lora_alpha must be a positive number, got {self.lora_alpha}")
+        for flag in ("beta1", "beta2"):
+            if not 0 <= getattr(self, flag) < 1:
+                raise ConfigError(f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        if self.bias != "none" and self.method in ("ia3", "loha", "lokr"):
+            raise ConfigError(f"--bias {self.bias}: peft's {self.method} has no bias option (it would be ignored, "
+                              "and no bias would train); leave --bias none")
         for flag in ("tinit", "tfinal"):
             value = getattr(self, flag)
             if isinstance(value, float) and value.is_integer() and value >= 1:
@@ -362,8 +370,12 @@ class TrainConfig:
                 raise ConfigError(f"--{flag} must be at least 1, got {getattr(self, flag)}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise ConfigError(f"--learning_rate must be a positive number, got {self.learning_rate}")
-        if self.num_train_epochs <= 0 and self.max_steps <= 0:
-            raise ConfigError("--num_train_epochs must be positive (or set --max_steps)")
+        if self.max_steps <= 0 and not (self.num_train_epochs > 0 and math.isfinite(self.num_train_epochs)):
+            raise ConfigError(f"--num_train_epochs must be a positive number (or set --max_steps), got "
+                              f"{self.num_train_epochs}")
+        for flag in ("weight_decay", "max_grad_norm"):  # 0: none; a negative or not-a-number value trains nonsense
+            if not (getattr(self, flag) >= 0 and math.isfinite(getattr(self, flag))):
+                raise ConfigError(f"--{flag} must be a number of at least 0, got {getattr(self, flag)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         choices = {"eval_strategy": ("epoch", "steps", "no"), "metric_for_best_model": metric_names(),
