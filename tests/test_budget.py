@@ -239,3 +239,16 @@ def test_ia3_on_all_linear_layers_counts_on_every_architecture(tiny_encoder):
         cfg = build_config({"model": {"model_name_or_path": str(tiny_encoder(arch))},
                             "method": {"method": "ia3", "target_modules": "all-linear"}})
         assert config_breakdown(cfg, 4).by_kind["ia3_l"] > 0
+
+
+def test_the_size_after_adalora_pruning_is_a_range_where_modules_differ_in_width(tiny_encoder):
+    """peft keeps target_r x modules ranks where they score best: on layers of other widths the saved size depends
+    on where they land, so the table gives the fewest and the most, not one exact-looking figure."""
+    cfg = build_config({"model": {"model_name_or_path": str(tiny_encoder("bert"))},
+                        "method": {"method": "adalora", "rank": 4, "target_r": 2, "target_modules": "all-linear"}})
+    bd = config_breakdown(cfg, 4)
+    # 8 attention projections (32+32+1 a rank) and 4 feed-forward layers (32+64+1): 24 ranks kept of 48
+    rest = bd.total_trainable - sum(bd.by_kind[k] for k in ("lora_A", "lora_B", "lora_E"))
+    assert bd.saved_range == (rest + 24 * 65, rest + 16 * 97 + 8 * 65)
+    assert "about (1,692 to 2,204 as the ranks land)" in bd.table()
+    assert config_breakdown(cfg_for(method="adalora", rank=8), 4).saved_range is None  # q,v of one width: exact

@@ -30,7 +30,8 @@ class Breakdown:
     peft_trainable: int
     peft_all: int
     budget: int | None = None
-    saved_after_pruning: int | None = None
+    saved_after_pruning: int | None = None  # exact where every adapted module is as wide; else an estimate
+    saved_range: tuple[int, int] | None = None  # then: the fewest and most that can be saved, as the ranks land
     head_copy: int = 0  # parameters of the second head copy peft keeps for modules_to_save (in peft_all only)
     ranknum: int = 0  # AdaLoRA's ranknum scalars (in peft_all; never trained)
     notes: list[str] = field(default_factory=list)
@@ -53,8 +54,12 @@ class Breakdown:
         rows.append(("model parameters, counted once", self.all_params_once))
         rows.append(("peft: trainable params", self.peft_trainable))
         rows.append(("peft: all params", self.peft_all))
-        if self.saved_after_pruning is not None:
+        if self.saved_after_pruning is not None and self.saved_range is None:
             rows.append(("saved after AdaLoRA pruning to target_r", self.saved_after_pruning))
+        elif self.saved_after_pruning is not None:
+            low, high = self.saved_range
+            rows.append((f"saved after AdaLoRA pruning to target_r, about ({low:,} to {high:,} as the ranks land)",
+                         self.saved_after_pruning))
         width = max(len(k) for k, _ in rows) + 2
         lines = [k if n is None else f"{k:<{width}}{n:>14,}" for k, n in rows]
         if self.budget is not None:
@@ -121,16 +126,30 @@ def count_trainable(peft_model, budget: int | None = None) -> Breakdown:
         peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         peft_all = sum(p.numel() for p in peft_model.parameters())
     total = sum(by_kind.values())
-    saved = None
+    saved, saved_range = None, None
     pcfg = next(iter(pcfgs.values()), None)
     if pcfg is not None and str(getattr(pcfg, "peft_type", "")).endswith("ADALORA"):
         ada = sum(by_kind.get(k, 0) for k in ADALORA_KINDS)
         # Each rank of a module costs in + out + 1 (a row of A, a column of B, one singular value).
         saved = total - ada + ada * pcfg.target_r // pcfg.init_r
+        saved_range = pruned_range(peft_model, pcfg.init_r, pcfg.target_r, total - ada)
     head = by_kind.get("head", 0)
     by_kind = dict(sorted(by_kind.items(), key=lambda kv: (kv[0] == "head", kv[0])))
     return Breakdown(total, by_kind, by_module, head, total_all, int(peft_trainable), int(peft_all), budget, saved,
-                     head_copy, ranknum)
+                     saved_range, head_copy, ranknum)
+
+
+def pruned_range(peft_model, init_r: int, target_r: int, rest: int) -> tuple[int, int] | None:
+    """AdaLoRA keeps target_r x modules ranks over all modules together, where they score best: the fewest and the
+    most parameters that can be saved (None where every module is as wide, and the count is exact)."""
+    costs = sorted(int(p.shape[1]) + int(b.shape[0]) + 1  # a row of A (in), a column of B (out), one value of E
+                   for name, p in peft_model.named_parameters() if ".lora_A." in name
+                   for b in [peft_model.get_parameter(name.replace(".lora_A.", ".lora_B."))])
+    if len(set(costs)) <= 1:
+        return None
+    ranks = sorted(c for c in costs for _ in range(init_r))
+    kept = target_r * len(costs)
+    return rest + sum(ranks[:kept]), rest + sum(ranks[-kept:])
 
 
 @contextlib.contextmanager
