@@ -294,3 +294,20 @@ def test_serve_int8_answers_like_fp32_and_health_says_int8(run, monkeypatch):
             assert r.status_code == 200
             probs[name] = np.asarray([p["probabilities"] for p in r.json()["predictions"]])
     assert np.abs(probs["int8"] - probs["fp32"]).max() < INT8_PROB_TOL
+
+
+def test_auto_does_not_run_an_int8_backend_that_was_never_measured(monkeypatch):
+    """A bundle whose int8 was measured by onnxruntime, on a machine where int8 means torch's quantization: its
+    accuracy there was never measured, so auto takes the fastest other precision within the tolerance."""
+    from budgetune.inference import precisions
+
+    table = {"fp32": {"texts_per_s": 10.0, "within_tolerance": True},
+             "bf16": {"texts_per_s": 20.0, "within_tolerance": True},
+             "int8": {"texts_per_s": 30.0, "within_tolerance": True, "backend": "onnxruntime"}}
+    info = {precisions.RECORD_KEY: {"choice": "int8", "table": table}}
+    monkeypatch.setattr(precisions, "unavailable", lambda name, device_type, merged=True: None)
+    monkeypatch.setattr(precisions, "int8_backend", lambda: ("torch", "computed by torch"))
+    chosen = precisions.recorded(info, "cpu", True)
+    assert chosen.name == "bf16" and "measured with onnxruntime" in chosen.reason
+    monkeypatch.setattr(precisions, "int8_backend", lambda: ("onnxruntime", "computed by onnxruntime"))
+    assert precisions.recorded(info, "cpu", True).name == "int8"

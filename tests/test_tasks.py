@@ -77,3 +77,31 @@ def test_a_metric_of_another_task_is_refused_naming_its_task():
         tasks.check_metric(tasks.SINGLE_LABEL, "acc")
     with pytest.raises(ConfigError, match="--task must be one of"):
         tasks.problem_type("ranking")
+
+
+def test_macro_f1_leaves_out_a_class_that_is_nowhere_in_the_rows():
+    """scikit-learn's rule: a class absent from truth and predictions has no F1 (scoring it 0 made a perfect model
+    67 %); one in the truth that is never predicted counts 0."""
+    from budgetune.metrics import classification_metrics
+
+    assert classification_metrics([0, 0, 1, 1], [0, 0, 1, 1], ["a", "b", "c"])["macro_f1"] == 1.0
+    assert classification_metrics([0, 0, 1, 1], [0, 0, 0, 0], ["a", "b", "c"])["macro_f1"] == pytest.approx(1 / 3)
+    y = np.array([[1, 0, 0], [0, 1, 0]])
+    assert tasks.multi_label_metrics(y, y, ["a", "b", "c"])["macro_f1"] == 1.0
+
+
+def test_a_tuned_threshold_has_the_best_f1_not_a_near_one_closer_to_one_half():
+    probs = np.full((100_000, 1), 0.9)
+    probs[0] = 0.4  # every row is positive: 0.40 gets them all, 0.50 misses one (F1 0.999995, within isclose's 1e-5)
+    logits = np.log(probs / (1 - probs))
+    assert tasks.tune_thresholds(logits, np.ones((100_000, 1), dtype=int)) == [pytest.approx(0.4)]
+
+
+def test_multi_label_names_read_integers_as_names_and_cap_the_classes():
+    from budgetune.data.labels import multi_labels
+    from budgetune.errors import DataError
+
+    rows, names = multi_labels("f.csv", ['[1, "a"]', '["1"]'], "label", None, None)
+    assert names == ["1", "a"] and rows == [[1, 1], [1, 0]]  # the integer 1 is the label "1", as the string is
+    with pytest.raises(DataError, match="label 200000 would make the labels 0..200000"):
+        multi_labels("f.csv", ["[200000]", "[1]"], "label", None, None)

@@ -148,7 +148,7 @@ def tune_thresholds(logits: np.ndarray, labels) -> list[float]:
             out.append(DEFAULT_THRESHOLD)
             continue
         best = f1[:, j].max()
-        ties = grid[np.isclose(f1[:, j], best)]
+        ties = grid[f1[:, j] >= best - 1e-12]  # equal F1 only (isclose took a slightly worse one near 0.5)
         out.append(float(ties[np.argmin(np.abs(ties - DEFAULT_THRESHOLD))]))
     return out
 
@@ -184,6 +184,8 @@ def multi_label_metrics(labels, preds: np.ndarray, label_names: list[str]) -> di
     """Micro- and macro-F1, subset accuracy (every label of a row right) and per-label scores (sklearn.metrics)."""
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
+    from budgetune.metrics import macro_f1
+
     y = targets(labels, len(label_names)).astype(np.int64)
     preds = np.asarray(preds, dtype=np.int64).reshape(y.shape)
     p, r, f, s = precision_recall_fscore_support(y, preds, average=None, zero_division=0)
@@ -191,7 +193,7 @@ def multi_label_metrics(labels, preds: np.ndarray, label_names: list[str]) -> di
                  for i, name in enumerate(label_names)}
     n = len(y)
     return {"micro_f1": float(f1_score(y, preds, average="micro", zero_division=0)) if n else 0.0,
-            "macro_f1": float(f1_score(y, preds, average="macro", zero_division=0)) if n else 0.0,
+            "macro_f1": macro_f1(y, preds),
             "subset_accuracy": float(accuracy_score(y, preds)) if n else 0.0,
             "n": n, "label_names": list(label_names), "per_label": per_label}
 

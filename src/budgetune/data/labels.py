@@ -10,6 +10,8 @@ import math
 from budgetune.errors import DataError
 from budgetune.textcheck import lone_surrogate
 
+MAX_CLASSES = 100_000  # integer labels name the classes 0..max: a stray 10**11 would otherwise make 10**11 names
+
 INT_LIMIT = 18  # digits: a longer integer is a name (as for single labels)
 
 
@@ -63,7 +65,12 @@ def multi_labels(src: str, raw: list, column: str, names: list[str] | None,
     if names is None:
         items = [item for cell in cells for item in cell]
         if items and all(_is_index(x) for x in items):
-            names = [str(k) for k in range(max(int(x) for x in items) + 1)]
+            top = max(int(x) for x in items)
+            if top >= MAX_CLASSES:
+                raise DataError(f"{src}, column {column!r}: label {str(top)[:30]} would make the labels 0..{str(top)[:30]} "
+                                f"(at most {MAX_CLASSES} are supported); set --label_names, or write the labels as "
+                                "names")
+            names = [str(k) for k in range(top + 1)]
         else:
             names = sorted({str(x) for x in items})
         if not names:
@@ -73,7 +80,7 @@ def multi_labels(src: str, raw: list, column: str, names: list[str] | None,
     for i, cell in enumerate(cells):
         row = [0] * len(names)
         for item in cell:
-            k = index.get(item) if isinstance(item, str) else None
+            k = index.get(str(item))  # a label that is a name is that label, an integer item too (as single-label)
             if k is None and _is_index(item) and 0 <= int(item) < len(names):
                 k = int(item)
             if k is None:

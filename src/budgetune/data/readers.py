@@ -31,7 +31,7 @@ LABEL_COLUMNS = ("label", "labels", "class", "Class Index")
 REGRESSION_COLUMNS = ("score", "target")  # also looked for under --task regression
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle")
 _INT = re.compile(r"[+-]?\d{1,18}")  # longer digit strings are names (int() refuses over 4300 digits)
-MAX_CLASSES = 100_000  # integer labels name the classes 0..max: a stray 10**11 would otherwise make 10**11 names
+MAX_CLASSES = label_cells.MAX_CLASSES  # one limit for single- and multi-label integer labels
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # A single text may be several MB (the tokenizer truncates later); the default limit is 128 KiB.
 # min(): the limit is a C long, which is 32 bits on Windows.

@@ -129,14 +129,21 @@ def recorded(info: dict, device_type: str, merged: bool) -> Precision | None:
     if not table:
         return None
     choice = record.get("choice", "fp32")
-    if unavailable(choice, device_type, merged) is None:
+
+    def why_not(name: str) -> str | None:  # also: int8 measured by one backend is not int8 by another
+        measured = (table.get(name) or {}).get("backend")
+        if name == "int8" and measured and unavailable(name, device_type, merged) is None \
+                and measured != (here := int8_backend()[0]):
+            return f"its int8 was measured with {measured}, and this machine computes int8 with {here}"
+        return unavailable(name, device_type, merged)
+
+    if why_not(choice) is None:
         return named(choice, f"auto: the bundle's measured choice ({record.get('reason', choice)})")
-    ok = sorted((n for n, row in table.items() if row.get("within_tolerance") and unavailable(n, device_type, merged)
-                 is None), key=lambda n: -table[n]["texts_per_s"])
+    ok = sorted((n for n, row in table.items() if row.get("within_tolerance") and why_not(n) is None),
+                key=lambda n: -table[n]["texts_per_s"])
     fallback = ok[0] if ok else "fp32"
-    return named(fallback, f"auto: the bundle's measured choice {choice} cannot compute here "
-                           f"({unavailable(choice, device_type, merged)}); {fallback} is the fastest other precision "
-                           "within its tolerance")
+    return named(fallback, f"auto: the bundle's measured choice {choice} cannot compute here ({why_not(choice)}); "
+                           f"{fallback} is the fastest other precision within its tolerance")
 
 
 def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
