@@ -317,6 +317,11 @@ def test_early_stopping_on_loss_every_few_steps(tiny_roberta, headlines_csv, tmp
     end = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "end"][0]
     assert end["best_step"] == evals[best_at]["step"] and end["best_metric"] == min(losses)
     assert json.loads((out / "evaluation.json").read_text())["loss"] == pytest.approx(min(losses), abs=1e-6)
+    # resumed from the checkpoint of the validation that stopped it (a kill while finishing): no more training
+    before = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] in ("train", "eval")]
+    train(resolve(None, flags(args) + ["--resume_from_checkpoint", "auto"]))
+    after = [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] in ("train", "eval")]
+    assert after == before and [e for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "end"][-1] == end
 
 
 @pytest.fixture(scope="module")

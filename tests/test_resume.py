@@ -62,7 +62,10 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def assert_same_run(ref: Path, got: Path, method: str) -> None:
-    """Final metrics, rank pattern, adapter weights and best state of two finished runs agree."""
+    """Training losses, final metrics, rank pattern, adapter weights and best state of two finished runs agree."""
+    same = ("step", "epoch", "loss", "learning_rate", "grad_norm")  # not the throughput, which is timing
+    train_got, train_ref = ([{k: e[k] for k in same} for e in _events(run, "train")] for run in (got, ref))
+    assert train_got == train_ref  # the first line after the resume averages the same steps as the reference's
     assert _events(got, "eval") == _events(ref, "eval")
     assert len(_events(got, "eval")) == 3
     end_ref, end_got = _events(ref, "end"), _events(got, "end")
@@ -195,3 +198,14 @@ def test_resume_from_an_earlier_checkpoint_ships_the_best_it_reports(tiny_robert
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["loss"] == pytest.approx(earlier["metrics"]["eval_loss"], abs=1e-5)
     assert evaluation["accuracy"] == earlier["metrics"]["eval_accuracy"]
+
+
+def test_auto_in_a_folder_with_a_run_but_no_checkpoint_says_so(tiny_roberta, headlines_csv, tmp_path):
+    """Killed before its first checkpoint: the message used to tell the user to pass the flag they had passed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("# a run killed before its first checkpoint\n")
+    (out / "metrics.jsonl").write_text('{"event": "budget", "step": 0}\n')
+    proc = run_cli(*_args(tiny_roberta, headlines_csv, out, "lora"), "--resume_from_checkpoint", "auto", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{out} holds a run but no checkpoint to resume from" in proc.stderr and "--overwrite_output_dir" in proc.stderr

@@ -136,6 +136,11 @@ def refuse_nonempty(path: str | os.PathLike, overwrite: bool, flag: str = "--out
     return out
 
 
+def holds_a_run(out: Path) -> bool:
+    """Whether a folder holds (part of) a run: its log, its config or its adapter."""
+    return out.is_dir() and any((out / f).exists() for f in ("metrics.jsonl", "config.yaml", "adapter"))
+
+
 def guard_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool, clear: bool = True) -> Path:
     """Refuse to write into a folder that holds a run unless --overwrite_output_dir or resuming.
 
@@ -143,7 +148,7 @@ def guard_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: b
     inputs have loaded, so a command that fails on its inputs leaves the old run as it was.
     """
     out = Path(output_dir)
-    holds_run = out.is_dir() and any((out / f).exists() for f in ("metrics.jsonl", "config.yaml", "adapter"))
+    holds_run = holds_a_run(out)
     if holds_run and not (overwrite or resuming):
         raise RunFolderError(
             f"{out} already holds a run; pass --overwrite_output_dir to replace it, "

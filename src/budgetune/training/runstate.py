@@ -30,6 +30,10 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
+    # the logging window a checkpoint falls inside: a resumed run's next train line averages the same steps
+    window_loss: float | None = None
+    window_n: int = 0
+    window_first_step: int | None = None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from budgetune.config import BUILTIN_DATA, Config, save_yaml
 from budgetune.data import batching
 from budgetune.data import readers as data_lib
 from budgetune.data.splits import Splits, cache_dir, load_splits, scores
-from budgetune.errors import ConfigError, Interrupted, TrainingError
+from budgetune.errors import ConfigError, Interrupted, RunFolderError, TrainingError
 from budgetune.hardware import precision
 from budgetune.hardware.devices import (
     make_accelerator,
@@ -128,6 +128,7 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     if accelerator.is_main_process:
         fileio.guard_output_dir(out, cfg.output.overwrite_output_dir, resuming=bool(t.resume_from_checkpoint),
                                 clear=False)
+        nothing_to_resume(cfg, out)
     accelerator.wait_for_everyone()
     splits = splits or load_splits(cfg)
     if expected is None:
@@ -168,6 +169,16 @@ def setup(cfg: Config, splits: Splits | None = None, loss_fn: LossFn | None = No
     return Run(cfg, out, accelerator, splits, tokenizer, prepared, accelerator.unwrap_model(prepared), optimizer,
                scheduler, sampler, train_loader, val_loader, log, live, world, sched, loss_fn or default_loss,
                step_graphs, chosen, options)
+
+
+def nothing_to_resume(cfg: Config, out: Path) -> None:
+    """--resume_from_checkpoint auto in a folder holding a run but no checkpoint: refused before anything loads,
+    saying why (the folder's guard would tell the user to pass the very flag they passed)."""
+    if (cfg.train.resume_from_checkpoint == "auto" and not cfg.output.overwrite_output_dir
+            and fileio.holds_a_run(out) and checkpoint.find("auto", out) is None):
+        raise RunFolderError(f"{out} holds a run but no checkpoint to resume from (it stopped before its first "
+                             "one, or ran with --save_strategy no); pass --overwrite_output_dir to train it again "
+                             "from step 0")
 
 
 def training_loss(cfg: Config, splits: Splits, loss_fn: LossFn | None) -> tuple[LossFn | None, dict]:
@@ -384,7 +395,9 @@ def fit(run: Run, state: TrainState, best: Best, stop_signal: StopSignal, on_eva
     bar = tqdm(total=run.total_steps, initial=state.step, desc="train", disable=not acc.is_main_process)
     window = Window(state)
     run.model.train()
-    stop = state.step >= run.total_steps
+    # a run resumed from the checkpoint of its last step, or of the validation that stopped it early, trains no more
+    stop = state.step >= run.total_steps or (t.early_stopping_patience is not None
+                                             and state.bad_evals >= t.early_stopping_patience)
     while not stop and state.epoch < math.ceil(run.total_steps / run.per_epoch):
         loader = epoch_loader(run, state)
         for batch in loader:
@@ -407,6 +420,7 @@ def fit(run: Run, state: TrainState, best: Best, stop_signal: StopSignal, on_eva
                               stop=state.step >= run.total_steps)
             # Several processes agree on a signal with a collective (a host sync): once per logging window.
             if (acc.num_processes == 1 or state.step % t.logging_steps == 0 or stop) and stop_signal.agreed(acc):
+                window.keep_in(state)
                 raise interrupted(run, state, best, stop_signal.signum)
             if stop or end_of_epoch:
                 break
@@ -427,6 +441,7 @@ def after_step(run: Run, state: TrainState, best: Best, window: Window, on_evalu
     elif stop:
         keep_last(run, state, best)
     if save:
+        window.keep_in(state)
         save_checkpoint(run, state, best)
     return stop
 
@@ -492,8 +507,17 @@ class Window:
     """Training loss and grad norm summed on the device between two log lines (no host sync per step)."""
 
     def __init__(self, state: TrainState):
-        self.loss, self.n, self.grad_norm = None, 0, None
-        self.t0, self.samples0, self.first_step = time.perf_counter(), state.samples, state.step + 1
+        """The window a resumed run's checkpoint fell inside goes on (its loss sum and steps), else a new one."""
+        carried = state.window_loss is not None
+        self.loss = torch.tensor(state.window_loss, dtype=torch.float32) if carried else None
+        self.n, self.grad_norm = state.window_n if carried else 0, None
+        self.first_step = state.window_first_step if carried else state.step + 1
+        self.t0, self.samples0 = time.perf_counter(), state.samples
+
+    def keep_in(self, state: TrainState) -> None:
+        """Put the open window into the state a checkpoint saves (float32 -> float -> float32 is exact)."""
+        state.window_loss = float(self.loss) if self.loss is not None else None
+        state.window_n, state.window_first_step = self.n, self.first_step
 
     def add(self, loss: torch.Tensor, grad_norm) -> None:
         self.loss = loss.float() if self.loss is None else self.loss + loss.float()
