@@ -291,10 +291,11 @@ class TrainConfig:
     max_steps: int = -1
     """If positive, stop after this many optimizer steps (overrides num_train_epochs)."""
     warmup_ratio: float = 0.06
-    """Fraction of all optimizer steps spent warming the learning rate up (rounded down)."""
+    """Fraction of all optimizer steps spent warming the learning rate up (rounded down: transformers rounds up, so
+    a run here may warm up one step less)."""
     warmup_steps: int | float = 0
-    """Optimizer steps of warmup, or a fraction of all steps (0 < x < 1, as transformers 5 reads it); when above 0
-    it overrides --warmup_ratio (as in Hugging Face's Trainer)."""
+    """Optimizer steps of warmup, or a fraction of all steps (0 < x < 1, as transformers 5 reads it, but rounded
+    down); when above 0 it overrides --warmup_ratio (as in Hugging Face's Trainer)."""
     lr_scheduler_type: str = "linear"
     """Learning rate schedule, any of transformers.get_scheduler's: linear (decay to 0 after warmup), cosine,
     cosine_with_restarts, polynomial, constant (no warmup), constant_with_warmup, inverse_sqrt,
