@@ -166,10 +166,11 @@ def finished_round(folder: Path, cfg: Config, pseudo_csv: str | None) -> dict | 
 
 
 def round_ended(folder: Path) -> bool:
-    """Whether a round in `folder` ran to its end (its `end` event): one killed while finishing has written
-    evaluation.json but not that, and is trained again."""
+    """Whether a round in `folder` ran to its end: evaluation.json and the `end` event after it (one killed while
+    finishing has written evaluation.json but not that event, and is trained again)."""
     path = folder / "metrics.jsonl"
-    return path.is_file() and any(ev.get("event") == "end" for ev in read_metrics(path))
+    return ((folder / "evaluation.json").is_file() and path.is_file()
+            and any(ev.get("event") == "end" for ev in read_metrics(path)))
 
 
 def run_round(rcfg: Config, splits: splits_lib.Splits, pseudo: Pseudo | None) -> tuple[dict, bool]:
