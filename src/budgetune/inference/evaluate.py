@@ -71,10 +71,13 @@ def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str 
     if names_b != names:
         raise AdapterError(f"--compare: {run_b} has the labels {names_b}, {run_a} has {names}; runs compared on one "
                            "file must share their label names")
-    preds, models = [], []
+    preds, models, tables = [], [], {}
     for run, info in ((run_a, info_a), (run_b, info_b)):  # the same rows and labels; each run's own text pairs
-        table = labelled_table(info, data_file, split=split, text_column=text_column, label_column=label_column,
-                               text_pair_column=text_pair_column)
+        pairs = text_pair_column or info.get("text_pair_column_name")
+        if pairs not in tables:  # the file is read once when both runs read it alike
+            tables[pairs] = labelled_table(info, data_file, split=split, text_column=text_column,
+                                           label_column=label_column, text_pair_column=pairs)
+        table = tables[pairs]
         accelerator, model, tokenizer, info = load_for_inference(run, precision=precision, cache_dir=cache_dir)
         logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
         preds.append(logits.argmax(-1))
