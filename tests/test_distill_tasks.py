@@ -280,3 +280,16 @@ def test_a_regression_teacher_with_other_target_names_is_warned_about(capsys):
     assert "warning: teacher runs/t predicts the targets ['valence', 'arousal']" in capsys.readouterr().err
     check_same_task("runs/t", info, cfg, ["valence", "arousal"])
     assert capsys.readouterr().err == ""
+
+
+def test_the_teacher_cache_keys_int8_on_its_backend(monkeypatch):
+    """onnxruntime's int8 and torch's give different logits: installing or removing onnxruntime must not reuse the
+    other's cached logits."""
+    from budgetune.inference import precisions
+
+    def key(backend: str, precision: str) -> str:
+        monkeypatch.setattr(precisions, "int8_backend", lambda: (backend, "in words"))
+        return distill.cache_path("c", "t" * 24, "x" * 24, precision).name
+
+    assert key("onnxruntime", "int8") != key("torch", "int8")
+    assert key("onnxruntime", "bf16") == key("torch", "bf16")

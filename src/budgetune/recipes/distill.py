@@ -92,6 +92,10 @@ def texts_digest(texts: list[str], max_seq_length: int, task: str = tasks.SINGLE
 
 
 def cache_path(cache_dir: str | Path, teacher_fp: str, texts_fp: str, precision: str) -> Path:
+    """Where a teacher's logits are cached. int8 names its backend: onnxruntime's and torch's int8 give different
+    logits, and which one computes depends on what is installed."""
+    if precision == "int8":
+        precision = f"int8-{precisions.int8_backend()[0]}"
     return Path(cache_dir) / "teacher-logits" / f"{teacher_fp[:24]}-{texts_fp[:24]}-{precision}.npy"
 
 
