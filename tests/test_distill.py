@@ -16,7 +16,7 @@ from budgetune.budget.plan import check_budget
 from budgetune.config import resolve
 from budgetune.data import readers as data_lib
 from budgetune.data.unlabeled import normalise
-from budgetune.errors import AdapterError, BudgetError, ConfigError, DataError
+from budgetune.errors import AdapterError, BudgetError, CheckpointError, ConfigError, DataError
 from budgetune.inference.evaluate import evaluate
 from budgetune.inference.loading import load_for_inference, load_model
 from budgetune.inference.runner import table_logits
@@ -468,3 +468,13 @@ def test_a_stopped_distill_run_says_to_continue_with_distill_not_train(files, ti
     with pytest.raises(Interrupted, match=r"stopped by signal 15 at step 2; checkpoint: .*\. Resume with: the same "
                                           r"`budgetune distill` command .* with --resume_from_checkpoint auto"):
         distill.distill(cfg, [str(teacher)], alpha=0.5)
+    # the loss it trained with is in the checkpoint: a resume with another alpha or T is refused, naming it
+    monkeypatch.setattr(train_lib, "after_step", real)
+    resume = config(files, tiny_roberta, tmp_path / "kd", "lora", max_steps=6, logging_steps=1,
+                    resume_from_checkpoint="auto")
+    for flags, named in (({"alpha": 0.3}, r"alpha: checkpoint 0\.5, now 0\.3"),
+                         ({"alpha": 0.5, "temperature": 4.0}, r"temperature: checkpoint 2\.0, now 4\.0")):
+        with pytest.raises(CheckpointError, match=r"step-000002 was trained with another loss; refusing to resume\. "
+                                                  rf"Differences: {named}\. Resume with the teachers"):
+            distill.distill(resume, [str(teacher)], **flags)
+    assert distill.distill(resume, [str(teacher)], alpha=0.5)["eval_accuracy"] >= 0

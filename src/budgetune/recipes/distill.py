@@ -135,11 +135,12 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
     del model
     release_accelerator()  # the student's training starts its own accelerator in this process
     teacher_fp = teacher_fp or fingerprint(teacher)  # a Hub base is in the Hub cache now that it has loaded
+    logits = logits.astype(np.float32)  # as the cache keeps them: a resume reading the cache gets the same targets
     if teacher_fp is None:
         return TeacherPass(logits, None, False, precision)
     path = cache_path(cache_dir, teacher_fp, digest, precision)
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, logits.astype(np.float32))
+        np.save(f, logits)
     return TeacherPass(logits, path, False, precision)
 
 
@@ -297,13 +298,30 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     targets = torch.from_numpy(teacher_targets(task, all_logits, temperature))
     result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(targets, alpha, temperature, task),
                              resume_hint="the same `budgetune distill` command (the same teachers, --alpha, "
-                             "--temperature and --unlabeled_file) with --resume_from_checkpoint auto")
+                             "--temperature and --unlabeled_file) with --resume_from_checkpoint auto",
+                             loss_identity=loss_identity(identities, all_logits, alpha, temperature),
+                             loss_identity_hint=RESUME_HINT)
     record = {"task": task, "teachers": identities, "alpha": alpha, "temperature": temperature,
               "labelled_rows": n_labelled, "unlabeled_file": unlabeled_file,
               "unlabeled": dedup.to_dict() if dedup else None}
     if is_main_process():
         write_record(out, record)
     return result
+
+
+RESUME_HINT = ("Resume with the teachers, --alpha, --temperature and --unlabeled_file the run started with; where only "
+               "the teachers' precision differs (another machine), pin it with BUDGETUNE_MIXED_PRECISION=<the "
+               "checkpoint's> (fp32 or bf16)")
+
+
+def loss_identity(identities: list[dict], logits: list[np.ndarray], alpha: float, temperature: float) -> dict:
+    """What the student's loss is made of, kept in its checkpoints: a resume with other teachers (or teacher
+    weights, unlabelled texts, teacher precision), alpha or T would change the loss in the middle of a run."""
+    h = hashlib.sha256()
+    for z in logits:
+        h.update(np.ascontiguousarray(z, dtype=np.float32).tobytes())
+    return {"alpha": alpha, "temperature": temperature, "teacher_precisions": [t["precision"] for t in identities],
+            "teacher_logits_sha256 (the teachers, their weights or the texts)": h.hexdigest()}
 
 
 def teachers_logits(identities: list[dict], splits, cfg: Config, batch_size: int | None,

@@ -97,16 +97,17 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save(folder: Path, *, model, optimizer, scheduler, scaler, progress: dict, config: dict, keep: int,
-         best: dict | None = None, world: dict | None = None) -> Path:
+         best: dict | None = None, world: dict | None = None, loss: dict | None = None) -> Path:
     """Write checkpoint `folder` atomically, then prune older checkpoints beyond `keep` (at least this one stays).
 
     `best` is the best step's trainable state, rank pattern and metrics so far, so that a resume from this
     checkpoint continues with the best it had, whatever later steps of the interrupted run wrote to best_state.pt.
+    `loss` is what a recipe's own loss is made of (check_loss compares it on resume).
     """
     payload = {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                "rng": rng_state(), "progress": progress, "allocator": allocator_state(model), "config": config,
-               "best": best, "world": world}
+               "best": best, "world": world, "loss": loss}
     folder = Path(folder)
     for stale in folder.parent.glob(".step-*.tmp"):  # left by a run killed while saving; never a checkpoint
         shutil.rmtree(stale, ignore_errors=True)
@@ -195,6 +196,18 @@ def check_world(saved: dict | None, current: dict, folder: Path) -> None:
     if diffs:
         raise CheckpointError(f"{folder} was written by a run with another layout; refusing to resume. "
                               + "; ".join(diffs) + ". Resume with the same number of processes and batch sizes.")
+
+
+def check_loss(saved: dict | None, current: dict | None, folder: Path, hint: str = "") -> None:
+    """Refuse to resume a run whose loss is made of something else (a recipe's teachers, their soft targets, alpha,
+    T), naming what differs. A checkpoint without a record (plain training, or written before it was kept) passes."""
+    if saved is None or current is None:
+        return
+    diffs = [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
+             for k in dict.fromkeys([*saved, *current]) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"{folder} was trained with another loss; refusing to resume. Differences: "
+                              + "; ".join(diffs) + (f". {hint}" if hint else ""))
 
 
 def restore_model(model, state: dict[str, torch.Tensor]) -> None:

@@ -244,6 +244,7 @@ def start(run: Run) -> tuple[TrainState, Best]:
         saved = checkpoint.load(found)
         checkpoint.check_compatible(saved["config"], cfg.to_dict(), found, defaults=Config().to_dict())
         checkpoint.check_world(saved.get("world"), run.world, found)
+        checkpoint.check_loss(saved.get("loss"), run.loss_identity, found, run.loss_identity_hint)
         if saved.get("best") is None and (out / BEST_STATE).exists():  # a checkpoint from before it kept its best
             saved["best"] = checkpoint.load_weights(out / BEST_STATE, checkpoint.BEST_KEYS)
     if run.accelerator.is_main_process:
@@ -316,7 +317,8 @@ def save_checkpoint(run: Run, state: TrainState, best: Best) -> Path:
         checkpoint.save(folder, model=run.inner, optimizer=run.optimizer.optimizer, scheduler=run.scheduler,
                         scaler=run.accelerator.scaler, progress=dataclasses.asdict(state),
                         config=run.cfg.to_dict(), world=run.world, keep=run.cfg.train.save_total_limit,
-                        best={"model": best.state, "rank_pattern": best.pattern, "metrics": best.metrics})
+                        best={"model": best.state, "rank_pattern": best.pattern, "metrics": best.metrics},
+                        loss=run.loss_identity)
     run.accelerator.wait_for_everyone()
     return folder
 
@@ -564,7 +566,8 @@ def log_graphs(run: Run, state: TrainState) -> None:
 
 
 def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None = None,
-          on_evaluate: OnEvaluate | None = None, resume_hint: str | None = None) -> dict:
+          on_evaluate: OnEvaluate | None = None, resume_hint: str | None = None,
+          loss_identity: dict | None = None, loss_identity_hint: str = "") -> dict:
     """Train cfg's adapter; returns the best validation metrics. Writes everything into cfg.output.output_dir.
 
     splits: train on these tables instead of loading cfg's data (self-training, distillation add rows).
@@ -573,7 +576,9 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
     {eval_accuracy, eval_macro_f1, eval_loss, epoch, final_ranks} (final_ranks: False while AdaLoRA's rank pattern
     may still change, where the metric dips by design); anything it raises ends the run and propagates.
     resume_hint: how a run stopped by a signal continues, in its message (a recipe's own command; default
-    `budgetune train` on the run's config.yaml, which rebuilds cfg's data and loss). Can be called many times in one
+    `budgetune train` on the run's config.yaml, which rebuilds cfg's data and loss). loss_identity: what loss_fn is
+    made of (plain values: a digest of its targets, its weights), kept in every checkpoint; a resume whose
+    loss_identity differs is refused, naming the keys, followed by loss_identity_hint. Can be called many times in one
     process: signal handlers and accelerate's state are restored afterwards.
     """
     if cfg.train.deterministic:
@@ -581,6 +586,7 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
     try:
         run = setup(cfg, splits, loss_fn)
         run.resume_hint = resume_hint
+        run.loss_identity, run.loss_identity_hint = loss_identity, loss_identity_hint
         state, best = start(run)
         with StopSignal() as stop_signal, oom_message(run, state):
             fit(run, state, best, stop_signal, on_evaluate)
