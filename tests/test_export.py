@@ -247,6 +247,22 @@ def test_export_refuses_a_non_empty_output_and_keeps_it(run, tmp_path, capsys, f
     assert "a file is there" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [[], ["--merge"], ["--format", "onnx"]])
+def test_export_never_replaces_the_run_it_reads(run, tmp_path, capsys, flags):
+    """--output RUN, RUN/adapter or a folder holding RUN, with --overwrite, would replace the source whole."""
+    import shutil
+
+    copy = tmp_path / "runs" / "run"
+    shutil.copytree(run, copy)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (copy, copy / "adapter", copy.parent):
+        assert main(["export", str(copy), *flags, "--output", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {out}: it {'holds' if out == copy.parent else 'is'} " in err and "which this command reads" in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert main(["export", str(copy), *flags, "--output", str(copy / "exported")]) == 0  # beside the adapter: fine
+
+
 def test_onnx_without_onnxruntime_names_the_extra(run, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
     assert main(["export", str(run), "--format", "onnx", "--output", str(tmp_path / "out")]) == 2

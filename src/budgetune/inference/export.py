@@ -18,8 +18,8 @@ def export(run: str | Path, output: str | Path, adapter_scale: float | None = No
     The folder loads with plain peft (`PeftModel.from_pretrained`) to the logits budgetune gives at that scale; its
     budgetune.json says adapter_scale 1 (the scale is in the weights) and baked_adapter_scale A.
     """
-    out = fileio.refuse_nonempty(output, overwrite)
     source = adapter_dir(run)
+    out = fileio.refuse_nonempty(output, overwrite, reads=(run, source))
     model, tokenizer, info = load_model(source, merge=False, adapter_scale=adapter_scale)
     scale = info.pop("applied_adapter_scale")
     scaling.bake_scale(model)

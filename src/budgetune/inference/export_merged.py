@@ -84,7 +84,7 @@ def export_merged(run: str | Path, output: str | Path, adapter_scale: float | No
     The folder is checked before it is put in place: reloaded with AutoModelForSequenceClassification, it must give
     budgetune's logits to 1e-4.
     """
-    out = fileio.refuse_nonempty(output, overwrite)
+    out = fileio.refuse_nonempty(output, overwrite, reads=(run, adapter_dir(run)))
     model, tokenizer, info, source = merged_model(run, adapter_scale)
     require_standard_head(model, info)
     batch = check_batch(tokenizer, info["max_seq_length"])
