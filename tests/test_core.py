@@ -363,6 +363,28 @@ def test_predict_takes_its_defaults_from_a_recipe(tiny_run, tmp_path, capsys):
     assert len((tmp_path / "s.csv").read_text().splitlines()) == 6 and (tmp_path / "cache").is_dir()
 
 
+def test_non_finite_logits_are_refused_not_written(tiny_run, tmp_path, capsys):
+    """A model giving NaN logits (broken weights, or a precision that overflows) would predict class 0 for every
+    row, silently: predict and evaluate refuse, naming the row, and write nothing."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = next((run / "adapter").glob("*.safetensors"))
+    state = load_file(weights)
+    heads = [k for k in state if "out_proj.weight" in k]
+    assert heads, sorted(state)
+    save_file({k: v.fill_(float("nan")) if k in heads else v for k, v in state.items()}, weights)
+    texts = tmp_path / "texts.csv"
+    texts.write_text("label,text\n" + "".join(f"0,headline {i}\n" for i in range(5)))
+    expected = "logits are not finite (NaN or inf) in 5 of 5 rows (the first: row 1), computing in fp32"
+    assert cli.main(["predict", str(run), "--input", str(texts), "--output", str(tmp_path / "s.csv"),
+                     "--precision", "fp32"]) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "s.csv").exists()
+    assert cli.main(["evaluate", str(run), "--data_file", str(texts), "--precision", "fp32"]) == 2
+    assert expected in capsys.readouterr().err and not list(run.glob("evaluation-*"))
+
+
 def test_validation_does_not_change_what_trains(tiny_roberta, headlines_csv, tmp_path):
     """Evaluating every 3 steps or only at the end trains the same model: validation loaders draw no random numbers
     from the global generator (dropout is on, so a shifted stream would change every later step)."""

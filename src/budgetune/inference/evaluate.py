@@ -8,7 +8,7 @@ from budgetune import fileio, tasks
 from budgetune.data import readers as data_lib
 from budgetune.errors import AdapterError
 from budgetune.inference.loading import bundle_info, bundle_task, bundle_thresholds, load_for_inference
-from budgetune.inference.runner import table_logits
+from budgetune.inference.runner import require_finite, table_logits
 from budgetune.metrics import comparison_text, paired_comparison
 
 
@@ -42,6 +42,7 @@ def evaluate(run: str | Path, data_file: str, *, split: str = "test", text_colum
     accelerator, model, tokenizer, info = load_for_inference(run, adapter_scale=adapter_scale, precision=precision,
                                                              cache_dir=cache_dir)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
+    require_finite(logits, data_file, info["precision"]["precision"])
     m = file_metrics(table, logits, info)
     m["adapter_scale"], m["precision"] = info["applied_adapter_scale"], info["precision"]["precision"]
     if accelerator.is_main_process:
@@ -80,6 +81,7 @@ def compare(run_a: str | Path, run_b: str | Path, data_file: str, *, split: str 
         table = tables[pairs]
         accelerator, model, tokenizer, info = load_for_inference(run, precision=precision, cache_dir=cache_dir)
         logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
+        require_finite(logits, f"{data_file} by {run}", info["precision"]["precision"])
         preds.append(logits.argmax(-1))
         models.append({"run": str(run), "adapter_scale": info["applied_adapter_scale"],
                        "precision": info["precision"]["precision"],
@@ -127,6 +129,7 @@ def evaluate_scales(run: str | Path, data_files: list[str], scales: list[float],
         for f, table in zip(data_files, tables):
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"],
                                   cache_dir, desc=f"scale {s:g}")
+            require_finite(logits, f"{f} at adapter scale {s:g}", info["precision"]["precision"])
             results.append({"adapter_scale": s, **file_metrics(table, logits, info), "data_file": str(f)})
         del model
     report = {"run": str(run), "task": bundle_task(info), "data_files": [str(f) for f in data_files],

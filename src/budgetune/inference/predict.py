@@ -14,7 +14,7 @@ from budgetune import fileio, tasks
 from budgetune.data import readers as data_lib
 from budgetune.errors import AdapterError, ConfigError, DataError
 from budgetune.inference.loading import bundle_task, bundle_thresholds, load_for_inference
-from budgetune.inference.runner import table_logits
+from budgetune.inference.runner import require_finite, table_logits
 
 BLANK_SHOWN = 10  # row numbers listed in the warning about empty texts
 
@@ -61,6 +61,7 @@ def predict(run: str | Path, input_file: str, output: str, *, text_column: str |
             rows = [n + i + 1 for i, t in enumerate(texts) if not t.strip()]
             blank, first_blank = blank + len(rows), (first_blank + rows)[:BLANK_SHOWN]
             logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], cache_dir)
+            require_finite(logits, input_file, info["precision"]["precision"], first_row=n + 1)
             if w is not None:
                 labels = answers(task, logits, names, label_format, bundle_thresholds(info))
                 probs = tasks.probabilities(task, logits) if probabilities else np.zeros((len(logits), 0))

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from budgetune.data import batching
+from budgetune.errors import AdapterError
 
 
 def inference_loader(dataset, tokenizer, batch_size: int, pad_to_multiple_of: int | None, num_workers: int = 0,
@@ -55,6 +56,18 @@ def predict_logits(model, loader, accelerator, n_rows: int, desc: str = "eval") 
     if out is None or not seen.all():
         raise RuntimeError(f"inference covered {int(seen.sum())} of {n_rows} rows")
     return out
+
+
+def require_finite(logits: np.ndarray, source: str, precision: str, first_row: int = 1) -> np.ndarray:
+    """The logits, unless a row is NaN or infinite: its argmax (class 0) or probabilities would be arbitrary, and
+    would reach a file or a teacher's soft targets without a word. first_row: the number of the table's first row."""
+    bad = np.flatnonzero(~np.isfinite(logits).all(axis=-1))
+    if bad.size:
+        raise AdapterError(f"{source}: the model's logits are not finite (NaN or inf) in {bad.size} of {len(logits)} "
+                           f"rows (the first: row {first_row + int(bad[0])}), computing in {precision}; their "
+                           "predictions would be arbitrary. Try --precision fp32; if fp32 gives them too, the "
+                           "model's weights are broken (a run that diverged)")
+    return logits
 
 
 def shard(loader: DataLoader, accelerator) -> DataLoader:

@@ -118,7 +118,7 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
     (`fingerprint`) and precision (the same bundle computes in bf16 on one machine, fp32 on another)."""
     from budgetune.hardware.devices import release_accelerator
     from budgetune.inference.loading import load_for_inference
-    from budgetune.inference.runner import table_logits
+    from budgetune.inference.runner import require_finite, table_logits
 
     info = bundle_info(teacher)
     digest = texts_digest(texts, info["max_seq_length"], bundle_task(info), text_pairs)
@@ -132,6 +132,7 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
     table = data_lib.TextTable(texts, None, info["label_names"], str(teacher), text_pairs=text_pairs)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc=f"teacher {Path(teacher).name}")
+    require_finite(logits, f"--teacher {teacher}", precision)
     del model
     release_accelerator()  # the student's training starts its own accelerator in this process
     teacher_fp = teacher_fp or fingerprint(teacher)  # a Hub base is in the Hub cache now that it has loaded

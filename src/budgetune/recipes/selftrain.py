@@ -119,12 +119,13 @@ def label_texts(run: Path, texts: list[str], pairs: list[str] | None, batch_size
     """(logits, multi-label thresholds or None) of the run's best adapter on texts (the fast inference path)."""
     from budgetune.hardware.devices import release_accelerator
     from budgetune.inference.loading import bundle_thresholds, load_for_inference
-    from budgetune.inference.runner import table_logits
+    from budgetune.inference.runner import require_finite, table_logits
 
     accelerator, model, tokenizer, info = load_for_inference(run)
     table = data_lib.TextTable(texts, None, info["label_names"], "unlabelled", text_pairs=pairs)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc="pseudo-labels")
+    require_finite(logits, f"the unlabelled texts by {run}", info["precision"]["precision"])
     release_accelerator()  # the next round's training starts its own accelerator
     return logits, bundle_thresholds(info)
 
