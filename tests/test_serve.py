@@ -603,6 +603,25 @@ def test_a_500_names_its_request_id_in_the_body_and_the_log_line_with_the_traceb
     assert "tokenizer exploded" in logging.Formatter().format(record)  # the traceback, in that line
 
 
+def test_non_finite_logits_are_a_500_naming_the_text_not_an_answer(runs):
+    """NaN logits (broken weights, an overflowing precision) would answer class 0 with NaN probabilities."""
+    registry = Registry(parse_runs([str(runs["a"])]))
+    real = registry.logits
+
+    def nan_in_second_row(rows, forwards=None):
+        out = real(rows, forwards)
+        out[1:2] = np.nan
+        return out
+
+    registry.logits = nan_in_second_row
+    with TestClient(create_app(registry)) as c:
+        wait_ready(c.get)
+        r = c.post("/v1/classify", json={"texts": ["fine", "broken", "fine too"]})
+        assert r.status_code == 500 and r.json()["error"] == "non_finite_logits" and r.json()["field"] == "texts[1]"
+        assert "non-finite logits (NaN or inf) for 1 of 3 texts (the first: texts[1])" in r.json()["message"]
+        assert c.post("/v1/classify", json={"texts": ["one text"]}).status_code == 200
+
+
 def test_metric_labels_come_from_a_fixed_set_not_from_the_client(client):
     for i in range(20):
         client.request(f"BREW{i}", "/v1/classify")

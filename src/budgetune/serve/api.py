@@ -413,6 +413,12 @@ async def classify_texts(state: ServeState, payload: ClassifyRequest) -> AnyResp
     texts = [t[:opts.max_chars] for t in payload.texts]
     pairs = None if pairs is None else [t[:opts.max_chars] for t in pairs]
     logits = await model_logits(state, adapter, texts, pairs)
+    bad = np.flatnonzero(~np.isfinite(logits[:, :len(served.labels)]).all(axis=-1))
+    if bad.size:  # an argmax of NaN is class 0, and NaN is not JSON: no answer rather than an arbitrary one
+        raise RequestError(500, f"texts[{bad[0]}]", f"adapter {adapter!r} gave non-finite logits (NaN or inf) for "
+                           f"{bad.size} of {len(texts)} texts (the first: texts[{bad[0]}]); its weights or its "
+                           "precision are at fault (`budgetune evaluate --precision fp32` on its run tells which)",
+                           kind="non_finite_logits")
     state.metrics.texts[adapter] += len(texts)
     return answer(served.task, adapter, served.labels, logits, cut, opts.max_chars, served.thresholds)
 
