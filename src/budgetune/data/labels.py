@@ -52,6 +52,15 @@ def _cell_items(src: str, row: int, column: str, v: object, delimiter: str | Non
     return [item.strip() if isinstance(item, str) else item for item in v]
 
 
+def index_names(top: int, where: str, noun: str) -> list[str]:
+    """The names "0".."top" of integer labels whose largest is `top`, refused past MAX_CLASSES (`where`: the file
+    and row or column; `noun`: classes or labels, as the message says)."""
+    if top >= MAX_CLASSES:
+        raise DataError(f"{where}: label {str(top)[:30]} would make the {noun} 0..{str(top)[:30]} (at most "
+                        f"{MAX_CLASSES} are supported); set --label_names, or write the labels as names")
+    return [str(k) for k in range(max(top, 0) + 1)]
+
+
 def _is_index(item) -> bool:
     return isinstance(item, int) or (item.lstrip("+-").isdigit() and len(item) <= INT_LIMIT)
 
@@ -65,12 +74,7 @@ def multi_labels(src: str, raw: list, column: str, names: list[str] | None,
     if names is None:
         items = [item for cell in cells for item in cell]
         if items and all(_is_index(x) for x in items):
-            top = max(int(x) for x in items)
-            if top >= MAX_CLASSES:
-                raise DataError(f"{src}, column {column!r}: label {str(top)[:30]} would make the labels 0..{str(top)[:30]} "
-                                f"(at most {MAX_CLASSES} are supported); set --label_names, or write the labels as "
-                                "names")
-            names = [str(k) for k in range(top + 1)]
+            names = index_names(max(int(x) for x in items), f"{src}, column {column!r}", "labels")
         else:
             names = sorted({str(x) for x in items})
         if not names:

@@ -30,8 +30,7 @@ TEXT_COLUMNS = ("text", "sentence", "content", "review")
 LABEL_COLUMNS = ("label", "labels", "class", "Class Index")
 REGRESSION_COLUMNS = ("score", "target")  # also looked for under --task regression
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle")
-_INT = re.compile(r"[+-]?\d{1,18}")  # longer digit strings are names (int() refuses over 4300 digits)
-MAX_CLASSES = label_cells.MAX_CLASSES  # one limit for single- and multi-label integer labels
+_INT = re.compile(rf"[+-]?\d{{1,{label_cells.INT_LIMIT}}}")  # longer digit strings are names (as multi-labels')
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # A single text may be several MB (the tokenizer truncates later); the default limit is 128 KiB.
 # min(): the limit is a C long, which is 32 bits on Windows.
@@ -594,17 +593,14 @@ def _inferred_names(src: str, vals: list[int | str]) -> list[str]:
         return sorted({str(v) for v in vals})
     ints = [int(v) for v in vals]
     top = max(ints)
-    if top >= MAX_CLASSES:
-        raise DataError(f"{src}, row {ints.index(top) + 1}: label {str(top)[:30]} would make the classes "
-                        f"0..{str(top)[:30]} (at most {MAX_CLASSES} are supported); set --label_names, or "
-                        "write the labels as names")
+    names = label_cells.index_names(top, f"{src}, row {ints.index(top) + 1}", "classes")
     empty = sorted(set(range(max(top, 0) + 1)) - set(ints))
     if empty:
         shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
         print(f"warning: {src}: integer labels make the classes 0..{top}, and {len(empty)} of them have no rows "
               f"({shown}): the model still gets an output for each; set --label_names to the classes you have "
               "(labels that are names are read as those names)", file=sys.stderr)
-    return [str(k) for k in range(max(top, 0) + 1)]
+    return names
 
 
 def train_validation_split(table: TextTable, fraction: float, seed: int) -> tuple[TextTable, TextTable]:
