@@ -262,6 +262,14 @@ def test_errors_never_500_and_the_server_keeps_answering(client):
     assert re.search(r'budgetune_errors_total\{status="422",field="texts"\} [1-9]', text)
 
 
+def test_the_listening_line_is_a_url_a_client_can_open():
+    from budgetune.serve.api import listen_url
+
+    assert listen_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    assert listen_url("::1", 8000) == "http://[::1]:8000/"
+    assert httpx.URL(listen_url("::1", 8000)).port == 8000
+
+
 def test_field_names():
     from budgetune.serve.telemetry import field_label
 

@@ -551,6 +551,11 @@ def check_options(options: ServeOptions) -> None:
         raise ConfigError(f"--request_timeout must be more than 0 seconds (and finite), got {options.request_timeout}")
 
 
+def listen_url(host: str, port: int) -> str:
+    """The URL a client opens for a bound address: an IPv6 address goes in brackets (http://[::1]:8000/)."""
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def run_server(runs: list[str], options: ServeOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,
                device: str | None = None, log_level: str = "warning", precision: str = "auto") -> None:
     """Serve RUN folders (or NAME=PATH) until SIGTERM or SIGINT, which drain in-flight requests and return.
@@ -573,7 +578,7 @@ def run_server(runs: list[str], options: ServeOptions | None = None, *, host: st
             for server in self.servers:
                 for sock in server.sockets:
                     bound_host, bound_port = sock.getsockname()[:2]
-                    print(f"budgetune serve: listening on http://{bound_host}:{bound_port}/ ({len(adapters)} adapters "
+                    print(f"budgetune serve: listening on {listen_url(bound_host, bound_port)} ({len(adapters)} adapters "
                           f"loading; /health says when ready; {registry.precision_line()})", flush=True)
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
