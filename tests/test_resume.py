@@ -209,3 +209,20 @@ def test_auto_in_a_folder_with_a_run_but_no_checkpoint_says_so(tiny_roberta, hea
     proc = run_cli(*_args(tiny_roberta, headlines_csv, out, "lora"), "--resume_from_checkpoint", "auto", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{out} holds a run but no checkpoint to resume from" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+
+
+def test_resuming_twice_from_one_checkpoint_keeps_one_header_per_session(tmp_path):
+    """Each resume logs the precision it computes in at its step; a second resume from the same checkpoint (the
+    first was killed before the next one) replaces the first's header instead of adding a second."""
+    from budgetune.training.runlog import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.log("precision", step=0, precision="bf16")
+    log.log("train", step=4, loss=1.0)
+    for session in ("fp32", "bf16"):  # two resumes from the checkpoint of step 4, each killed at step 6
+        log.truncate_after(4)
+        log.log("precision", step=4, precision=session)
+        log.log("train", step=6, loss=0.5)
+    log.truncate_after(4)
+    assert [(r["event"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [("precision", 0),
+                                                                                          ("train", 4)]

@@ -33,7 +33,8 @@ class MetricsLog:
                 self.accelerator.log(scalars, step=values.get("step"))
 
     def truncate_after(self, step: int) -> None:
-        """Keep the events up to `step` (resuming from a checkpoint there), rewritten atomically."""
+        """Keep the events up to `step` (resuming from a checkpoint there), rewritten atomically. A `precision` event
+        at `step` itself is an earlier resume's header: the resume writes its own."""
         if not self.enabled or not self.path.exists():
             return
         kept = []
@@ -42,7 +43,8 @@ class MetricsLog:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # the torn line of a killed run
-            if rec.get("step", 0) <= step and rec.get("event") not in ("end", "stopped"):
+            earlier_resume = rec.get("event") == "precision" and step > 0 and rec.get("step") == step
+            if rec.get("step", 0) <= step and rec.get("event") not in ("end", "stopped") and not earlier_resume:
                 kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
