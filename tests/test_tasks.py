@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,23 @@ def test_multi_label_names_read_integers_as_names_and_cap_the_classes():
     assert names == ["1", "a"] and rows == [[1, 1], [1, 0]]  # the integer 1 is the label "1", as the string is
     with pytest.raises(DataError, match="label 200000 would make the labels 0..200000"):
         multi_labels("f.csv", ["[200000]", "[1]"], "label", None, None)
+
+
+@pytest.mark.parametrize("thresholds, message", [
+    ({"a": 50}, r"thresholds\['a'\] must be a probability in \[0, 1\], got 50"),
+    ({"a": "0.5"}, r"thresholds\['a'\] must be a probability in \[0, 1\], got '0.5'"),
+    ({"A": 0.4}, r"thresholds\['A'\]: not one of the bundle's label_names \['a', 'b'\]"),
+    ([0.5, 0.5], r"thresholds must map label names to probabilities, got list"),
+])
+def test_a_bundles_bad_thresholds_are_refused_naming_the_file(tmp_path, thresholds, message):
+    """A hand-edited threshold of 50 (for 0.5) made every label negative, a misspelt name fell back to 0.5."""
+    from budgetune.errors import AdapterError
+    from budgetune.inference.loading import bundle_info
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "budgetune.json").write_text(json.dumps({"task": "multi_label", "label_names": ["a", "b"],
+                                                         "thresholds": thresholds}))
+    with pytest.raises(AdapterError, match=rf"budgetune.json: {message}"):
+        bundle_info(tmp_path)
+    (tmp_path / "budgetune.json").write_text(json.dumps({"label_names": ["a", "b"], "thresholds": {"a": 0.3}}))
+    assert bundle_info(tmp_path)["thresholds"] == {"a": 0.3}

@@ -49,9 +49,27 @@ def bundle_info(run_or_adapter: str | Path) -> dict:
     """The bundle's budgetune.json: label names, base model, head, max_seq_length, budget, metrics."""
     path = adapter_dir(run_or_adapter) / adapter_bundle.BUNDLE_FILE
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    check_thresholds(info, path)
+    return info
+
+
+def check_thresholds(info: dict, path: Path) -> None:
+    """A multi-label bundle's `thresholds` ({label name: probability}) must name its labels and lie in [0, 1]: a
+    hand-edited 50 (for 0.5) or a misspelt label would otherwise change every answer without a word."""
+    recorded = info.get("thresholds")
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise AdapterError(f"{path}: thresholds must map label names to probabilities, got {type(recorded).__name__}")
+    names = info.get("label_names") or []
+    for name, value in recorded.items():
+        if name not in names:
+            raise AdapterError(f"{path}: thresholds[{name!r}]: not one of the bundle's label_names {names}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise AdapterError(f"{path}: thresholds[{name!r}] must be a probability in [0, 1], got {value!r}")
 
 
 def load_base_for(info: dict):
