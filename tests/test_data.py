@@ -319,6 +319,23 @@ def test_split_stratified_deterministic():
         train_validation_split(TextTable(["a", "b"], [0, 1], None, "mem"), 0.1, 0)
 
 
+def test_validation_rows_repeating_a_training_text_are_counted(tmp_path, capsys):
+    """A split by row leaves a dataset's duplicate texts on both sides: validation scores texts the model trained on."""
+    from budgetune.config import resolve
+    from budgetune.data.splits import load_splits
+
+    rows = [{"text": f"headline {i}", "label": i % 2} for i in range(40)] + [{"text": "headline 3", "label": 1}] * 9
+    data = write_csv(tmp_path / "dups.csv", rows)
+    splits = load_splits(resolve(None, ["--dataset_name", str(data), "--validation_split_percentage", "20"]))
+    n = sum(t in set(splits.train.texts) for t in splits.validation.texts)
+    assert n > 0  # ten copies of one text, 20 % held out: some on each side (seed 42)
+    assert (f"note: {n} of {len(splits.validation.texts)} validation rows ({n / len(splits.validation.texts):.1%}) "
+            "repeat a training text exactly") in capsys.readouterr().err
+    load_splits(resolve(None, ["--dataset_name", str(write_csv(tmp_path / "unique.csv", rows[:40])),
+                               "--validation_split_percentage", "20"]))
+    assert "repeat a training text" not in capsys.readouterr().err
+
+
 # ---- tokenize, cache, collator -----------------------------------------------------------------------------
 
 def test_tokenize_and_cache(tmp_path, tokenizer, monkeypatch):

@@ -46,7 +46,22 @@ def load_splits(cfg: Config) -> Splits:
     elif data_lib.has_split(d.dataset_name, "test", d.dataset_config_name):  # reported only, never selects
         test = found_test_split(d.dataset_name, kw)
     train, val = train.first(d.max_train_samples or None), val.first(d.max_eval_samples or None)
+    note_repeats(train, val)
     return Splits(train, val, test, names, source, d.task)
+
+
+def note_repeats(train: data_lib.TextTable, val: data_lib.TextTable) -> int:
+    """Say how many validation rows repeat a training text exactly (and its text pair): a held-out split is by row,
+    and datasets such as AG News hold duplicates, so those rows are scored on texts the model trained on."""
+    def keys(t: data_lib.TextTable):
+        return zip(t.texts, t.text_pairs) if t.text_pairs is not None else t.texts
+
+    seen = set(keys(train))
+    n = sum(k in seen for k in keys(val))
+    if n:
+        print(f"note: {n} of {len(val.texts)} validation rows ({n / len(val.texts):.1%}) repeat a training text "
+              "exactly; validation scores them too (deduplicate the data to leave them out)", file=sys.stderr)
+    return n
 
 
 def found_test_split(dataset: str, kw: dict) -> data_lib.TextTable | None:
