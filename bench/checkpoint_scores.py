@@ -2,13 +2,15 @@
 only for its best step) on labelled files, at adapter scale 1. Run it from the folder the run was trained in (the
 run's config.yaml may hold relative data paths):
 
-    python bench/checkpoint_scores.py RUN CHECKPOINT [CHECKPOINT ...] --data_file FILE [--data_file FILE ...]
+    python bench/checkpoint_scores.py RUN CHECKPOINT [CHECKPOINT ...] --data_file FILE [--data_file FILE ...] \
+        [--recheck all|first]
 
 It rebuilds the run's model exactly as `train` does (RUN/config.yaml, in a scratch output folder: nothing is
 written into RUN), loads each checkpoint's trainable tensors and AdaLoRA rank pattern, and scores with pruned AdaLoRA ranks zeroed, as
 validation does. For each checkpoint it prints the step, the validation accuracy recomputed next to the run's own
-eval line at that step (they must agree: the check that the model is rebuilt as it trained), and each file's
-accuracy and macro-F1.
+eval line at that step (they must agree: the check that the model is rebuilt as it trained; with --recheck first,
+only at the first checkpoint that has an eval line, since validation is the slow part), and each file's accuracy
+and macro-F1.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def main(run: Path, checkpoints: list[str], data_files: list[str], recheck: str 
     with tempfile.TemporaryDirectory() as scratch, library_output(verbose=False):
         cfg = resolve(str(run / "config.yaml"), ["--output_dir", scratch, "--resume_from_checkpoint", "null"])
         state = train_lib.setup(cfg)
-        for i, folder in enumerate(checkpoints):
+        checked = False
+        for folder in checkpoints:
             saved = checkpoint.load(Path(folder))
             checkpoint.restore_model(state.inner, saved["model"])
             checkpoint.restore_allocator(state.inner, saved["allocator"])  # AdaLoRA's rank pattern: which rows count
@@ -59,7 +62,8 @@ def main(run: Path, checkpoints: list[str], data_files: list[str], recheck: str 
             logged = evals.get(step)
             ran = ("no eval at this step" if logged is None else
                    f"{logged['eval_accuracy']:.4%}, loss {logged['eval_loss']:.6f}")
-            if recheck == "all" or i == 0:
+            if recheck == "all" or (logged is not None and not checked):
+                checked = checked or logged is not None
                 val = train_lib.validate(state)
                 print(f"step {step} (epoch {step / state.per_epoch:g}): validation accuracy {val['accuracy']:.4%}, "
                       f"loss {val['loss']:.6f}; the run logged {ran}")
@@ -76,7 +80,7 @@ if __name__ == "__main__":
     p.add_argument("checkpoints", nargs="+")
     p.add_argument("--data_file", action="append", default=[], help="a labelled file to score (repeatable)")
     p.add_argument("--recheck", choices=("all", "first"), default="all",
-                   help="recompute validation at every checkpoint (default) or only the first (the check that the "
-                   "model is rebuilt as it trained holds for all once it holds for one; validation is the slow part)")
+                   help="recompute validation at every checkpoint (default) or only at the first with an eval line "
+                   "(the check that the model is rebuilt as it trained; validation is the slow part)")
     a = p.parse_args()
     main(a.run, a.checkpoints, a.data_file, a.recheck)

@@ -377,7 +377,7 @@ def test_non_finite_logits_are_refused_not_written(tiny_run, tmp_path, capsys):
     save_file({k: v.fill_(float("nan")) if k in heads else v for k, v in state.items()}, weights)
     texts = tmp_path / "texts.csv"
     texts.write_text("label,text\n" + "".join(f"0,headline {i}\n" for i in range(5)))
-    expected = "logits are not finite (NaN or inf) in 5 of 5 rows (the first: row 1), computing in fp32"
+    expected = "logits are not finite (NaN or inf) for 5 of 5 rows (the first: row 1), computing in fp32"
     assert cli.main(["predict", str(run), "--input", str(texts), "--output", str(tmp_path / "s.csv"),
                      "--precision", "fp32"]) == 2
     assert expected in capsys.readouterr().err and not (tmp_path / "s.csv").exists()

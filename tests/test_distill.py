@@ -477,4 +477,7 @@ def test_a_stopped_distill_run_says_to_continue_with_distill_not_train(files, ti
         with pytest.raises(CheckpointError, match=r"step-000002 was trained with another loss; refusing to resume\. "
                                                   rf"Differences: {named}\. Resume with the teachers"):
             distill.distill(resume, [str(teacher)], **flags)
+    with pytest.raises(CheckpointError, match=r"was trained by `budgetune distill` with its own loss; resume it with "
+                                              r"that command"):
+        train_lib.train(resume)  # plain train would go on with the plain loss
     assert distill.distill(resume, [str(teacher)], alpha=0.5)["eval_accuracy"] >= 0

@@ -248,14 +248,18 @@ def test_export_refuses_a_non_empty_output_and_keeps_it(run, tmp_path, capsys, f
 
 
 @pytest.mark.parametrize("flags", [[], ["--merge"], ["--format", "onnx"]])
-def test_export_never_replaces_the_run_it_reads(run, tmp_path, capsys, flags):
-    """--output RUN, RUN/adapter or a folder holding RUN, with --overwrite, would replace the source whole."""
+def test_export_never_replaces_the_run_it_reads(run, tiny_roberta, tmp_path, capsys, flags):
+    """--output RUN, RUN/adapter, a folder holding RUN or the local base model, with --overwrite, would replace a
+    source whole."""
     import shutil
 
-    copy = tmp_path / "runs" / "run"
+    copy, base = tmp_path / "runs" / "run", tmp_path / "base"
     shutil.copytree(run, copy)
+    shutil.copytree(tiny_roberta, base)
+    info = json.loads((copy / "adapter" / "budgetune.json").read_text())
+    (copy / "adapter" / "budgetune.json").write_text(json.dumps({**info, "base_model_name_or_path": str(base)}))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    for out in (copy, copy / "adapter", copy.parent):
+    for out in (copy, copy / "adapter", copy.parent, base):
         assert main(["export", str(copy), *flags, "--output", str(out), "--overwrite"]) == 2
         err = capsys.readouterr().err
         assert f"--output {out}: it {'holds' if out == copy.parent else 'is'} " in err and "which this command reads" in err

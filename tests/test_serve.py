@@ -268,6 +268,7 @@ def test_the_listening_line_is_a_url_a_client_can_open():
     assert listen_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
     assert listen_url("::1", 8000) == "http://[::1]:8000/"
     assert httpx.URL(listen_url("::1", 8000)).port == 8000
+    assert listen_url("fe80::1%eth0", 8000) == "http://[fe80::1%25eth0]:8000/"
 
 
 def test_field_names():
@@ -613,6 +614,8 @@ def test_a_500_names_its_request_id_in_the_body_and_the_log_line_with_the_traceb
 
 def test_non_finite_logits_are_a_500_naming_the_text_not_an_answer(runs):
     """NaN logits (broken weights, an overflowing precision) would answer class 0 with NaN probabilities."""
+    import logging
+
     registry = Registry(parse_runs([str(runs["a"])]))
     real = registry.logits
 
@@ -622,12 +625,22 @@ def test_non_finite_logits_are_a_500_naming_the_text_not_an_answer(runs):
         return out
 
     registry.logits = nan_in_second_row
-    with TestClient(create_app(registry)) as c:
-        wait_ready(c.get)
-        r = c.post("/v1/classify", json={"texts": ["fine", "broken", "fine too"]})
-        assert r.status_code == 500 and r.json()["error"] == "non_finite_logits" and r.json()["field"] == "texts[1]"
-        assert "non-finite logits (NaN or inf) for 1 of 3 texts (the first: texts[1])" in r.json()["message"]
-        assert c.post("/v1/classify", json={"texts": ["one text"]}).status_code == 200
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with TestClient(create_app(registry)) as c:
+            wait_ready(c.get)
+            r = c.post("/v1/classify", json={"texts": ["fine", "broken", "fine too"]})
+            again = c.post("/v1/classify", json={"texts": ["one text"]})
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert r.status_code == 500 and r.json()["error"] == "non_finite_logits" and r.json()["field"] is None
+    assert r.json()["errors"][0]["field"] == "texts[1]" and again.status_code == 200
+    assert "non-finite logits (NaN or inf) for 1 of 3 texts (the first: texts[1])" in r.json()["message"]
+    rid = r.headers["x-request-id"]
+    assert any(rid in x.getMessage() and "non-finite logits" in x.getMessage() for x in records)  # the operator's
 
 
 def test_metric_labels_come_from_a_fixed_set_not_from_the_client(client):

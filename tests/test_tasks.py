@@ -107,6 +107,9 @@ def test_multi_label_names_read_integers_as_names_and_cap_the_classes():
     assert names == ["1", "a"] and rows == [[1, 1], [1, 0]]  # the integer 1 is the label "1", as the string is
     with pytest.raises(DataError, match="label 200000 would make the labels 0..200000"):
         multi_labels("f.csv", ["[200000]", "[1]"], "label", None, None)
+    # an item is an integer by the single-label rule: "+-5" is a name, not int() raising a traceback
+    rows, names = multi_labels("f.csv", ['["+-5", "1"]', '["2"]'], "label", None, None)
+    assert names == ["+-5", "1", "2"] and rows == [[1, 1, 0], [0, 0, 1]]
 
 
 @pytest.mark.parametrize("thresholds, message", [

@@ -132,10 +132,10 @@ def refuse_nonempty(path: str | os.PathLike, overwrite: bool, flag: str = "--out
     always where it is, or holds, a folder the command `reads` (replacing it would delete what is being exported)."""
     out = Path(path)
     for source in map(Path, reads):
-        if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
-            raise RunFolderError(f"{flag} {out}: it {'is' if out.resolve() == source.resolve() else 'holds'} "
-                                 f"{source}, which this command reads, and would be replaced whole; choose another "
-                                 "folder")
+        same = out.exists() and source.exists() and os.path.samefile(out, source)  # links and case-folding too
+        if same or out.resolve() in source.resolve().parents:
+            raise RunFolderError(f"{flag} {out}: it {'is' if same else 'holds'} {source}, which this command reads, "
+                                 "and would be replaced whole; choose another folder")
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{flag} {out}: a file is there, not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from budgetune.errors import DataError
 from budgetune.textcheck import lone_surrogate
@@ -13,6 +14,7 @@ from budgetune.textcheck import lone_surrogate
 MAX_CLASSES = 100_000  # integer labels name the classes 0..max: a stray 10**11 would otherwise make 10**11 names
 
 INT_LIMIT = 18  # digits: a longer integer is a name (as for single labels)
+INT_LABEL = re.compile(rf"[+-]?\d{{1,{INT_LIMIT}}}")  # a label cell read as an integer, single- or multi-label
 
 
 def missing(v: object) -> bool:
@@ -62,7 +64,7 @@ def index_names(top: int, where: str, noun: str) -> list[str]:
 
 
 def _is_index(item) -> bool:
-    return isinstance(item, int) or (item.lstrip("+-").isdigit() and len(item) <= INT_LIMIT)
+    return isinstance(item, int) or INT_LABEL.fullmatch(item) is not None
 
 
 def multi_labels(src: str, raw: list, column: str, names: list[str] | None,

@@ -30,7 +30,7 @@ TEXT_COLUMNS = ("text", "sentence", "content", "review")
 LABEL_COLUMNS = ("label", "labels", "class", "Class Index")
 REGRESSION_COLUMNS = ("score", "target")  # also looked for under --task regression
 EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pkl", ".pickle")
-_INT = re.compile(rf"[+-]?\d{{1,{label_cells.INT_LIMIT}}}")  # longer digit strings are names (as multi-labels')
+_INT = label_cells.INT_LABEL  # longer digit strings are names
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # A single text may be several MB (the tokenizer truncates later); the default limit is 128 KiB.
 # min(): the limit is a C long, which is 32 bits on Windows.

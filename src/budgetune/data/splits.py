@@ -10,6 +10,7 @@ import numpy as np
 from budgetune import fileio, tasks
 from budgetune.config import Config
 from budgetune.data import readers as data_lib
+from budgetune.hardware.devices import is_main_process
 from budgetune.metrics import classification_metrics, cross_entropy
 
 
@@ -52,13 +53,13 @@ def load_splits(cfg: Config) -> Splits:
 
 def note_repeats(train: data_lib.TextTable, val: data_lib.TextTable) -> int:
     """Say how many validation rows repeat a training text exactly (and its text pair): a held-out split is by row,
-    and datasets such as AG News hold duplicates, so those rows are scored on texts the model trained on."""
+    so where a dataset holds duplicates, those rows are scored on texts the model trained on (one process says it)."""
     def keys(t: data_lib.TextTable):
         return zip(t.texts, t.text_pairs) if t.text_pairs is not None else t.texts
 
     seen = set(keys(train))
     n = sum(k in seen for k in keys(val))
-    if n:
+    if n and is_main_process():
         print(f"note: {n} of {len(val.texts)} validation rows ({n / len(val.texts):.1%}) repeat a training text "
               "exactly; validation scores them too (deduplicate the data to leave them out)", file=sys.stderr)
     return n

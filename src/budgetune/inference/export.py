@@ -8,7 +8,7 @@ from pathlib import Path
 
 from budgetune import fileio
 from budgetune.inference import adapter_bundle
-from budgetune.inference.loading import adapter_dir, load_model
+from budgetune.inference.loading import adapter_dir, load_model, local_sources
 from budgetune.modeling import scaling
 
 
@@ -19,7 +19,7 @@ def export(run: str | Path, output: str | Path, adapter_scale: float | None = No
     budgetune.json says adapter_scale 1 (the scale is in the weights) and baked_adapter_scale A.
     """
     source = adapter_dir(run)
-    out = fileio.refuse_nonempty(output, overwrite, reads=(run, source))
+    out = fileio.refuse_nonempty(output, overwrite, reads=local_sources(run))
     model, tokenizer, info = load_model(source, merge=False, adapter_scale=adapter_scale)
     scale = info.pop("applied_adapter_scale")
     scaling.bake_scale(model)

@@ -11,7 +11,7 @@ import torch
 from budgetune import fileio
 from budgetune.errors import AdapterError
 from budgetune.inference import adapter_bundle
-from budgetune.inference.loading import adapter_dir, is_full_model, load_model
+from budgetune.inference.loading import adapter_dir, is_full_model, load_model, local_sources
 from budgetune.modeling import classifier_heads, methods
 
 # The texts every export is checked on (reloaded as a user would, logits against budgetune's own): short, long
@@ -84,7 +84,7 @@ def export_merged(run: str | Path, output: str | Path, adapter_scale: float | No
     The folder is checked before it is put in place: reloaded with AutoModelForSequenceClassification, it must give
     budgetune's logits to 1e-4.
     """
-    out = fileio.refuse_nonempty(output, overwrite, reads=(run, adapter_dir(run)))
+    out = fileio.refuse_nonempty(output, overwrite, reads=local_sources(run))
     model, tokenizer, info, source = merged_model(run, adapter_scale)
     require_standard_head(model, info)
     batch = check_batch(tokenizer, info["max_seq_length"])

@@ -11,7 +11,7 @@ import numpy as np
 from budgetune import fileio, tasks
 from budgetune.errors import ConfigError
 from budgetune.inference.export_merged import deployment_card, exported_info, merged_model
-from budgetune.inference.loading import adapter_dir, bundle_thresholds
+from budgetune.inference.loading import bundle_thresholds, local_sources
 from budgetune.inference.onnx_graph import (
     OPSET,
     missing_module,
@@ -54,7 +54,7 @@ def export_onnx(run: str | Path, output: str | Path, adapter_scale: float | None
     place: onnxruntime must give budgetune's logits to 1e-3 (fp32); the int8 model's agreement is printed."""
     if quantize is not None and quantize not in QUANTIZE:
         raise ConfigError(f"--quantize must be {' or '.join(QUANTIZE)}, got {quantize!r}")
-    out = fileio.refuse_nonempty(output, overwrite, reads=(run, adapter_dir(run)))
+    out = fileio.refuse_nonempty(output, overwrite, reads=local_sources(run))
     require_onnx()
     model, tokenizer, info, source = merged_model(run, adapter_scale)
     meta = exported_info(info, source, info["applied_adapter_scale"], "onnx")

@@ -58,7 +58,10 @@ def bundle_info(run_or_adapter: str | Path) -> dict:
 
 def check_thresholds(info: dict, path: Path) -> None:
     """A multi-label bundle's `thresholds` ({label name: probability}) must name its labels and lie in [0, 1]: a
-    hand-edited 50 (for 0.5) or a misspelt label would otherwise change every answer without a word."""
+    hand-edited 50 (for 0.5) or a misspelt label would otherwise change every answer without a word. (A file that is
+    not a JSON object, or without a list of label names, is left to the callers' own checks.)"""
+    if not isinstance(info, dict) or not isinstance(info.get("label_names"), list):
+        return
     recorded = info.get("thresholds")
     if recorded is None:
         return
@@ -70,6 +73,17 @@ def check_thresholds(info: dict, path: Path) -> None:
             raise AdapterError(f"{path}: thresholds[{name!r}]: not one of the bundle's label_names {names}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise AdapterError(f"{path}: thresholds[{name!r}] must be a probability in [0, 1], got {value!r}")
+
+
+def local_sources(run_or_adapter: str | Path) -> tuple[Path, ...]:
+    """The folders an export of RUN reads: the run, its adapter and, for an adapter, its base model where that is a
+    local (or packaged) folder. An export must never replace one of them."""
+    folder = adapter_dir(run_or_adapter)
+    found = [Path(run_or_adapter), folder]
+    if not is_full_model(folder):
+        base = Path(backbone.resolve_model_path(bundle_info(folder)["base_model_name_or_path"]))
+        found += [base] if base.is_dir() else []
+    return tuple(found)
 
 
 def load_base_for(info: dict):

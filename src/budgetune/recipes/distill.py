@@ -32,6 +32,7 @@ from budgetune.inference import adapter_bundle, precisions
 from budgetune.inference.loading import adapter_dir, bundle_info, bundle_task, is_full_model
 from budgetune.recipes.soft_targets import ensemble_log_probs, kd_loss, placeholder, teacher_targets  # noqa: F401
 from budgetune.training import train as train_lib
+from budgetune.training.checkpoint import NOTED
 
 CACHE_VERSION = "budgetune-teacher-logits-v2"
 SKIP_IN_FINGERPRINT = {"README.md"}  # the model card may be rewritten (e.g. by distil) without changing a logit
@@ -91,6 +92,10 @@ def texts_digest(texts: list[str], max_seq_length: int, task: str = tasks.SINGLE
     return h.hexdigest()
 
 
+FINITE_ADVICE = {"unit": "training text", "advice": "Check the teacher alone with `budgetune evaluate TEACHER "
+                 "--precision fp32`; BUDGETUNE_MIXED_PRECISION=fp32 makes distill compute it in fp32"}
+
+
 def cache_path(cache_dir: str | Path, teacher_fp: str, texts_fp: str, precision: str) -> Path:
     """Where a teacher's logits are cached. int8 names its backend: onnxruntime's and torch's int8 give different
     logits, and which one computes depends on what is installed."""
@@ -126,13 +131,14 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
     if teacher_fp is not None and (path := cache_path(cache_dir, teacher_fp, digest, precision)).is_file():
         logits = np.load(path)
         if logits.shape == (len(texts), len(info["label_names"])):
+            require_finite(logits, f"--teacher {teacher} (cached in {path})", precision, **FINITE_ADVICE)
             return TeacherPass(logits, path, True, precision)
     accelerator, model, tokenizer, info = load_for_inference(teacher)
     precision = info["precision"]["precision"]  # as computed (an unmerged model may not take int8)
     table = data_lib.TextTable(texts, None, info["label_names"], str(teacher), text_pairs=text_pairs)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc=f"teacher {Path(teacher).name}")
-    require_finite(logits, f"--teacher {teacher}", precision)
+    require_finite(logits, f"--teacher {teacher}", precision, **FINITE_ADVICE)
     del model
     release_accelerator()  # the student's training starts its own accelerator in this process
     teacher_fp = teacher_fp or fingerprint(teacher)  # a Hub base is in the Hub cache now that it has loaded
@@ -300,7 +306,7 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(targets, alpha, temperature, task),
                              resume_hint="the same `budgetune distill` command (the same teachers, --alpha, "
                              "--temperature and --unlabeled_file) with --resume_from_checkpoint auto",
-                             loss_identity=loss_identity(identities, all_logits, alpha, temperature),
+                             loss_identity=loss_identity(identities, splits.train, alpha, temperature),
                              loss_identity_hint=RESUME_HINT)
     record = {"task": task, "teachers": identities, "alpha": alpha, "temperature": temperature,
               "labelled_rows": n_labelled, "unlabeled_file": unlabeled_file,
@@ -310,19 +316,21 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     return result
 
 
-RESUME_HINT = ("Resume with the teachers, --alpha, --temperature and --unlabeled_file the run started with; where only "
-               "the teachers' precision differs (another machine), pin it with BUDGETUNE_MIXED_PRECISION=<the "
-               "checkpoint's> (fp32 or bf16)")
+RESUME_HINT = "Resume with the teachers, --alpha, --temperature and --unlabeled_file the run started with"
 
 
-def loss_identity(identities: list[dict], logits: list[np.ndarray], alpha: float, temperature: float) -> dict:
-    """What the student's loss is made of, kept in its checkpoints: a resume with other teachers (or teacher
-    weights, unlabelled texts, teacher precision), alpha or T would change the loss in the middle of a run."""
+def loss_identity(identities: list[dict], train: data_lib.TextTable, alpha: float, temperature: float) -> dict:
+    """What the student's loss is made of, kept in its checkpoints: a resume with other teachers (by content: their
+    files and base weights), other training texts (another --unlabeled_file), alpha or T would change the loss in the
+    middle of a run, and is refused. The teachers' precision is only noted: another machine may compute them in
+    another one, which moves the targets by rounding only."""
     h = hashlib.sha256()
-    for z in logits:
-        h.update(np.ascontiguousarray(z, dtype=np.float32).tobytes())
-    return {"alpha": alpha, "temperature": temperature, "teacher_precisions": [t["precision"] for t in identities],
-            "teacher_logits_sha256 (the teachers, their weights or the texts)": h.hexdigest()}
+    data_lib.hash_texts(h, train.texts)
+    if train.text_pairs is not None:
+        data_lib.hash_texts(h, train.text_pairs)
+    return {"recipe": "budgetune distill", "alpha": alpha, "temperature": temperature,
+            "teachers (content hashes)": [fingerprint(t["path"]) for t in identities],
+            "training texts (hash)": h.hexdigest(), NOTED: {"teacher precisions": [t["precision"] for t in identities]}}
 
 
 def teachers_logits(identities: list[dict], splits, cfg: Config, batch_size: int | None,

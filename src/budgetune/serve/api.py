@@ -415,9 +415,11 @@ async def classify_texts(state: ServeState, payload: ClassifyRequest) -> AnyResp
     logits = await model_logits(state, adapter, texts, pairs)
     bad = np.flatnonzero(~np.isfinite(logits[:, :len(served.labels)]).all(axis=-1))
     if bad.size:  # an argmax of NaN is class 0, and NaN is not JSON: no answer rather than an arbitrary one
-        raise RequestError(500, f"texts[{bad[0]}]", f"adapter {adapter!r} gave non-finite logits (NaN or inf) for "
-                           f"{bad.size} of {len(texts)} texts (the first: texts[{bad[0]}]); its weights or its "
-                           "precision are at fault (`budgetune evaluate --precision fp32` on its run tells which)",
+        message = (f"adapter {adapter!r} gave non-finite logits (NaN or inf) for {bad.size} of {len(texts)} texts "
+                   f"(the first: texts[{bad[0]}]); its weights or its precision are at fault (`budgetune evaluate "
+                   "--precision fp32` on its run tells which)")
+        # the model's fault, not the client's: no field counted against the request, the text named in `errors`
+        raise RequestError(500, None, message, [{"field": f"texts[{bad[0]}]", "message": message}],
                            kind="non_finite_logits")
     state.metrics.texts[adapter] += len(texts)
     return answer(served.task, adapter, served.labels, logits, cut, opts.max_chars, served.thresholds)
@@ -477,6 +479,8 @@ def add_error_handlers(app: FastAPI, state: ServeState) -> None:
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
+        if e.status == 500:  # the server's fault: the operator reads it in the log, with the request's id
+            log.error("request %s: answered 500 (%s): %s", request_id_of(request), e.kind, e)
         return error_response(state, e, request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
@@ -552,8 +556,9 @@ def check_options(options: ServeOptions) -> None:
 
 
 def listen_url(host: str, port: int) -> str:
-    """The URL a client opens for a bound address: an IPv6 address goes in brackets (http://[::1]:8000/)."""
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    """The URL a client opens for a bound address: an IPv6 address goes in brackets (http://[::1]:8000/), a zone
+    index's % escaped (http://[fe80::1%25eth0]:8000/)."""
+    return f"http://[{host.replace('%', '%25')}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def run_server(runs: list[str], options: ServeOptions | None = None, *, host: str = "127.0.0.1", port: int = 8000,

@@ -7,6 +7,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -198,16 +199,29 @@ def check_world(saved: dict | None, current: dict, folder: Path) -> None:
                               + "; ".join(diffs) + ". Resume with the same number of processes and batch sizes.")
 
 
+NOTED = "noted"  # a loss identity's values that may differ on resume, with a note (another machine's precision)
+
+
 def check_loss(saved: dict | None, current: dict | None, folder: Path, hint: str = "") -> None:
-    """Refuse to resume a run whose loss is made of something else (a recipe's teachers, their soft targets, alpha,
-    T), naming what differs. A checkpoint without a record (plain training, or written before it was kept) passes."""
-    if saved is None or current is None:
+    """Refuse to resume a run whose loss is made of something else (a recipe's teachers, alpha, T), naming what
+    differs; values under NOTED that differ are only printed. A checkpoint without a record (plain training, or
+    written before it was kept) passes; a recipe's checkpoint resumed without its recipe is refused."""
+    if saved is None:
         return
+    if current is None:
+        raise CheckpointError(f"{folder} was trained by `{saved.get('recipe', 'a recipe')}` with its own loss; resume "
+                              "it with that command and --resume_from_checkpoint auto (this one would go on with the "
+                              "plain loss)")
     diffs = [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
-             for k in dict.fromkeys([*saved, *current]) if saved.get(k) != current.get(k)]
+             for k in dict.fromkeys([*saved, *current]) if k != NOTED and saved.get(k) != current.get(k)]
     if diffs:
         raise CheckpointError(f"{folder} was trained with another loss; refusing to resume. Differences: "
                               + "; ".join(diffs) + (f". {hint}" if hint else ""))
+    was, now = saved.get(NOTED) or {}, current.get(NOTED) or {}
+    for k in dict.fromkeys([*was, *now]):
+        if was.get(k) != now.get(k):
+            print(f"note: resuming {folder} with {k} {now.get(k)!r} where it trained with {was.get(k)!r}: the "
+                  "resumed run is not bit-identical to an uninterrupted one", file=sys.stderr)
 
 
 def restore_model(model, state: dict[str, torch.Tensor]) -> None:
