@@ -72,6 +72,8 @@ def main(run: Path, checkpoints: list[str], data_files: list[str], recheck: str 
             for f in data_files:
                 s = file_scores(state, f)
                 print(f"  {f}: {s['rows']} rows, accuracy {s['accuracy']:.4%}, macro-F1 {s['macro_f1']:.4f}")
+        if recheck == "first" and not checked:
+            print("warning: no checkpoint given has an eval line in the run's metrics.jsonl: nothing was rechecked")
 
 
 if __name__ == "__main__":

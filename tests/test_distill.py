@@ -454,6 +454,8 @@ def test_a_stopped_distill_run_says_to_continue_with_distill_not_train(files, ti
     import os
     import signal
 
+    from safetensors.torch import load_file, save_file
+
     from budgetune.errors import Interrupted
 
     real = train_lib.after_step
@@ -480,4 +482,13 @@ def test_a_stopped_distill_run_says_to_continue_with_distill_not_train(files, ti
     with pytest.raises(CheckpointError, match=r"was trained by `budgetune distill` with its own loss; resume it with "
                                               r"that command"):
         train_lib.train(resume)  # plain train would go on with the plain loss
-    assert distill.distill(resume, [str(teacher)], alpha=0.5)["eval_accuracy"] >= 0
+    other = tmp_path / "other-teacher"  # the same teacher with one weight changed: another teacher by content
+    shutil.copytree(teacher / "adapter", other)
+    weights = next(other.glob("*.safetensors"))
+    state = load_file(weights)
+    key = next(k for k in state if k.endswith("out_proj.bias"))
+    save_file({**state, key: state[key] + 1.0}, weights)
+    with pytest.raises(CheckpointError, match=r"Differences: teachers \(content hashes\): checkpoint"):
+        distill.distill(resume, [str(other)], alpha=0.5)
+    # the same teacher spelt as its adapter folder is the same teacher
+    assert distill.distill(resume, [str(teacher / "adapter")], alpha=0.5)["eval_accuracy"] >= 0

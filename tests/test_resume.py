@@ -226,3 +226,24 @@ def test_resuming_twice_from_one_checkpoint_keeps_one_header_per_session(tmp_pat
     log.truncate_after(4)
     assert [(r["event"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [("precision", 0),
                                                                                           ("train", 4)]
+
+
+def test_a_checkpoint_resumes_only_with_the_loss_it_trained_with(tmp_path, capsys):
+    """check_loss: a recipe's loss identity must match on resume; values under NOTED only print a note."""
+    from budgetune.errors import CheckpointError
+    from budgetune.training.checkpoint import NOTED, check_loss
+    from budgetune.training.train import PLAIN_LOSS
+
+    kd = {"recipe": "budgetune distill", "alpha": 0.5, NOTED: {"teacher precisions": ["bf16"]}}
+    check_loss(None, kd, tmp_path)  # written before the record existed
+    check_loss(PLAIN_LOSS, dict(PLAIN_LOSS), tmp_path)
+    with pytest.raises(CheckpointError, match=r"trained by `budgetune distill` with its own loss; resume it with that "
+                                              r"command and --resume_from_checkpoint auto \(`budgetune train` would"):
+        check_loss(kd, PLAIN_LOSS, tmp_path)
+    with pytest.raises(CheckpointError, match=r"trained by `budgetune train` .*\(`budgetune distill` would"):
+        check_loss(PLAIN_LOSS, kd, tmp_path)
+    with pytest.raises(CheckpointError, match=r"Differences: alpha: checkpoint 0.5, now 0.7\. hint"):
+        check_loss(kd, {**kd, "alpha": 0.7}, tmp_path, "hint")
+    assert capsys.readouterr().err == ""
+    check_loss(kd, {**kd, NOTED: {"teacher precisions": ["fp32"]}}, tmp_path)
+    assert "with teacher precisions ['fp32'] where it trained with ['bf16']" in capsys.readouterr().err

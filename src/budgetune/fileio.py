@@ -133,7 +133,8 @@ def refuse_nonempty(path: str | os.PathLike, overwrite: bool, flag: str = "--out
     out = Path(path)
     for source in map(Path, reads):
         same = out.exists() and source.exists() and os.path.samefile(out, source)  # links and case-folding too
-        if same or out.resolve() in source.resolve().parents:
+        holds = out.exists() and any(p.exists() and os.path.samefile(out, p) for p in source.resolve().parents)
+        if same or holds:
             raise RunFolderError(f"{flag} {out}: it {'is' if same else 'holds'} {source}, which this command reads, "
                                  "and would be replaced whole; choose another folder")
     if out.exists() and not out.is_dir():

@@ -93,15 +93,20 @@ def texts_digest(texts: list[str], max_seq_length: int, task: str = tasks.SINGLE
 
 
 FINITE_ADVICE = {"unit": "training text", "advice": "Check the teacher alone with `budgetune evaluate TEACHER "
-                 "--precision fp32`; BUDGETUNE_MIXED_PRECISION=fp32 makes distill compute it in fp32"}
+                 "--precision fp32`; BUDGETUNE_MIXED_PRECISION=fp32 makes distill compute it in fp32 (the training "
+                 "texts are numbered in the order distill reads them: the split's training rows, then the kept "
+                 "unlabelled texts)"}
 
 
 def cache_path(cache_dir: str | Path, teacher_fp: str, texts_fp: str, precision: str) -> Path:
     """Where a teacher's logits are cached. int8 names its backend: onnxruntime's and torch's int8 give different
     logits, and which one computes depends on what is installed."""
-    if precision == "int8":
-        precision = f"int8-{precisions.int8_backend()[0]}"
-    return Path(cache_dir) / "teacher-logits" / f"{teacher_fp[:24]}-{texts_fp[:24]}-{precision}.npy"
+    return Path(cache_dir) / "teacher-logits" / f"{teacher_fp[:24]}-{texts_fp[:24]}-{cache_precision(precision)}.npy"
+
+
+def cache_precision(precision: str) -> str:
+    """A precision as the cache and a resume tell them apart: int8 with its backend (int8-onnxruntime)."""
+    return f"int8-{precisions.int8_backend()[0]}" if precision == "int8" else precision
 
 
 class TeacherPass(NamedTuple):
@@ -306,7 +311,7 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(targets, alpha, temperature, task),
                              resume_hint="the same `budgetune distill` command (the same teachers, --alpha, "
                              "--temperature and --unlabeled_file) with --resume_from_checkpoint auto",
-                             loss_identity=loss_identity(identities, splits.train, alpha, temperature),
+                             loss_identity=loss_identity(identities, all_logits, splits.train, alpha, temperature),
                              loss_identity_hint=RESUME_HINT)
     record = {"task": task, "teachers": identities, "alpha": alpha, "temperature": temperature,
               "labelled_rows": n_labelled, "unlabeled_file": unlabeled_file,
@@ -319,18 +324,22 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
 RESUME_HINT = "Resume with the teachers, --alpha, --temperature and --unlabeled_file the run started with"
 
 
-def loss_identity(identities: list[dict], train: data_lib.TextTable, alpha: float, temperature: float) -> dict:
+def loss_identity(identities: list[dict], logits: list[np.ndarray], train: data_lib.TextTable, alpha: float,
+                  temperature: float) -> dict:
     """What the student's loss is made of, kept in its checkpoints: a resume with other teachers (by content: their
-    files and base weights), other training texts (another --unlabeled_file), alpha or T would change the loss in the
-    middle of a run, and is refused. The teachers' precision is only noted: another machine may compute them in
-    another one, which moves the targets by rounding only."""
+    files and base weights; a teacher whose base cannot be fingerprinted, by its logits), other training texts
+    (another --unlabeled_file), alpha or T would change the loss in the middle of a run, and is refused. The
+    teachers' precision (int8 with its backend) is only noted: another machine may compute them in another one,
+    which moves the targets by rounding only."""
     h = hashlib.sha256()
     data_lib.hash_texts(h, train.texts)
     if train.text_pairs is not None:
         data_lib.hash_texts(h, train.text_pairs)
+    teachers = [fingerprint(t["path"]) or "logits " + hashlib.sha256(np.ascontiguousarray(z).tobytes()).hexdigest()
+                for t, z in zip(identities, logits)]
     return {"recipe": "budgetune distill", "alpha": alpha, "temperature": temperature,
-            "teachers (content hashes)": [fingerprint(t["path"]) for t in identities],
-            "training texts (hash)": h.hexdigest(), NOTED: {"teacher precisions": [t["precision"] for t in identities]}}
+            "teachers (content hashes)": teachers, "training texts (hash)": h.hexdigest(),
+            NOTED: {"teacher precisions": [cache_precision(t["precision"]) for t in identities]}}
 
 
 def teachers_logits(identities: list[dict], splits, cfg: Config, batch_size: int | None,

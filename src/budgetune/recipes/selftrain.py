@@ -125,7 +125,9 @@ def label_texts(run: Path, texts: list[str], pairs: list[str] | None, batch_size
     table = data_lib.TextTable(texts, None, info["label_names"], "unlabelled", text_pairs=pairs)
     logits = table_logits(model, tokenizer, table, accelerator, batch_size, info["max_seq_length"], None,
                           desc="pseudo-labels")
-    require_finite(logits, f"the unlabelled texts by {run}", info["precision"]["precision"])
+    require_finite(logits, f"the unlabelled texts by {run}", info["precision"]["precision"], unit="unlabelled text",
+                   advice="Check the run with `budgetune evaluate RUN --precision fp32`; BUDGETUNE_MIXED_PRECISION=fp32 "
+                   "makes selftrain compute in fp32")
     release_accelerator()  # the next round's training starts its own accelerator
     return logits, bundle_thresholds(info)
 

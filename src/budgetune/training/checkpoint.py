@@ -17,6 +17,7 @@ import torch
 from budgetune.adalora import rank_masks
 from budgetune.errors import CheckpointError
 from budgetune.fileio import atomic_dir, recover_dir
+from budgetune.hardware.devices import is_main_process
 
 # Settings that may change between the interrupted run and its resume without changing any number.
 RESUME_MAY_DIFFER = {("output", "output_dir"), ("output", "overwrite_output_dir"), ("output", "report_to"),
@@ -204,14 +205,17 @@ NOTED = "noted"  # a loss identity's values that may differ on resume, with a no
 
 def check_loss(saved: dict | None, current: dict | None, folder: Path, hint: str = "") -> None:
     """Refuse to resume a run whose loss is made of something else (a recipe's teachers, alpha, T), naming what
-    differs; values under NOTED that differ are only printed. A checkpoint without a record (plain training, or
-    written before it was kept) passes; a recipe's checkpoint resumed without its recipe is refused."""
+    differs; values under NOTED that differ are only printed. A checkpoint without a record (written before it was
+    kept, or by a custom loss without one) passes; one resumed by another recipe (a distill checkpoint by plain
+    `train`, or the reverse) is refused."""
     if saved is None:
         return
-    if current is None:
-        raise CheckpointError(f"{folder} was trained by `{saved.get('recipe', 'a recipe')}` with its own loss; resume "
-                              "it with that command and --resume_from_checkpoint auto (this one would go on with the "
-                              "plain loss)")
+    current = current or {}
+    if saved.get("recipe") != current.get("recipe"):
+        by = f"`{saved['recipe']}`" if "recipe" in saved else "a recipe"
+        now = f"`{current['recipe']}`" if "recipe" in current else "this command"
+        raise CheckpointError(f"{folder} was trained by {by} with its own loss; resume it with that command and "
+                              f"--resume_from_checkpoint auto ({now} would go on with another loss)")
     diffs = [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
              for k in dict.fromkeys([*saved, *current]) if k != NOTED and saved.get(k) != current.get(k)]
     if diffs:
@@ -219,7 +223,7 @@ def check_loss(saved: dict | None, current: dict | None, folder: Path, hint: str
                               + "; ".join(diffs) + (f". {hint}" if hint else ""))
     was, now = saved.get(NOTED) or {}, current.get(NOTED) or {}
     for k in dict.fromkeys([*was, *now]):
-        if was.get(k) != now.get(k):
+        if was.get(k) != now.get(k) and is_main_process():
             print(f"note: resuming {folder} with {k} {now.get(k)!r} where it trained with {was.get(k)!r}: the "
                   "resumed run is not bit-identical to an uninterrupted one", file=sys.stderr)
 

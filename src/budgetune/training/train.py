@@ -565,6 +565,9 @@ def log_graphs(run: Run, state: TrainState) -> None:
                           f"{g['replays']} step(s) replayed from graphs this session")
 
 
+PLAIN_LOSS = {"recipe": "budgetune train"}  # the loss identity of the model's own loss
+
+
 def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None = None,
           on_evaluate: OnEvaluate | None = None, resume_hint: str | None = None,
           loss_identity: dict | None = None, loss_identity_hint: str = "") -> dict:
@@ -586,6 +589,8 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
     try:
         run = setup(cfg, splits, loss_fn)
         run.resume_hint = resume_hint
+        if loss_identity is None and loss_fn is None:
+            loss_identity = PLAIN_LOSS  # a recipe resuming a plain run's checkpoint is refused
         run.loss_identity, run.loss_identity_hint = loss_identity, loss_identity_hint
         state, best = start(run)
         with StopSignal() as stop_signal, oom_message(run, state):
