@@ -143,19 +143,19 @@ def test_teacher_cache_is_reused_and_invalidated_when_the_teacher_changes(files,
     texts = data_lib.load_table(str(files["train"])).texts[:50]
     copy = tmp_path / "teacher"
     shutil.copytree(teacher / "adapter", copy)
-    first, path, hit, _ = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    first, path, hit, *_ = distill.teacher_logits(copy, texts, tmp_path / "cache")
     assert not hit and path.is_file()
-    again, path2, hit2, _ = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    again, path2, hit2, *_ = distill.teacher_logits(copy, texts, tmp_path / "cache")
     assert hit2 and path2 == path and np.array_equal(first, again)
     (copy / "README.md").write_text("a new model card changes no logit\n")
     assert distill.teacher_logits(copy, texts, tmp_path / "cache")[2]
     weights = load_file(copy / "model.safetensors")
     weights["classifier.out_proj.bias"] = weights["classifier.out_proj.bias"] + torch.tensor([3.0, 0, 0, 0])
     save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
-    changed, path3, hit3, _ = distill.teacher_logits(copy, texts, tmp_path / "cache")
+    changed, path3, hit3, *_ = distill.teacher_logits(copy, texts, tmp_path / "cache")
     assert not hit3 and path3 != path
     assert np.allclose(changed[:, 0] - first[:, 0], 3.0, atol=1e-4)  # recomputed with the new weights
-    other, path4, hit4, _ = distill.teacher_logits(copy, texts[:-1], tmp_path / "cache")
+    other, path4, hit4, *_ = distill.teacher_logits(copy, texts[:-1], tmp_path / "cache")
     assert not hit4 and path4 != path3 and np.allclose(other, changed[:-1], atol=1e-5)
 
 
@@ -193,13 +193,13 @@ def test_teacher_cache_follows_the_base_models_weights(files, tiny_roberta, tmp_
     run = tmp_path / "lora-teacher"
     train_lib.train(config(files, base, run, "lora", max_steps=2, eval_strategy="steps", eval_steps=2))
     texts = data_lib.load_table(str(files["train"])).texts[:40]
-    first, path, hit, _ = distill.teacher_logits(run, texts, tmp_path / "cache")
+    first, path, hit, *_ = distill.teacher_logits(run, texts, tmp_path / "cache")
     assert not hit and distill.teacher_logits(run, texts, tmp_path / "cache")[2]
     weights = load_file(base / "model.safetensors")
     key = next(k for k in weights if k.endswith("layer.1.output.LayerNorm.weight"))
     weights[key] = weights[key] * 3
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-    changed, path2, hit2, _ = distill.teacher_logits(run, texts, tmp_path / "cache")
+    changed, path2, hit2, *_ = distill.teacher_logits(run, texts, tmp_path / "cache")
     assert not hit2 and path2 != path
     assert not np.allclose(changed, first, atol=1e-4)  # recomputed on the new base weights
     accelerator, model, tokenizer, info = load_for_inference(run)
@@ -477,7 +477,7 @@ def test_a_stopped_distill_run_says_to_continue_with_distill_not_train(files, ti
     for flags, named in (({"alpha": 0.3}, r"alpha: checkpoint 0\.5, now 0\.3"),
                          ({"alpha": 0.5, "temperature": 4.0}, r"temperature: checkpoint 2\.0, now 4\.0")):
         with pytest.raises(CheckpointError, match=r"step-000002 was trained with another loss; refusing to resume\. "
-                                                  rf"Differences: {named}\. Resume with the teachers"):
+                                                  rf"Differences: {named}\. Resume with the same `budgetune distill` command"):
             distill.distill(resume, [str(teacher)], **flags)
     with pytest.raises(CheckpointError, match=r"was trained by `budgetune distill` with its own loss; resume it with "
                                               r"that command"):

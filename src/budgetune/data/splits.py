@@ -51,7 +51,7 @@ def load_splits(cfg: Config) -> Splits:
     return Splits(train, val, test, names, source, d.task)
 
 
-def note_repeats(train: data_lib.TextTable, val: data_lib.TextTable) -> int:
+def note_repeats(train: data_lib.TextTable, val: data_lib.TextTable) -> None:
     """Say how many validation rows repeat a training text exactly (and its text pair): a held-out split is by row,
     so where a dataset holds duplicates, those rows are scored on texts the model trained on (one process says it)."""
     def keys(t: data_lib.TextTable):
@@ -62,7 +62,6 @@ def note_repeats(train: data_lib.TextTable, val: data_lib.TextTable) -> int:
     if n and is_main_process():
         print(f"note: {n} of {len(val.texts)} validation rows ({n / len(val.texts):.1%}) repeat a training text "
               "exactly; validation scores them too (deduplicate the data to leave them out)", file=sys.stderr)
-    return n
 
 
 def found_test_split(dataset: str, kw: dict) -> data_lib.TextTable | None:

@@ -67,7 +67,7 @@ def check_thresholds(info: dict, path: Path) -> None:
         return
     if not isinstance(recorded, dict):
         raise AdapterError(f"{path}: thresholds must map label names to probabilities, got {type(recorded).__name__}")
-    names = info.get("label_names") or []
+    names = info["label_names"]
     for name, value in recorded.items():
         if name not in names:
             raise AdapterError(f"{path}: thresholds[{name!r}]: not one of the bundle's label_names {names}")

@@ -58,18 +58,22 @@ def predict_logits(model, loader, accelerator, n_rows: int, desc: str = "eval") 
     return out
 
 
+def nonfinite_rows(logits: np.ndarray) -> np.ndarray:
+    """The indices of the rows with a NaN or infinite logit."""
+    return np.flatnonzero(~np.isfinite(logits).all(axis=-1))
+
+
 def require_finite(logits: np.ndarray, source: str, precision: str, first_row: int = 1, unit: str = "row",
-                   advice: str = "Try --precision fp32") -> np.ndarray:
-    """The logits, unless a row is NaN or infinite: its argmax (class 0) or probabilities would be arbitrary, and
+                   advice: str = "Try --precision fp32") -> None:
+    """Refuse logits with a NaN or infinite row: its argmax (class 0) or probabilities would be arbitrary, and
     would reach a file or a teacher's soft targets without a word. first_row: the number of the table's first row;
     unit: what a row is to the user (a file's row, a training text); advice: what to try, in the caller's flags."""
-    bad = np.flatnonzero(~np.isfinite(logits).all(axis=-1))
+    bad = nonfinite_rows(logits)
     if bad.size:
         raise AdapterError(f"{source}: the model's logits are not finite (NaN or inf) for {bad.size} of {len(logits)} "
                            f"{unit}s (the first: {unit} {first_row + int(bad[0])}), computing in {precision}; their "
                            f"predictions would be arbitrary. {advice}; if fp32 gives them too, the model's weights are "
                            "broken (a run that diverged)")
-    return logits
 
 
 def shard(loader: DataLoader, accelerator) -> DataLoader:

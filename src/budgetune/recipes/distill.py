@@ -114,6 +114,7 @@ class TeacherPass(NamedTuple):
     cache_file: Path | None  # None: the teacher's base cannot be fingerprinted, nothing cached
     cache_hit: bool
     precision: str  # what the teacher computed in: fp32, bf16 or int8
+    fingerprint: str | None = None  # the teacher's content hash (`fingerprint`); None where it cannot be had
 
 
 def teacher_precision(info: dict) -> str:
@@ -137,7 +138,7 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
         logits = np.load(path)
         if logits.shape == (len(texts), len(info["label_names"])):
             require_finite(logits, f"--teacher {teacher} (cached in {path})", precision, **FINITE_ADVICE)
-            return TeacherPass(logits, path, True, precision)
+            return TeacherPass(logits, path, True, precision, teacher_fp)
     accelerator, model, tokenizer, info = load_for_inference(teacher)
     precision = info["precision"]["precision"]  # as computed (an unmerged model may not take int8)
     table = data_lib.TextTable(texts, None, info["label_names"], str(teacher), text_pairs=text_pairs)
@@ -149,11 +150,11 @@ def teacher_logits(teacher: str | Path, texts: list[str], cache_dir: str | Path,
     teacher_fp = teacher_fp or fingerprint(teacher)  # a Hub base is in the Hub cache now that it has loaded
     logits = logits.astype(np.float32)  # as the cache keeps them: a resume reading the cache gets the same targets
     if teacher_fp is None:
-        return TeacherPass(logits, None, False, precision)
+        return TeacherPass(logits, None, False, precision, None)
     path = cache_path(cache_dir, teacher_fp, digest, precision)
     with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, logits)
-    return TeacherPass(logits, path, False, precision)
+    return TeacherPass(logits, path, False, precision, teacher_fp)
 
 
 SPLIT_KEYS = (("data", "validation_file"), ("data", "validation_split_percentage"), ("train", "seed"))
@@ -311,8 +312,7 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     result = train_lib.train(cfg, splits=splits, loss_fn=kd_loss(targets, alpha, temperature, task),
                              resume_hint="the same `budgetune distill` command (the same teachers, --alpha, "
                              "--temperature and --unlabeled_file) with --resume_from_checkpoint auto",
-                             loss_identity=loss_identity(identities, all_logits, splits.train, alpha, temperature),
-                             loss_identity_hint=RESUME_HINT)
+                             loss_identity=loss_identity(identities, all_logits, splits, cfg, alpha, temperature))
     record = {"task": task, "teachers": identities, "alpha": alpha, "temperature": temperature,
               "labelled_rows": n_labelled, "unlabeled_file": unlabeled_file,
               "unlabeled": dedup.to_dict() if dedup else None}
@@ -321,24 +321,19 @@ def distill(cfg: Config, teachers: list[str], *, unlabeled_file: str | None = No
     return result
 
 
-RESUME_HINT = "Resume with the teachers, --alpha, --temperature and --unlabeled_file the run started with"
-
-
-def loss_identity(identities: list[dict], logits: list[np.ndarray], train: data_lib.TextTable, alpha: float,
+def loss_identity(identities: list[dict], logits: list[np.ndarray], splits, cfg: Config, alpha: float,
                   temperature: float) -> dict:
     """What the student's loss is made of, kept in its checkpoints: a resume with other teachers (by content: their
     files and base weights; a teacher whose base cannot be fingerprinted, by its logits), other training texts
     (another --unlabeled_file), alpha or T would change the loss in the middle of a run, and is refused. The
     teachers' precision (int8 with its backend) is only noted: another machine may compute them in another one,
     which moves the targets by rounding only."""
-    h = hashlib.sha256()
-    data_lib.hash_texts(h, train.texts)
-    if train.text_pairs is not None:
-        data_lib.hash_texts(h, train.text_pairs)
-    teachers = [fingerprint(t["path"]) or "logits " + hashlib.sha256(np.ascontiguousarray(z).tobytes()).hexdigest()
+    train = splits.train
+    teachers = [t["fingerprint"] or "logits " + hashlib.sha256(np.ascontiguousarray(z).tobytes()).hexdigest()
                 for t, z in zip(identities, logits)]
     return {"recipe": "budgetune distill", "alpha": alpha, "temperature": temperature,
-            "teachers (content hashes)": teachers, "training texts (hash)": h.hexdigest(),
+            "teachers (content hashes)": teachers,
+            "training texts (hash)": texts_digest(train.texts, cfg.data.max_seq_length, splits.task, train.text_pairs),
             NOTED: {"teacher precisions": [cache_precision(t["precision"]) for t in identities]}}
 
 
@@ -352,7 +347,7 @@ def teachers_logits(identities: list[dict], splits, cfg: Config, batch_size: int
         got = teacher_logits(entry["path"], train.texts, cache, batch_size or cfg.train.per_device_eval_batch_size,
                              train.text_pairs)
         entry.update(cache_file=str(got.cache_file) if got.cache_file else None, cache_hit=got.cache_hit,
-                     precision=got.precision, **gold_fit(splits.task, got.logits[:n_labelled],
+                     precision=got.precision, fingerprint=got.fingerprint, **gold_fit(splits.task, got.logits[:n_labelled],
                                                          train.labels[:n_labelled], splits.label_names, entry["path"]))
         out.append(got.logits)
     return out

@@ -37,6 +37,7 @@ except ImportError as e:  # an optional extra
     raise ImportError(f"budgetune serve needs FastAPI and uvicorn: pip install 'budgetune[serve]' ({e})") from e
 
 from budgetune.errors import ConfigError, RequestError
+from budgetune.inference.runner import nonfinite_rows
 from budgetune.serve.answers import AnyResponse, ClassifyRequest, answer, check_pairs
 from budgetune.serve.queue import Backlog, DynamicBatcher, running
 from budgetune.serve.registry import Registry, parse_runs
@@ -413,7 +414,7 @@ async def classify_texts(state: ServeState, payload: ClassifyRequest) -> AnyResp
     texts = [t[:opts.max_chars] for t in payload.texts]
     pairs = None if pairs is None else [t[:opts.max_chars] for t in pairs]
     logits = await model_logits(state, adapter, texts, pairs)
-    bad = np.flatnonzero(~np.isfinite(logits[:, :len(served.labels)]).all(axis=-1))
+    bad = nonfinite_rows(logits[:, :len(served.labels)])
     if bad.size:  # an argmax of NaN is class 0, and NaN is not JSON: no answer rather than an arbitrary one
         message = (f"adapter {adapter!r} gave non-finite logits (NaN or inf) for {bad.size} of {len(texts)} texts "
                    f"(the first: texts[{bad[0]}]); its weights or its precision are at fault (`budgetune evaluate "

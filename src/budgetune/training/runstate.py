@@ -71,7 +71,6 @@ class Run:
     options: dict[str, Any] = field(default_factory=dict)  # resolved training options (metrics.jsonl `options`)
     resume_hint: str | None = None  # how a stopped run continues (default: `budgetune train` on its config.yaml)
     loss_identity: dict[str, Any] | None = None  # what a recipe's loss_fn is made of: kept in checkpoints, checked
-    loss_identity_hint: str = ""  # how to resume with the checkpoint's loss_identity, after the refusal
 
     @property
     def per_epoch(self) -> int:

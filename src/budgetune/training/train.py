@@ -244,7 +244,8 @@ def start(run: Run) -> tuple[TrainState, Best]:
         saved = checkpoint.load(found)
         checkpoint.check_compatible(saved["config"], cfg.to_dict(), found, defaults=Config().to_dict())
         checkpoint.check_world(saved.get("world"), run.world, found)
-        checkpoint.check_loss(saved.get("loss"), run.loss_identity, found, run.loss_identity_hint)
+        checkpoint.check_loss(saved.get("loss"), run.loss_identity, found,
+                              f"Resume with {run.resume_hint}" if run.resume_hint else "")
         if saved.get("best") is None and (out / BEST_STATE).exists():  # a checkpoint from before it kept its best
             saved["best"] = checkpoint.load_weights(out / BEST_STATE, checkpoint.BEST_KEYS)
     if run.accelerator.is_main_process:
@@ -570,7 +571,7 @@ PLAIN_LOSS = {"recipe": "budgetune train"}  # the loss identity of the model's o
 
 def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None = None,
           on_evaluate: OnEvaluate | None = None, resume_hint: str | None = None,
-          loss_identity: dict | None = None, loss_identity_hint: str = "") -> dict:
+          loss_identity: dict | None = None) -> dict:
     """Train cfg's adapter; returns the best validation metrics. Writes everything into cfg.output.output_dir.
 
     splits: train on these tables instead of loading cfg's data (self-training, distillation add rows).
@@ -580,8 +581,9 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
     may still change, where the metric dips by design); anything it raises ends the run and propagates.
     resume_hint: how a run stopped by a signal continues, in its message (a recipe's own command; default
     `budgetune train` on the run's config.yaml, which rebuilds cfg's data and loss). loss_identity: what loss_fn is
-    made of (plain values: a digest of its targets, its weights), kept in every checkpoint; a resume whose
-    loss_identity differs is refused, naming the keys, followed by loss_identity_hint. Can be called many times in one
+    made of (plain values, e.g. a recipe's name, weights and the hashes of its teachers), kept in every checkpoint;
+    a resume whose loss_identity differs is refused, naming the keys and then resume_hint (without loss_fn it is
+    PLAIN_LOSS). Can be called many times in one
     process: signal handlers and accelerate's state are restored afterwards.
     """
     if cfg.train.deterministic:
@@ -591,7 +593,7 @@ def train(cfg: Config, *, splits: Splits | None = None, loss_fn: LossFn | None =
         run.resume_hint = resume_hint
         if loss_identity is None and loss_fn is None:
             loss_identity = PLAIN_LOSS  # a recipe resuming a plain run's checkpoint is refused
-        run.loss_identity, run.loss_identity_hint = loss_identity, loss_identity_hint
+        run.loss_identity = loss_identity
         state, best = start(run)
         with StopSignal() as stop_signal, oom_message(run, state):
             fit(run, state, best, stop_signal, on_evaluate)
