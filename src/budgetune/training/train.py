@@ -406,10 +406,10 @@ def fit(run: Run, state: TrainState, best: Best, stop_signal: StopSignal, on_eva
         for batch in loader:
             if run.loss_fn is default_loss:
                 batch.pop("idx", None)
-            loss, grad_norm, _ = train_step(run, batch, state.step)
+            loss, grad_norm, stepped = train_step(run, batch, state.step)
             state.batches_done += 1
             state.samples += batch["input_ids"].shape[0] * acc.num_processes
-            window.add(loss, grad_norm)
+            window.add(loss, grad_norm, stepped)
             if not acc.sync_gradients:
                 continue
             state.step += 1
@@ -423,6 +423,7 @@ def fit(run: Run, state: TrainState, best: Best, stop_signal: StopSignal, on_eva
                               stop=state.step >= run.total_steps)
             # Several processes agree on a signal with a collective (a host sync): once per logging window.
             if (acc.num_processes == 1 or state.step % t.logging_steps == 0 or stop) and stop_signal.agreed(acc):
+                window.check(run, state)  # a stop signal's checkpoint too: never of weights a non-finite step touched
                 window.keep_in(state)
                 raise interrupted(run, state, best, stop_signal.signum)
             if stop or end_of_epoch:
@@ -514,6 +515,7 @@ class Window:
         carried = state.window_loss is not None
         self.loss = torch.tensor(state.window_loss, dtype=torch.float32) if carried else None
         self.n, self.grad_norm = state.window_n if carried else 0, None
+        self.applied_norm = None  # the norm of the last gradient an optimizer step applied (on the device)
         self.first_step = state.window_first_step if carried else state.step + 1
         self.t0, self.samples0 = time.perf_counter(), state.samples
 
@@ -522,18 +524,26 @@ class Window:
         state.window_loss = float(self.loss) if self.loss is not None else None
         state.window_n, state.window_first_step = self.n, self.first_step
 
-    def add(self, loss: torch.Tensor, grad_norm) -> None:
+    def add(self, loss: torch.Tensor, grad_norm, stepped: bool) -> None:
         self.loss = loss.float() if self.loss is None else self.loss + loss.float()
         self.n += 1
         if grad_norm is not None:
             self.grad_norm = grad_norm
+            if stepped:  # fp16's scaler skips a step whose gradient overflowed: that one changed nothing
+                self.applied_norm = grad_norm
 
     def check(self, run: Run, state: TrainState) -> float:
-        """The window's mean loss, read back from the device; a non-finite one stops the run, naming the steps."""
+        """The window's mean loss, read back from the device; a non-finite one stops the run, naming the steps. So does
+        a non-finite gradient an optimizer step applied: its loss was finite, but the weights it updated are not (a
+        NaN's trace stays in every later gradient, so the last applied norm tells)."""
         mean = float(self.loss) / max(self.n, 1) if self.loss is not None else 0.0
         if not math.isfinite(mean):  # a NaN or inf stays one in the sum
             raise TrainingError(
                 f"non-finite training loss ({mean}) between steps {self.first_step} and {state.step}; lower "
+                f"--learning_rate or check the data. Last good checkpoint: {last_checkpoint(run)}")
+        if self.applied_norm is not None and not math.isfinite(norm := float(self.applied_norm)):
+            raise TrainingError(
+                f"non-finite gradient norm ({norm}) applied by step {state.step} (its loss was finite); lower "
                 f"--learning_rate or check the data. Last good checkpoint: {last_checkpoint(run)}")
         return mean
 
