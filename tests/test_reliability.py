@@ -172,50 +172,33 @@ def test_nonfinite_loss_names_step_and_usable_checkpoint(tiny_roberta, headlines
     assert [r["step"] for r in events(out, "train")] == [2, 4, 6, 8, 10, 12, 14, 16]
 
 
-def test_nonfinite_gradient_with_finite_loss_is_never_checkpointed(tiny_roberta, headlines_csv, tmp_path, monkeypatch,
-                                                                    capsys):
+@pytest.mark.parametrize("at_step, with_signal", [(6, False), (5, True)])
+def test_nonfinite_gradient_with_finite_loss_is_never_checkpointed(at_step, with_signal, tiny_roberta, headlines_csv,
+                                                                    tmp_path, monkeypatch, capsys):
     """A step whose loss is finite but whose gradient is NaN breaks the weights it updates: the checkpoint due at that
-    step (step 6 here) must not be written, and the error must name the one before it."""
+    step (step 6: --save_steps 3), or the one a stop signal arriving at it (step 5) would write, must not be written,
+    and the error must name the one before it, from which the run resumes."""
     out = tmp_path / "run"
     args = tiny_train_args(tiny_roberta, headlines_csv, out, "lora", **SMALL)
 
     def nan_gradient(o):  # sqrt at 0: the value is 0, its derivative infinite, times 0: a NaN gradient
+        if with_signal:
+            os.kill(os.getpid(), signal.SIGTERM)  # budgetune's handler only notes it; the loop stops after this step
         o.loss = o.loss + (o.logits * 0).sum().sqrt()
         return o
 
-    _poison_forward(monkeypatch, 6, nan_gradient)
+    _poison_forward(monkeypatch, at_step, nan_gradient)
     rc, err = main(capsys, *args)
     monkeypatch.undo()
     assert rc == 2
     good = out / "checkpoints" / "step-000003"
-    assert (f"budgetune: error: non-finite gradient norm (nan) applied by step 6 (its loss was finite); lower "
+    assert (f"budgetune: error: non-finite gradient norm (nan) applied by step {at_step} (its loss was finite); lower "
             f"--learning_rate or check the data. Last good checkpoint: {good}\n") in err
+    assert "stopped by signal" not in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
     rc, err = main(capsys, *args, "--resume_from_checkpoint", "auto")
     assert rc == 0, err[-3000:]
     assert [r["step"] for r in events(out, "eval")] == [8, 16]
-
-
-def test_stop_signal_after_a_nonfinite_gradient_writes_no_checkpoint(tiny_roberta, headlines_csv, tmp_path,
-                                                                      monkeypatch, capsys):
-    """A stop signal arriving at the step a NaN gradient was applied: its checkpoint would hold broken weights, so the
-    run stops on the gradient instead and names the last good checkpoint."""
-    out = tmp_path / "run"
-    args = tiny_train_args(tiny_roberta, headlines_csv, out, "lora", **SMALL)
-
-    def nan_gradient_then_signal(o):
-        os.kill(os.getpid(), signal.SIGTERM)  # budgetune's handler only notes it; the loop stops after this step
-        o.loss = o.loss + (o.logits * 0).sum().sqrt()
-        return o
-
-    _poison_forward(monkeypatch, 5, nan_gradient_then_signal)
-    rc, err = main(capsys, *args)
-    monkeypatch.undo()
-    assert rc == 2
-    good = out / "checkpoints" / "step-000003"
-    assert "non-finite gradient norm (nan) applied by step 5 (its loss was finite); lower" in err
-    assert f"Last good checkpoint: {good}\n" in err and "stopped by signal" not in err
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003"]
 
 
 def test_out_of_memory_names_batch_size_and_flag(tiny_roberta, headlines_csv, tmp_path, monkeypatch, capsys):
